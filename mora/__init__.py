@@ -1,0 +1,1 @@
+"""MoRA adapters: math, checkpoints, merging, kernels and serving integrations."""
