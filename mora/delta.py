@@ -20,7 +20,12 @@ import torch
 from mora.ops import _group_index, _tile_index, rope_tables
 from mora.spec import MoraSpec, MoraType
 
-__all__ = ["compressed_rows", "delta_weight", "output_row_index", "rope_row_updates"]
+__all__ = ["compressed_rows", "delta_weight", "output_row_index", "rope_blocks", "rope_chunks_used", "rope_row_updates"]
+
+
+def rope_chunks_used(spec: MoraSpec) -> int:
+    """How many input chunks of a type-6 module feed at least one output."""
+    return min(spec.num_chunks, -(-spec.out_features // spec.n))
 
 
 def _compute_dtype(M: torch.Tensor) -> torch.dtype:
@@ -86,8 +91,12 @@ def _rope_layout(in_f: int, out_f: int, n: int, c: int, device: torch.device) ->
     return cols, slot, chunk_of_row
 
 
-def rope_blocks(M: torch.Tensor, spec: MoraSpec, table_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rope_blocks(
+    M: torch.Tensor, spec: MoraSpec, table_dtype: torch.dtype | None = None, chunks: int | None = None
+) -> torch.Tensor:
     """Type 6: `B [c, n, n]`, the map from chunk `k` of the padded input to its outputs.
+
+    `chunks` limits it to the first chunks (when `out_f < c * n` the rest feed no output).
 
     `B[k] = M @ R_k` with `R_k` the RoPE rotation at position k. The tables are rounded to
     `table_dtype` (default `M.dtype`) first, as the reference does for the activation dtype.
@@ -100,6 +109,8 @@ def rope_blocks(M: torch.Tensor, spec: MoraSpec, table_dtype: torch.dtype | None
     """
     cd = _compute_dtype(M)
     cos, sin = rope_tables(spec.n, spec.num_chunks, table_dtype or M.dtype, M.device)
+    if chunks is not None:
+        cos, sin = cos[:chunks], sin[:chunks]
     Mf = M.to(cd)
     half = spec.n // 2
     M2 = torch.cat((Mf[:, half:], -Mf[:, :half]), dim=1)

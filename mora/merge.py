@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mora.delta import compressed_rows, rope_blocks
+from mora.delta import compressed_rows, rope_blocks, rope_chunks_used
 from mora.errors import MergeError, NonFiniteMergeError
 from mora.spec import MoraSpec, MoraType
 
@@ -116,9 +116,9 @@ def _rope_block_views(
         views.append((strided((kr, n, n), (s_diag, s_row, 1), rem0), sub(slice(0, kr))))
     if h and kfull < regular:
         views.append((strided((h, n), (s_row, 1), rem0 + kfull * s_diag), sub(kfull, slice(0, h))))
-    if pad == 0:
-        return views
     last = c - 1
+    if pad == 0 or not (T or (h and kfull == last)):
+        return views
     if c == 1:  # in_f < n: the padding re-reads columns [0, pad) of the only chunk; fold it
         folded = None
         if B is not None:
@@ -207,8 +207,9 @@ def merge_(
 
     `keep_storage=None` picks the storage swap for types 1-4 when `W` owns its storage and
     the backup stays on `W`'s device; pass `True` when `W`'s address must not change.
-    `spare` is a buffer like `W` to receive the merged values in swap mode (e.g. the one the
-    previous `unmerge_` returned). `weight_absmax`, the largest `|W|` when already known (it
+    `spare` is a buffer like `W` that the merge may use (swap mode: for the merged values;
+    in-place types 1-4 with the backup on `W`'s device: for the backup), typically the one
+    the previous `unmerge_` returned. `weight_absmax`, the largest `|W|` when already known (it
     is a property of the base model), lets safe mode prove finiteness without a pass over
     the result. Raises `NonFiniteMergeError`, `W` unchanged, when `safe` and the merged
     weight would not be finite.
@@ -227,7 +228,7 @@ def merge_(
     with torch.no_grad():
         M = M.to(W.device)
         if rope:
-            update = _rounded(rope_blocks(M, spec, table_dtype=W.dtype), W)
+            update = _rounded(rope_blocks(M, spec, table_dtype=W.dtype, chunks=rope_chunks_used(spec)), W)
             views = _rope_block_views(W, spec, update)
         else:
             update = _rounded(compressed_rows(M, spec), W)
@@ -235,12 +236,20 @@ def merge_(
         checked = safe and not _bound_ok(W, update, weight_absmax)
         targets = views
         originals: list[torch.Tensor] = []
+        usable = (
+            spare is not None and spare.shape == W.shape and spare.dtype == W.dtype
+            and spare.device == W.device and spare.is_contiguous()
+        )
         if not keep_storage:
-            if spare is None or spare.shape != W.shape or spare.dtype != W.dtype or spare.device != W.device or not spare.is_contiguous():
-                spare = torch.empty_like(W, memory_format=torch.contiguous_format)
+            spare = spare if usable else torch.empty_like(W, memory_format=torch.contiguous_format)
             targets = [(d, u) for (d, _, _), (_, u) in zip(_row_group_views(spare, spec), views, strict=True)]
         elif exact or checked:  # the originals of what is about to change
-            originals = [v.clone() for v, _ in views] if rope else [W.clone()]
+            if rope:
+                originals = [v.clone() for v, _ in views]
+            elif usable and backup_device == W.device:
+                originals = [spare.copy_(W)]  # reuse: no fresh pages to fault in
+            else:
+                originals = [W.to(backup_device, copy=True)]
         for (src, u), (dst, _) in zip(views, targets, strict=True):
             torch.add(src, u, out=dst)
         if checked and not _all_finite(*(dst for dst, _ in targets)):
@@ -267,8 +276,9 @@ def _restore(W: torch.Tensor, spec: MoraSpec, originals: list[torch.Tensor], rop
 
 def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor | None:
     """Undo `merge_`: bit-exact in exact mode (`torch.equal` to the original), otherwise
-    subtract the update again. Returns the freed merged buffer after a storage swap (pass it
-    as `spare` to the next `merge_` of this weight), else `None`.
+    subtract the update again. Returns a freed full-size buffer (the merged storage after a
+    swap, or the backup of an in-place merge) to pass as `spare` to the next `merge_` of this
+    weight, else `None`.
 
     Semantics::
 
@@ -288,11 +298,15 @@ def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor | None:
             record.backup = []
             return merged
         if record.exact:
-            _restore(W, spec, [b.to(W.device) for b in record.backup], rope)
+            backup = record.backup
+            _restore(W, spec, [b.to(W.device) for b in backup], rope)
+            record.backup = []
+            if not rope and backup and backup[0].device == W.device:
+                return backup[0]
         else:
             M = record.M.to(W.device)
             if rope:
-                views = _rope_block_views(W, spec, _rounded(rope_blocks(M, spec, table_dtype=W.dtype), W))
+                views = _rope_block_views(W, spec, _rounded(rope_blocks(M, spec, table_dtype=W.dtype, chunks=rope_chunks_used(spec)), W))
             else:
                 update = _rounded(compressed_rows(M, spec), W)
                 views = [(v, _broadcast(update, sel, mid)) for v, sel, mid in _row_group_views(W, spec)]
