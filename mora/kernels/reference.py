@@ -1,0 +1,40 @@
+"""The fused operator's definition in plain torch: a loop over slots, the library's operators.
+
+Every other backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mora.kernels.table import BatchMeta, SlotTable
+from mora.ops import mora_forward
+
+__all__ = ["mora_apply_reference"]
+
+
+def _full_input(x: torch.Tensor, table: SlotTable) -> torch.Tensor:
+    lay = table.layout
+    if lay.local_in == lay.in_features:
+        return x
+    full = x.new_zeros(x.shape[0], lay.in_features)
+    full[:, lay.in_start : lay.in_end] = x
+    return full
+
+
+def mora_apply_reference(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
+    """`y[t] += delta_{slot[t]}(x[t])`, with the merged-slot remap; see `mora_apply`."""
+    lay = table.layout
+    xf = _full_input(x, table).to(table.dtype)
+    merged = meta.merged_slot
+    slots = meta.slot.tolist()
+    for s in sorted(set(slots)):
+        rows = torch.tensor([t for t, v in enumerate(slots) if v == s], dtype=torch.long, device=x.device)
+        if s == merged and s >= 0:
+            continue
+        upd = torch.zeros(len(rows), lay.out_features, dtype=table.dtype, device=x.device)
+        if s >= 0 and table.specs[s] is not None:
+            upd = upd + mora_forward(xf[rows], table.weight(s), table.specs[s])
+        if merged >= 0 and table.specs[merged] is not None:
+            upd = upd - mora_forward(xf[rows], table.weight(merged), table.specs[merged])
+        y.index_add_(0, rows, upd[:, lay.out_start : lay.out_end].to(y.dtype))

@@ -1,0 +1,196 @@
+"""The slot table and per-batch metadata shared by every backend of the fused MoRA operator.
+
+A `SlotTable` belongs to one module slice (e.g. the `k` part of a packed `qkv_proj`) and holds,
+for each of `S` resident adapters, its `M` (zero-padded to `n_max`), its MoRA type and its `n`,
+in preallocated device buffers that are only ever updated in place, so that a captured CUDA
+graph keeps seeing them. Slot contents differ in rank and type; an empty slot has type 0 and
+contributes nothing (that is how a slot holding a plain LoRA adapter looks to this operator).
+
+`BatchMeta` describes one batch: which slot each token uses and the tokens sorted by slot in
+segments. It is prepared once per engine step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mora.spec import MoraSpec, MoraType, mora_size
+
+__all__ = ["BatchMeta", "ShardLayout", "SlotTable", "prepare_batch"]
+
+EMPTY = 0  # type code of an empty slot
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which part of a module this rank computes (tensor parallelism).
+
+    `in_start:in_end` - the input features this rank holds (row-parallel: each rank sees a
+    slice of the input and produces a partial sum of the full update).
+    `out_start:out_end` - the output columns this rank produces (column-parallel).
+    The defaults describe an unsharded module.
+    """
+
+    in_features: int
+    out_features: int
+    in_start: int = 0
+    in_end: int | None = None
+    out_start: int = 0
+    out_end: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.in_end is None:
+            object.__setattr__(self, "in_end", self.in_features)
+        if self.out_end is None:
+            object.__setattr__(self, "out_end", self.out_features)
+        if not (0 <= self.in_start < self.in_end <= self.in_features):
+            raise ValueError(f"bad input shard [{self.in_start}, {self.in_end}) of {self.in_features}")
+        if not (0 <= self.out_start < self.out_end <= self.out_features):
+            raise ValueError(f"bad output shard [{self.out_start}, {self.out_end}) of {self.out_features}")
+
+    @property
+    def local_in(self) -> int:
+        return self.in_end - self.in_start
+
+    @property
+    def local_out(self) -> int:
+        return self.out_end - self.out_start
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.local_in != self.in_features or self.local_out != self.out_features
+
+
+class SlotTable:
+    """`S` adapter slots for one module slice; buffers are allocated once and updated in place.
+
+    `n_max` defaults to the size a type-1 adapter of LoRA rank `max_rank` gets on this module
+    (type 6 rounds down, so it always fits).
+    """
+
+    def __init__(
+        self,
+        layout: ShardLayout,
+        max_slots: int,
+        *,
+        max_rank: int | None = None,
+        n_max: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if n_max is None:
+            if max_rank is None:
+                raise ValueError("give max_rank or n_max")
+            n_max = mora_size(layout.in_features, layout.out_features, max_rank, MoraType.SHARING)
+        self.layout = layout
+        self.max_slots = max_slots
+        self.n_max = n_max
+        self.M = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
+        self.types = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
+        # Host mirrors: the CPU backend groups work by them without a device round trip.
+        self.specs: list[MoraSpec | None] = [None] * max_slots
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.M.dtype
+
+    def set_slot(self, slot: int, M: torch.Tensor, spec: MoraSpec) -> None:
+        """Put an adapter's `M [n, n]` into `slot` (in place)."""
+        lay = self.layout
+        if (spec.in_features, spec.out_features) != (lay.in_features, lay.out_features):
+            raise ValueError(
+                f"spec is for a {spec.out_features}x{spec.in_features} module, the table for "
+                f"{lay.out_features}x{lay.in_features}"
+            )
+        if spec.n > self.n_max:
+            raise ValueError(f"n={spec.n} exceeds this table's n_max={self.n_max} (raise max_rank)")
+        if tuple(M.shape) != (spec.n, spec.n):
+            raise ValueError(f"M has shape {tuple(M.shape)}, expected ({spec.n}, {spec.n})")
+        with torch.no_grad():
+            self.M[slot].zero_()
+            self.M[slot, : spec.n, : spec.n].copy_(M)
+            self.types[slot] = int(spec.mora_type)
+            self.sizes[slot] = spec.n
+        self.specs[slot] = spec
+
+    def clear_slot(self, slot: int) -> None:
+        with torch.no_grad():
+            self.M[slot].zero_()
+            self.types[slot] = EMPTY
+            self.sizes[slot] = 0
+        self.specs[slot] = None
+
+    def weight(self, slot: int) -> torch.Tensor:
+        """The `[n, n]` view of the adapter in `slot`."""
+        spec = self.specs[slot]
+        if spec is None:
+            raise ValueError(f"slot {slot} is empty")
+        return self.M[slot, : spec.n, : spec.n]
+
+
+@dataclass
+class BatchMeta:
+    """One batch's token -> slot mapping, sorted into segments (shared by all layers).
+
+    Device tensors have fixed sizes (`max_slots + 1` segments) so that a GPU kernel launch
+    needs no host synchronization; `segments` is the host copy the CPU backend iterates.
+    """
+
+    slot: torch.Tensor  # [T] int64, -1: no adapter
+    order: torch.Tensor  # [T] int64, rows sorted by slot (stable)
+    seg_start: torch.Tensor  # [max_slots + 2] int32, segment k = order[seg_start[k]:seg_start[k+1]]
+    seg_slot: torch.Tensor  # [max_slots + 1] int32, slot of segment k (-1 possible)
+    num_segments: torch.Tensor  # [1] int32
+    segments: list[tuple[int, int, int]] | None  # host: (slot, start, end), or None on GPU
+    merged: torch.Tensor  # [1] int32, the slot merged into the base weights (-1: none)
+
+    @property
+    def merged_slot(self) -> int:
+        """Host copy of `merged` (a device sync on GPU; the CPU backend uses it)."""
+        return int(self.merged.item())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot.shape[0])
+
+
+def prepare_batch(slot: torch.Tensor, max_slots: int, *, merged_slot: int = -1, host_segments: bool | None = None) -> BatchMeta:
+    """Sort tokens by slot and describe the segments.
+
+    Semantics::
+
+        order = torch.argsort(slot, stable=True)
+        segments = [(s, first index of s in slot[order], last + 1) for each distinct s]
+
+    `host_segments` (default: on CPU only) also returns the segments as a Python list, which
+    costs a device-to-host copy on a GPU.
+    """
+    slot = slot.to(torch.int64)
+    device = slot.device
+    if host_segments is None:
+        host_segments = device.type == "cpu"
+    order = torch.argsort(slot, stable=True)
+    # Segment boundaries: bucket counts over -1..max_slots-1 (fixed size, no host sync).
+    counts = torch.bincount(slot + 1, minlength=max_slots + 1)[: max_slots + 1]
+    present = counts > 0
+    seg_slot_all = torch.arange(-1, max_slots, device=device, dtype=torch.int32)
+    num = present.sum().to(torch.int32).reshape(1)
+    # Stable-compact the present buckets to the front without a host sync.
+    rank = torch.cumsum(present.to(torch.int64), 0) - 1
+    idx = torch.where(present, rank, torch.full_like(rank, max_slots + 1))
+    seg_slot = torch.full((max_slots + 2,), -1, dtype=torch.int32, device=device)
+    seg_len = torch.zeros(max_slots + 2, dtype=torch.int64, device=device)
+    seg_slot.scatter_(0, idx, seg_slot_all)
+    seg_len.scatter_(0, idx, counts)
+    seg_start = torch.zeros(max_slots + 2, dtype=torch.int32, device=device)
+    seg_start[1:] = torch.cumsum(seg_len[:-1], 0).to(torch.int32)
+    segments = None
+    if host_segments:
+        n = int(num.item())
+        starts = seg_start[: n + 1].tolist()
+        segments = [(int(s), starts[k], starts[k + 1]) for k, s in enumerate(seg_slot[:n].tolist())]
+    merged = torch.tensor([merged_slot], dtype=torch.int32, device=device)
+    return BatchMeta(slot, order, seg_start, seg_slot[: max_slots + 1], num, segments, merged)
