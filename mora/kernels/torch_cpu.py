@@ -62,13 +62,13 @@ def _compress_rows(X: torch.Tensor, spec: MoraSpec, chunks: int) -> torch.Tensor
     return out.reshape(-1, n)
 
 
-def _decompress_cols(O: torch.Tensor, spec: MoraSpec, lay: ShardLayout, chunks: int, rows: int) -> torch.Tensor:
+def _decompress_cols(out_c: torch.Tensor, spec: MoraSpec, lay: ShardLayout, chunks: int, rows: int) -> torch.Tensor:
     if spec.mora_type is MoraType.ROPE:
-        O = O.reshape(rows, chunks * spec.n)
-    idx = _out_index(spec, lay.out_start, lay.out_end, chunks, O.device)
+        out_c = out_c.reshape(rows, chunks * spec.n)
+    idx = _out_index(spec, lay.out_start, lay.out_end, chunks, out_c.device)
     if idx is None:
-        return O[:, lay.out_start : lay.out_end]
-    return O.index_select(1, idx)
+        return out_c[:, lay.out_start : lay.out_end]
+    return out_c.index_select(1, idx)
 
 
 def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
@@ -103,10 +103,10 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
             X = full
         chunks = _rope_chunks_needed(spec, lay.out_end) if spec.mora_type is MoraType.ROPE else 1
         V = _compress_rows(X, spec, chunks)  # [R*chunks, n]
-        O = torch.empty_like(V)
+        out_c = torch.empty_like(V)
         pos = 0
         for s, sign, a, b in work:
             lo, hi = pos * chunks, (pos + b - a) * chunks
-            torch.addmm(O[lo:hi], V[lo:hi], table.weight(s).t(), beta=0, alpha=sign, out=O[lo:hi])
+            torch.addmm(out_c[lo:hi], V[lo:hi], table.weight(s).t(), beta=0, alpha=sign, out=out_c[lo:hi])
             pos += b - a
-        y.index_add_(0, rows, _decompress_cols(O, spec, lay, chunks, X.shape[0]).to(y.dtype))
+        y.index_add_(0, rows, _decompress_cols(out_c, spec, lay, chunks, X.shape[0]).to(y.dtype))
