@@ -1,0 +1,45 @@
+"""vLLM integration: serve MoRA adapters with vLLM's own LoRA machinery.
+
+Installed as the `vllm.general_plugins` entry point `mora`, so every vLLM process (API,
+engine core, workers) calls `register()` before it builds a model. With the package installed,
+a plain vLLM user serves MoRA adapters unchanged:
+
+    llm = LLM(model=..., enable_lora=True, max_loras=4, max_lora_rank=16)
+    llm.generate(prompts, params, lora_request=LoRARequest("tenant-a", 1, "/path/to/mora_adapter"))
+
+`register()` puts MoRA-capable wrappers in front of vLLM's LoRA layer classes and installs
+the MoRA-aware worker LoRA manager. It is idempotent, cheap, touches no device, and never
+raises (a failure is logged and leaves vLLM stock).
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    global _registered
+    if _registered:
+        return
+    try:
+        import vllm.lora.utils as lora_utils
+        import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
+
+        from mora.vllm_plugin.layers import MORA_LAYER_CLASSES
+        from mora.vllm_plugin.manager import MoraWorkerLoRAManager
+
+        # `from_layer` walks this ordered tuple and takes the first class that can replace a
+        # layer; ours subclass the stock wrappers, so putting them first is all it takes.
+        stock = tuple(c for c in lora_utils._all_lora_classes if c not in MORA_LAYER_CLASSES)
+        lora_utils._all_lora_classes = MORA_LAYER_CLASSES + stock
+        # The v1 model runner builds its worker LoRA manager from this module attribute.
+        runner_mixin.LRUCacheWorkerLoRAManager = MoraWorkerLoRAManager
+        _registered = True
+    except Exception:  # noqa: BLE001 - a plugin must never take vLLM down
+        log.exception("mora vLLM plugin failed to register; MoRA adapters will not be served")

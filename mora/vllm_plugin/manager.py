@@ -1,0 +1,233 @@
+"""MoRA adapters through vLLM's LoRA loading and slot management.
+
+* `MoraWorkerLoRAManager._load_adapter`: a checkpoint whose config says `use_mora` is read and
+  validated by the mora library against the running model (module shapes, `n` per module,
+  rank within `max_lora_rank`, finite values...) and becomes a `MoraLoRAModel`; anything else
+  takes vLLM's stock path. Validation errors are `mora.errors` types with clear messages.
+* `MoraLoRAModelManager.activate_adapter`: after vLLM picks the slot, a MoRA adapter's `M`s
+  go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers).
+* Merge on demand: `merge` folds a resident MoRA adapter into the base weights, pins it so
+  it cannot be evicted, and remaps its slot in the fused operator; `unmerge` undoes it.
+* Once per engine step, `set_active_adapters` sorts the step's tokens by slot for the fused
+  operator (shared by all layers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY, LRUCacheLoRAModelManager
+from vllm.lora.utils import get_adapter_absolute_path
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+from mora.checkpoint import MoraAdapter, load_mora_adapter
+from mora.errors import MergeError, ShapeMismatchError
+from mora.spec import MoraSpec
+from mora.validate import bind_mora
+from mora.vllm_plugin.layers import MoraLayerMixin
+from mora.vllm_plugin.merging import merge_layer, unmerge_layer
+from mora.vllm_plugin.runtime import MoraRuntime
+
+__all__ = ["MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager"]
+
+log = logging.getLogger(__name__)
+
+
+class MoraLoRAModel(LoRAModel):
+    """A MoRA adapter as vLLM's manager sees it: no LoRA weights, one `(M, spec)` per module."""
+
+    def __init__(self, lora_model_id: int, rank: int, loras: dict | None = None, *, mora: dict[str, tuple[torch.Tensor, MoraSpec]] | None = None, name: str = "", **kwargs: object) -> None:
+        super().__init__(lora_model_id, rank, loras or {}, **kwargs)
+        self.mora = mora or {}
+        self.name = name
+
+    def clone(self, lora_model_id: int) -> MoraLoRAModel:
+        return MoraLoRAModel(lora_model_id, self.rank, mora=dict(self.mora), name=self.name)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.numel() for m, _ in self.mora.values())
+
+
+class MoraLoRAModelManager(LRUCacheLoRAModelManager):
+    """vLLM's LRU LoRA manager, aware of MoRA slots and of merged adapters."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.mora_runtime = MoraRuntime(self.lora_slots, self.device)
+        self.mora_merged_id: int | None = None
+        self._mora_pinned_by_merge = False
+        for name, module in self.mora_layers():
+            module.mora_runtime = self.mora_runtime
+            module.mora_children = self.packed_modules.get(name, [name])
+
+    def mora_layers(self) -> list[tuple[str, MoraLayerMixin]]:
+        return [(n, m) for n, m in self.modules.items() if isinstance(m, MoraLayerMixin)]
+
+    def mora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """`{HF module name: (out_features, in_features)}` of every MoRA-capable slice."""
+        shapes: dict[str, tuple[int, int]] = {}
+        for _, module in self.mora_layers():
+            for child, table in zip(module.mora_children, module.mora_tables, strict=True):
+                shapes[child] = (table.layout.out_features, table.layout.in_features)
+        return shapes
+
+    def load_mora(self, adapter: MoraAdapter, lora_int_id: int) -> MoraLoRAModel:
+        """Validate `adapter` against this model and wrap it for the manager."""
+        bound = bind_mora(adapter, self.mora_module_shapes())
+        max_rank = self.lora_config.max_lora_rank
+        limits = {child: t.n_max for _, m in self.mora_layers() for child, t in zip(m.mora_children, m.mora_tables, strict=True)}
+        for module, spec in bound.specs.items():
+            r = adapter.config.rank_for(module)
+            if r > max_rank or spec.n > limits[module]:
+                raise ShapeMismatchError(
+                    "rank exceeds the engine's max_lora_rank", adapter=adapter.name, module=module,
+                    expected=f"r <= {max_rank} (n <= {limits[module]})", found=f"r={r} (n={spec.n})",
+                )
+        mora = {m: (adapter.weights[m], spec) for m, spec in bound.specs.items()}
+        return MoraLoRAModel(lora_int_id, adapter.config.r, mora=mora, name=adapter.name)
+
+    # -- vLLM manager hooks ---------------------------------------------------------------
+
+    def _add_adapter(self, lora: LoRAModel) -> None:
+        if isinstance(lora, MoraLoRAModel):
+            self._registered_adapters[lora.id] = lora  # nothing to pack: one M per module
+            return
+        super()._add_adapter(lora)
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        activated = super().activate_adapter(lora_id)
+        model = self._registered_adapters.get(lora_id)
+        if activated and isinstance(model, MoraLoRAModel):
+            index = self.lora_index_to_id.index(lora_id)
+            for _, module in self.mora_layers():
+                module.set_mora(index, [model.mora.get(child) for child in module.mora_children])
+        return activated
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        if adapter_id == self.mora_merged_id:
+            raise MergeError(f"adapter {adapter_id} is merged into the base weights; unmerge it first")
+        return super().remove_adapter(adapter_id)
+
+    def deactivate_adapter(self, adapter_id: int) -> bool:
+        if adapter_id == self.mora_merged_id:
+            raise MergeError(f"adapter {adapter_id} is merged into the base weights; unmerge it first")
+        return super().deactivate_adapter(adapter_id)
+
+    # -- merging --------------------------------------------------------------------------
+
+    def mora_merge(self, lora_id: int) -> dict[str, object]:
+        """Merge resident MoRA adapter `lora_id` into the base weights (one at a time)."""
+        if self.mora_merged_id is not None:
+            if self.mora_merged_id == lora_id:
+                return self.mora_status()
+            raise MergeError(f"adapter {self.mora_merged_id} is already merged; unmerge it first")
+        model = self._registered_adapters.get(lora_id)
+        if model is None:
+            raise MergeError(f"adapter {lora_id} is not loaded")
+        if not isinstance(model, MoraLoRAModel):
+            raise MergeError(f"adapter {lora_id} is a LoRA adapter; only MoRA adapters are merged on demand")
+        self._mora_pinned_by_merge = lora_id not in self._registered_adapters.pinned_items
+        self.pin_adapter(lora_id)  # activates it if needed; never evicted while merged
+        slot = self.lora_index_to_id.index(lora_id)
+        done = []
+        try:
+            for _, module in self.mora_layers():
+                if merge_layer(module, slot) is not None:
+                    done.append(module)
+        except Exception:
+            for module in done:
+                unmerge_layer(module)
+            self._unpin_after_merge(lora_id)
+            raise
+        self.mora_merged_id = lora_id
+        self.mora_runtime.set_merged(slot)
+        status = self.mora_status()
+        log.info("merged MoRA adapter %d into %d layers (%.3fs, %d bytes kept for exact unmerge)",
+                 lora_id, status["layers"], status["seconds"], status["backup_bytes"])
+        return status
+
+    def mora_unmerge(self, lora_id: int | None = None) -> dict[str, object]:
+        """Restore the base weights bit for bit; `lora_id`, if given, must be the merged one."""
+        if self.mora_merged_id is None:
+            return self.mora_status()
+        if lora_id is not None and lora_id != self.mora_merged_id:
+            raise MergeError(f"adapter {lora_id} is not merged (adapter {self.mora_merged_id} is)")
+        merged_id = self.mora_merged_id
+        seconds = 0.0
+        for _, module in self.mora_layers():
+            m = unmerge_layer(module)
+            if m is not None:
+                seconds += m.seconds
+        self.mora_merged_id = None
+        self.mora_runtime.set_merged(-1)
+        self._unpin_after_merge(merged_id)
+        log.info("unmerged MoRA adapter %d", merged_id)
+        return self.mora_status()
+
+    def _unpin_after_merge(self, lora_id: int) -> None:
+        if self._mora_pinned_by_merge:
+            for cache in (self._registered_adapters, self._active_adapters):
+                if lora_id in cache.pinned_items:
+                    cache._unpin(lora_id)
+        self._mora_pinned_by_merge = False
+
+    def mora_status(self) -> dict[str, object]:
+        """Plain-typed state for RPC callers: slots, merged adapter, memory kept for unmerge."""
+        states = [m.mora_merge_state for _, m in self.mora_layers() if m.mora_merge_state is not None]
+        slots = {}
+        for index, lora_id in enumerate(self.lora_index_to_id):
+            if lora_id is None:
+                continue
+            model = self._registered_adapters.get(lora_id)
+            slots[str(index)] = {"lora_id": lora_id, "kind": "mora" if isinstance(model, MoraLoRAModel) else "lora"}
+        return {
+            "merged_id": self.mora_merged_id,
+            "merged_slot": self.mora_runtime.merged_slot,
+            "layers": len(states),
+            "backup_bytes": sum(s.backup_bytes for s in states),
+            "merged_copy_bytes": sum(s.merged_copy_bytes for s in states),
+            "changed_elements": sum(s.changed_elements for s in states),
+            "seconds": sum(s.seconds for s in states),
+            "packed": any(s.packed for s in states),
+            "slots": slots,
+            "registered": sorted(self._registered_adapters.cache),
+            "pinned": sorted(self._registered_adapters.pinned_items),
+            "capacity": self.capacity,
+            "lora_slots": self.lora_slots,
+        }
+
+
+def _declares_mora(path: Path) -> bool:
+    """Whether the adapter config asks for MoRA (then MoRA's rules apply, errors included)."""
+    try:
+        raw = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # vLLM's loader reports unreadable configs
+    return isinstance(raw, dict) and raw.get("use_mora") is True
+
+
+class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
+    """vLLM's worker-side LoRA manager, loading MoRA checkpoints through the mora library."""
+
+    _manager_cls = MoraLoRAModelManager
+
+    def _load_adapter(self, lora_request) -> LoRAModel:  # noqa: ANN001
+        path = Path(get_adapter_absolute_path(lora_request.lora_path))
+        if not _declares_mora(path):
+            return super()._load_adapter(lora_request)
+        adapter = load_mora_adapter(path, lora_request.lora_name)
+        return self._adapter_manager.load_mora(adapter, lora_request.lora_int_id)
+
+    def set_active_adapters(self, requests: set, mapping: object) -> None:
+        super().set_active_adapters(requests, mapping)
+        manager = self._adapter_manager
+        if isinstance(manager, MoraLoRAModelManager):
+            key = manager.mm_mapping.language_model[0] if manager.supports_mm else DEFAULT_LANGUAGE_WRAPPER_KEY
+            punica = manager.punica_wrapper_mapping.get(key)
+            if punica is not None:
+                manager.mora_runtime.prepare(punica.token_lora_indices)
