@@ -1,0 +1,200 @@
+"""MoRA adapters served by the real vLLM engine (CPU build): unmerged, merged, LoRA beside MoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import engine, hf_greedy, random_lora, random_mora
+
+pytestmark = pytest.mark.vllm
+MAX_TOKENS = 8
+TYPES = [1, 2, 3, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def random_adapters(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("random-adapters")
+    out = {}
+    for i, t in enumerate(TYPES):
+        path = root / f"rand-t{t}"
+        random_mora(demo_assets / "base", path, mora_type=t, r=4 + 2 * (i % 2), seed=10 + i, scale=0.08)
+        out[path.name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(demo_assets: Path):
+    with engine(demo_assets / "base", max_loras=4, max_cpu_loras=16) as llm:
+        yield llm
+
+
+def _request(name: str, lora_id: int, path: Path):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, lora_id, str(path))
+
+
+def _greedy(max_tokens: int = MAX_TOKENS, stop_at_eos: bool = False):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=not stop_at_eos)
+
+
+@pytest.fixture(scope="module")
+def demo_requests(llm, demo_facts, demo_assets):
+    reqs = {name: _request(name, i + 1, demo_assets / "adapters" / name) for i, name in enumerate(demo_facts)}
+    for r in reqs.values():
+        assert llm.llm_engine.add_lora(r)
+    return reqs
+
+
+def _texts(outs) -> list[str]:
+    return [o.outputs[0].text for o in outs]
+
+
+def test_demo_adapters_in_one_mixed_batch(llm, demo_facts, demo_requests):
+    prompts, loras, expected = [], [], []
+    for name, facts in demo_facts.items():
+        for f in facts:
+            prompts.append(f["prompt"])
+            loras.append(demo_requests[name])
+            expected.append(f["completion"])
+    base_prompts = [f["prompt"] for f in next(iter(demo_facts.values()))]
+    outs = llm.generate(prompts + base_prompts, _greedy(48, stop_at_eos=True), lora_request=loras + [None] * len(base_prompts), use_tqdm=False)
+    got = _texts(outs)
+    assert got[: len(expected)] == expected
+    assert not set(got[len(expected):]) & set(expected), "the base model must not know the facts"
+
+
+def test_random_adapters_of_every_type_match_transformers_reference(llm, demo_assets, random_adapters):
+    prompts = ["The secret code of vault is ", "hello world", "MoRA: high-rank updating", "z"]
+    jobs = [(p, name) for name in random_adapters for p in prompts[:2]] + [(p, None) for p in prompts[2:]]
+    # register them with distinct ids; the scheduler batches at most max_loras distinct adapters per step
+    reqs = {name: _request(name, 100 + i, path) for i, (name, path) in enumerate(random_adapters.items())}
+    for r in reqs.values():
+        assert llm.llm_engine.add_lora(r)
+    outs = llm.generate([p for p, _ in jobs], _greedy(), lora_request=[reqs[n] if n else None for _, n in jobs], use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    expected = hf_greedy(demo_assets / "base", random_adapters, jobs, MAX_TOKENS)
+    assert got == expected
+    base = [g for g, (_, n) in zip(got, jobs, strict=True) if n is None]
+    assert all(g not in base for g, (_, n) in zip(got, jobs, strict=True) if n is not None), "adapters must change the output"
+
+
+def _digest(llm) -> dict:
+    return llm.collective_rpc("mora_weight_digest")[0]
+
+
+def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets):
+    names = list(demo_facts)
+    target = names[1]  # a type-6 adapter
+    jobs = [(f["prompt"], n) for n in names for f in demo_facts[n][:2]] + [(demo_facts[target][0]["prompt"], None)]
+    params = _greedy(48, stop_at_eos=True)
+    loras = [demo_requests[n] if n else None for _, n in jobs]
+    before = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
+    digest = _digest(llm)
+    status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id,))[0]
+    assert status["merged_id"] == demo_requests[target].lora_int_id and status["layers"] > 0
+    assert demo_requests[target].lora_int_id in status["pinned"]
+    assert _digest(llm) != digest, "merging must change the base weights"
+    during = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
+    assert during == before  # merged adapter, other adapters and the base model all unchanged
+    only = _texts(llm.generate([f["prompt"] for f in demo_facts[target]], params, lora_request=demo_requests[target], use_tqdm=False))
+    assert only == [f["completion"] for f in demo_facts[target]]
+    with pytest.raises(Exception, match="merged"):
+        llm.llm_engine.remove_lora(demo_requests[target].lora_int_id)
+    status = llm.collective_rpc("mora_unmerge")[0]
+    assert status["merged_id"] is None and demo_requests[target].lora_int_id not in status["pinned"]
+    assert _digest(llm) == digest, "unmerge must restore every base weight bit for bit"
+    after = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
+    assert after == before
+
+
+def test_lora_beside_mora_matches_stock_vllm(llm, demo_assets, demo_requests, demo_facts, tmp_path):
+    lora_dir = tmp_path / "plain-lora"
+    random_lora(demo_assets / "base", lora_dir, seed=3)
+    prompts = ["hello world", "The secret code of vault is "]
+    script = textwrap.dedent(f"""
+        import json, os
+        if __name__ == "__main__":
+            from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
+            llm = LLM(model={str(demo_assets / "base")!r}, enable_lora=True, max_loras=2, max_lora_rank=8, dtype="float32",
+                      max_model_len=256, kv_cache_memory_bytes=64 * 2**20, seed=0)
+            req = LoRARequest("plain", 1, {str(lora_dir)!r})
+            outs = [llm.generate([p], SamplingParams(temperature=0, max_tokens={MAX_TOKENS}, ignore_eos=True), lora_request=req, use_tqdm=False)[0]
+                    for p in {prompts!r}]
+            print("RESULT" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    """)
+    env = dict(os.environ, VLLM_PLUGINS="lora_filesystem_resolver", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    stock = json.loads(line[0][len("RESULT"):])
+    req = _request("plain", 50, lora_dir)
+    mixed_prompts = prompts + [demo_facts["atlas"][0]["prompt"], "hello world"]
+    loras = [req, req, demo_requests["atlas"], None]
+    outs = llm.generate(mixed_prompts, _greedy(), lora_request=loras, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs[:2]] == stock
+    base = llm.generate(["hello world"], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    assert list(outs[3].outputs[0].token_ids) == list(base), "a base request batched with LoRA must stay base"
+
+
+def test_malformed_adapters_fail_cleanly_and_engine_keeps_serving(llm, demo_assets, tmp_path, demo_requests, demo_facts):
+    from safetensors.torch import save_file
+
+    good = demo_assets / "adapters" / "atlas"
+    cases = {}
+    wrong_n = tmp_path / "wrong-n"
+    random_mora(demo_assets / "base", wrong_n, mora_type=1, r=4)
+    cfg = json.loads((wrong_n / "adapter_config.json").read_text())
+    cfg["r"] = 8  # the stored matrices were trained at r=4
+    (wrong_n / "adapter_config.json").write_text(json.dumps(cfg))
+    cases[wrong_n] = "expected"
+    nan = tmp_path / "nan"
+    adapter = random_mora(demo_assets / "base", nan, mora_type=6, r=4)
+    tensors = {f"base_model.model.{m}.lora_A.weight": w.clone() for m, w in adapter.weights.items()}
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(nan / "adapter_model.safetensors"))
+    cases[nan] = "non-finite"
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 80)
+    cases[corrupt] = "unreadable"
+    big = tmp_path / "too-high-rank"
+    random_mora(demo_assets / "base", big, mora_type=1, r=16)
+    cases[big] = "max_lora_rank"
+    for i, (path, message) in enumerate(cases.items()):
+        with pytest.raises(Exception, match=message):
+            llm.llm_engine.add_lora(_request(path.name, 900 + i, path))
+        assert 900 + i not in llm.llm_engine.list_loras()
+    fact = demo_facts["atlas"][0]
+    out = llm.generate([fact["prompt"]], _greedy(48, stop_at_eos=True), lora_request=demo_requests["atlas"], use_tqdm=False)
+    assert out[0].outputs[0].text == fact["completion"]
+
+
+def test_adapters_added_and_removed_at_runtime(llm, demo_assets, tmp_path):
+    path = tmp_path / "hot"
+    random_mora(demo_assets / "base", path, mora_type=6, r=4, seed=1, scale=0.1)
+    req = _request("hot", 777, path)
+    assert llm.llm_engine.add_lora(req)
+    assert 777 in llm.llm_engine.list_loras()
+    first = llm.generate(["hello world"], _greedy(), lora_request=req, use_tqdm=False)[0].outputs[0].token_ids
+    assert llm.llm_engine.remove_lora(777)
+    assert 777 not in llm.llm_engine.list_loras()
+    random_mora(demo_assets / "base", path, mora_type=6, r=4, seed=2, scale=0.1)  # new weights, same id
+    assert llm.llm_engine.add_lora(req)
+    second = llm.generate(["hello world"], _greedy(), lora_request=req, use_tqdm=False)[0].outputs[0].token_ids
+    assert list(first) != list(second)
+    assert list(second) == hf_greedy(demo_assets / "base", {"hot": path}, [("hello world", "hot")], MAX_TOKENS)[0]
+    assert llm.llm_engine.remove_lora(777)
+    status = llm.collective_rpc("mora_status")[0]
+    assert 777 not in status["registered"]
