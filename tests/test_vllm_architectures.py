@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from engine_helpers import engine, hf_greedy, random_mora, tiny_model
 
 pytestmark = pytest.mark.vllm

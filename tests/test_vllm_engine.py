@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import engine, hf_greedy, random_lora, random_mora
 
 pytestmark = pytest.mark.vllm

@@ -41,5 +41,5 @@ def register() -> None:
         # The v1 model runner builds its worker LoRA manager from this module attribute.
         runner_mixin.LRUCacheWorkerLoRAManager = MoraWorkerLoRAManager
         _registered = True
-    except Exception:  # noqa: BLE001 - a plugin must never take vLLM down
+    except Exception:
         log.exception("mora vLLM plugin failed to register; MoRA adapters will not be served")

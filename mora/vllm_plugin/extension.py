@@ -20,7 +20,7 @@ __all__ = ["MoraWorkerExtension"]
 class MoraWorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker."""
 
-    def _mora_manager(self):  # noqa: ANN202
+    def _mora_manager(self):
         from mora.vllm_plugin.manager import MoraLoRAModelManager
 
         runner = getattr(self, "model_runner", None)
