@@ -1,0 +1,234 @@
+"""Offline decode throughput with vLLM (CPU build): base, merged, unmerged, mixed, LoRA.
+
+For each model (the demo base model, and a larger Llama-shaped model with random weights):
+
+* base      - vLLM with LoRA disabled, eager like every LoRA engine on the CPU (vLLM turns
+              torch.compile off whenever LoRA is enabled there); measured before and after
+              the LoRA engine. `base_compiled` is the same with vLLM's default compilation.
+* merged    - one MoRA adapter merged into the base weights (every request uses it)
+* unmerged  - the same adapter unmerged (type 6, the costlier kind)
+* mixed4/16 - requests spread round-robin over 4 / 16 unmerged MoRA adapters (types 1 and 6)
+* lora      - a plain LoRA r=8 adapter on the same modules (same trainable parameters as MoRA r=8)
+
+Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), `--rounds`
+times interleaved; throughput is tokens/s, medians. Merge and unmerge latency of a whole
+adapter are timed through the worker extension.
+
+    python -m bench.serving     # ends with: merged_vs_base=X mixed16_vs_base=Y mora_vs_lora=Z
+                                 # (ratios for the larger model; Z = MoRA unmerged time / LoRA time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+
+
+def _larger_model(path: Path) -> Path:
+    import torch
+    import transformers
+
+    from mora.demo import build_tokenizer
+
+    if (path / "config.json").is_file():
+        return path
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        tie_word_embeddings=False, initializer_range=0.02,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _make_adapters(model: Path, root: Path) -> tuple[list[Path], Path]:
+    import torch
+
+    from mora.checkpoint import AdapterConfig, LoraAdapter, MoraAdapter, save_lora_adapter, save_mora_adapter
+    from mora.hf import module_shapes_from_config
+    from mora.spec import MoraSpec
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    shapes = {m: s for m, s in module_shapes_from_config(model).items() if m.rsplit(".", 1)[-1] in targets}
+    moras = []
+    for i in range(16):
+        path = root / f"mora-{i:02d}"
+        t = 6 if i % 2 == 0 else 1
+        if not (path / "adapter_config.json").is_file():
+            g = torch.Generator().manual_seed(i)
+            cfg = AdapterConfig(r=8, target_modules=targets, use_mora=True, mora_type=t, lora_alpha=16)
+            weights = {}
+            for m, (o, k) in shapes.items():
+                spec = MoraSpec.from_rank(k, o, 8, t)
+                weights[m] = torch.randn(spec.n, spec.n, generator=g) * 0.02
+            save_mora_adapter(MoraAdapter(path.name, cfg, weights), path)
+        moras.append(path)
+    lora = root / "lora-r8"
+    if not (lora / "adapter_config.json").is_file():
+        g = torch.Generator().manual_seed(99)
+        cfg = AdapterConfig(r=8, target_modules=targets, lora_alpha=16)
+        a = {m: torch.randn(8, k, generator=g) * 0.02 for m, (o, k) in shapes.items()}
+        b = {m: torch.randn(o, 8, generator=g) * 0.02 for m, (o, k) in shapes.items()}
+        save_lora_adapter(LoraAdapter(lora.name, cfg, a, b), lora)
+    return moras, lora
+
+
+def _engine(model: Path, lora: bool, eager: bool = True):  # noqa: ANN202
+    from vllm import LLM
+
+    kwargs = dict(dtype="float32", max_model_len=512, kv_cache_memory_bytes=512 * 2**20, max_num_seqs=64, seed=0,
+                  enforce_eager=eager)
+    if lora:
+        kwargs |= dict(enable_lora=True, max_loras=16, max_lora_rank=8, max_cpu_loras=20,
+                       worker_extension_cls="mora.vllm_plugin.extension.MoraWorkerExtension")
+    return LLM(model=str(model), **kwargs)
+
+
+def _close(llm) -> None:  # noqa: ANN001
+    core = llm.llm_engine.engine_core
+    if hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _throughput(llm, prompts, params, loras) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
+
+
+def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Namespace) -> dict:
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    moras, lora_path = _make_adapters(model, adapter_root)
+    prompts = [f"request {i}: the secret code of item {i} is " for i in range(args.seqs)]
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    base_runs: dict[bool, list[float]] = {True: [], False: []}
+
+    def run_base() -> None:
+        for eager in (True, False):
+            llm = _engine(model, lora=False, eager=eager)
+            _throughput(llm, prompts[:4], params, None)  # warm-up (and compilation)
+            base_runs[eager].extend(_throughput(llm, prompts, params, None) for _ in range(args.rounds))
+            _close(llm)
+
+    run_base()
+    llm = _engine(model, lora=True)
+    reqs = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(moras)]
+    lora_req = LoRARequest("lora-r8", 100, str(lora_path))
+    for r in [*reqs, lora_req]:
+        llm.llm_engine.add_lora(r)
+    scenarios = {
+        "unmerged": [reqs[0]] * len(prompts),
+        "mixed4": [reqs[i % 4] for i in range(len(prompts))],
+        "mixed16": [reqs[i % 16] for i in range(len(prompts))],
+        "lora": [lora_req] * len(prompts),
+    }
+    results: dict[str, list[float]] = {k: [] for k in [*scenarios, "merged"]}
+    merge_s, unmerge_s = [], []
+    for loras in scenarios.values():
+        _throughput(llm, prompts[:4], params, loras[:4])  # warm-up: activate adapters
+    for _ in range(args.rounds):
+        for key, loras in scenarios.items():
+            results[key].append(_throughput(llm, prompts, params, loras))
+        t = time.perf_counter()
+        status = llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))[0]
+        merge_s.append(time.perf_counter() - t)
+        results["merged"].append(_throughput(llm, prompts, params, scenarios["unmerged"]))
+        t = time.perf_counter()
+        llm.collective_rpc("mora_unmerge")
+        unmerge_s.append(time.perf_counter() - t)
+    _close(llm)
+    run_base()
+    tput = {k: statistics.median(v) for k, v in results.items()}
+    tput |= {"base": statistics.median(base_runs[True]), "base_compiled": statistics.median(base_runs[False])}
+    return {
+        "model": name,
+        "throughput": tput,
+        "merge_s": statistics.median(merge_s),
+        "unmerge_s": statistics.median(unmerge_s),
+        "merge_status": {k: status[k] for k in ("layers", "backup_bytes", "merged_copy_bytes", "changed_elements", "packed")},
+    }
+
+
+def _write_docs(reports: list[dict], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    DOCS.mkdir(exist_ok=True)
+    order = ["base_compiled", "base", "merged", "unmerged", "mixed4", "mixed16", "lora"]
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 3.8))
+    axes = axes if len(reports) > 1 else [axes]
+    for ax, rep in zip(axes, reports, strict=True):
+        vals = [rep["throughput"][k] / rep["throughput"]["base"] for k in order]
+        ax.bar(order, vals, color=["#bbb", "#777", "#2a9d8f", "#e9c46a", "#f4a261", "#e76f51", "#457b9d"])
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(rep["model"])
+        ax.set_ylabel("decode throughput / base")
+        ax.set_ylim(0, max(1.2, max(vals) * 1.1))
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "serving_throughput.png", dpi=110)
+    lines = ["| model | " + " | ".join(order) + " | merge s | unmerge s |", "|---" * (len(order) + 3) + "|"]
+    for rep in reports:
+        t = rep["throughput"]
+        cells = [f"{t[k]:.0f} tok/s ({t[k] / t['base']:.2f}x)" for k in order]
+        lines.append(f"| {rep['model']} | " + " | ".join(cells) + f" | {rep['merge_s']:.3f} | {rep['unmerge_s']:.3f} |")
+    table = "\n".join(lines)
+    (DOCS / "serving_results.md").write_text(
+        f"<!-- written by `python -m bench.serving` ({args.seqs} sequences x {args.tokens} tokens, {args.rounds} rounds) -->\n"
+        f"{table}\n\n![decode throughput relative to base](serving_throughput.png)\n\n"
+        f"```json\n{json.dumps(reports, indent=1)}\n```\n"
+    )
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/serving_*")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from mora.demo import build_demo_assets
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    demo = args.cache / "demo"
+    if not (demo / "demo.json").is_file():
+        build_demo_assets(demo, log=lambda _: None)
+    models = {"demo (3M)": demo / "base", "llama-shaped (100M)": _larger_model(args.cache / "llama-100m")}
+    reports = []
+    for name, path in models.items():
+        rep = bench_model(name, path, args.cache / f"adapters-{path.parent.name}-{path.name}", args)
+        t = rep["throughput"]
+        print(f"{name}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in t.items())
+              + f"; merge {rep['merge_s']:.3f}s unmerge {rep['unmerge_s']:.3f}s {rep['merge_status']}", flush=True)
+        reports.append(rep)
+    if not args.no_docs:
+        _write_docs(reports, args)
+    t = reports[-1]["throughput"]
+    print(f"merged_vs_base={t['merged'] / t['base']:.2f} mixed16_vs_base={t['mixed16'] / t['base']:.2f} "
+          f"mora_vs_lora={t['lora'] / t['unmerged']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
