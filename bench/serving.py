@@ -83,7 +83,7 @@ def _make_adapters(model: Path, root: Path) -> tuple[list[Path], Path]:
     return moras, lora
 
 
-def _engine(model: Path, lora: bool, eager: bool = True):  # noqa: ANN202
+def _engine(model: Path, lora: bool, eager: bool = True):
     from vllm import LLM
 
     kwargs = dict(dtype="float32", max_model_len=512, kv_cache_memory_bytes=512 * 2**20, max_num_seqs=64, seed=0,
@@ -94,7 +94,7 @@ def _engine(model: Path, lora: bool, eager: bool = True):  # noqa: ANN202
     return LLM(model=str(model), **kwargs)
 
 
-def _close(llm) -> None:  # noqa: ANN001
+def _close(llm) -> None:
     core = llm.llm_engine.engine_core
     if hasattr(core, "shutdown"):
         core.shutdown()
@@ -102,7 +102,7 @@ def _close(llm) -> None:  # noqa: ANN001
     gc.collect()
 
 
-def _throughput(llm, prompts, params, loras) -> float:  # noqa: ANN001
+def _throughput(llm, prompts, params, loras) -> float:
     start = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
     elapsed = time.perf_counter() - start
