@@ -21,13 +21,14 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile protos/mora/v1/inference.proto protos/mora/v1/adapters.proto
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
 	@# PyPI's torchvision/torchaudio/torchcodec are built for another torch and break
 	@# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -m serve.proto
 	$(PY) -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
@@ -39,7 +40,7 @@ $(DEMO_DIR)/demo.json: | install
 	$(VENV)/bin/mora demo-assets --out $(DEMO_DIR)
 
 demo: install $(DEMO_DIR)/demo.json
-	$(VENV)/bin/mora show-demo $(DEMO_DIR)
+	$(PY) -m serve.demo --assets $(DEMO_DIR)
 
 bench: install
 	$(PY) -m bench.merge

@@ -1,0 +1,151 @@
+"""The serving engine: vLLM's `AsyncLLM` in this process, with the mora plugin's extensions.
+
+A thin face over vLLM: start-up, generation, aborts, adapter registration and the worker
+extension's merge/unmerge RPCs. All tensor work happens inside vLLM and `mora/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve.config import ServerSettings
+from serve.errors import Unavailable
+
+__all__ = ["Engine", "EngineError"]
+
+log = logging.getLogger(__name__)
+EXTENSION = "mora.vllm_plugin.extension.MoraWorkerExtension"
+
+
+class EngineError(RuntimeError):
+    """The engine refused an operation (its message says why); the engine itself is fine."""
+
+
+def _worker_message(e: Exception) -> str:
+    """vLLM wraps worker errors as "... Worker failed with error '<msg>', please check ..."."""
+    message = str(e)
+    marker = "Worker failed with error '"
+    if marker in message:
+        message = message.split(marker, 1)[1].split("', please check", 1)[0]
+    return message
+
+
+class Engine:
+    """One vLLM engine serving the base model and its adapters."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.eos_token_id: int | None = None
+
+    async def start(self) -> None:
+        """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        args = AsyncEngineArgs(
+            model=str(s.model),
+            dtype=s.dtype,
+            enable_lora=True,
+            max_loras=s.max_loras,
+            max_cpu_loras=s.max_cpu_loras,
+            max_lora_rank=s.max_lora_rank,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            kv_cache_memory_bytes=s.kv_cache_bytes,
+            enforce_eager=s.enforce_eager,
+            worker_extension_cls=EXTENSION,
+            disable_log_stats=False,
+            seed=0,
+        )
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        log.info("engine ready: %s, max_model_len=%d, %d adapter slots", s.model, self.max_model_len, s.max_loras)
+
+    @property
+    def ready(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    @property
+    def dead(self) -> bool:
+        return self.llm is not None and self.llm.errored
+
+    def _require(self) -> Any:
+        if self.llm is None:
+            raise Unavailable("the engine is starting")
+        if self.llm.errored:
+            raise Unavailable("the engine has stopped")
+        return self.llm
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: Any, lora_request: Any) -> AsyncIterator[Any]:
+        """vLLM's output stream for one request (deltas)."""
+        llm = self._require()
+        async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora_request):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None and not self.llm.errored:
+            await self.llm.abort(request_id)
+
+    async def add_lora(self, lora_request: Any) -> None:
+        """Register an adapter; the engine validates it again and the error says why not."""
+        try:
+            await self._require().add_lora(lora_request)
+        except Unavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - vLLM wraps worker errors in a bare Exception
+            raise EngineError(_worker_message(e)) from None
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        if self.ready:
+            await self.llm.remove_lora(lora_int_id)
+
+    async def rpc(self, method: str, *args: Any) -> dict[str, Any]:
+        """A worker-extension call; the first worker's answer (all ranks do the same)."""
+        try:
+            results = await self._require().collective_rpc(method, args=args)
+        except Unavailable:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise EngineError(_worker_message(e)) from None
+        return results[0]
+
+    async def merge(self, lora_int_id: int) -> dict[str, Any]:
+        return await self.rpc("mora_merge", lora_int_id)
+
+    async def unmerge(self) -> dict[str, Any]:
+        return await self.rpc("mora_unmerge")
+
+    async def status(self) -> dict[str, Any]:
+        return await self.rpc("mora_status")
+
+    async def check_health(self) -> bool:
+        if self.llm is None or self.llm.errored:
+            return False
+        try:
+            await self.llm.check_health()
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            llm.shutdown()
+            # Collect it now: AsyncLLM.__del__ at interpreter exit would shut down twice.
+            del llm
+            gc.collect()

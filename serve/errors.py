@@ -1,0 +1,137 @@
+"""The server's error types and their gRPC status codes, mapped in one place.
+
+Servicers raise; `ErrorInterceptor` turns every exception into a status with a message that
+names the problem. Library errors (`mora.errors`) are mapped by type. Anything unexpected
+becomes INTERNAL with a generic message (details go to the log, never to another tenant).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from mora import errors as mora_errors
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of the errors the server reports to clients."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdapterNotFound(ServeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AdapterExists(ServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class InvalidRequest(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PathNotAllowed(ServeError):
+    """A path that resolves outside the adapter root."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(ServeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(ServeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_LIBRARY_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (mora_errors.AdapterNotFoundError, grpc.StatusCode.INVALID_ARGUMENT),  # a path given by the caller
+    (mora_errors.AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (mora_errors.NonFiniteMergeError, grpc.StatusCode.FAILED_PRECONDITION),
+    (mora_errors.MergeError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for `exc`."""
+    if isinstance(exc, ServeError):
+        return exc.code, exc.message
+    for kind, code in _LIBRARY_CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
+            await context.abort(code, message)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
+            await context.abort(code, message)
+
+    return wrapper
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by any servicer to status codes (`status_for`)."""
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the server, exported with vLLM's own on `--metrics-port` at `/metrics`.
+
+Names follow Prometheus conventions (base units, `_seconds`, `_total`, `_bytes`). The labels
+`adapter` and `tenant` are capped: after `metrics_label_limit` distinct values per label, new
+values are reported as `other`, so a flood of adapter ids cannot blow up the series count.
+
+Histogram buckets are chosen for LLM serving, from sub-millisecond token gaps to minutes-long
+generations:
+
+* request duration: 5 ms .. 5 min (end to end, including queueing);
+* time to first token: 1 ms .. 60 s (prefill plus queueing);
+* time per output token: 0.5 ms .. 2.5 s (decode step latency seen by one request);
+* queue wait: 0.5 ms .. 60 s;
+* adapter operations: 1 ms .. 2 min (a merge of a large model takes seconds).
+
+vLLM's metrics (`vllm:*`, e.g. `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info` with `running_lora_adapters`,
+`waiting_lora_adapters` and `max_lora`, which LoRA-aware Kubernetes routers read) live in the
+same default registry and are exported unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["LabelLimiter", "ServerMetrics"]
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.25, 2.5)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OPERATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+RESIDENCY_STATES = ("device_slot", "host_cache", "disk_only", "merged")
+OTHER = "other"
+
+
+class LabelLimiter:
+    """Caps the distinct values of one label; later ones map to `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OTHER
+
+
+class ServerMetrics:
+    """All metrics the server records."""
+
+    def __init__(self, label_limit: int = 100, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.adapter_label = LabelLimiter(label_limit)
+        self.tenant_label = LabelLimiter(label_limit)
+        per_request = ["adapter", "tenant"]
+        r = registry
+        self.requests = Counter("mora_requests", "Generate requests by final status code.", [*per_request, "method", "code"], registry=r)
+        self.request_duration = Histogram("mora_request_duration_seconds", "End-to-end latency of a generate request.", per_request, buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("mora_time_to_first_token_seconds", "Time from arrival to the first generated token.", per_request, buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("mora_time_per_output_token_seconds", "Gap between consecutive output tokens of one request.", per_request, buckets=TPOT_BUCKETS, registry=r)
+        self.queue_wait = Histogram("mora_queue_wait_seconds", "Time a request waited in the engine queue before its first schedule.", per_request, buckets=QUEUE_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("mora_prompt_tokens", "Prompt tokens processed.", per_request, registry=r)
+        self.generation_tokens = Counter("mora_generation_tokens", "Tokens generated.", per_request, registry=r)
+        self.in_flight = Gauge("mora_requests_in_flight", "Generate requests admitted and not finished.", registry=r)
+        self.operations = Counter("mora_adapter_operations", "Adapter lifecycle operations by result.", ["operation", "result"], registry=r)
+        self.operation_duration = Histogram("mora_adapter_operation_duration_seconds", "Duration of adapter lifecycle operations.", ["operation"], buckets=OPERATION_BUCKETS, registry=r)
+        self.merge_transitions = Counter("mora_merge_transitions", "Merges and unmerges, by adapter and what triggered them.", ["adapter", "direction", "trigger"], registry=r)
+        self.residency = Gauge("mora_adapter_residency", "1 for the state each loaded adapter is in now.", ["adapter", "state"], registry=r)
+        self.adapters_loaded = Gauge("mora_adapters_loaded", "Adapters the server serves.", registry=r)
+        self.slots_in_use = Gauge("mora_adapter_slots_in_use", "Engine adapter slots holding an adapter.", registry=r)
+        self.slots_capacity = Gauge("mora_adapter_slots_capacity", "Engine adapter slots (max_loras).", registry=r)
+        self.merge_backup_bytes = Gauge("mora_merge_backup_bytes", "Host memory kept to unmerge the merged adapter exactly.", registry=r)
+        self.engine_up = Gauge("mora_engine_up", "1 while the engine serves, 0 while starting or after it died.", registry=r)
+        self._residency_series: set[str] = set()
+
+    def labels(self, adapter_id: str | None, tenant: str) -> tuple[str, str]:
+        return self.adapter_label(adapter_id or "base"), self.tenant_label(tenant)
+
+    def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None) -> None:
+        self.operations.labels(operation, result).inc()
+        self.operation_duration.labels(operation).observe(seconds)
+        if operation in ("merge", "unmerge") and result == "ok" and adapter is not None:
+            self.merge_transitions.labels(self.adapter_label(adapter), operation, trigger or "manual").inc()
+
+    def set_residency(self, states: dict[str, str]) -> None:
+        """`{adapter id: state}` for every loaded adapter; removed adapters lose their series."""
+        current = {self.adapter_label(a): s for a, s in states.items()}
+        for adapter in self._residency_series - set(current):
+            for state in RESIDENCY_STATES:
+                self.residency.remove(adapter, state)
+        for adapter, state in current.items():
+            for s in RESIDENCY_STATES:
+                self.residency.labels(adapter, s).set(1 if s == state else 0)
+        self._residency_series = set(current)
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,366 @@
+"""Adapter lifecycle: validate, snapshot, register, lease to requests, replace, unload, merge.
+
+Nothing unvalidated reaches the engine: an adapter is read into memory and checked by the mora
+library against the base model first; the engine then gets a private snapshot written from
+exactly those tensors (read-only, in a directory only this process knows), so files changing
+on disk afterwards cannot change what is served.
+
+Each load of an id is a *version* with its own engine adapter id. Requests lease the current
+version when they are admitted; replacing an adapter switches the current version atomically
+(requests admitted afterwards use the new weights, leases in flight finish on the old ones,
+which are unregistered when their last lease ends). Unloading waits for leases (bounded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mora.checkpoint import LoraAdapter, MoraAdapter, load_adapter, save_lora_adapter, save_mora_adapter
+from mora.errors import AdapterError, ShapeMismatchError
+from mora.hf import module_shapes_from_config
+from mora.validate import bind_adapter
+from serve.config import ServerSettings
+from serve.engine import Engine, EngineError
+from serve.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    FailedPrecondition,
+    InvalidRequest,
+    PathNotAllowed,
+    ResourceExhausted,
+)
+from serve.tenants import Tenant, TenantDirectory
+
+__all__ = ["AdapterRegistry", "Entry", "Version"]
+
+log = logging.getLogger(__name__)
+ADAPTER_ID_MAX = 128
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    if not adapter_id:
+        raise InvalidRequest("adapter_id is empty")
+    if len(adapter_id) > ADAPTER_ID_MAX:
+        raise InvalidRequest(f"adapter_id is longer than {ADAPTER_ID_MAX} characters")
+    if not all(c.isalnum() or c in "._-" for c in adapter_id) or adapter_id in (".", ".."):
+        raise InvalidRequest("adapter_id may only contain letters, digits, '.', '_' and '-'")
+    return adapter_id
+
+
+def resolve_under_root(root: Path, relative: str) -> Path:
+    """`root/relative` with symlinks resolved; refused if it leaves `root` or is not a directory."""
+    if not relative or "\x00" in relative:
+        raise InvalidRequest("adapter path is empty or contains a NUL byte")
+    if os.path.isabs(relative):
+        raise PathNotAllowed("adapter paths are relative to the adapter root")
+    if os.path.normpath(relative).split(os.sep)[0] == "..":
+        raise PathNotAllowed(f"adapter path {relative!r} leaves the adapter root")
+    base = root.resolve()
+    try:
+        target = (base / relative).resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidRequest(f"adapter path {relative!r} does not exist under the adapter root") from None
+    except (OSError, RuntimeError) as e:
+        raise InvalidRequest(f"adapter path {relative!r} cannot be resolved: {e}") from None
+    if not target.is_relative_to(base):
+        raise PathNotAllowed(f"adapter path {relative!r} resolves outside the adapter root")
+    if not target.is_dir():
+        raise InvalidRequest(f"adapter path {relative!r} is not a directory")
+    return target
+
+
+@dataclass
+class Version:
+    number: int
+    engine_id: int
+    snapshot: Path
+    adapter: MoraAdapter | LoraAdapter
+    source: str
+    lora_request: Any
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def kind(self) -> str:
+        return "mora" if isinstance(self.adapter, MoraAdapter) else "lora"
+
+
+@dataclass
+class Entry:
+    adapter_id: str
+    tenant: str | None
+    version: Version
+    retiring: list[Version] = field(default_factory=list)
+    unloading: bool = False
+    manual_merge: bool = False
+    requests_total: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class AdapterRegistry:
+    """All adapters the server serves, keyed by adapter id."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine, tenants: TenantDirectory, on_event: Callable[..., None] | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.tenants = tenants
+        self.entries: dict[str, Entry] = {}
+        self._ids = itertools.count(1)
+        self._versions = itertools.count(1)
+        self._manage = asyncio.Lock()  # one load/unload/merge transition at a time
+        self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
+        self.merge_backup_bytes = 0
+        self._base_shapes: dict[str, tuple[int, int]] | None = None
+        self._snapshots = Path(tempfile.mkdtemp(prefix="mora-snapshots-"))
+        os.chmod(self._snapshots, 0o700)
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._background: set[asyncio.Task] = set()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        # vLLM evicts from its host cache beyond max_cpu_loras; one place stays free for a replace.
+        return max(1, self.settings.max_cpu_loras - 1)
+
+    def base_shapes(self) -> dict[str, tuple[int, int]]:
+        if self._base_shapes is None:
+            self._base_shapes = module_shapes_from_config(self.settings.model)
+        return self._base_shapes
+
+    def get(self, adapter_id: str) -> Entry:
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded")
+        return entry
+
+    def visible(self, tenant: Tenant) -> list[Entry]:
+        return [e for e in self.entries.values() if tenant.is_admin or e.tenant == tenant.name]
+
+    def _validate(self, adapter_id: str, directory: Path) -> MoraAdapter | LoraAdapter:
+        adapter = load_adapter(directory, adapter_id)
+        bound = bind_adapter(adapter, self.base_shapes())
+        max_rank = self.settings.max_lora_rank
+        for module in (bound.specs if isinstance(adapter, MoraAdapter) else bound.shapes):
+            r = adapter.config.rank_for(module)
+            if r > max_rank:
+                raise ShapeMismatchError("rank exceeds the server's max_lora_rank", adapter=adapter_id, module=module,
+                                         expected=f"r <= {max_rank}", found=r)
+        if isinstance(adapter, LoraAdapter) and "lora_alpha" not in adapter.config.model_fields_set:
+            raise InvalidRequest(f"adapter {adapter_id!r}: a LoRA adapter_config.json needs lora_alpha")
+        return adapter
+
+    def _snapshot(self, adapter: MoraAdapter | LoraAdapter, number: int) -> Path:
+        path = self._snapshots / f"{adapter.name}.v{number}"
+        if isinstance(adapter, MoraAdapter):
+            save_mora_adapter(adapter, path)
+        else:
+            save_lora_adapter(adapter, path)
+        for f in path.iterdir():
+            os.chmod(f, stat.S_IRUSR)
+        os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
+        return path
+
+    @staticmethod
+    def _remove_snapshot(path: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- load / replace / unload ----------------------------------------------------------
+
+    async def load(self, adapter_id: str, *, path: str | None = None, source_name: str | None = None,
+                   owner: str | None, replace: bool = False) -> Entry:
+        """Validate, snapshot and register an adapter (or new weights for an existing id)."""
+        check_adapter_id(adapter_id)
+        if source_name is not None:
+            if source_name not in self.settings.sources:
+                raise InvalidRequest(f"no registered source named {source_name!r}")
+            path, source = self.settings.sources[source_name], f"source:{source_name}"
+        elif path is not None:
+            source = path
+        else:
+            raise InvalidRequest("give a path (relative to the adapter root) or a registered source")
+        directory = resolve_under_root(self.settings.adapter_root, path)
+        started = time.perf_counter()
+        async with self._manage:
+            existing = self.entries.get(adapter_id)
+            if existing is not None and not replace:
+                raise AdapterExists(f"adapter {adapter_id!r} is already loaded (set replace to load new weights)")
+            if existing is not None and existing.unloading:
+                raise FailedPrecondition(f"adapter {adapter_id!r} is being unloaded")
+            if existing is None:
+                if len(self.entries) >= self.capacity:
+                    raise ResourceExhausted(f"the server holds its maximum of {self.capacity} adapters")
+                tenant = self.tenants.get(owner) if owner else None
+                if tenant is not None and sum(e.tenant == owner for e in self.entries.values()) >= tenant.max_resident_adapters:
+                    raise ResourceExhausted(f"tenant {owner!r} already has {tenant.max_resident_adapters} adapters loaded")
+            else:
+                owner = existing.tenant
+            try:
+                adapter = await asyncio.to_thread(self._validate, adapter_id, directory)
+            except AdapterError as e:
+                self._on_event("load", "invalid", time.perf_counter() - started)
+                raise InvalidRequest(str(e)) from None
+            number = next(self._versions)
+            snapshot = await asyncio.to_thread(self._snapshot, adapter, number)
+            from vllm.lora.request import LoRARequest
+
+            engine_id = next(self._ids)
+            request = LoRARequest(adapter_id, engine_id, str(snapshot))
+            try:
+                await self.engine.add_lora(request)
+            except EngineError as e:
+                self._remove_snapshot(snapshot)
+                self._on_event("load", "rejected", time.perf_counter() - started)
+                raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
+            version = Version(number, engine_id, snapshot, adapter, source, request)
+            if existing is None:
+                entry = Entry(adapter_id, owner, version)
+                self.entries[adapter_id] = entry
+            else:
+                entry = existing
+                old = entry.version
+                if self.merged is not None and self.merged[1] == old.engine_id:
+                    await self._unmerge_locked("replaced")
+                entry.version = version  # new requests get the new weights from here on
+                entry.retiring.append(old)
+                self._retire(entry, old)
+        self._on_event("load", "ok", time.perf_counter() - started)
+        log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, engine_id, source)
+        return entry
+
+    def _retire(self, entry: Entry, version: Version) -> None:
+        async def drain() -> None:
+            await version.idle.wait()
+            await self.engine.remove_lora(version.engine_id)
+            self._remove_snapshot(version.snapshot)
+            if version in entry.retiring:
+                entry.retiring.remove(version)
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def unload(self, adapter_id: str) -> Entry:
+        """Stop serving `adapter_id` once its requests are done (bounded wait)."""
+        started = time.perf_counter()
+        async with self._manage:
+            entry = self.get(adapter_id)
+            entry.unloading = True  # no new leases from here on
+            versions = [entry.version, *entry.retiring]
+            try:
+                await asyncio.wait_for(asyncio.gather(*(v.idle.wait() for v in versions)), self.settings.unload_timeout_s)
+            except TimeoutError:
+                entry.unloading = False
+                busy = sum(v.in_flight for v in versions)
+                self._on_event("unload", "busy", time.perf_counter() - started)
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} still has {busy} requests in flight after {self.settings.unload_timeout_s:g}s"
+                ) from None
+            if self.merged is not None and self.merged[0] == adapter_id:
+                await self._unmerge_locked("unloaded")
+            for v in versions:
+                await self.engine.remove_lora(v.engine_id)
+                self._remove_snapshot(v.snapshot)
+            del self.entries[adapter_id]
+        self._on_event("unload", "ok", time.perf_counter() - started)
+        log.info("adapter %s unloaded", adapter_id)
+        return entry
+
+    # -- leases ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(self, adapter_id: str) -> AsyncIterator[Version]:
+        """The current version of `adapter_id`, held for the duration of one request."""
+        entry = self.get(adapter_id)
+        if entry.unloading:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is being unloaded")
+        version = entry.version
+        version.in_flight += 1
+        version.idle.clear()
+        entry.requests_total += 1
+        try:
+            yield version
+        finally:
+            version.in_flight -= 1
+            if version.in_flight == 0:
+                version.idle.set()
+
+    # -- merging --------------------------------------------------------------------------
+
+    async def merge(self, adapter_id: str, *, manual: bool, trigger: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        async with self._manage:
+            entry = self.get(adapter_id)
+            if entry.version.kind != "mora":
+                raise FailedPrecondition(f"adapter {adapter_id!r} is a LoRA adapter; only MoRA adapters are merged")
+            if manual:
+                entry.manual_merge = True
+            if self.merged is not None:
+                if self.merged[0] == adapter_id:
+                    return {"seconds": 0.0}
+                await self._unmerge_locked(f"making room for {adapter_id}")
+            try:
+                await self.engine.add_lora(entry.version.lora_request)  # make sure the engine holds it
+                status = await self.engine.merge(entry.version.engine_id)
+            except EngineError as e:
+                self._on_event("merge", "error", time.perf_counter() - started, trigger=trigger)
+                raise FailedPrecondition(f"cannot merge {adapter_id!r}: {e}") from None
+            self.merged = (adapter_id, entry.version.engine_id)
+            self.merge_backup_bytes = int(status.get("backup_bytes", 0))
+        seconds = time.perf_counter() - started
+        self._on_event("merge", "ok", seconds, trigger=trigger, adapter=adapter_id)
+        log.info("merged adapter %s (%s) in %.3fs", adapter_id, trigger, seconds)
+        return {"seconds": seconds, **status}
+
+    async def unmerge(self, adapter_id: str | None, *, manual: bool, trigger: str, automatic: bool = False) -> dict[str, Any]:
+        started = time.perf_counter()
+        async with self._manage:
+            if adapter_id is not None:
+                entry = self.get(adapter_id)
+                if manual:
+                    entry.manual_merge = not automatic
+            if self.merged is None or (adapter_id is not None and self.merged[0] != adapter_id):
+                return {"seconds": 0.0}
+            await self._unmerge_locked(trigger)
+        return {"seconds": time.perf_counter() - started}
+
+    async def _unmerge_locked(self, trigger: str) -> None:
+        assert self.merged is not None
+        adapter_id = self.merged[0]
+        started = time.perf_counter()
+        try:
+            await self.engine.unmerge()
+        except EngineError as e:
+            self._on_event("unmerge", "error", time.perf_counter() - started, trigger=trigger)
+            raise FailedPrecondition(f"cannot unmerge {adapter_id!r}: {e}") from None
+        self.merged = None
+        self.merge_backup_bytes = 0
+        self._on_event("unmerge", "ok", time.perf_counter() - started, trigger=trigger, adapter=adapter_id)
+        log.info("unmerged adapter %s (%s)", adapter_id, trigger)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        with contextlib.suppress(OSError):
+            for p in self._snapshots.iterdir():
+                self._remove_snapshot(p)
+        shutil.rmtree(self._snapshots, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""The gRPC servicers: thin translations between API messages and the server's components.
+
+Errors are raised, never returned: `serve.errors.ErrorInterceptor` maps them to status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from mora.checkpoint import MoraAdapter
+from serve.errors import InvalidRequest
+from serve.generation import Chunk, GenerationService
+from serve.proto import adapters_pb2 as apb
+from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
+from serve.proto import inference_pb2 as ipb
+from serve.registry import AdapterRegistry, Entry
+from serve.tenants import TenantDirectory
+
+__all__ = ["AdaptersServicer", "InferenceServicer"]
+
+FINISH = {"stop": ipb.FINISH_REASON_STOP, "length": ipb.FINISH_REASON_LENGTH, "abort": ipb.FINISH_REASON_ABORT}
+LOCATION = {
+    "device_slot": apb.ADAPTER_LOCATION_DEVICE_SLOT,
+    "host_cache": apb.ADAPTER_LOCATION_HOST_CACHE,
+    "disk_only": apb.ADAPTER_LOCATION_DISK_ONLY,
+}
+
+
+def _response(chunk: Chunk, adapter_id: str) -> Any:
+    r = ipb.GenerateResponse(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
+                             adapter_id=adapter_id, stop_reason=chunk.stop_reason)
+    if chunk.finish_reason is not None:
+        r.finish_reason = FINISH.get(chunk.finish_reason, ipb.FINISH_REASON_UNSPECIFIED)
+        r.usage.prompt_tokens = chunk.prompt_tokens
+        r.usage.completion_tokens = chunk.completion_tokens
+    return r
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, generation: GenerationService) -> None:
+        self.generation = generation
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        text, tokens, last = [], [], None
+        async for chunk in self.generation.run(request, context, "Generate"):
+            text.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None
+        last.text, last.token_ids = "".join(text), tokens
+        return _response(last, request.adapter_id)
+
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for chunk in self.generation.run(request, context, "GenerateStream"):
+            yield _response(chunk, request.adapter_id)
+
+
+def location_of(entry: Entry, status: dict[str, Any]) -> str:
+    engine_id = entry.version.engine_id
+    if any(s.get("lora_id") == engine_id for s in status.get("slots", {}).values()):
+        return "device_slot"
+    if engine_id in status.get("registered", []):
+        return "host_cache"
+    return "disk_only"
+
+
+def adapter_info(entry: Entry, registry: AdapterRegistry, status: dict[str, Any]) -> Any:
+    a = entry.version.adapter
+    merged = registry.merged is not None and registry.merged[0] == entry.adapter_id
+    info = apb.AdapterInfo(
+        adapter_id=entry.adapter_id,
+        tenant=entry.tenant or "",
+        kind=apb.ADAPTER_KIND_MORA if isinstance(a, MoraAdapter) else apb.ADAPTER_KIND_LORA,
+        mora_type=int(a.mora_type) if isinstance(a, MoraAdapter) else 0,
+        rank=a.config.r,
+        parameters=a.num_parameters,
+        location=LOCATION[location_of(entry, status)],
+        merged=merged,
+        in_flight=entry.version.in_flight + sum(v.in_flight for v in entry.retiring),
+        merge_control=apb.MERGE_CONTROL_MANUAL if entry.manual_merge else apb.MERGE_CONTROL_AUTOMATIC,
+        version=entry.version.number,
+        source=entry.version.source,
+        requests_total=entry.requests_total,
+        merge_backup_bytes=registry.merge_backup_bytes if merged else 0,
+    )
+    return info
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, registry: AdapterRegistry, tenants: TenantDirectory) -> None:
+        self.registry = registry
+        self.tenants = tenants
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Any:
+        return self.tenants.authenticate(context.invocation_metadata())
+
+    async def _info(self, entry: Entry) -> Any:
+        return adapter_info(entry, self.registry, await self.registry.engine.status())
+
+    async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        existing = self.registry.entries.get(request.adapter_id)
+        configured = self.tenants.owner_of(request.adapter_id)
+        if existing is not None:
+            owner = existing.tenant
+        elif caller.is_admin:
+            owner = request.tenant or configured or (None if self.tenants.open else caller.name)
+        else:
+            owner = caller.name
+            if request.tenant and request.tenant != caller.name:
+                raise InvalidRequest("only admins load adapters for another tenant")
+        if configured is not None and owner != configured:
+            raise InvalidRequest(f"adapter {request.adapter_id!r} belongs to tenant {configured!r} in the tenants file")
+        self.tenants.check_manage(caller, owner)
+        which = request.WhichOneof("source")
+        entry = await self.registry.load(
+            request.adapter_id,
+            path=request.path if which == "path" else None,
+            source_name=request.registered_source if which == "registered_source" else None,
+            owner=owner,
+            replace=request.replace,
+        )
+        return apb.LoadAdapterResponse(adapter=await self._info(entry))
+
+    async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        entry = self.registry.get(request.adapter_id)
+        self.tenants.check_manage(caller, entry.tenant)
+        status = await self.registry.engine.status()
+        info = adapter_info(entry, self.registry, status)
+        await self.registry.unload(request.adapter_id)
+        info.location = apb.ADAPTER_LOCATION_UNSPECIFIED
+        info.in_flight = 0
+        return apb.UnloadAdapterResponse(adapter=info)
+
+    async def ListAdapters(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        status = await self.registry.engine.status()
+        entries = sorted(self.registry.visible(caller), key=lambda e: e.adapter_id)
+        return apb.ListAdaptersResponse(adapters=[adapter_info(e, self.registry, status) for e in entries])
+
+    async def GetAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        entry = self.registry.get(request.adapter_id)
+        self.tenants.check_use(caller, request.adapter_id, entry.tenant)
+        return apb.GetAdapterResponse(adapter=await self._info(entry))
+
+    async def MergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        entry = self.registry.get(request.adapter_id)
+        self.tenants.check_manage(caller, entry.tenant)
+        result = await self.registry.merge(request.adapter_id, manual=True, trigger="manual")
+        return apb.MergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])
+
+    async def UnmergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller = self._caller(context)
+        entry = self.registry.get(request.adapter_id)
+        self.tenants.check_manage(caller, entry.tenant)
+        result = await self.registry.unmerge(request.adapter_id, manual=True, trigger="manual", automatic=request.automatic)
+        return apb.UnmergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])

@@ -1,0 +1,164 @@
+"""Tenants: API keys (stored as SHA-256 hashes), roles, owned adapters and limits.
+
+A tenants file (YAML or JSON):
+
+    tenants:
+      - name: acme
+        key_sha256: 9f86d081...        # sha256 of the key: `mora-client hash-key KEY`
+        adapters: [acme-support]       # adapter ids this tenant owns and may use
+        allow_base_model: true
+        max_concurrent_requests: 8
+        max_resident_adapters: 4
+      - name: ops
+        key_sha256: ...
+        role: admin                    # may load/unload/merge any adapter and use them all
+
+Keys arrive as `authorization: Bearer <key>` metadata; their hash is compared in constant time
+with every tenant's (so the time taken says nothing about which tenant or how many bytes
+matched). Without a tenants file the server is open and logs that it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.errors import PermissionDenied, Unauthenticated
+
+__all__ = ["OPEN", "Tenant", "TenantDirectory", "hash_key"]
+
+log = logging.getLogger(__name__)
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest stored in tenants files."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Tenant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    role: Literal["tenant", "admin"] = "tenant"
+    adapters: tuple[str, ...] = ()
+    allow_base_model: bool = True
+    manage_adapters: bool = False
+    max_concurrent_requests: int = Field(16, ge=1)
+    max_resident_adapters: int = Field(8, ge=0)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_manage(self) -> bool:
+        return self.is_admin or self.manage_adapters
+
+
+# The caller of an open server: may do everything.
+OPEN = Tenant(name="open", key_sha256="0" * 64, role="admin", max_concurrent_requests=1 << 30, max_resident_adapters=1 << 30)
+
+
+class _TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenants: list[Tenant]
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique(cls, v: list[Tenant]) -> list[Tenant]:
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError("tenant names must be unique")
+        if len({t.key_sha256 for t in v}) != len(v):
+            raise ValueError("two tenants share an API key")
+        return v
+
+    @model_validator(mode="after")
+    def _one_owner(self) -> _TenantsFile:
+        owners: dict[str, str] = {}
+        for t in self.tenants:
+            for a in t.adapters:
+                if a in owners:
+                    raise ValueError(f"adapter {a!r} is listed by tenants {owners[a]!r} and {t.name!r}")
+                owners[a] = t.name
+        return self
+
+
+class TenantDirectory:
+    """Authentication and authorization of callers."""
+
+    def __init__(self, tenants: Sequence[Tenant] | None) -> None:
+        self.open = tenants is None
+        self.tenants = list(tenants or [])
+        self._owner = {a: t.name for t in self.tenants for a in t.adapters}
+        self._by_name = {t.name: t for t in self.tenants}
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> TenantDirectory:
+        if path is None:
+            log.warning("no tenants file: the server is OPEN, every caller may use and manage every adapter")
+            return cls(None)
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            raw = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+            parsed = _TenantsFile.model_validate(raw)
+        except (ValidationError, ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"tenants file {path}: {e}") from None
+        log.info("tenants file %s: %d tenants", path, len(parsed.tenants))
+        return cls(parsed.tenants)
+
+    def get(self, name: str) -> Tenant | None:
+        return self._by_name.get(name)
+
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Tenant:
+        """The tenant whose key is in the `authorization: Bearer` metadata."""
+        if self.open:
+            return OPEN
+        key = None
+        for k, v in metadata or ():
+            if k.lower() == "authorization":
+                value = v.decode() if isinstance(v, bytes) else v
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    key = token.strip()
+        if key is None:
+            raise Unauthenticated("missing 'authorization: Bearer <key>' metadata")
+        digest = hash_key(key)
+        found = None
+        for t in self.tenants:  # constant time per comparison, and every tenant is compared
+            if hmac.compare_digest(digest, t.key_sha256):
+                found = t
+        if found is None:
+            raise Unauthenticated("unknown API key")
+        return found
+
+    def owner_of(self, adapter_id: str) -> str | None:
+        """The tenant a tenants file gives `adapter_id` to, if any."""
+        return self._owner.get(adapter_id)
+
+    def check_use(self, tenant: Tenant, adapter_id: str, owner: str | None) -> None:
+        """May `tenant` generate with (or see) adapter `adapter_id` owned by `owner`?"""
+        if tenant.is_admin or owner == tenant.name:
+            return
+        raise PermissionDenied(f"adapter {adapter_id!r} belongs to another tenant")
+
+    def check_base(self, tenant: Tenant) -> None:
+        if not (tenant.is_admin or tenant.allow_base_model):
+            raise PermissionDenied(f"tenant {tenant.name!r} may not use the base model")
+
+    def check_manage(self, tenant: Tenant, owner: str | None) -> None:
+        if tenant.is_admin:
+            return
+        if not tenant.manage_adapters:
+            raise PermissionDenied("managing adapters needs the admin role")
+        if owner is not None and owner != tenant.name:
+            raise PermissionDenied("the adapter belongs to another tenant")
