@@ -111,7 +111,7 @@ class Server:
             merged = reg.merged[0] if reg.merged else None
             manual = [a for a, e in reg.entries.items() if e.manual_merge]
 
-            def eligible(a: str) -> bool:
+            def eligible(a: str, reg: AdapterRegistry = reg) -> bool:
                 e = reg.entries.get(a)
                 return e is not None and e.version.kind == "mora" and not e.manual_merge and not e.unloading
 
