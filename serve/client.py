@@ -71,7 +71,8 @@ class MoraClient:
         return self.inference.Generate(self.request(prompt, adapter_id, **sampling), metadata=self.metadata, timeout=self.timeout)
 
     def stream(self, prompt: str | Sequence[int], adapter_id: str = "", **sampling: Any) -> Iterator[Any]:
-        yield from self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata, timeout=self.timeout)
+        """The response stream; iterate it, or `.cancel()` it to stop the generation."""
+        return self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata, timeout=self.timeout)
 
     def load_adapter(self, adapter_id: str, path: str | None = None, *, source: str | None = None, replace: bool = False, tenant: str = "") -> Any:
         req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant)

@@ -81,6 +81,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind, code in _LIBRARY_CODES:
         if isinstance(exc, kind):
             return code, str(exc)
+    from vllm.exceptions import VLLMClientError  # the engine's own "bad request" errors
+
+    if isinstance(exc, VLLMClientError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 

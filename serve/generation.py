@@ -79,9 +79,11 @@ def sampling_params(sp: Any, max_tokens_left: int) -> Any:
             raise InvalidRequest("sampling.min_tokens exceeds max_tokens (or the context left)")
         kw["min_tokens"] = sp.min_tokens
     kw["skip_special_tokens"] = sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True
+    from vllm.exceptions import VLLMClientError
+
     try:
         return SamplingParams(**kw)
-    except (ValueError, TypeError, OverflowError) as e:
+    except (ValueError, TypeError, OverflowError, VLLMClientError) as e:
         raise InvalidRequest(f"invalid sampling parameters: {e}") from None
 
 
