@@ -30,7 +30,9 @@ class MergePolicy:
 
     * merge `a` when nothing is merged, `a` is eligible, at least `min_requests` arrived in the
       window and `a`'s share is >= `merge_share`;
-    * unmerge `m` when its share falls below `unmerge_share` (< `merge_share`: hysteresis);
+    * unmerge `m` when its share falls below `unmerge_share` (< `merge_share`: hysteresis) with
+      at least `min_requests` in the window (a trickle of other requests costs little while
+      merged; real mixed traffic does);
     * no transition within `min_dwell_s` of the previous one; an idle window changes nothing.
     """
 
@@ -62,7 +64,7 @@ class MergePolicy:
         if now - self._last_transition < self.min_dwell_s or total == 0:
             return None
         if merged is not None:
-            if merged in set(manual):
+            if merged in set(manual) or total < self.min_requests:
                 return None
             share = counts.get(merged, 0) / total
             if share < self.unmerge_share:

@@ -1,0 +1,97 @@
+"""Server lifecycle: health while starting, automatic merging, SIGTERM draining, engine death."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from server_helpers import ServerProcess, metric_value
+
+from serve.proto import inference_pb2 as ipb
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
+    top = tmp_path_factory.mktemp("lifecycle")
+    shutil.copytree(demo_assets / "adapters", top / "adapters")
+    srv = ServerProcess(demo_assets / "base", top / "adapters", top / "server.log",
+                        args=["--preload", "atlas=atlas", "borealis=borealis", "cygnus=cygnus", "--shutdown-grace-s", "30"],
+                        env={"MORA_SERVE_MERGE_WINDOW_S": "3", "MORA_SERVE_MERGE_MIN_REQUESTS": "6",
+                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"})
+    srv.wait_serving()
+    yield srv
+    srv.stop()
+
+
+def test_not_serving_until_the_engine_is_warm(server):
+    assert server.health_seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.health_seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    assert metric_value(server.scrape(), "mora_engine_up") == 1
+
+
+def _wait(predicate, timeout=20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_automatic_merge_and_unmerge_with_hysteresis(server, demo_facts):
+    with server.client() as c:
+        fact = demo_facts["atlas"][0]
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda _: c.generate(fact["prompt"], "atlas", max_tokens=48, temperature=0).text, range(12)))
+        assert set(texts) == {fact["completion"]}
+        assert _wait(lambda: c.get_adapter("atlas").merged), "a single-tenant burst must merge its adapter"
+        assert c.generate(fact["prompt"], "atlas", max_tokens=48, temperature=0).text == fact["completion"]
+        # a little other traffic (share stays above unmerge_share): still merged
+        c.generate(demo_facts["borealis"][0]["prompt"], "borealis", max_tokens=4)
+        time.sleep(1.5)
+        assert c.get_adapter("atlas").merged, "hysteresis: one foreign request must not unmerge"
+        jobs = [(a, f) for a in ("borealis", "cygnus") for f in demo_facts[a]] * 2
+        with ThreadPoolExecutor(4) as pool:
+            out = list(pool.map(lambda j: c.generate(j[1]["prompt"], j[0], max_tokens=48, temperature=0).text, jobs))
+        assert out == [j[1]["completion"] for j in jobs]
+        assert _wait(lambda: not c.get_adapter("atlas").merged), "mixed traffic must unmerge"
+        scrape = server.scrape()
+        assert metric_value(scrape, "mora_merge_transitions_total", adapter="atlas", direction="merge", trigger="auto") >= 1
+        assert metric_value(scrape, "mora_merge_transitions_total", adapter="atlas", direction="unmerge", trigger="auto") >= 1
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    results, errors = [], []
+
+    def long_stream():
+        with server.client() as c:
+            try:
+                pieces = list(c.stream("drain me", "borealis", max_tokens=150, ignore_eos=True, temperature=0))
+                results.append(pieces[-1])
+            except grpc.RpcError as e:
+                errors.append(e.code())
+
+    threads = [threading.Thread(target=long_stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert _wait(lambda: metric_value(server.scrape(), "mora_requests_in_flight") == 3, timeout=30)
+    server.proc.send_signal(signal.SIGTERM)
+    assert _wait(lambda: server.health() != health_pb2.HealthCheckResponse.SERVING, timeout=5)
+    with server.client() as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("too late", "atlas", max_tokens=4)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 3 and all(r.finish_reason == ipb.FINISH_REASON_LENGTH and r.usage.completion_tokens == 150 for r in results)
+    assert server.proc.wait(timeout=60) == 0
