@@ -98,6 +98,8 @@ class Server:
         for adapter_id, path in s.preload_map.items():
             await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id))
         self.metrics.slots_capacity.set(s.max_loras)
+        self.metrics.adapters_loaded.set_function(lambda: len(self.registry.entries))
+        self.metrics.merge_backup_bytes.set_function(lambda: self.registry.merge_backup_bytes)
         await self._set_health(True)
         self._tasks = [asyncio.create_task(self._policy_loop()), asyncio.create_task(self._monitor_loop())]
         log.info("serving %s with %d adapters", s.model, len(self.registry.entries))
@@ -143,9 +145,7 @@ class Server:
                 for a, e in reg.entries.items():
                     states[a] = "merged" if reg.merged and reg.merged[0] == a else location_of(e, status)
                 self.metrics.set_residency(states)
-                self.metrics.adapters_loaded.set(len(reg.entries))
                 self.metrics.slots_in_use.set(len(status.get("slots", {})))
-                self.metrics.merge_backup_bytes.set(reg.merge_backup_bytes)
             await asyncio.sleep(1.0)
 
     async def shutdown(self) -> None:
