@@ -12,6 +12,7 @@ Everything is read into memory: an adapter, once loaded, cannot change when its 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ MAX_CONFIG_BYTES = 1 << 20
 # No real adapter tensor comes near this (a 70B MoRA M is ~2.4M elements, a rank-256 LoRA A of
 # a 28672-wide layer ~7M); the cap stops a hostile header from allocating gigabytes.
 MAX_TENSOR_ELEMENTS = 1 << 28
+MAX_FILE_BYTES = 8 << 30
 
 
 class AdapterConfig(BaseModel):
@@ -227,30 +229,62 @@ def read_config(path: str | Path, name: str | None = None) -> AdapterConfig:
     return config
 
 
+def _read_file(path: Path, name: str) -> bytes:
+    """The whole file, read (never memory-mapped: a file truncated under a mapping kills the
+    process with SIGBUS; a short read here is just a parse error)."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise AdapterWeightsError(f"{path.name} is larger than {MAX_FILE_BYTES} bytes", adapter=name)
+    return path.read_bytes()
+
+
+def _safetensors_header(data: bytes, name: str) -> dict[str, Any]:
+    # Format: 8-byte little-endian header length, then a JSON header of dtype/shape/offsets.
+    # Checked before deserializing so that a hostile header cannot request huge allocations.
+    if len(data) < 8:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: shorter than its header", adapter=name)
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header claims {n} bytes, file has {len(data) - 8}", adapter=name)
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header ({e})", adapter=name) from None
+    if not isinstance(header, dict):
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header", adapter=name)
+    return header
+
+
 def _read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
     st, bn = directory / SAFETENSORS_WEIGHTS, directory / BIN_WEIGHTS
     if st.is_file():
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
 
+        data = _read_file(st, name)
+        for key, meta in _safetensors_header(data, name).items():
+            if key != "__metadata__":
+                shape = meta.get("shape") if isinstance(meta, dict) else None
+                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad shape for {key!r}", adapter=name)
+                _check_size(name, key, shape)
         try:
-            with safe_open(str(st), framework="pt") as f:
-                for k in f.keys():
-                    _check_size(name, k, f.get_slice(k).get_shape())
-                return {k: f.get_tensor(k).clone() for k in f.keys()}
+            return dict(load_safetensors(data))
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
             raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {e}", adapter=name) from None
     if bn.is_file():
+        data = _read_file(bn, name)
         try:
-            data = torch.load(str(bn), map_location="cpu", weights_only=True, mmap=True)
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
             raise AdapterWeightsError(
                 f"{BIN_WEIGHTS} is not a plain tensor dictionary ({type(e).__name__}: {e})", adapter=name
             ) from None
-        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
             raise AdapterWeightsError(f"{BIN_WEIGHTS} must hold a dict of tensors", adapter=name)
-        for k, v in data.items():
+        for k, v in loaded.items():
             _check_size(name, k, list(v.shape))
-        return {k: v.clone() for k, v in data.items()}
+        return dict(loaded)
     raise AdapterNotFoundError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", adapter=name)
 
 

@@ -56,6 +56,7 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = False
     preload: list[str] = Field(default_factory=list, description="ID=PATH adapters loaded at start-up")
     tenants: Path | None = None
+    snapshot_dir: Path | None = Field(None, description="where validated adapter snapshots are written (default: a private temp dir)")
     sources: dict[str, str] = Field(default_factory=dict, description="registered adapter sources: name -> path under the root")
     # automatic merge policy (dLoRA-style)
     auto_merge: bool = True
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", default=None)
     p.add_argument("--preload", nargs="*", metavar="ID=PATH")
     p.add_argument("--tenants", help="tenants file (API key hashes, adapters, limits); none: open server")
+    p.add_argument("--snapshot-dir", help="where validated adapter snapshots go (default: a private temp dir)")
     p.add_argument("--no-auto-merge", dest="auto_merge", action="store_false", default=None)
     p.add_argument("--shutdown-grace-s", type=float)
     p.add_argument("--tls-cert")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -40,6 +41,7 @@ from serve.errors import (
     InvalidRequest,
     PathNotAllowed,
     ResourceExhausted,
+    Unavailable,
 )
 from serve.tenants import Tenant, TenantDirectory
 
@@ -126,7 +128,10 @@ class AdapterRegistry:
         self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
         self.merge_backup_bytes = 0
         self._base_shapes: dict[str, tuple[int, int]] | None = None
-        self._snapshots = Path(tempfile.mkdtemp(prefix="mora-snapshots-"))
+        parent = settings.snapshot_dir
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self._snapshots = Path(tempfile.mkdtemp(prefix="mora-snapshots-", dir=parent))
         os.chmod(self._snapshots, 0o700)
         self._on_event = on_event or (lambda *a, **k: None)
         self._background: set[asyncio.Task] = set()
@@ -218,7 +223,14 @@ class AdapterRegistry:
                 self._on_event("load", "invalid", time.perf_counter() - started)
                 raise InvalidRequest(str(e)) from None
             number = next(self._versions)
-            snapshot = await asyncio.to_thread(self._snapshot, adapter, number)
+            try:
+                snapshot = await asyncio.to_thread(self._snapshot, adapter, number)
+            except OSError as e:
+                self._remove_snapshot(self._snapshots / f"{adapter.name}.v{number}")
+                self._on_event("load", "io_error", time.perf_counter() - started)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
+                raise Unavailable(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
             from vllm.lora.request import LoRARequest
 
             engine_id = next(self._ids)

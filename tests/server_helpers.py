@@ -34,7 +34,9 @@ def write_tenants(path: Path, spec: dict[str, dict]) -> dict[str, str]:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, adapter_root: Path, log: Path, *, args: list[str] | None = None, env: dict | None = None) -> None:
+    def __init__(self, model: Path, adapter_root: Path, log: Path, *, args: list[str] | None = None, env: dict | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        self.tls = tls  # {"ca": ..., "cert": ..., "key": ...} of a client the server accepts
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -46,9 +48,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.health_seen: list[int] = []
 
+    def channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.target)
+        creds = grpc.ssl_channel_credentials(self.tls["ca"].read_bytes(), self.tls["key"].read_bytes(), self.tls["cert"].read_bytes())
+        return grpc.secure_channel(self.target, creds)
+
     def health(self) -> int | None:
         try:
-            with grpc.insecure_channel(self.target) as ch:
+            with self.channel() as ch:
                 return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
         except grpc.RpcError:
             return None
@@ -67,6 +75,8 @@ class ServerProcess:
         raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
     def client(self, key: str | None = None, **kw: object) -> MoraClient:
+        if self.tls is not None and "tls_ca" not in kw:
+            kw = {"tls_ca": self.tls["ca"], "tls_cert": self.tls["cert"], "tls_key": self.tls["key"], **kw}
         return MoraClient(self.target, api_key=key, **kw)
 
     def scrape(self) -> str:
