@@ -12,7 +12,7 @@ segments. It is prepared once per engine step and shared by all layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -146,6 +146,9 @@ class BatchMeta:
     num_segments: torch.Tensor  # [1] int32
     segments: list[tuple[int, int, int]] | None  # host: (slot, start, end), or None on GPU
     merged: torch.Tensor  # [1] int32, the slot merged into the base weights (-1: none)
+    # Host-side working memory of the CPU backend, reused by every layer of the batch (see
+    # `torch_cpu._scratch`); not part of the batch's description.
+    scratch: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def merged_slot(self) -> int:

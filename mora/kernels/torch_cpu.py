@@ -2,14 +2,24 @@
 
 Work is organised once per call, never per token: rows are taken in the batch's slot order,
 adapters that share a (type, n) class are compressed (or padded and rotated, type 6) in one
-batched op, each slot's rows then get one matrix multiply with that slot's `M`, and one
-batched decompress and `index_add_` puts the result into `y`. A batch with A adapters costs
-about 6 ops per class plus one `addmm` per adapter, whatever the number of tokens.
+batched op, each slot's rows then get one matrix multiply with that slot's `M`, and the
+decompressed result is added to `y` in one `index_add_` (or, when the class covers the whole
+batch, one un-permuting gather and in-place adds with whole output periods broadcast). A batch
+with A adapters costs a handful of ops per class plus one `mm` per adapter, whatever the
+number of tokens; a batch with one adapter needs no gather at all.
+
+Type 6 only computes the chunks whose outputs land in `[out_start, out_end)` (a column shard
+computes its own chunks) and rotates them in three elementwise ops with a signed sine table
+(`rotate_half(u) * sin == swap_halves(u) * signed_sin`), without concatenations.
+
+Multi-megabyte temporaries live in per-batch scratch buffers (`BatchMeta.scratch`): on a CPU
+the page faults of fresh allocations cost about as much as the arithmetic here.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 
 import torch
@@ -20,55 +30,139 @@ from mora.spec import MoraSpec, MoraType, group_sizes
 
 __all__ = ["mora_apply_torch"]
 
+@functools.lru_cache(maxsize=256)
+def _rope_signed(n: int, c: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, signed_sin)`, each `[c, n]`: `signed_sin = cat(-sin[:, :n/2], sin[:, n/2:])`."""
+    cos, sin = rope_tables(n, c, dtype, device)
+    half = n // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=1)
+
 
 @functools.lru_cache(maxsize=512)
-def _out_index(spec: MoraSpec, start: int, end: int, period_chunks: int, device: torch.device) -> torch.Tensor | None:
-    """Compressed-output index of each output column in `[start, end)`; `None` if a plain slice works."""
-    j = torch.arange(start, end, device=device)
-    if spec.mora_type is MoraType.ROPE:
-        period = period_chunks * spec.n
-        if end <= period:
-            return None
-        return j % period
-    if spec.mora_type.tiles_output:
-        return None if end <= spec.n else j % spec.n
-    g = torch.repeat_interleave(torch.arange(spec.n, device=device), torch.tensor(group_sizes(spec.out_features, spec.n), device=device))
-    return g[start:end]
+def _group_index(spec: MoraSpec, start: int, end: int, device: torch.device) -> torch.Tensor:
+    """Types 2/4: the compressed output (group) feeding each output column in `[start, end)`."""
+    sizes = torch.tensor(group_sizes(spec.out_features, spec.n), device=device)
+    return torch.repeat_interleave(torch.arange(spec.n, device=device), sizes)[start:end]
 
 
-def _rope_chunks_needed(spec: MoraSpec, out_end: int) -> int:
-    """Chunks whose outputs reach column `out_end` (all when outputs tile past `c*n`)."""
+def _scratch(meta: BatchMeta, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.empty(shape)`, reusing the batch's buffer `name` on the CPU.
+
+    A fresh multi-megabyte tensor costs a page fault per 4 KiB page on first touch, which on a
+    CPU costs about as much as the arithmetic of this operator; a buffer kept on the batch's
+    metadata is paid for once per step, not once per layer.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = meta.scratch.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = meta.scratch[(name, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _rope_chunk_range(spec: MoraSpec, lay: ShardLayout) -> tuple[int, int]:
+    """Chunks `[k_lo, k_hi)` whose outputs reach columns `[out_start, out_end)`."""
     c, n = spec.num_chunks, spec.n
-    if out_end > c * n:
-        return c
-    return -(-out_end // n)
+    if lay.out_end > c * n:  # outputs tile past c*n: every chunk is read
+        return 0, c
+    return lay.out_start // n, -(-lay.out_end // n)
 
 
-def _compress_rows(X: torch.Tensor, spec: MoraSpec, chunks: int) -> torch.Tensor:
-    """`[R, in_f] -> [R*chunks, n]` (type 6, rotated chunks) or `[R, n]` (types 1-4)."""
-    if spec.mora_type is not MoraType.ROPE:
-        return compress(X, spec)
-    n, c = spec.n, spec.num_chunks
-    if chunks < c or spec.pad == 0:
-        U = X[:, : chunks * n].reshape(-1, chunks, n)
-    else:
-        U = torch.cat([X, X[:, : spec.pad]], dim=1).reshape(-1, c, n)
-    cos, sin = rope_tables(n, c, X.dtype, X.device)
-    cos, sin = cos[:chunks], sin[:chunks]
+def _rotated_chunks(X: torch.Tensor, spec: MoraSpec, k_lo: int, k_hi: int, out: torch.Tensor) -> torch.Tensor:
+    """`[R, in_f] -> [R*(k_hi-k_lo), n]`: chunks `k_lo..k_hi-1` of the padded input, RoPE-rotated.
+
+    Semantics: `rope_chunks(X, spec)[:, k_lo:k_hi].reshape(-1, n)` (see `mora.ops`), written
+    to `out` (`[R, k_hi-k_lo, n]`).
+    """
+    n, c, R = spec.n, spec.num_chunks, X.shape[0]
+    cos, ssin = _rope_signed(n, c, X.dtype, X.device)
+    # The padded last chunk is rotated from a small copy; the others straight from views of X.
+    whole = k_hi - 1 if (k_hi == c and spec.pad) else k_hi
+    parts = [(X[:, k_lo * n : whole * n].view(R, whole - k_lo, n), k_lo, whole)] if whole > k_lo else []
+    if whole < k_hi:
+        parts.append((torch.cat([X[:, whole * n :], X[:, : spec.pad]], dim=1).view(R, 1, n), whole, k_hi))
     half = n // 2
-    rotated = torch.cat((-U[..., half:], U[..., :half]), dim=-1)
-    out = U * cos
-    out.addcmul_(rotated, sin)
-    return out.reshape(-1, n)
+    for U, a, b in parts:
+        # Strided half-width multiplies are fast, a strided addcmul_ is not: the sine terms go
+        # first, then one contiguous addcmul_ adds the cosine terms.
+        dst = out[:, a - k_lo : b - k_lo]
+        torch.mul(U[..., half:], ssin[a:b, :half], out=dst[..., :half])
+        torch.mul(U[..., :half], ssin[a:b, half:], out=dst[..., half:])
+        dst.addcmul_(U, cos[a:b])
+    return out.view(-1, n)
 
 
-def _decompress_cols(out_c: torch.Tensor, spec: MoraSpec, lay: ShardLayout, chunks: int, rows: int) -> torch.Tensor:
+def _add_periodic(dst: torch.Tensor, src: torch.Tensor, start: int, period: int, q0: int, *, copy: bool = False) -> None:
+    """`dst[:, i] += src[:, (start + i) % period - q0]` for every column `i` of `dst` (`=` if `copy`).
+
+    Whole periods are one broadcast op; only a partial head and tail are separate ops. `q0 > 0`
+    (`src` starts inside the period) only happens when `dst` lies within one period.
+    """
+    op = torch.Tensor.copy_ if copy else torch.Tensor.add_
+    width, q = dst.shape[1], start % period
+    if q + width <= period:
+        op(dst, src[:, q - q0 : q - q0 + width])
+        return
+    i = 0
+    if q:
+        i = period - q
+        op(dst[:, :i], src[:, q:period])
+    full = (width - i) // period
+    if full:
+        op(dst[:, i : i + full * period].view(dst.shape[0], full, period), src[:, None, :period])
+        i += full * period
+    if i < width:
+        op(dst[:, i:], src[:, : width - i])
+
+
+def _expand(out_c: torch.Tensor, spec: MoraSpec, lay: ShardLayout, R: int, k_lo: int) -> tuple[torch.Tensor, int, int]:
+    """The compressed outputs as `(src, period, q0)`: column `j` reads `src[:, j % period - q0]`.
+
+    Types 2/4 (repeat each) are gathered to `[R, local_out]` here (`period` 0: `src` is it).
+    """
     if spec.mora_type is MoraType.ROPE:
-        out_c = out_c.reshape(rows, chunks * spec.n)
-    idx = _out_index(spec, lay.out_start, lay.out_end, chunks, out_c.device)
-    if idx is None:
-        return out_c[:, lay.out_start : lay.out_end]
-    return out_c.index_select(1, idx)
+        return out_c.view(R, -1), spec.num_chunks * spec.n, k_lo * spec.n
+    if spec.mora_type.tiles_output:
+        return out_c, spec.n, 0
+    return out_c.index_select(1, _group_index(spec, lay.out_start, lay.out_end, out_c.device)), 0, 0
+
+
+def _add_rows(
+    y: torch.Tensor,
+    src: torch.Tensor,
+    lay: ShardLayout,
+    period: int,
+    q0: int,
+    rows: torch.Tensor | None,
+    perm: bool,
+    meta: BatchMeta,
+) -> None:
+    """`y[rows] += ` the shard's columns of `src` (see `_expand`); `rows` None: all rows, in order.
+
+    `perm`: `rows` is a permutation of all of `y`'s rows. `index_add_` is only fast with
+    contiguous operands; otherwise a permutation is undone once on the compressed outputs and
+    added in place.
+    """
+    if rows is not None:
+        width, q = lay.local_out, lay.out_start % period if period else 0
+        direct = src if not period else src[:, q - q0 : q - q0 + width] if q + width <= period else None
+        if direct is not None and direct.is_contiguous() and y.is_contiguous():
+            y.index_add_(0, rows, direct)
+            return
+        if not perm:
+            if direct is None:
+                direct = torch.empty(src.shape[0], width, dtype=src.dtype, device=src.device)
+                _add_periodic(direct, src, lay.out_start, period, q0, copy=True)
+            y.index_add_(0, rows, direct.contiguous())
+            return
+        inv = torch.empty_like(rows)
+        inv[rows] = torch.arange(rows.shape[0], device=rows.device)
+        src = torch.index_select(src, 0, inv, out=_scratch(meta, "src", tuple(src.shape), src.dtype, src.device))
+    if period:
+        _add_periodic(y, src, lay.out_start, period, q0)
+    else:
+        y.add_(src)
 
 
 def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
@@ -92,21 +186,40 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
     classes: dict[MoraSpec, list[tuple[int, float, int, int]]] = defaultdict(list)
     for item in items:
         classes[table.specs[item[0]]].append(item)
-    order = meta.order
+    order, T = meta.order, x.shape[0]
     xin = x.to(table.dtype)
     for spec, work in classes.items():
-        rows = order[work[0][2] : work[0][3]] if len(work) == 1 else torch.cat([order[a:b] for _, _, a, b in work])
-        X = xin.index_select(0, rows)
+        if len(work) == 1 and work[0][2:] == (0, T):
+            rows = None  # one adapter for the whole batch: rows already in order
+        elif len(work) == 1:
+            rows = order[work[0][2] : work[0][3]]
+        else:
+            rows = torch.cat([order[a:b] for _, _, a, b in work])
+        if rows is None:
+            X = xin
+        else:
+            X = torch.index_select(xin, 0, rows, out=_scratch(meta, "x", (rows.shape[0], xin.shape[1]), xin.dtype, xin.device))
         if lay.local_in != lay.in_features:
             full = X.new_zeros(X.shape[0], lay.in_features)
             full[:, lay.in_start : lay.in_end] = X
             X = full
-        chunks = _rope_chunks_needed(spec, lay.out_end) if spec.mora_type is MoraType.ROPE else 1
-        V = _compress_rows(X, spec, chunks)  # [R*chunks, n]
-        out_c = torch.empty_like(V)
-        pos = 0
-        for s, sign, a, b in work:
-            lo, hi = pos * chunks, (pos + b - a) * chunks
-            torch.addmm(out_c[lo:hi], V[lo:hi], table.weight(s).t(), beta=0, alpha=sign, out=out_c[lo:hi])
-            pos += b - a
-        y.index_add_(0, rows, _decompress_cols(out_c, spec, lay, chunks, X.shape[0]).to(y.dtype))
+        R = X.shape[0]
+        if spec.mora_type is MoraType.ROPE:
+            k_lo, k_hi = _rope_chunk_range(spec, lay)
+            chunks = k_hi - k_lo
+            V = _rotated_chunks(X, spec, k_lo, k_hi, _scratch(meta, "v", (R, chunks, spec.n), X.dtype, X.device))
+        else:
+            k_lo, chunks = 0, 1
+            V = compress(X, spec)  # [R, n]
+        out_c = _scratch(meta, "out", tuple(V.shape), V.dtype, V.device)
+        # Per-item Python work is one select and one mm: decode batches have many adapters.
+        Mt = table.M.transpose(1, 2) if spec.n == table.n_max else table.M[:, : spec.n, : spec.n].transpose(1, 2)
+        sizes = [(b - a) * chunks for _, _, a, b in work]
+        for (s, sign, _, _), v, o in zip(work, V.split(sizes), out_c.split(sizes), strict=True):
+            if sign > 0:
+                torch.mm(v, Mt[s], out=o)
+            else:
+                torch.addmm(o, v, Mt[s], beta=0, alpha=sign, out=o)
+        src, period, q0 = _expand(out_c.to(y.dtype), spec, lay, R, k_lo)
+        perm = rows is not None and R == T and len({(a, b) for *_, a, b in work}) == len(work)
+        _add_rows(y, src, lay, period, q0, rows, perm, meta)
