@@ -197,3 +197,21 @@ def test_adapters_added_and_removed_at_runtime(llm, demo_assets, tmp_path):
     assert llm.llm_engine.remove_lora(777)
     status = llm.collective_rpc("mora_status")[0]
     assert 777 not in status["registered"]
+
+
+def test_merged_adapter_needs_no_slot(llm, demo_requests, demo_facts, random_adapters):
+    """While one adapter is merged, batches may still use all max_loras slots for other adapters
+    (the merged one's update lives in a reserved row, not in a pinned slot)."""
+    others = [_request(name, 300 + i, path) for i, (name, path) in enumerate(random_adapters.items())][:4]
+    prompts = ["hello world"] * 4 + [demo_facts["atlas"][0]["prompt"], "hello world"]
+    loras = [*others, demo_requests["atlas"], None]
+    before = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, _greedy(), lora_request=loras, use_tqdm=False)]
+    llm.collective_rpc("mora_merge", args=(demo_requests["atlas"].lora_int_id,))
+    try:
+        for _ in range(2):  # the 4 others fill every slot; atlas gets evicted from its slot and comes back
+            only_others = [list(o.outputs[0].token_ids) for o in llm.generate(prompts[:4], _greedy(), lora_request=others, use_tqdm=False)]
+            assert only_others == before[:4]
+            during = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, _greedy(), lora_request=loras, use_tqdm=False)]
+            assert during == before
+    finally:
+        llm.collective_rpc("mora_unmerge")

@@ -50,10 +50,13 @@ class MoraLayerMixin:
             # Slot -1 ("no adapter") must read zeros in the stock torch ops: one extra zero slot.
             self.lora_a_stacked = tuple(torch.cat([t, torch.zeros_like(t[:1])]) for t in self.lora_a_stacked)
             self.lora_b_stacked = tuple(torch.cat([t, torch.zeros_like(t[:1])]) for t in self.lora_b_stacked)
+        # One row per vLLM slot plus a reserved last row (`merged_row`) for the merged adapter:
+        # its update must stay subtractable even when vLLM gives its slot to another adapter.
         self.mora_tables = [
-            SlotTable(lay, max_loras, max_rank=lora_config.max_lora_rank, dtype=lora_config.lora_dtype, device=self.device)
+            SlotTable(lay, max_loras + 1, max_rank=lora_config.max_lora_rank, dtype=lora_config.lora_dtype, device=self.device)
             for lay in self._mora_layouts()
         ]
+        self.merged_row = max_loras
         widths = [lay.local_out for lay in self._mora_layouts()]
         self._mora_offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self._lora_slots: set[int] = set()
@@ -91,6 +94,15 @@ class MoraLayerMixin:
             self._mora_slots.add(index)
         else:
             self._mora_slots.discard(index)
+
+    def set_merged_row(self, entries: list[tuple[torch.Tensor, MoraSpec] | None] | None) -> None:
+        """Put the merged adapter's `M`s into the reserved row (`None`: clear it)."""
+        for i, table in enumerate(self.mora_tables):
+            entry = None if entries is None else entries[i]
+            if entry is None:
+                table.clear_slot(self.merged_row)
+            else:
+                table.set_slot(self.merged_row, entry[0].to(device=table.M.device, dtype=table.dtype), entry[1])
 
     # -- forward --------------------------------------------------------------------------
 

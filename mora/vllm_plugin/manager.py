@@ -6,8 +6,10 @@
   takes vLLM's stock path. Validation errors are `mora.errors` types with clear messages.
 * `MoraLoRAModelManager.activate_adapter`: after vLLM picks the slot, a MoRA adapter's `M`s
   go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers).
-* Merge on demand: `merge` folds a resident MoRA adapter into the base weights, pins it so
-  it cannot be evicted, and remaps its slot in the fused operator; `unmerge` undoes it.
+* Merge on demand: `mora_merge` folds a loaded MoRA adapter into the base weights and copies
+  its `M`s to the tables' reserved row, so that its update stays subtractable for everyone
+  else whichever vLLM slot it holds (or none: all `max_loras` slots stay available to the
+  scheduler); it stays pinned in vLLM's adapter cache while merged. `mora_unmerge` undoes it.
 * Once per engine step, `set_active_adapters` sorts the step's tokens by slot for the fused
   operator (shared by all layers).
 """
@@ -58,7 +60,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.mora_runtime = MoraRuntime(self.lora_slots, self.device)
+        self.mora_runtime = MoraRuntime(self.lora_slots, self.device)  # slots + a reserved merged row
         self.mora_merged_id: int | None = None
         self._mora_pinned_by_merge = False
         for name, module in self.mora_layers():
@@ -113,11 +115,6 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             raise MergeError(f"adapter {adapter_id} is merged into the base weights; unmerge it first")
         return super().remove_adapter(adapter_id)
 
-    def deactivate_adapter(self, adapter_id: int) -> bool:
-        if adapter_id == self.mora_merged_id:
-            raise MergeError(f"adapter {adapter_id} is merged into the base weights; unmerge it first")
-        return super().deactivate_adapter(adapter_id)
-
     # -- merging --------------------------------------------------------------------------
 
     def mora_merge(self, lora_id: int) -> dict[str, object]:
@@ -131,21 +128,25 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             raise MergeError(f"adapter {lora_id} is not loaded")
         if not isinstance(model, MoraLoRAModel):
             raise MergeError(f"adapter {lora_id} is a LoRA adapter; only MoRA adapters are merged on demand")
+        # Keep it registered while merged (it need not hold a slot: its M goes to the reserved row).
         self._mora_pinned_by_merge = lora_id not in self._registered_adapters.pinned_items
-        self.pin_adapter(lora_id)  # activates it if needed; never evicted while merged
-        slot = self.lora_index_to_id.index(lora_id)
+        self._registered_adapters.pin(lora_id)
+        row = self.mora_runtime.merged_row
         done = []
         try:
             for _, module in self.mora_layers():
-                if merge_layer(module, slot) is not None:
+                module.set_merged_row([model.mora.get(child) for child in module.mora_children])
+                if merge_layer(module, row) is not None:
                     done.append(module)
         except Exception:
             for module in done:
                 unmerge_layer(module)
+            for _, module in self.mora_layers():
+                module.set_merged_row(None)
             self._unpin_after_merge(lora_id)
             raise
         self.mora_merged_id = lora_id
-        self.mora_runtime.set_merged(slot)
+        self.mora_runtime.set_merged(row)
         status = self.mora_status()
         log.info("merged MoRA adapter %d into %d layers (%.3fs, %d bytes kept for exact unmerge)",
                  lora_id, status["layers"], status["seconds"], status["backup_bytes"])
@@ -165,16 +166,22 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
                 seconds += m.seconds
         self.mora_merged_id = None
         self.mora_runtime.set_merged(-1)
+        for _, module in self.mora_layers():
+            module.set_merged_row(None)
         self._unpin_after_merge(merged_id)
         log.info("unmerged MoRA adapter %d", merged_id)
         return self.mora_status()
 
     def _unpin_after_merge(self, lora_id: int) -> None:
-        if self._mora_pinned_by_merge:
-            for cache in (self._registered_adapters, self._active_adapters):
-                if lora_id in cache.pinned_items:
-                    cache._unpin(lora_id)
+        if self._mora_pinned_by_merge and lora_id in self._registered_adapters.pinned_items:
+            self._registered_adapters._unpin(lora_id)
         self._mora_pinned_by_merge = False
+
+    def merged_alias(self) -> int:
+        """The vLLM slot the merged adapter holds now, or -1."""
+        if self.mora_merged_id is None or self.mora_merged_id not in self.lora_index_to_id:
+            return -1
+        return self.lora_index_to_id.index(self.mora_merged_id)
 
     def mora_status(self) -> dict[str, object]:
         """Plain-typed state for RPC callers: slots, merged adapter, memory kept for unmerge."""
@@ -230,4 +237,4 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             key = manager.mm_mapping.language_model[0] if manager.supports_mm else DEFAULT_LANGUAGE_WRAPPER_KEY
             punica = manager.punica_wrapper_mapping.get(key)
             if punica is not None:
-                manager.mora_runtime.prepare(punica.token_lora_indices)
+                manager.mora_runtime.prepare(punica.token_lora_indices, manager.merged_alias())

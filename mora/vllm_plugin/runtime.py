@@ -20,10 +20,18 @@ __all__ = ["MoraRuntime"]
 
 
 class MoraRuntime:
-    """The state of MoRA serving in one model: slots, the merged slot and this step's batch."""
+    """The state of MoRA serving in one model: slots, the merged adapter and this step's batch.
+
+    Rows `0..S-1` of the slot tables mirror vLLM's `S` adapter slots; row `S` is reserved for
+    the merged adapter. While an adapter is merged, `prepare` relabels its tokens (in whichever
+    vLLM slot it sits this step, if any) to row `S`, so the fused operator's merged-slot remap
+    skips them and subtracts row `S`'s update from every other token, independently of vLLM's
+    slot assignment (the merged adapter need not hold a slot).
+    """
 
     def __init__(self, max_slots: int, device: torch.device | str) -> None:
-        self.max_slots = max_slots
+        self.max_slots = max_slots + 1  # + the reserved merged row
+        self.merged_row = max_slots
         self.device = torch.device(device)
         self.merged_slot = -1
         self.merged = torch.full((1,), -1, dtype=torch.int32, device=self.device)
@@ -38,8 +46,13 @@ class MoraRuntime:
         self._empty.clear()
         self.meta = None  # the next step prepares its batch with the new merged slot
 
-    def prepare(self, token_slots: torch.Tensor) -> BatchMeta:
-        """Sort this step's tokens by slot (once per step, shared by all layers)."""
+    def prepare(self, token_slots: torch.Tensor, merged_alias: int = -1) -> BatchMeta:
+        """Sort this step's tokens by slot (once per step, shared by all layers).
+
+        `merged_alias`: the vLLM slot the merged adapter occupies this step (-1: none).
+        """
+        if self.merged_slot >= 0 and merged_alias >= 0:
+            token_slots = torch.where(token_slots == merged_alias, self.merged_row, token_slots)
         meta = prepare_batch(token_slots, self.max_slots, merged_slot=self.merged_slot)
         meta.merged = self.merged  # one persistent device tensor, updated in place by merges
         self.meta = meta
