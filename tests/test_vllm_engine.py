@@ -215,3 +215,16 @@ def test_merged_adapter_needs_no_slot(llm, demo_requests, demo_facts, random_ada
             assert during == before
     finally:
         llm.collective_rpc("mora_unmerge")
+
+
+def test_two_versions_of_one_adapter_in_one_batch(llm, demo_assets, tmp_path):
+    """A hot reload keeps the adapter's name with a new id; both versions may share a batch."""
+    a, b = tmp_path / "ver-a", tmp_path / "ver-b"
+    random_mora(demo_assets / "base", a, mora_type=6, r=4, seed=61, scale=0.1)
+    random_mora(demo_assets / "base", b, mora_type=1, r=4, seed=62, scale=0.1)
+    old, new = _request("same-name", 611, a), _request("same-name", 612, b)
+    assert llm.llm_engine.add_lora(old) and llm.llm_engine.add_lora(new)
+    together = llm.generate(["hello world", "hello world"], _greedy(), lora_request=[old, new], use_tqdm=False)
+    alone = [llm.generate(["hello world"], _greedy(), lora_request=r, use_tqdm=False)[0] for r in (old, new)]
+    assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
+    assert together[0].outputs[0].token_ids != together[1].outputs[0].token_ids

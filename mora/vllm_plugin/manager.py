@@ -231,7 +231,17 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         return self._adapter_manager.load_mora(adapter, lora_request.lora_int_id)
 
     def set_active_adapters(self, requests: set, mapping: object) -> None:
-        super().set_active_adapters(requests, mapping)
+        # vLLM hands over the step's adapters as a set of LoRARequests, which compare by *name*:
+        # two versions of one adapter in flight at once (a hot reload) collapse into one, and the
+        # other version would never be activated. Activate every id the mapping uses.
+        self._apply_adapters(requests)
+        if mapping is not None:
+            wanted = {int(i) for i in (*mapping.index_mapping, *mapping.prompt_mapping) if i > 0}
+            missing = wanted - {r.lora_int_id for r in requests if r}
+            for lora_id in sorted(missing):
+                if self._adapter_manager.get_adapter(lora_id) is not None:
+                    self._adapter_manager.activate_adapter(lora_id)
+            self._adapter_manager.set_adapter_mapping(mapping)
         manager = self._adapter_manager
         if isinstance(manager, MoraLoRAModelManager):
             key = manager.mm_mapping.language_model[0] if manager.supports_mm else DEFAULT_LANGUAGE_WRAPPER_KEY
