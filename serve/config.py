@@ -54,6 +54,11 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache size on CPU (default: vLLM's)")
     enforce_eager: bool = False
+    # vLLM's own distributed execution: TP within a node, PP across nodes (Ray for multi-node)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per pipeline stage (tensor parallel)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with the ray backend)")
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
+        None, description="vLLM's executor: mp (one node), ray (several nodes); default: vLLM's choice")
     preload: list[str] = Field(default_factory=list, description="ID=PATH adapters loaded at start-up")
     tenants: Path | None = None
     snapshot_dir: Path | None = Field(None, description="where validated adapter snapshots are written (default: a private temp dir)")
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--kv-cache-bytes", type=int)
     p.add_argument("--enforce-eager", action="store_true", default=None)
+    p.add_argument("--tensor-parallel-size", type=int)
+    p.add_argument("--pipeline-parallel-size", type=int)
+    p.add_argument("--distributed-executor-backend")
     p.add_argument("--preload", nargs="*", metavar="ID=PATH")
     p.add_argument("--tenants", help="tenants file (API key hashes, adapters, limits); none: open server")
     p.add_argument("--snapshot-dir", help="where validated adapter snapshots go (default: a private temp dir)")

@@ -78,8 +78,10 @@ def random_lora(model_dir: Path, out: Path, *, r: int = 8, seed: int = 0, target
     return adapter
 
 
-def hf_greedy(model_dir: Path, adapters: dict[str, Path], jobs: Sequence[tuple[str, str | None]], max_tokens: int) -> list[list[int]]:
-    """Greedy token ids from the transformers reference (`mora.hf`) for (prompt, adapter) jobs."""
+def hf_greedy_scored(model_dir: Path, adapters: dict[str, Path], jobs: Sequence[tuple[str, str | None]],
+                     max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy token ids from the transformers reference (`mora.hf`) for (prompt, adapter) jobs, each
+    with the per-step margin between the best and second-best logit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mora.checkpoint import load_mora_adapter
@@ -96,9 +98,36 @@ def hf_greedy(model_dir: Path, adapters: dict[str, Path], jobs: Sequence[tuple[s
         ids = torch.tensor([tok(prompt)["input_ids"]])
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tok.pad_token_id, min_new_tokens=max_tokens)
-        out.append(gen[0, ids.shape[1]:].tolist())
+                                 eos_token_id=None, pad_token_id=tok.pad_token_id, min_new_tokens=max_tokens,
+                                 output_scores=True, return_dict_in_generate=True)
+        top2 = [s[0].topk(2).values for s in gen.scores]
+        out.append((gen.sequences[0, ids.shape[1]:].tolist(), [float(v[0] - v[1]) for v in top2]))
     return out
+
+
+def hf_greedy(model_dir: Path, adapters: dict[str, Path], jobs: Sequence[tuple[str, str | None]], max_tokens: int) -> list[list[int]]:
+    """Greedy token ids from the transformers reference (`mora.hf`) for (prompt, adapter) jobs."""
+    return [tokens for tokens, _ in hf_greedy_scored(model_dir, adapters, jobs, max_tokens)]
+
+
+# float32 logits from a batched engine and an unbatched reference differ by rounding (~1e-5 here);
+# a greedy pick may only flip where the reference's top two logits are closer than this.
+TIE_MARGIN = 1e-3
+
+
+def assert_greedy_matches(got: Sequence[Sequence[int]], want: Sequence[tuple[list[int], list[float]]],
+                          tie_margin: float = TIE_MARGIN) -> None:
+    """Each engine output equals the reference up to its first step, where it may only diverge at a
+    near-tie of the reference (everything after a legitimate flip is a different continuation)."""
+    assert len(got) == len(want)
+    for i, (g, (w, margins)) in enumerate(zip(got, want, strict=True)):
+        g = list(g)
+        assert len(g) == len(w), f"job {i}: {len(g)} tokens, reference has {len(w)}"
+        first = next((k for k, (a, b) in enumerate(zip(g, w, strict=True)) if a != b), None)
+        if first is not None:
+            assert margins[first] < tie_margin, (
+                f"job {i}: token {first} is {g[first]}, reference {w[first]} with logit margin "
+                f"{margins[first]:.2e} (not a tie); got {g}, want {w}")
 
 
 def module_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:

@@ -42,10 +42,13 @@ class ServerProcess:
         self.target = f"127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "serve.server", "--model", str(model), "--adapter-root", str(adapter_root),
                         "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--kv-cache-bytes", str(128 << 20),
-                        *(args or [])]
+                        # vLLM's "auto" runs float32 checkpoints in bf16; tests compare against a float32 reference
+                        "--dtype", "float32", *(args or [])]
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Own session: stop() can reap the engine processes too, even if the server died abruptly.
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
         self.health_seen: list[int] = []
 
     def channel(self) -> grpc.Channel:
@@ -90,6 +93,10 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of a crashed server
+        except (ProcessLookupError, PermissionError):
+            pass
         self._log.close()
         return code
 

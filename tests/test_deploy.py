@@ -426,8 +426,6 @@ def test_ports_probes_and_drain_match_server_settings(name: str, tmp_root: Path,
         assert [b["port"] for r in route["spec"]["rules"] for b in r["backendRefs"]] == [s.port]
 
 
-@pytest.mark.xfail(strict=True, reason="serve/config.py has no tensor/pipeline-parallel settings yet: the multinode "
-                                       "overlay's config cannot start the server until they exist (reported)")
 def test_multinode_parallel_settings_are_accepted_by_the_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     objs = render("multinode")
     (_, pod), = server_workloads(objs)
