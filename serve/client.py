@@ -57,6 +57,14 @@ class MoraClient:
     def close(self) -> None:
         self.channel.close()
 
+    def metadata_for(self, adapter_id: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata: the API key and `x-mora-adapter`, which adapter-affinity routers hash on
+        (deploy/components/routing-*); "base" for the base model so those calls hash together."""
+        route = adapter_id or "base"
+        if not (route.isascii() and route.isprintable()):  # metadata values must be printable ASCII
+            return self.metadata
+        return (*self.metadata, ("x-mora-adapter", route))
+
     @staticmethod
     def request(prompt: str | Sequence[int], adapter_id: str = "", request_id: str = "", **sampling: Any) -> Any:
         """A `GenerateRequest`; `sampling` takes the fields of `SamplingParams`."""
@@ -68,11 +76,13 @@ class MoraClient:
         return req
 
     def generate(self, prompt: str | Sequence[int], adapter_id: str = "", **sampling: Any) -> Any:
-        return self.inference.Generate(self.request(prompt, adapter_id, **sampling), metadata=self.metadata, timeout=self.timeout)
+        return self.inference.Generate(self.request(prompt, adapter_id, **sampling), metadata=self.metadata_for(adapter_id),
+                                       timeout=self.timeout)
 
     def stream(self, prompt: str | Sequence[int], adapter_id: str = "", **sampling: Any) -> Iterator[Any]:
         """The response stream; iterate it, or `.cancel()` it to stop the generation."""
-        return self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata, timeout=self.timeout)
+        return self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata_for(adapter_id),
+                                             timeout=self.timeout)
 
     def load_adapter(self, adapter_id: str, path: str | None = None, *, source: str | None = None, replace: bool = False, tenant: str = "") -> Any:
         req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant)
@@ -80,7 +90,7 @@ class MoraClient:
             req.registered_source = source
         else:
             req.path = path or adapter_id
-        return self.adapters.LoadAdapter(req, metadata=self.metadata, timeout=self.timeout).adapter
+        return self.adapters.LoadAdapter(req, metadata=self.metadata_for(adapter_id), timeout=self.timeout).adapter
 
     def unload_adapter(self, adapter_id: str) -> Any:
         return self.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=adapter_id), metadata=self.metadata, timeout=self.timeout).adapter
@@ -92,10 +102,12 @@ class MoraClient:
         return self.adapters.GetAdapter(apb.GetAdapterRequest(adapter_id=adapter_id), metadata=self.metadata, timeout=self.timeout).adapter
 
     def merge_adapter(self, adapter_id: str) -> Any:
-        return self.adapters.MergeAdapter(apb.MergeAdapterRequest(adapter_id=adapter_id), metadata=self.metadata, timeout=self.timeout)
+        return self.adapters.MergeAdapter(apb.MergeAdapterRequest(adapter_id=adapter_id), metadata=self.metadata_for(adapter_id),
+                                          timeout=self.timeout)
 
     def unmerge_adapter(self, adapter_id: str, *, automatic: bool = False) -> Any:
-        return self.adapters.UnmergeAdapter(apb.UnmergeAdapterRequest(adapter_id=adapter_id, automatic=automatic), metadata=self.metadata, timeout=self.timeout)
+        return self.adapters.UnmergeAdapter(apb.UnmergeAdapterRequest(adapter_id=adapter_id, automatic=automatic),
+                                            metadata=self.metadata_for(adapter_id), timeout=self.timeout)
 
 
 def _print(message: Any) -> None:

@@ -43,17 +43,18 @@ class ServerSettings(BaseSettings):
 
     model: Path = Field(description="base model directory (Hugging Face layout)")
     adapter_root: Path = Field(description="directory adapters are loaded from (paths are confined to it)")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; vLLM's auto runs float32 checkpoints in 16 bits")
     max_loras: int = Field(4, ge=1, le=256, description="adapter slots on the device (distinct adapters per step)")
     max_cpu_loras: int = Field(16, ge=1, description="adapters kept loaded in the engine's host cache")
     max_lora_rank: int = Field(16, description="largest LoRA-equivalent rank r of any adapter")
-    max_model_len: int | None = Field(None, ge=16)
-    max_num_seqs: int = Field(64, ge=1)
-    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache size on CPU (default: vLLM's)")
-    enforce_eager: bool = False
+    max_model_len: int | None = Field(None, ge=16, description="context length (None: the model's)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches per step")
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache size on CPU (None: vLLM's)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs / torch.compile (faster start, slower steps)")
     # vLLM's own distributed execution: TP within a node, PP across nodes (Ray for multi-node)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per pipeline stage (tensor parallel)")
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with the ray backend)")
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca")
     p.add_argument("--log-level")
+    for action in p._actions:  # help text and defaults come from the settings model: one source of truth
+        field = ServerSettings.model_fields.get(action.dest)
+        if field is not None and action.help is None:
+            default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+            action.help = f"{field.description or ''}{default}".strip() or None
     return p
 
 

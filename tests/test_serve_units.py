@@ -145,3 +145,12 @@ def test_proto_lint_with_buf():
     buf = shutil.which("buf") or str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "buf")
     proc = subprocess.run([buf, "lint"], cwd=Path(__file__).resolve().parent.parent / "protos", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_client_sends_the_routing_header():
+    from serve.client import MoraClient
+
+    with MoraClient("127.0.0.1:1", api_key="k") as c:
+        assert c.metadata_for("atlas") == (("authorization", "Bearer k"), ("x-mora-adapter", "atlas"))
+        assert c.metadata_for("") == (("authorization", "Bearer k"), ("x-mora-adapter", "base"))
+        assert c.metadata_for("ünï\n") == (("authorization", "Bearer k"),)  # not a valid header value: no routing

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from engine_helpers import assert_greedy_matches, hf_greedy_scored, random_lora, random_mora
 from safetensors.torch import save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
@@ -54,6 +55,16 @@ def root(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         pickle.dump({"x": threading.Lock}, f)
     shutil.copytree(root / "atlas", root / "bad-config")
     (root / "bad-config" / "adapter_config.json").write_text(json.dumps(cfg | {"use_mora": True, "mora_type": 5}))
+    # hostile tensors and configs: integer dtype, a non-square M, a header claiming a 1e10-element
+    # tensor (refused before anything is read), fields of the wrong type
+    for name, mutate in (("int-dtype", lambda w: w.to(torch.int32)), ("not-square", lambda w: torch.cat([w, w[:1]]))):
+        shutil.copytree(root / "nan", root / name)
+        save_file({f"base_model.model.{m}.lora_A.weight": mutate(w) for m, w in nan.weights.items()}, str(root / name / "adapter_model.safetensors"))
+    shutil.copytree(root / "nan", root / "huge")
+    header = json.dumps({"base_model.model.x.lora_A.weight": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 4]}}).encode()
+    (root / "huge" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    shutil.copytree(root / "atlas", root / "config-types")
+    (root / "config-types" / "adapter_config.json").write_text(json.dumps(cfg | {"r": "eight", "target_modules": 7}))
     outside = top / "outside"
     shutil.copytree(demo_assets / "adapters" / "atlas", outside)
     os.symlink(outside, root / "escape")
@@ -235,6 +246,10 @@ def test_tenant_isolation(server, clients, demo_facts):
     ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "unreadable"),
     ("pickled", grpc.StatusCode.INVALID_ARGUMENT, "adapter_model.bin"),
     ("bad-config", grpc.StatusCode.INVALID_ARGUMENT, "mora_type"),
+    ("int-dtype", grpc.StatusCode.INVALID_ARGUMENT, "not floating point"),
+    ("not-square", grpc.StatusCode.INVALID_ARGUMENT, "not square"),
+    ("huge", grpc.StatusCode.INVALID_ARGUMENT, "implausibly large"),
+    ("config-types", grpc.StatusCode.INVALID_ARGUMENT, "r: Input should be a valid integer"),
     ("does-not-exist", grpc.StatusCode.INVALID_ARGUMENT, "does not exist"),
     ("../adapters/atlas/..", grpc.StatusCode.PERMISSION_DENIED, "leaves the adapter root"),
     ("/etc", grpc.StatusCode.PERMISSION_DENIED, "relative"),
