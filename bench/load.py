@@ -66,30 +66,13 @@ class Shared:
 
 def _references(base: Path, dirs: dict[str, Path]) -> dict[str, dict[str, list[int]]]:
     """Greedy reference tokens per (adapter dir, prompt), keeping prompts with a clear margin."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from engine_helpers import hf_greedy_scored
 
-    from mora.checkpoint import load_mora_adapter
-    from mora.hf import MoraModel
-
-    torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
-    tok = AutoTokenizer.from_pretrained(str(base))
-    mm = MoraModel(model)
-    refs: dict[str, dict[str, list[int]]] = {}
-    for name, path in dirs.items():
-        mm.add_adapter(load_mora_adapter(path, name))
-        mm.set_adapter(name)
-        refs[name] = {}
-        for prompt in CANDIDATE_PROMPTS:
-            ids = torch.tensor([tok(prompt)["input_ids"]])
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False, eos_token_id=None,
-                                     output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-            margin = min(float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores)
-            if margin > 0.05:  # far from a tie: batching-order rounding cannot flip it
-                refs[name][prompt] = out.sequences[0, ids.shape[1]:].tolist()
-        mm.remove_adapter(name)
+    jobs = [(prompt, name) for name in dirs for prompt in CANDIDATE_PROMPTS]
+    refs: dict[str, dict[str, list[int]]] = {name: {} for name in dirs}
+    for (prompt, name), (tokens, margins) in zip(jobs, hf_greedy_scored(base, dirs, jobs, TOKENS), strict=True):
+        if min(margins) > 0.05:  # far from a tie: batching-order rounding cannot flip it
+            refs[name][prompt] = tokens
     # both versions of the reloaded adapter are asked the same prompts
     versions = [n for n in refs if n.startswith("churn-")]
     common = [p for p in CANDIDATE_PROMPTS if all(p in refs[v] for v in versions)]
