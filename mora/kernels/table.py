@@ -87,15 +87,23 @@ class SlotTable:
         self.layout = layout
         self.max_slots = max_slots
         self.n_max = n_max
-        self.M = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
+        # Stored transposed: `Mt[s] = M[s].T` is the right-hand operand of every backend's
+        # matmul (`v @ M.T`), contiguous, so a CPU GEMM reads it without a transposing pack and
+        # a GPU tile reads consecutive output columns from consecutive addresses.
+        self.Mt = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
         self.types = torch.zeros(max_slots, dtype=torch.int32, device=device)
         self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
         # Host mirrors: the CPU backend groups work by them without a device round trip.
         self.specs: list[MoraSpec | None] = [None] * max_slots
 
     @property
+    def M(self) -> torch.Tensor:
+        """`[S, n_max, n_max]`, slot `s`'s `M` zero-padded (a transposed view of `Mt`)."""
+        return self.Mt.transpose(1, 2)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.M.dtype
+        return self.Mt.dtype
 
     def set_slot(self, slot: int, M: torch.Tensor, spec: MoraSpec) -> None:
         """Put an adapter's `M [n, n]` into `slot` (in place)."""
@@ -110,15 +118,15 @@ class SlotTable:
         if tuple(M.shape) != (spec.n, spec.n):
             raise ValueError(f"M has shape {tuple(M.shape)}, expected ({spec.n}, {spec.n})")
         with torch.no_grad():
-            self.M[slot].zero_()
-            self.M[slot, : spec.n, : spec.n].copy_(M)
+            self.Mt[slot].zero_()
+            self.Mt[slot, : spec.n, : spec.n].copy_(M.t())
             self.types[slot] = int(spec.mora_type)
             self.sizes[slot] = spec.n
         self.specs[slot] = spec
 
     def clear_slot(self, slot: int) -> None:
         with torch.no_grad():
-            self.M[slot].zero_()
+            self.Mt[slot].zero_()
             self.types[slot] = EMPTY
             self.sizes[slot] = 0
         self.specs[slot] = None

@@ -155,7 +155,7 @@ def _mora_kernel(
                         cs = tl.cos(ang).to(w_ty).to(tl.float32)
                         sn = tl.sin(ang).to(w_ty).to(tl.float32)
                         a = u * cs[None, :] + tl.where(lo[None, :], -u2, u2) * sn[None, :]
-                        b = tl.load(w_slot + jcol[None, :] * n_max + i[:, None], mask=imask[:, None] & colk[None, :], other=0.0)
+                        b = tl.load(w_slot + i[:, None] * n_max + jcol[None, :], mask=imask[:, None] & colk[None, :], other=0.0)
                         a = a.to(w_ty)
                         if UPCAST_DOT:
                             a, b = a.to(tl.float32), b.to(tl.float32)
@@ -183,7 +183,7 @@ def _mora_kernel(
                         ok = imask & (e < limit) & (f >= in_start) & (f < in_end)
                         xv = tl.load(x_rows + (f - in_start)[None, :] * stride_xi, mask=rmask[:, None] & ok[None, :], other=0.0)
                         v += xv.to(w_ty).to(tl.float32)
-                    b = tl.load(w_slot + jcol[None, :] * n_max + i[:, None], mask=imask[:, None] & cmask[None, :], other=0.0)
+                    b = tl.load(w_slot + i[:, None] * n_max + jcol[None, :], mask=imask[:, None] & cmask[None, :], other=0.0)
                     v = v.to(w_ty)
                     if UPCAST_DOT:
                         v, b = v.to(tl.float32), b.to(tl.float32)
@@ -240,7 +240,7 @@ def mora_apply_triton(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: 
     precision = "ieee" if table.dtype == torch.float32 else "tf32"  # "tf32" only affects fp32 inputs
     grid = (triton.cdiv(T, BLOCK_T) + table.max_slots + 1, triton.cdiv(lay.local_out, block_n))
     _kernel(interpret)[grid](
-        y, x, table.M, table.types, table.sizes,
+        y, x, table.Mt, table.types, table.sizes,
         meta.order, meta.seg_start, meta.seg_slot, meta.num_segments, meta.merged,
         y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         lay.in_features, lay.out_features, lay.in_start, lay.in_end, lay.out_start, lay.local_out, n_max,
