@@ -147,6 +147,40 @@ def test_popularity_heterogeneous_table(backend, rng, popularity, T):
     assert torch.equal(y[untouched], y0[untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t", [1, 6])
+@pytest.mark.parametrize(
+    ("counts", "batched"),
+    [
+        ({0: 2, 1: 2, 2: 2, 3: 2}, True),  # equal rows, consecutive slots: one bmm over a table view
+        ({0: 1, 2: 1, 5: 1}, True),  # equal rows, gathered M's
+        ({1: 3, 2: 1, 4: 2, 5: 3}, True),  # unequal rows: padded, gathered
+        ({0: 1, 1: 4, 2: 1}, False),  # too much padding: one mm per adapter
+    ],
+    ids=["view", "gather", "padded", "unbatched"],
+)
+def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
+    """Decode-shaped batches (few rows per adapter) that the torch backend runs as one batched
+    GEMM, against the reference, with the path taken checked."""
+    import mora.kernels.torch_cpu as torch_cpu
+
+    taken: list[bool] = []
+    real = torch_cpu._batched_mm
+    monkeypatch.setattr(torch_cpu, "_batched_mm", lambda *a: taken.append(real(*a)) or taken[-1])
+    in_f, out_f = 72, 40
+    table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 6, dtype, rng)
+    slot = torch.tensor([s for s, c in counts.items() for _ in range(c)] + [-1])
+    slot = slot[torch.randperm(slot.shape[0], generator=rng)]
+    x = torch.randn(slot.shape[0], in_f, generator=rng).to(dtype)
+    y0 = torch.randn(slot.shape[0], out_f, generator=rng).to(dtype)
+    y = run("torch", table, x, slot, y0)
+    assert taken == [batched]
+    assert_close(y, run("reference", table, x, slot, y0), dtype)
+    assert torch.equal(y[slot == -1], y0[slot == -1])
+    if dtype == torch.float32:
+        assert_close(y - y0, truth(x, table, Ms, slot), dtype)
+
+
 def test_rows_without_adapter_bit_identical(backend, rng):
     in_f, out_f = MIXED_SHAPE
     table, _ = make_table(ShardLayout(in_f, out_f), MIXED, torch.bfloat16, rng)

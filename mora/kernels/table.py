@@ -12,6 +12,7 @@ segments. It is prepared once per engine step and shared by all layers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -162,6 +163,13 @@ class BatchMeta:
     def merged_slot(self) -> int:
         """Host copy of `merged` (a device sync on GPU; the CPU backend uses it)."""
         return int(self.merged.item())
+
+    @functools.cached_property
+    def present_slots(self) -> frozenset[int]:
+        """Host set of the slots this batch's tokens use (-1 included); needs host `segments`."""
+        if self.segments is None:
+            raise ValueError("present_slots needs the host segments (prepare_batch(host_segments=True))")
+        return frozenset(s for s, _, _ in self.segments)
 
     @property
     def num_tokens(self) -> int:

@@ -165,14 +165,52 @@ def _add_rows(
         y.add_(src)
 
 
-def _one_bmm(work: list[tuple[int, float, int, int]], sizes: list[int]) -> bool:
-    """Whether `work` is >= 2 additions of equally many rows by consecutive slots."""
-    return (
-        len(work) >= 2
-        and all(sign > 0 for _, sign, _, _ in work)
-        and len(set(sizes)) == 1
-        and all(work[i][0] == work[0][0] + i for i in range(len(work)))
-    )
+# Items of at most this many rows go through one batched GEMM when the table must be gathered:
+# below it a small `mm` per item costs mostly call overhead, above it the per-item GEMMs run at
+# full speed and the gather and padding would only add memory traffic.
+_BATCH_ROWS = 64
+
+
+def _batched_mm(
+    work: list[tuple[int, float, int, int]],
+    sizes: list[int],
+    V: torch.Tensor,
+    Mt: torch.Tensor,
+    out_c: torch.Tensor,
+    meta: BatchMeta,
+) -> bool:
+    """`out_c[item] = V[item] @ Mt[slot]` for every item as one `bmm`, when it pays; returns
+    whether it did (otherwise the caller runs one `mm` per item).
+
+    Decode batches give each adapter a few rows: equal row counts in consecutive slots are one
+    `bmm` over a view of the table; otherwise the items' `M`s are gathered and short items are
+    padded to the longest by repeating their first row (whose extra outputs are dropped).
+    """
+    k, r = len(work), max(sizes)
+    if k < 2 or any(sign < 0 for _, sign, _, _ in work):
+        return False
+    n = V.shape[1]
+    first = work[0][0]
+    equal = min(sizes) == r
+    if equal and all(work[i][0] == first + i for i in range(k)):
+        torch.bmm(V.view(k, r, n), Mt[first : first + k], out=out_c.view(k, r, n))
+        return True
+    if r > _BATCH_ROWS or 2 * k * r > 3 * sum(sizes):
+        return False
+    slots = torch.tensor([s for s, _, _, _ in work], device=V.device)
+    Mb = torch.index_select(Mt, 0, slots, out=_scratch(meta, "m", (k, n, n), Mt.dtype, Mt.device))
+    if equal:
+        torch.bmm(V.view(k, r, n), Mb, out=out_c.view(k, r, n))
+        return True
+    size = torch.tensor(sizes, device=V.device)
+    start = torch.cumsum(size, 0) - size
+    col = torch.arange(r, device=V.device)
+    pad_rows = (start[:, None] + torch.minimum(col[None, :], size[:, None] - 1)).view(-1)
+    Vp = torch.index_select(V, 0, pad_rows, out=_scratch(meta, "vp", (k * r, n), V.dtype, V.device))
+    Op = torch.bmm(Vp.view(k, r, n), Mb, out=_scratch(meta, "op", (k, r, n), V.dtype, V.device))
+    keep = torch.nonzero((col[None, :] < size[:, None]).view(-1)).view(-1)
+    torch.index_select(Op.view(k * r, n), 0, keep, out=out_c)
+    return True
 
 
 def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
@@ -225,12 +263,7 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
         # Per-item Python work is one select and one mm: decode batches have many adapters.
         Mt = table.Mt if spec.n == table.n_max else table.Mt[:, : spec.n, : spec.n]
         sizes = [(b - a) * chunks for _, _, a, b in work]
-        if _one_bmm(work, sizes):
-            # Decode batches: equal row counts in consecutive slots are one batched GEMM over a
-            # view of the table (several times cheaper than as many small `mm` calls).
-            s0, k = work[0][0], len(work)
-            torch.bmm(V.view(k, sizes[0], spec.n), Mt[s0 : s0 + k], out=out_c.view(k, sizes[0], spec.n))
-        else:
+        if not _batched_mm(work, sizes, V, Mt, out_c, meta):
             for (s, sign, _, _), v, o in zip(work, V.split(sizes), out_c.split(sizes), strict=True):
                 if sign > 0:
                     torch.mm(v, Mt[s], out=o)

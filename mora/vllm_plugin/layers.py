@@ -10,7 +10,9 @@ Two fixes over the stock CPU path, both needed for correct multi-tenant results:
 * vLLM's torch LoRA ops index the stacked weights with the token's slot, and `-1` (no
   adapter) silently picks the last slot; the stacked buffers get one extra, always-zero slot
   at the end so that `-1` reads zeros.
-* slot types are tracked, so a batch without any LoRA-slot token skips the stock LoRA math.
+* slot types are tracked, and on the CPU a step whose tokens use no LoRA slot skips the stock
+  LoRA math (which otherwise runs over every token of every step while any LoRA adapter is
+  resident, halving decode throughput), and one with no unmerged MoRA work skips the MoRA op.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
-from mora.kernels import ShardLayout, SlotTable, mora_apply_slices
+from mora.kernels import BatchMeta, ShardLayout, SlotTable, mora_apply_slices
 from mora.spec import MoraSpec
 from mora.vllm_plugin.runtime import MoraRuntime
 
@@ -107,16 +109,35 @@ class MoraLayerMixin:
     # -- forward --------------------------------------------------------------------------
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        cpu = self.device.type == "cpu"
         rt = self.mora_runtime
-        if self._lora_slots or not cpu:
+        if self.device.type != "cpu":
+            # GPU: no host branch on the batch's contents (CUDA graphs replay every step).
             output = super()._apply_lora_to_output(x, output)
-        if rt is None or (cpu and not self._mora_slots and rt.merged_slot < 0):
+            if rt is not None:
+                self._apply_mora(x, output, rt.meta_for(self._num_rows(x)))
             return output
+        if rt is None:
+            return super()._apply_lora_to_output(x, output) if self._lora_slots else output
+        # CPU: the host knows which slots this step's tokens use, so each layer runs only the
+        # work they need. A resident LoRA adapter costs nothing in steps without its tokens,
+        # and a merged adapter's own steps take the plain base path.
+        meta = rt.meta_for(self._num_rows(x))
+        present = meta.present_slots
+        if not present.isdisjoint(self._lora_slots):
+            output = super()._apply_lora_to_output(x, output)
+        merged = rt.merged_slot
+        if not present.isdisjoint(self._mora_slots) or (merged >= 0 and not present <= {merged}):
+            self._apply_mora(x, output, meta)
+        return output
+
+    @staticmethod
+    def _num_rows(x: torch.Tensor) -> int:
+        return x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0]
+
+    def _apply_mora(self, x: torch.Tensor, output: torch.Tensor, meta: BatchMeta) -> None:
         x2 = x.flatten(0, -2) if x.ndim == 3 else x
         out2 = output.flatten(0, -2) if output.ndim == 3 else output
-        mora_apply_slices(out2, x2, self.mora_tables, rt.meta_for(x2.shape[0]), self._mora_offsets)
-        return output
+        mora_apply_slices(out2, x2, self.mora_tables, meta, self._mora_offsets)
 
 
 def _tp(layer: object) -> tuple[int, int]:
