@@ -152,10 +152,10 @@ def test_popularity_heterogeneous_table(backend, rng, popularity, T):
 @pytest.mark.parametrize(
     ("counts", "batched"),
     [
-        ({0: 2, 1: 2, 2: 2, 3: 2}, True),  # equal rows, consecutive slots: one bmm over a table view
-        ({0: 1, 2: 1, 5: 1}, True),  # equal rows, gathered M's
-        ({1: 3, 2: 1, 4: 2, 5: 3}, True),  # unequal rows: padded, gathered
-        ({0: 1, 1: 4, 2: 1}, False),  # too much padding: one mm per adapter
+        ({0: 2, 1: 2, 2: 2, 3: 2}, "view"),  # equal rows, consecutive slots: one bmm over a table view
+        ({0: 1, 2: 1, 5: 1}, "gather"),  # equal rows, gathered M's
+        ({1: 3, 2: 1, 4: 2, 5: 3}, "pad"),  # unequal rows: padded, gathered
+        ({0: 1, 1: 4, 2: 1}, ""),  # too much padding: one mm per adapter
     ],
     ids=["view", "gather", "padded", "unbatched"],
 )
@@ -164,9 +164,15 @@ def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
     GEMM, against the reference, with the path taken checked."""
     import mora.kernels.torch_cpu as torch_cpu
 
-    taken: list[bool] = []
-    real = torch_cpu._batched_mm
-    monkeypatch.setattr(torch_cpu, "_batched_mm", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken: list[str] = []
+    real = torch_cpu._plan
+
+    def plan(*args):
+        result = real(*args)
+        taken.extend(cp.batch for cp in result)
+        return result
+
+    monkeypatch.setattr(torch_cpu, "_plan", plan)
     in_f, out_f = 72, 40
     table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 6, dtype, rng)
     slot = torch.tensor([s for s, c in counts.items() for _ in range(c)] + [-1])

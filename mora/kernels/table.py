@@ -13,13 +13,14 @@ segments. It is prepared once per engine step and shared by all layers.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from mora.spec import MoraSpec, MoraType, mora_size
 
-__all__ = ["BatchMeta", "ShardLayout", "SlotTable", "prepare_batch"]
+__all__ = ["BatchMeta", "ShardLayout", "SlotTable", "TableSignature", "prepare_batch"]
 
 EMPTY = 0  # type code of an empty slot
 
@@ -64,6 +65,28 @@ class ShardLayout:
         return self.local_in != self.in_features or self.local_out != self.out_features
 
 
+class TableSignature:
+    """What a table holds (layout and each slot's spec), interned: tables with equal contents
+    share one object, so per-batch work plans keyed by it are shared by every layer with
+    the same adapters and are found by identity, without hashing specs."""
+
+    __slots__ = ("__weakref__", "key")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+
+
+_SIGNATURES: weakref.WeakValueDictionary[tuple, TableSignature] = weakref.WeakValueDictionary()
+
+
+def _signature(layout: ShardLayout, specs: list[MoraSpec | None]) -> TableSignature:
+    key = (layout, tuple(specs))
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = TableSignature(key)
+    return sig
+
+
 class SlotTable:
     """`S` adapter slots for one module slice; buffers are allocated once and updated in place.
 
@@ -96,6 +119,7 @@ class SlotTable:
         self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
         # Host mirrors: the CPU backend groups work by them without a device round trip.
         self.specs: list[MoraSpec | None] = [None] * max_slots
+        self.signature = _signature(layout, self.specs)
 
     @property
     def M(self) -> torch.Tensor:
@@ -124,6 +148,7 @@ class SlotTable:
             self.types[slot] = int(spec.mora_type)
             self.sizes[slot] = spec.n
         self.specs[slot] = spec
+        self.signature = _signature(self.layout, self.specs)
 
     def clear_slot(self, slot: int) -> None:
         with torch.no_grad():
@@ -131,6 +156,7 @@ class SlotTable:
             self.types[slot] = EMPTY
             self.sizes[slot] = 0
         self.specs[slot] = None
+        self.signature = _signature(self.layout, self.specs)
 
     def weight(self, slot: int) -> torch.Tensor:
         """The `[n, n]` view of the adapter in `slot`."""
@@ -158,6 +184,8 @@ class BatchMeta:
     # Host-side working memory of the CPU backend, reused by every layer of the batch (see
     # `torch_cpu._scratch`); not part of the batch's description.
     scratch: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # The CPU backend's work plans for this batch, by (table signature, token count).
+    plans: dict[tuple[TableSignature, int], object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def merged_slot(self) -> int:

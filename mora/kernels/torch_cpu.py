@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -135,14 +136,14 @@ def _add_rows(
     period: int,
     q0: int,
     rows: torch.Tensor | None,
-    perm: bool,
+    inv: torch.Tensor | None,
     meta: BatchMeta,
 ) -> None:
     """`y[rows] += ` the shard's columns of `src` (see `_expand`); `rows` None: all rows, in order.
 
-    `perm`: `rows` is a permutation of all of `y`'s rows. `index_add_` is only fast with
-    contiguous operands; otherwise a permutation is undone once on the compressed outputs and
-    added in place.
+    `inv`: when `rows` is a permutation of all of `y`'s rows, its inverse. `index_add_` is only
+    fast with contiguous operands; otherwise a permutation is undone once on the compressed
+    outputs and added in place.
     """
     if rows is not None:
         width, q = lay.local_out, lay.out_start % period if period else 0
@@ -150,14 +151,12 @@ def _add_rows(
         if direct is not None and direct.is_contiguous() and y.is_contiguous():
             y.index_add_(0, rows, direct)
             return
-        if not perm:
+        if inv is None:
             if direct is None:
                 direct = torch.empty(src.shape[0], width, dtype=src.dtype, device=src.device)
                 _add_periodic(direct, src, lay.out_start, period, q0, copy=True)
             y.index_add_(0, rows, direct.contiguous())
             return
-        inv = torch.empty_like(rows)
-        inv[rows] = torch.arange(rows.shape[0], device=rows.device)
         src = torch.index_select(src, 0, inv, out=_scratch(meta, "src", tuple(src.shape), src.dtype, src.device))
     if period:
         _add_periodic(y, src, lay.out_start, period, q0)
@@ -169,18 +168,36 @@ def _add_rows(
 # below it a small `mm` per item costs mostly call overhead, above it the per-item GEMMs run at
 # full speed and the gather and padding would only add memory traffic.
 _BATCH_ROWS = 64
+_MAX_PLANS = 256  # per batch; a step needs one per distinct table contents
+
+Item = tuple[int, float, int, int]  # (slot, sign, start, end) over the slot-sorted rows
 
 
-def _batched_mm(
-    work: list[tuple[int, float, int, int]],
-    sizes: list[int],
-    V: torch.Tensor,
-    Mt: torch.Tensor,
-    out_c: torch.Tensor,
-    meta: BatchMeta,
-) -> bool:
-    """`out_c[item] = V[item] @ Mt[slot]` for every item as one `bmm`, when it pays; returns
-    whether it did (otherwise the caller runs one `mm` per item).
+@dataclass(frozen=True)
+class _ClassPlan:
+    """One (type, n) class of a batch's work, everything that depends only on the batch and
+    the table's contents (shared by all layers whose tables hold the same adapters).
+
+    `batch`: "" (one `mm` per item), "view" (one `bmm` over `Mt[slots[0]:slots[0]+k]`),
+    "gather" (one `bmm` over the gathered `Mt[slots]`), "pad" (the same with short items
+    padded by `pad_rows` and the outputs kept by `keep`).
+    """
+
+    spec: MoraSpec
+    work: list[Item]
+    rows: torch.Tensor | None  # the class's rows of x (None: all, in order)
+    inv: torch.Tensor | None  # when `rows` permutes every row: its inverse
+    sizes: list[int]  # rows of each item in the compressed (chunk) domain
+    k_lo: int
+    chunks: int
+    batch: str
+    slots: torch.Tensor | None
+    pad_rows: torch.Tensor | None
+    keep: torch.Tensor | None
+
+
+def _batch_mode(work: list[Item], sizes: list[int]) -> str:
+    """How a class's items are multiplied (see `_ClassPlan.batch`).
 
     Decode batches give each adapter a few rows: equal row counts in consecutive slots are one
     `bmm` over a view of the table; otherwise the items' `M`s are gathered and short items are
@@ -188,33 +205,21 @@ def _batched_mm(
     """
     k, r = len(work), max(sizes)
     if k < 2 or any(sign < 0 for _, sign, _, _ in work):
-        return False
-    n = V.shape[1]
-    first = work[0][0]
+        return ""
     equal = min(sizes) == r
-    if equal and all(work[i][0] == first + i for i in range(k)):
-        torch.bmm(V.view(k, r, n), Mt[first : first + k], out=out_c.view(k, r, n))
-        return True
+    if equal and all(work[i][0] == work[0][0] + i for i in range(k)):
+        return "view"
     if r > _BATCH_ROWS or 2 * k * r > 3 * sum(sizes):
-        return False
-    slots = torch.tensor([s for s, _, _, _ in work], device=V.device)
-    Mb = torch.index_select(Mt, 0, slots, out=_scratch(meta, "m", (k, n, n), Mt.dtype, Mt.device))
-    if equal:
-        torch.bmm(V.view(k, r, n), Mb, out=out_c.view(k, r, n))
-        return True
-    size = torch.tensor(sizes, device=V.device)
-    start = torch.cumsum(size, 0) - size
-    col = torch.arange(r, device=V.device)
-    pad_rows = (start[:, None] + torch.minimum(col[None, :], size[:, None] - 1)).view(-1)
-    Vp = torch.index_select(V, 0, pad_rows, out=_scratch(meta, "vp", (k * r, n), V.dtype, V.device))
-    Op = torch.bmm(Vp.view(k, r, n), Mb, out=_scratch(meta, "op", (k, r, n), V.dtype, V.device))
-    keep = torch.nonzero((col[None, :] < size[:, None]).view(-1)).view(-1)
-    torch.index_select(Op.view(k * r, n), 0, keep, out=out_c)
-    return True
+        return ""
+    return "gather" if equal else "pad"
 
 
-def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
-    """`y[t] += delta_{slot[t]}(x[t])`, with the merged-slot remap; see `mora.kernels.mora_apply`."""
+def _plan(table: SlotTable, meta: BatchMeta, T: int) -> list[_ClassPlan]:
+    """The batch's work on `table`, by (type, n) class; cached on `meta` per table contents."""
+    key = (table.signature, T)
+    plan = meta.plans.get(key)
+    if plan is not None:
+        return plan  # type: ignore[return-value]
     lay = table.layout
     segments = meta.segments
     if segments is None:
@@ -222,20 +227,14 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
         starts = meta.seg_start[: n + 1].tolist()
         segments = [(int(s), starts[k], starts[k + 1]) for k, s in enumerate(meta.seg_slot[:n].tolist())]
     merged = meta.merged_slot
-    # (slot, sign, start, end) work items over the slot-sorted rows
-    items: list[tuple[int, float, int, int]] = []
-    for s, a, b in segments:
-        if s >= 0 and s != merged and table.specs[s] is not None:
-            items.append((s, 1.0, a, b))
+    items: list[Item] = [(s, 1.0, a, b) for s, a, b in segments if s >= 0 and s != merged and table.specs[s] is not None]
     if merged >= 0 and table.specs[merged] is not None:
         items += [(merged, -1.0, a, b) for s, a, b in segments if s != merged]
-    if not items:
-        return
-    classes: dict[MoraSpec, list[tuple[int, float, int, int]]] = defaultdict(list)
+    classes: dict[MoraSpec, list[Item]] = defaultdict(list)
     for item in items:
         classes[table.specs[item[0]]].append(item)
-    order, T = meta.order, x.shape[0]
-    xin = x.to(table.dtype)
+    order, device = meta.order, meta.order.device
+    plan = []
     for spec, work in classes.items():
         if len(work) == 1 and work[0][2:] == (0, T):
             rows = None  # one adapter for the whole batch: rows already in order
@@ -243,6 +242,65 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
             rows = order[work[0][2] : work[0][3]]
         else:
             rows = torch.cat([order[a:b] for _, _, a, b in work])
+        inv = None
+        if rows is not None and rows.shape[0] == T and len({(a, b) for *_, a, b in work}) == len(work):
+            inv = torch.empty_like(rows)
+            inv[rows] = torch.arange(T, device=device)
+        if spec.mora_type is MoraType.ROPE:
+            k_lo, k_hi = _rope_chunk_range(spec, lay)
+        else:
+            k_lo, k_hi = 0, 1
+        chunks = k_hi - k_lo
+        sizes = [(b - a) * chunks for _, _, a, b in work]
+        mode = _batch_mode(work, sizes)
+        slots = pad_rows = keep = None
+        if mode in ("gather", "pad"):
+            slots = torch.tensor([s for s, _, _, _ in work], device=device)
+        if mode == "pad":
+            size = torch.tensor(sizes, device=device)
+            start = torch.cumsum(size, 0) - size
+            col = torch.arange(max(sizes), device=device)
+            pad_rows = (start[:, None] + torch.minimum(col[None, :], size[:, None] - 1)).view(-1)
+            keep = torch.nonzero((col[None, :] < size[:, None]).view(-1)).view(-1)
+        plan.append(_ClassPlan(spec, work, rows, inv, sizes, k_lo, chunks, mode, slots, pad_rows, keep))
+    if len(meta.plans) >= _MAX_PLANS:  # a long-lived meta (warm-up shapes) seeing adapter churn
+        meta.plans.clear()
+    meta.plans[key] = plan
+    return plan
+
+
+def _multiply(cp: _ClassPlan, V: torch.Tensor, Mt: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta) -> None:
+    """`out_c[item] = sign * V[item] @ Mt[slot]` for every item of the class."""
+    if cp.batch:
+        k, r, n = len(cp.work), max(cp.sizes), V.shape[1]
+        if cp.batch == "view":
+            s0 = cp.work[0][0]
+            torch.bmm(V.view(k, r, n), Mt[s0 : s0 + k], out=out_c.view(k, r, n))
+            return
+        Mb = torch.index_select(Mt, 0, cp.slots, out=_scratch(meta, "m", (k, n, n), Mt.dtype, Mt.device))
+        if cp.batch == "gather":
+            torch.bmm(V.view(k, r, n), Mb, out=out_c.view(k, r, n))
+            return
+        Vp = torch.index_select(V, 0, cp.pad_rows, out=_scratch(meta, "vp", (k * r, n), V.dtype, V.device))
+        Op = torch.bmm(Vp.view(k, r, n), Mb, out=_scratch(meta, "op", (k, r, n), V.dtype, V.device))
+        torch.index_select(Op.view(k * r, n), 0, cp.keep, out=out_c)
+        return
+    for (s, sign, _, _), v, o in zip(cp.work, V.split(cp.sizes), out_c.split(cp.sizes), strict=True):
+        if sign > 0:
+            torch.mm(v, Mt[s], out=o)
+        else:
+            torch.addmm(o, v, Mt[s], beta=0, alpha=sign, out=o)
+
+
+def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:
+    """`y[t] += delta_{slot[t]}(x[t])`, with the merged-slot remap; see `mora.kernels.mora_apply`."""
+    lay = table.layout
+    plan = _plan(table, meta, x.shape[0])
+    if not plan:
+        return
+    xin = x.to(table.dtype)
+    for cp in plan:
+        spec, rows = cp.spec, cp.rows
         if rows is None:
             X = xin
         else:
@@ -253,22 +311,11 @@ def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: B
             X = full
         R = X.shape[0]
         if spec.mora_type is MoraType.ROPE:
-            k_lo, k_hi = _rope_chunk_range(spec, lay)
-            chunks = k_hi - k_lo
-            V = _rotated_chunks(X, spec, k_lo, k_hi, _scratch(meta, "v", (R, chunks, spec.n), X.dtype, X.device))
+            V = _rotated_chunks(X, spec, cp.k_lo, cp.k_lo + cp.chunks, _scratch(meta, "v", (R, cp.chunks, spec.n), X.dtype, X.device))
         else:
-            k_lo, chunks = 0, 1
             V = compress(X, spec)  # [R, n]
         out_c = _scratch(meta, "out", tuple(V.shape), V.dtype, V.device)
-        # Per-item Python work is one select and one mm: decode batches have many adapters.
         Mt = table.Mt if spec.n == table.n_max else table.Mt[:, : spec.n, : spec.n]
-        sizes = [(b - a) * chunks for _, _, a, b in work]
-        if not _batched_mm(work, sizes, V, Mt, out_c, meta):
-            for (s, sign, _, _), v, o in zip(work, V.split(sizes), out_c.split(sizes), strict=True):
-                if sign > 0:
-                    torch.mm(v, Mt[s], out=o)
-                else:
-                    torch.addmm(o, v, Mt[s], beta=0, alpha=sign, out=o)
-        src, period, q0 = _expand(out_c.to(y.dtype), spec, lay, R, k_lo)
-        perm = rows is not None and R == T and len({(a, b) for *_, a, b in work}) == len(work)
-        _add_rows(y, src, lay, period, q0, rows, perm, meta)
+        _multiply(cp, V, Mt, out_c, meta)
+        src, period, q0 = _expand(out_c.to(y.dtype), spec, lay, R, cp.k_lo)
+        _add_rows(y, src, lay, period, q0, rows, cp.inv, meta)
