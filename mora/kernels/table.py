@@ -192,16 +192,26 @@ class BatchMeta:
         """Host copy of `merged` (a device sync on GPU; the CPU backend uses it)."""
         return int(self.merged.item())
 
+    def host_segments(self) -> list[tuple[int, int, int]]:
+        """`segments`, copied from the device tensors when the batch was prepared without them."""
+        if self.segments is None:
+            return _read_segments(self.num_segments, self.seg_start, self.seg_slot)
+        return self.segments
+
     @functools.cached_property
     def present_slots(self) -> frozenset[int]:
-        """Host set of the slots this batch's tokens use (-1 included); needs host `segments`."""
-        if self.segments is None:
-            raise ValueError("present_slots needs the host segments (prepare_batch(host_segments=True))")
-        return frozenset(s for s, _, _ in self.segments)
+        """Host set of the slots this batch's tokens use (-1 included)."""
+        return frozenset(s for s, _, _ in self.host_segments())
 
     @property
     def num_tokens(self) -> int:
         return int(self.slot.shape[0])
+
+
+def _read_segments(num: torch.Tensor, seg_start: torch.Tensor, seg_slot: torch.Tensor) -> list[tuple[int, int, int]]:
+    n = int(num.item())
+    starts = seg_start[: n + 1].tolist()
+    return [(int(s), starts[k], starts[k + 1]) for k, s in enumerate(seg_slot[:n].tolist())]
 
 
 def prepare_batch(slot: torch.Tensor, max_slots: int, *, merged_slot: int = -1, host_segments: bool | None = None) -> BatchMeta:
@@ -234,10 +244,6 @@ def prepare_batch(slot: torch.Tensor, max_slots: int, *, merged_slot: int = -1, 
     seg_len.scatter_(0, idx, counts)
     seg_start = torch.zeros(max_slots + 2, dtype=torch.int32, device=device)
     seg_start[1:] = torch.cumsum(seg_len[:-1], 0).to(torch.int32)
-    segments = None
-    if host_segments:
-        n = int(num.item())
-        starts = seg_start[: n + 1].tolist()
-        segments = [(int(s), starts[k], starts[k + 1]) for k, s in enumerate(seg_slot[:n].tolist())]
+    segments = _read_segments(num, seg_start, seg_slot) if host_segments else None
     merged = torch.tensor([merged_slot], dtype=torch.int32, device=device)
     return BatchMeta(slot, order, seg_start, seg_slot[: max_slots + 1], num, segments, merged)

@@ -221,11 +221,7 @@ def _plan(table: SlotTable, meta: BatchMeta, T: int) -> list[_ClassPlan]:
     if plan is not None:
         return plan  # type: ignore[return-value]
     lay = table.layout
-    segments = meta.segments
-    if segments is None:
-        n = int(meta.num_segments.item())
-        starts = meta.seg_start[: n + 1].tolist()
-        segments = [(int(s), starts[k], starts[k + 1]) for k, s in enumerate(meta.seg_slot[:n].tolist())]
+    segments = meta.host_segments()
     merged = meta.merged_slot
     items: list[Item] = [(s, 1.0, a, b) for s, a, b in segments if s >= 0 and s != merged and table.specs[s] is not None]
     if merged >= 0 and table.specs[merged] is not None:
