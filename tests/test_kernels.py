@@ -153,11 +153,13 @@ def test_popularity_heterogeneous_table(backend, rng, popularity, T):
     ("counts", "batched"),
     [
         ({0: 2, 1: 2, 2: 2, 3: 2}, "view"),  # equal rows, consecutive slots: one bmm over a table view
+        ({1: 3, 3: 3, 5: 3}, "view"),  # slots in arithmetic progression: a strided view
         ({0: 1, 2: 1, 5: 1}, "gather"),  # equal rows, gathered M's
         ({1: 3, 2: 1, 4: 2, 5: 3}, "pad"),  # unequal rows: padded, gathered
+        ({1: 2, 3: 1, 5: 2}, "pad-view"),  # unequal rows, slots in progression: padded, strided view
         ({0: 1, 1: 4, 2: 1}, ""),  # too much padding: one mm per adapter
     ],
-    ids=["view", "gather", "padded", "unbatched"],
+    ids=["view", "strided", "gather", "padded", "padded-strided", "unbatched"],
 )
 def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
     """Decode-shaped batches (few rows per adapter) that the torch backend runs as one batched
@@ -169,7 +171,7 @@ def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
 
     def plan(*args):
         result = real(*args)
-        taken.extend(cp.batch for cp in result)
+        taken.extend(p.batched for p in result.passes[0])
         return result
 
     monkeypatch.setattr(torch_cpu, "_plan", plan)
@@ -229,6 +231,38 @@ def test_packed_slices(backend, rng):
             expect[:, offsets[i] : offsets[i + 1]] += truth(x, table, Ms[i], slot)
     assert_close(y, expect, torch.float32)
     assert torch.equal(y[:, 88:], y0[:, 88:]) and torch.equal(y[2], y0[2])
+
+
+@pytest.mark.parametrize("merged", [-1, 0, 1, 3])
+@pytest.mark.parametrize("popularity", ["distinct", "uniform", "zipf"])
+def test_packed_slices_uneven_targets_and_merged(backend, rng, popularity, merged):
+    """Adapters that target different slices of one packed module (slot 1 only the middle one,
+    slot 3 only the last), with and without a merged adapter: the packed call equals one
+    reference call per slice, and rows that no adapter touches stay bit-identical."""
+    in_f, widths = 56, [72, 24, 40]
+    per_slice = [
+        [(6, 16), None, (1, 12), None, (3, 14)],
+        [(1, 8), (6, 10), (6, 10), None, (1, 8)],
+        [(4, 9), None, (2, 10), (6, 8), None],
+    ]
+    tables = [make_table(ShardLayout(in_f, w), ent, torch.float32, rng)[0] for w, ent in zip(widths, per_slice, strict=True)]
+    offsets = [0, 72, 96, 136]
+    T = 29
+    slot = slots_for(popularity, T, 5, rng)
+    x = torch.randn(T, in_f, generator=rng).to(DEVICE)
+    y0 = torch.randn(T, offsets[-1], generator=rng).to(DEVICE)
+    meta = prepare_batch(slot, 5, merged_slot=merged)
+    y = y0.clone()
+    mora_apply_slices(y, x, tables, meta, offsets, backend=backend)
+    for i, table in enumerate(tables):
+        cols = slice(offsets[i], offsets[i + 1])
+        expect = run("reference", table, x, slot, y0[:, cols], merged)
+        assert_close(y[:, cols], expect, torch.float32)
+    if merged < 0:
+        untouched = (slot == -1).cpu()
+        assert torch.equal(y[untouched], y0[untouched])
+    else:
+        assert torch.equal(y[slot == merged], y0[slot == merged])
 
 
 @pytest.mark.parametrize("t", TYPES)

@@ -20,7 +20,7 @@ import torch
 
 from mora.kernels.reference import mora_apply_reference
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable, prepare_batch
-from mora.kernels.torch_cpu import mora_apply_torch
+from mora.kernels.torch_cpu import mora_apply_torch, mora_apply_torch_slices
 
 __all__ = [
     "BACKENDS",
@@ -122,6 +122,10 @@ def mora_apply_slices(
         for i, table in enumerate(tables):
             mora_apply(y[:, offsets[i]:offsets[i + 1]], x, table, meta)
     """
+    name = backend or select_backend(x.device)
+    if name == "torch":  # one gather of x and one scatter into y for all slices
+        mora_apply_torch_slices(y, x, tables, meta, offsets)
+        return
     for i, table in enumerate(tables):
         if table is not None:
-            mora_apply(y[:, offsets[i] : offsets[i + 1]], x, table, meta, backend=backend)
+            mora_apply(y[:, offsets[i] : offsets[i + 1]], x, table, meta, backend=name)

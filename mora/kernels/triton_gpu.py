@@ -240,7 +240,7 @@ def mora_apply_triton(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: 
     precision = "ieee" if table.dtype == torch.float32 else "tf32"  # "tf32" only affects fp32 inputs
     grid = (triton.cdiv(T, BLOCK_T) + table.max_slots + 1, triton.cdiv(lay.local_out, block_n))
     _kernel(interpret)[grid](
-        y, x, table.Mt, table.types, table.sizes,
+        y, x, table.Mt.contiguous(), table.types, table.sizes,  # a copy only for a CPU table (interpreter)
         meta.order, meta.seg_start, meta.seg_slot, meta.num_segments, meta.merged,
         y.stride(0), y.stride(1), x.stride(0), x.stride(1),
         lay.in_features, lay.out_features, lay.in_start, lay.in_end, lay.out_start, lay.local_out, n_max,
