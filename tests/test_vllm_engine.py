@@ -234,3 +234,23 @@ def test_two_versions_of_one_adapter_in_one_batch(llm, demo_assets, tmp_path):
     alone = [llm.generate(["hello world"], _greedy(), lora_request=r, use_tqdm=False)[0] for r in (old, new)]
     assert [list(o.outputs[0].token_ids) for o in together] == [list(o.outputs[0].token_ids) for o in alone]
     assert together[0].outputs[0].token_ids != together[1].outputs[0].token_ids
+
+
+def test_preferred_slot_keeps_each_kind_in_consecutive_slots():
+    """Slot choice for MoRA adapters (no engine): filling 16 slots with two kinds in
+    alternation leaves each kind in one run of consecutive slots (one table view per pass),
+    a third kind lands in the widest gap, and a full table has no preference."""
+    from mora.vllm_plugin.manager import preferred_slot
+
+    kinds: list[str | None] = [None] * 16
+    for i in range(16):
+        slot = preferred_slot(kinds, "ab"[i % 2])
+        assert slot is not None and kinds[slot] is None
+        kinds[slot] = "ab"[i % 2]
+    for kind in "ab":
+        slots = [i for i, k in enumerate(kinds) if k == kind]
+        assert slots == list(range(slots[0], slots[0] + 8)), kinds
+    assert preferred_slot(kinds, "a") is None
+    assert preferred_slot(["a", None, None, None, None, "b"], "c") in (2, 3)
+    assert preferred_slot(["a", "b", None, "b", None], "a") == 2
+    assert preferred_slot([None, None, None], "a") == 0

@@ -5,7 +5,10 @@
   rank within `max_lora_rank`, finite values...) and becomes a `MoraLoRAModel`; anything else
   takes vLLM's stock path. Validation errors are `mora.errors` types with clear messages.
 * `MoraLoRAModelManager.activate_adapter`: after vLLM picks the slot, a MoRA adapter's `M`s
-  go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers).
+  go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers). The MoRA
+  adapter is moved to the free slot next to adapters of its own kind (`preferred_slot`), so
+  that each kind's `M`s stay in consecutive slots and a mixed batch reads them through one
+  view instead of gathering them.
 * Merge on demand: `mora_merge` folds a loaded MoRA adapter into the base weights and copies
   its `M`s to the tables' reserved row, so that its update stays subtractable for everyone
   else whichever vLLM slot it holds (or none: all `max_loras` slots stay available to the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +38,7 @@ from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import merge_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
 
-__all__ = ["MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager"]
+__all__ = ["MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "preferred_slot"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,30 @@ class MoraLoRAModel(LoRAModel):
     @property
     def num_parameters(self) -> int:
         return sum(m.numel() for m, _ in self.mora.values())
+
+    @property
+    def kind(self) -> frozenset[tuple[str, MoraSpec]]:
+        """What the fused operator groups work by: the adapter's spec on every module."""
+        return frozenset((module, spec) for module, (_, spec) in self.mora.items())
+
+
+def preferred_slot(kinds: Sequence[Hashable | None], kind: Hashable) -> int | None:
+    """The free slot (`kinds[i] is None`) that keeps adapters of one kind together.
+
+    Next to the nearest slot of the same kind when there is one (lowest on ties); otherwise
+    as far as possible from every occupied slot (highest on ties), so that a second kind
+    grows down from the top while the first grows up from the bottom. None: no free slot.
+    """
+    free = [i for i, k in enumerate(kinds) if k is None]
+    if not free:
+        return None
+    same = [i for i, k in enumerate(kinds) if k is not None and k == kind]
+    if same:
+        return min(free, key=lambda i: (min(abs(i - j) for j in same), i))
+    taken = [i for i, k in enumerate(kinds) if k is not None]
+    if not taken:
+        return free[0]
+    return max(free, key=lambda i: (min(abs(i - j) for j in taken), i))
 
 
 class MoraLoRAModelManager(LRUCacheLoRAModelManager):
@@ -106,9 +134,25 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         model = self._registered_adapters.get(lora_id)
         if activated and isinstance(model, MoraLoRAModel):
             index = self.lora_index_to_id.index(lora_id)
+            kinds = [self._kind(i) if i != index else None for i in range(len(self.lora_index_to_id))]
+            target = preferred_slot(kinds, model.kind)
+            if target is not None and target != index:
+                # vLLM reads the slot of an adapter from `lora_index_to_id` when it maps each
+                # step's tokens; the slot vLLM filled holds nothing (stock buffers were reset).
+                self.lora_index_to_id[index], self.lora_index_to_id[target] = None, lora_id
+                for module in self.modules.values():
+                    module.reset_lora(target)
+                index = target
             for _, module in self.mora_layers():
                 module.set_mora(index, [model.mora.get(child) for child in module.mora_children])
         return activated
+
+    def _kind(self, index: int) -> Hashable | None:
+        lora_id = self.lora_index_to_id[index]
+        if lora_id is None:
+            return None
+        model = self._registered_adapters.get(lora_id)
+        return model.kind if isinstance(model, MoraLoRAModel) else ("lora", lora_id)
 
     def remove_adapter(self, adapter_id: int) -> bool:
         if adapter_id == self.mora_merged_id:
