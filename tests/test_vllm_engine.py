@@ -236,21 +236,33 @@ def test_two_versions_of_one_adapter_in_one_batch(llm, demo_assets, tmp_path):
     assert together[0].outputs[0].token_ids != together[1].outputs[0].token_ids
 
 
-def test_preferred_slot_keeps_each_kind_in_consecutive_slots():
-    """Slot choice for MoRA adapters (no engine): filling 16 slots with two kinds in
-    alternation leaves each kind in one run of consecutive slots (one table view per pass),
-    a third kind lands in the widest gap, and a full table has no preference."""
-    from mora.vllm_plugin.manager import preferred_slot
+def test_compact_slots_gives_each_kind_consecutive_slots():
+    """The slot plan behind `mora_compact` (no engine): kinds end up in consecutive movable
+    slots, plain LoRA slots stay put, and a compact layout needs no move."""
+    import random
 
-    kinds: list[str | None] = [None] * 16
-    for i in range(16):
-        slot = preferred_slot(kinds, "ab"[i % 2])
-        assert slot is not None and kinds[slot] is None
-        kinds[slot] = "ab"[i % 2]
-    for kind in "ab":
-        slots = [i for i, k in enumerate(kinds) if k == kind]
-        assert slots == list(range(slots[0], slots[0] + 8)), kinds
-    assert preferred_slot(kinds, "a") is None
-    assert preferred_slot(["a", None, None, None, None, "b"], "c") in (2, 3)
-    assert preferred_slot(["a", "b", None, "b", None], "a") == 2
-    assert preferred_slot([None, None, None], "a") == 0
+    from mora.vllm_plugin.manager import FIXED, compact_slots
+
+    rng = random.Random(0)
+    for _ in range(200):
+        kinds = [rng.choice([None, None, "a", "b", "c", FIXED]) for _ in range(16)]
+        moves = compact_slots(kinds)
+        after = list(kinds)
+        for old in moves:
+            after[old] = None
+        for old, new in moves.items():
+            assert kinds[new] is None or new in moves, "a move may only land on a free or vacated slot"
+            after[new] = kinds[old]
+        assert [k for k in after if k is FIXED] == [k for k in kinds if k is FIXED]
+        assert all(after[i] is FIXED for i, k in enumerate(kinds) if k is FIXED)
+        assert sorted(map(str, after)) == sorted(map(str, kinds))
+        movable = [k for k in after if k is not FIXED]
+        held = [k for k in movable if k is not None]
+        assert movable[: len(held)] == held  # packed from the lowest movable slot
+        for kind in "abc":
+            run = [i for i, k in enumerate(held) if k == kind]
+            assert run == list(range(run[0], run[0] + len(run))) if run else True
+        assert compact_slots(after) == {}
+    # vLLM's LRU order after churn: two kinds interleaved, a LoRA adapter in slot 0
+    kinds = [FIXED, "a", "b", "a", "a", "b", None, "b"]
+    assert compact_slots(kinds) == {3: 2, 4: 3, 2: 4, 7: 6}

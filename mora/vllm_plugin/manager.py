@@ -5,10 +5,11 @@
   rank within `max_lora_rank`, finite values...) and becomes a `MoraLoRAModel`; anything else
   takes vLLM's stock path. Validation errors are `mora.errors` types with clear messages.
 * `MoraLoRAModelManager.activate_adapter`: after vLLM picks the slot, a MoRA adapter's `M`s
-  go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers). The MoRA
-  adapter is moved to the free slot next to adapters of its own kind (`preferred_slot`), so
-  that each kind's `M`s stay in consecutive slots and a mixed batch reads them through one
-  view instead of gathering them.
+  go into the wrappers' slot tables (a LoRA adapter's A/B into the stock buffers).
+* On the CPU, `mora_compact` then moves MoRA adapters between slots so that each kind (same
+  spec on every module) holds consecutive slots: the torch backend reads a kind's `M`s through
+  one view of the table instead of gathering them every layer of every step. vLLM's LRU
+  eviction frees whichever slot it frees, so activations alone cannot keep kinds together.
 * Merge on demand: `mora_merge` folds a loaded MoRA adapter into the base weights and copies
   its `M`s to the tables' reserved row, so that its update stays subtractable for everyone
   else whichever vLLM slot it holds (or none: all `max_loras` slots stay available to the
@@ -38,7 +39,7 @@ from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import merge_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
 
-__all__ = ["MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "preferred_slot"]
+__all__ = ["FIXED", "MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "compact_slots"]
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,24 @@ class MoraLoRAModel(LoRAModel):
         return frozenset((module, spec) for module, (_, spec) in self.mora.items())
 
 
-def preferred_slot(kinds: Sequence[Hashable | None], kind: Hashable) -> int | None:
-    """The free slot (`kinds[i] is None`) that keeps adapters of one kind together.
+FIXED = object()  # a slot `compact_slots` must not touch (a plain LoRA adapter)
 
-    Next to the nearest slot of the same kind when there is one (lowest on ties); otherwise
-    as far as possible from every occupied slot (highest on ties), so that a second kind
-    grows down from the top while the first grows up from the bottom. None: no free slot.
+
+def compact_slots(kinds: Sequence[Hashable | None]) -> dict[int, int]:
+    """Moves (`old slot -> new slot`) that leave each kind in consecutive slots.
+
+    `kinds[i]`: the kind of the MoRA adapter in slot `i`, None when free, `FIXED` when it must
+    stay. Adapters fill the movable slots from the lowest, kind after kind (kinds in order of
+    their lowest slot, adapters of a kind in slot order); an already compact layout needs no
+    move, so a steady workload pays nothing.
     """
-    free = [i for i, k in enumerate(kinds) if k is None]
-    if not free:
-        return None
-    same = [i for i, k in enumerate(kinds) if k is not None and k == kind]
-    if same:
-        return min(free, key=lambda i: (min(abs(i - j) for j in same), i))
-    taken = [i for i, k in enumerate(kinds) if k is not None]
-    if not taken:
-        return free[0]
-    return max(free, key=lambda i: (min(abs(i - j) for j in taken), i))
+    movable = [i for i, k in enumerate(kinds) if k is not FIXED]
+    held = [i for i in movable if kinds[i] is not None]
+    rank: dict[Hashable, int] = {}
+    for i in held:
+        rank.setdefault(kinds[i], len(rank))
+    wanted = sorted(held, key=lambda i: (rank[kinds[i]], i))
+    return {old: new for old, new in zip(wanted, movable, strict=False) if old != new}
 
 
 class MoraLoRAModelManager(LRUCacheLoRAModelManager):
@@ -134,25 +136,37 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         model = self._registered_adapters.get(lora_id)
         if activated and isinstance(model, MoraLoRAModel):
             index = self.lora_index_to_id.index(lora_id)
-            kinds = [self._kind(i) if i != index else None for i in range(len(self.lora_index_to_id))]
-            target = preferred_slot(kinds, model.kind)
-            if target is not None and target != index:
-                # vLLM reads the slot of an adapter from `lora_index_to_id` when it maps each
-                # step's tokens; the slot vLLM filled holds nothing (stock buffers were reset).
-                self.lora_index_to_id[index], self.lora_index_to_id[target] = None, lora_id
-                for module in self.modules.values():
-                    module.reset_lora(target)
-                index = target
             for _, module in self.mora_layers():
                 module.set_mora(index, [model.mora.get(child) for child in module.mora_children])
         return activated
 
-    def _kind(self, index: int) -> Hashable | None:
-        lora_id = self.lora_index_to_id[index]
-        if lora_id is None:
-            return None
-        model = self._registered_adapters.get(lora_id)
-        return model.kind if isinstance(model, MoraLoRAModel) else ("lora", lora_id)
+    def mora_compact(self) -> int:
+        """Apply `compact_slots` to the resident adapters; returns how many moved.
+
+        Between steps: the next mapping is computed from the new `lora_index_to_id`, and a
+        moved adapter's `M`s are copied from its registered model into its new slot.
+        """
+        ids = self.lora_index_to_id
+        kinds = []
+        for lora_id in ids:
+            model = self._registered_adapters.get(lora_id) if lora_id is not None else None
+            kinds.append(None if lora_id is None else model.kind if isinstance(model, MoraLoRAModel) else FIXED)
+        moves = compact_slots(kinds)
+        if not moves:
+            return 0
+        moved = {new: ids[old] for old, new in moves.items()}
+        for old in moves:
+            ids[old] = None
+        for new, lora_id in moved.items():
+            ids[new] = lora_id
+        for index in {*moves, *moved}:
+            for module in self.modules.values():  # like a fresh activation: nothing stale left
+                module.reset_lora(index)
+        for new, lora_id in moved.items():
+            model = self._registered_adapters[lora_id]
+            for _, module in self.mora_layers():
+                module.set_mora(new, [model.mora.get(child) for child in module.mora_children])
+        return len(moves)
 
     def remove_adapter(self, adapter_id: int) -> bool:
         if adapter_id == self.mora_merged_id:
@@ -285,6 +299,9 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             for lora_id in sorted(missing):
                 if self._adapter_manager.get_adapter(lora_id) is not None:
                     self._adapter_manager.activate_adapter(lora_id)
+            manager = self._adapter_manager
+            if isinstance(manager, MoraLoRAModelManager) and torch.device(manager.device).type == "cpu":
+                manager.mora_compact()  # the GPU kernel reads any slot order at no cost
             self._adapter_manager.set_adapter_mapping(mapping)
         manager = self._adapter_manager
         if isinstance(manager, MoraLoRAModelManager):
