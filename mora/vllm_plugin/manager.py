@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Hashable, Sequence
@@ -59,9 +60,10 @@ class MoraLoRAModel(LoRAModel):
     def num_parameters(self) -> int:
         return sum(m.numel() for m, _ in self.mora.values())
 
-    @property
+    @functools.cached_property
     def kind(self) -> frozenset[tuple[str, MoraSpec]]:
-        """What the fused operator groups work by: the adapter's spec on every module."""
+        """What the fused operator groups work by: the adapter's spec on every module (read
+        every step by `mora_compact`, hence cached; `mora` never changes after loading)."""
         return frozenset((module, spec) for module, (_, spec) in self.mora.items())
 
 
