@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from serve.config import ServerSettings
 from serve.errors import Unavailable
@@ -19,6 +19,8 @@ __all__ = ["Engine", "EngineError"]
 
 log = logging.getLogger(__name__)
 EXTENSION = "mora.vllm_plugin.extension.MoraWorkerExtension"
+DEATH_POLL_S = 0.5  # how often a call waiting on the engine checks that it is still alive
+T = TypeVar("T")
 
 
 class EngineError(RuntimeError):
@@ -91,6 +93,22 @@ class Engine:
             raise Unavailable("the engine has stopped")
         return self.llm
 
+    async def _unless_dead(self, call: Awaitable[T]) -> T:
+        """Await an engine call, failing with `Unavailable` if the engine dies meanwhile.
+
+        vLLM marks a dead engine core but never answers, nor fails, a utility call (adapter
+        add, worker RPC) that was in flight when the process died: awaited bare, the caller
+        (a client's RPC, the health monitor) would wait forever.
+        """
+        task = asyncio.ensure_future(call)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DEATH_POLL_S)
+            if done:
+                return task.result()
+            if self.llm is None or self.llm.errored:
+                task.cancel()
+                raise Unavailable("the engine stopped while the call was in flight")
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
@@ -107,7 +125,7 @@ class Engine:
     async def add_lora(self, lora_request: Any) -> None:
         """Register an adapter; the engine validates it again and the error says why not."""
         try:
-            await self._require().add_lora(lora_request)
+            await self._unless_dead(self._require().add_lora(lora_request))
         except Unavailable:
             raise
         except Exception as e:  # noqa: BLE001 - vLLM wraps worker errors in a bare Exception
@@ -120,7 +138,7 @@ class Engine:
     async def rpc(self, method: str, *args: Any) -> dict[str, Any]:
         """A worker-extension call; the first worker's answer (all ranks do the same)."""
         try:
-            results = await self._require().collective_rpc(method, args=args)
+            results = await self._unless_dead(self._require().collective_rpc(method, args=args))
         except Unavailable:
             raise
         except Exception as e:  # noqa: BLE001
