@@ -1,16 +1,19 @@
 """Vectorized torch backend of the fused MoRA operator (the CPU path).
 
-Work is organised once per call, never per token: rows are taken in the batch's slot order,
-adapters that share a (type, n) class are compressed (or padded and rotated, type 6) in one
-batched op, each slot's rows then get one matrix multiply with that slot's `M`, and the
-decompressed result is added to `y` in one `index_add_` (or, when the class covers the whole
-batch, one un-permuting gather and in-place adds with whole output periods broadcast). A batch
-with A adapters costs a handful of ops per class plus one `mm` per adapter, whatever the
-number of tokens; a batch with one adapter needs no gather at all.
+Work is planned once per batch and module (all slices of a packed q/k/v or gate/up), never
+per token, and the plan is shared by every layer whose tables hold the same adapters. Rows with
+work are gathered once into a work order where each pass, one (type, n) spec on one slice,
+owns contiguous rows: it compresses them (or pads and rotates them, type 6) in a few batched
+ops, multiplies each adapter's rows by its `M` (one batched GEMM when the adapters' slots form
+an arithmetic progression or their `M`s are gathered, else one `mm` each), and writes the
+decompressed result with whole output periods broadcast. Every slice lands in one buffer that
+is added to `y` with one scatter; a batch whose rows are already in work order (one adapter)
+adds straight into `y`.
 
 Type 6 only computes the chunks whose outputs land in `[out_start, out_end)` (a column shard
 computes its own chunks) and rotates them in three elementwise ops with a signed sine table
-(`rotate_half(u) * sin == swap_halves(u) * signed_sin`), without concatenations.
+(`rotate_half(u) * sin == swap_halves(u) * signed_sin`), copying the input only when the
+last chunk wraps around (padding).
 
 Multi-megabyte temporaries live in per-batch scratch buffers (`BatchMeta.scratch`): on a CPU
 the page faults of fresh allocations cost about as much as the arithmetic here.
@@ -137,7 +140,7 @@ def _expand(out_c: torch.Tensor, spec: MoraSpec, lay: ShardLayout, R: int, k_lo:
     return out_c.index_select(1, _group_index(spec, lay.out_start, lay.out_end, out_c.device)), 0, 0
 
 
-# Items of at most this many rows go through one batched GEMM when the table must be gathered:
+# Items of at most this many rows go through one batched GEMM when their `M`s must be gathered:
 # below it a small `mm` per item costs mostly call overhead, above it the per-item GEMMs run at
 # full speed and the gather and padding would only add memory traffic.
 _BATCH_ROWS = 64
