@@ -167,14 +167,14 @@ def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
     import mora.kernels.torch_cpu as torch_cpu
 
     taken: list[str] = []
-    real = torch_cpu._plan
+    real = torch_cpu.plan_module
 
     def plan(*args):
         result = real(*args)
         taken.extend(p.batched for p in result.passes[0])
         return result
 
-    monkeypatch.setattr(torch_cpu, "_plan", plan)
+    monkeypatch.setattr(torch_cpu, "plan_module", plan)
     in_f, out_f = 72, 40
     table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 6, dtype, rng)
     slot = torch.tensor([s for s, c in counts.items() for _ in range(c)] + [-1])

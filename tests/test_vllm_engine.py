@@ -266,3 +266,26 @@ def test_compact_slots_gives_each_kind_consecutive_slots():
     # vLLM's LRU order after churn: two kinds interleaved, a LoRA adapter in slot 0
     kinds = [FIXED, "a", "b", "a", "a", "b", None, "b"]
     assert compact_slots(kinds) == {3: 2, 4: 3, 2: 4, 7: 6}
+
+
+def test_runtime_reuses_a_steps_metadata_only_for_the_same_mapping():
+    """Decode steps with the same token -> slot mapping share one `BatchMeta` (and the CPU
+    backend's plans on it); vLLM rewrites its mapping buffer in place, so a changed mapping in
+    the same buffer, a different length or a merge must each give fresh metadata."""
+    import torch
+
+    from mora.vllm_plugin.runtime import MoraRuntime
+
+    rt = MoraRuntime(4, "cpu")
+    buf = torch.tensor([0, 1, 1, -1, 2])
+    first = rt.prepare(buf)
+    assert rt.prepare(buf.clone()) is first
+    buf[3] = 3  # vLLM's persistent buffer, rewritten for the next step
+    second = rt.prepare(buf)
+    assert second is not first and second.slot.tolist() == [0, 1, 1, 3, 2]
+    assert first.slot.tolist() == [0, 1, 1, -1, 2]  # the metadata kept its own copy
+    assert rt.prepare(buf[:4]) is not second
+    again = rt.prepare(buf)
+    rt.set_merged(1)
+    merged = rt.prepare(buf)
+    assert merged is not again and merged.merged_slot == 1

@@ -117,7 +117,7 @@ class SlotTable:
         # as fast as `v @ Mt[s]` for up to ~16 rows per adapter, no slower above).
         self.transposed = torch.device(device).type != "cpu"
         self._storage = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
-        self._views: dict[int, torch.Tensor] = {}
+        self._views: dict[object, torch.Tensor] = {}  # views of the storage, which is only updated in place
         self.types = torch.zeros(max_slots, dtype=torch.int32, device=device)
         self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
         # Host mirrors: the CPU backend groups work by them without a device round trip.
@@ -140,6 +140,22 @@ class SlotTable:
         view = self._views.get(n)
         if view is None:
             view = self._views[n] = self.M[:, :n, :n]
+        return view
+
+    def batch_view(self, n: int, start: int, stop: int, step: int) -> torch.Tensor:
+        """`M[start:stop:step, :n, :n]`: the `M`s of slots in arithmetic progression (kept)."""
+        key = (n, start, stop, step)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.weights(n)[start:stop:step]
+        return view
+
+    def slot_t(self, slot: int, n: int) -> torch.Tensor:
+        """`M[slot, :n, :n].T` (kept)."""
+        key = (n, slot)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.weights(n)[slot].t()
         return view
 
     @property

@@ -53,6 +53,16 @@ class MoraRuntime:
         """
         if self.merged_slot >= 0 and merged_alias >= 0:
             token_slots = torch.where(token_slots == merged_alias, self.merged_row, token_slots)
+        prev = self.meta
+        if self.device.type == "cpu":
+            # Consecutive decode steps of the same requests map tokens to slots identically:
+            # the CPU backend's plans and bound programs (kept on the metadata) then carry over
+            # instead of being rebuilt every step. `token_slots` is vLLM's persistent buffer,
+            # rewritten in place, so the metadata keeps its own copy.
+            token_slots = token_slots.to(torch.int64)
+            if prev is not None and prev.slot.shape == token_slots.shape and torch.equal(prev.slot, token_slots):
+                return prev
+            token_slots = token_slots.clone()
         meta = prepare_batch(token_slots, self.max_slots, merged_slot=self.merged_slot)
         meta.merged = self.merged  # one persistent device tensor, updated in place by merges
         self.meta = meta
