@@ -142,12 +142,14 @@ class SlotTable:
             view = self._views[n] = self.M[:, :n, :n]
         return view
 
-    def batch_view(self, n: int, start: int, stop: int, step: int) -> torch.Tensor:
-        """`M[start:stop:step, :n, :n]`: the `M`s of slots in arithmetic progression (kept)."""
-        key = (n, start, stop, step)
+    def batch_view(self, n: int, start: int, stop: int, step: int, *, transposed: bool = False) -> torch.Tensor:
+        """`M[start:stop:step, :n, :n]` (`.transpose(1, 2)` if `transposed`): the `M`s of slots
+        in arithmetic progression (kept)."""
+        key = (n, start, stop, step, transposed)
         view = self._views.get(key)
         if view is None:
-            view = self._views[key] = self.weights(n)[start:stop:step]
+            view = self.weights(n)[start:stop:step]
+            view = self._views[key] = view.transpose(1, 2) if transposed else view
         return view
 
     def slot_t(self, slot: int, n: int) -> torch.Tensor:
