@@ -35,3 +35,44 @@ def test_architecture(arch, tmp_path):
         assert merged == expected
         llm.collective_rpc("mora_unmerge")
         assert llm.collective_rpc("mora_weight_digest")[0] == digest
+
+
+def test_tensor_parallel_2(tmp_path, monkeypatch):
+    """Two tensor-parallel CPU workers (column shards of q/k/v and gate/up, row shards of o and
+    down): mixed unmerged adapters of types 1, 6 and 3 equal the transformers reference, so do
+    the same requests with one of them merged on both ranks, and unmerge restores each rank's
+    shard bit for bit."""
+    import os
+
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs, one per tensor-parallel worker")
+    # vLLM's automatic thread binding wants one NUMA node per worker; bind one CPU each instead.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    model = tiny_model(tmp_path / "llama", "llama", seed=7)
+    adapters = {}
+    for i, t in enumerate([1, 6, 3]):
+        path = tmp_path / f"tp-t{t}"
+        random_mora(model, path, mora_type=t, r=4, seed=20 + i, scale=0.1)
+        adapters[path.name] = path
+    jobs = [(p, n) for n in adapters for p in ("hello world", "abc")] + [("hello world", None)]
+    expected = hf_greedy(model, adapters, jobs, MAX_TOKENS)
+    with engine(model, max_loras=4, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        reqs = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(adapters.items())}
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+        def generate() -> list[list[int]]:
+            outs = llm.generate([p for p, _ in jobs], params, lora_request=[reqs[n] if n else None for _, n in jobs], use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
+
+        assert generate() == expected
+        digests = llm.collective_rpc("mora_weight_digest")
+        assert len(digests) == 2 and digests[0] != digests[1]  # each rank holds its own shard
+        statuses = llm.collective_rpc("mora_merge", args=(reqs["tp-t6"].lora_int_id,))
+        assert len(statuses) == 2
+        assert generate() == expected
+        llm.collective_rpc("mora_unmerge")
+        assert llm.collective_rpc("mora_weight_digest") == digests

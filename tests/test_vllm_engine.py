@@ -289,3 +289,28 @@ def test_runtime_reuses_a_steps_metadata_only_for_the_same_mapping():
     rt.set_merged(1)
     merged = rt.prepare(buf)
     assert merged is not again and merged.merged_slot == 1
+
+
+def test_stage_local_keeps_this_pipeline_stages_modules(tmp_path):
+    """Under pipeline parallelism a stage validates only the modules of its own layers; a
+    module of a layer no stage holds is still there to fail validation."""
+    import dataclasses
+
+    from engine_helpers import module_shapes, tiny_model
+
+    from mora.errors import UnexpectedModuleError
+    from mora.validate import bind_mora
+    from mora.vllm_plugin.manager import stage_local
+
+    model = tiny_model(tmp_path / "llama")
+    adapter = random_mora(model, tmp_path / "a", mora_type=6)
+    assert stage_local(adapter, ()) is adapter
+    first = stage_local(adapter, ("model.layers.1.",))
+    assert first.weights and all(m.startswith("model.layers.0.") for m in first.weights)
+    assert set(first.weights) | set(stage_local(adapter, ("model.layers.0.",)).weights) == set(adapter.weights)
+    shapes = {m: s for m, s in module_shapes(model).items() if m.startswith("model.layers.0.")}
+    assert set(bind_mora(first, shapes).specs) == set(first.weights)
+    stray = dataclasses.replace(adapter, weights={**adapter.weights, "model.layers.10.mlp.up_proj": next(iter(adapter.weights.values()))})
+    with pytest.raises(UnexpectedModuleError, match="layers.10"):
+        bind_mora(stage_local(stray, ("model.layers.1.",)), shapes)
+

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +32,7 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY, LRUCacheLoRAModelManager
 from vllm.lora.utils import get_adapter_absolute_path
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+from vllm.model_executor.models.utils import PPMissingLayer
 
 from mora.checkpoint import MoraAdapter, load_mora_adapter
 from mora.errors import MergeError, ShapeMismatchError
@@ -40,7 +42,7 @@ from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import merge_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
 
-__all__ = ["FIXED", "MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "compact_slots"]
+__all__ = ["FIXED", "MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "compact_slots", "stage_local"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,15 @@ def compact_slots(kinds: Sequence[Hashable | None]) -> dict[int, int]:
     return {old: new for old, new in zip(wanted, movable, strict=False) if old != new}
 
 
+def stage_local(adapter: MoraAdapter, other_stages: tuple[str, ...]) -> MoraAdapter:
+    """`adapter` without the modules under `other_stages` (module-path prefixes ending in `.`,
+    the decoder layers other pipeline stages hold)."""
+    if not other_stages:
+        return adapter
+    local = {m: w for m, w in adapter.weights.items() if not m.startswith(other_stages)}
+    return dataclasses.replace(adapter, weights=local)
+
+
 class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     """vLLM's LRU LoRA manager, aware of MoRA slots and of merged adapters."""
 
@@ -98,6 +109,10 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         for name, module in self.mora_layers():
             module.mora_runtime = self.mora_runtime
             module.mora_children = self.packed_modules.get(name, [name])
+        # Pipeline parallelism: the decoder layers other stages hold are placeholders here.
+        self._mora_other_stages = tuple(
+            f"{name}." for name, module in self.model.named_modules() if isinstance(module, PPMissingLayer)
+        )
 
     def mora_layers(self) -> list[tuple[str, MoraLayerMixin]]:
         return [(n, m) for n, m in self.modules.items() if isinstance(m, MoraLayerMixin)]
@@ -111,8 +126,12 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         return shapes
 
     def load_mora(self, adapter: MoraAdapter, lora_int_id: int) -> MoraLoRAModel:
-        """Validate `adapter` against this model and wrap it for the manager."""
-        bound = bind_mora(adapter, self.mora_module_shapes())
+        """Validate `adapter` against this model and wrap it for the manager.
+
+        Under pipeline parallelism each stage validates and holds only the modules of its own
+        layers; the others are checked by the stages that hold them.
+        """
+        bound = bind_mora(stage_local(adapter, self._mora_other_stages), self.mora_module_shapes())
         max_rank = self.lora_config.max_lora_rank
         limits = {child: t.n_max for _, m in self.mora_layers() for child, t in zip(m.mora_children, m.mora_tables, strict=True)}
         for module, spec in bound.specs.items():
