@@ -112,9 +112,9 @@ class SlotTable:
         self.max_slots = max_slots
         self.n_max = n_max
         # The layout each backend's GEMM reads fastest. A GPU tile reads consecutive output
-        # columns of `Mt[s] = M[s].T` from consecutive addresses; a CPU computes a decode
-        # batch's few rows per adapter as `M[s] @ v.T`, which streams `M`'s rows (about twice
-        # as fast as `v @ Mt[s]` for up to ~16 rows per adapter, no slower above).
+        # columns of `Mt[s] = M[s].T` from consecutive addresses; the CPU's batched products
+        # read `M[s]` row-major, as `M[s] @ v.T` or as `v @ M[s].T` (BLAS's transposed operand,
+        # no copy) depending on the rows per adapter (`torch_cpu._ROWS_MAJOR`).
         self.transposed = torch.device(device).type != "cpu"
         self._storage = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
         self._views: dict[object, torch.Tensor] = {}  # views of the storage, which is only updated in place
