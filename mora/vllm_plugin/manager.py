@@ -180,9 +180,11 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             ids[old] = None
         for new, lora_id in moved.items():
             ids[new] = lora_id
-        for index in {*moves, *moved}:
-            for module in self.modules.values():  # like a fresh activation: nothing stale left
+        for index in set(moves) - set(moved):  # vacated and not refilled
+            for module in self.modules.values():
                 module.reset_lora(index)
+        # A refilled slot held nothing or another MoRA adapter, which writes only the MoRA
+        # layers; `set_mora` resets those slots' stock buffers and rewrites their tables.
         for new, lora_id in moved.items():
             model = self._registered_adapters[lora_id]
             for _, module in self.mora_layers():
