@@ -10,13 +10,15 @@ import argparse
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["ServerSettings", "load_settings", "parse_args"]
+__all__ = ["ServerSettings", "build_parser", "load_settings", "parse_args"]
 
 ENV_PREFIX = "MORA_SERVE_"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
@@ -39,51 +41,55 @@ class _FileSource(PydanticBaseSettingsSource):
 class ServerSettings(BaseSettings):
     """Everything `mora-serve` can be told."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # enable_decoding=False: list and dict settings in the environment reach `_items` as text, so
+    # that comma-separated values work beside JSON and a malformed one is an error naming the setting.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, enable_decoding=False)
 
     model: Path = Field(description="base model directory (Hugging Face layout)")
     adapter_root: Path = Field(description="directory adapters are loaded from (paths are confined to it)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
-    port: int = Field(50051, ge=0, le=65535)
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; vLLM's auto runs float32 checkpoints in 16 bits")
     max_loras: int = Field(4, ge=1, le=256, description="adapter slots on the device (distinct adapters per step)")
     max_cpu_loras: int = Field(16, ge=1, description="adapters kept loaded in the engine's host cache")
     max_lora_rank: int = Field(16, description="largest LoRA-equivalent rank r of any adapter")
-    max_model_len: int | None = Field(None, ge=16, description="context length (None: the model's)")
+    max_model_len: int | None = Field(None, ge=16, description="context length; none: the model's")
     max_num_seqs: int = Field(64, ge=1, description="sequences the engine batches per step")
-    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache size on CPU (None: vLLM's)")
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache size in bytes on CPU; none: vLLM's")
     enforce_eager: bool = Field(False, description="no CUDA graphs / torch.compile (faster start, slower steps)")
     # vLLM's own distributed execution: TP within a node, PP across nodes (Ray for multi-node)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per pipeline stage (tensor parallel)")
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with the ray backend)")
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
-        None, description="vLLM's executor: mp (one node), ray (several nodes); default: vLLM's choice")
-    preload: list[str] = Field(default_factory=list, description="ID=PATH adapters loaded at start-up")
-    tenants: Path | None = None
-    snapshot_dir: Path | None = Field(None, description="where validated adapter snapshots are written (default: a private temp dir)")
-    sources: dict[str, str] = Field(default_factory=dict, description="registered adapter sources: name -> path under the root")
+        None, description="vLLM's executor: mp (one node), ray (several nodes); none: vLLM's choice")
+    preload: list[str] = Field(default_factory=list, description="adapters loaded (and validated) before serving",
+                               json_schema_extra={"metavar": "ID=PATH"})
+    tenants: Path | None = Field(None, description="tenants file (API key hashes, adapters, limits); none: an open server")
+    snapshot_dir: Path | None = Field(None, description="where validated adapter snapshots are written; none: a private temp dir")
+    sources: dict[str, str] = Field(default_factory=dict, description="registered adapter sources: name -> path under the root",
+                                    json_schema_extra={"metavar": "NAME=PATH"})
     # automatic merge policy (dLoRA-style)
-    auto_merge: bool = True
-    merge_window_s: float = Field(10.0, gt=0)
-    merge_share: float = Field(0.9, gt=0, le=1)
-    unmerge_share: float = Field(0.6, ge=0, lt=1)
-    merge_min_requests: int = Field(8, ge=1)
-    merge_min_dwell_s: float = Field(5.0, ge=0)
-    policy_interval_s: float = Field(0.5, gt=0)
+    auto_merge: bool = Field(True, description="merge an adapter that dominates the traffic into the base weights")
+    merge_window_s: float = Field(10.0, gt=0, description="seconds of traffic the merge policy looks at")
+    merge_share: float = Field(0.9, gt=0, le=1, description="share of the window's requests that merges an adapter")
+    unmerge_share: float = Field(0.6, ge=0, lt=1, description="share below which a merged adapter is unmerged")
+    merge_min_requests: int = Field(8, ge=1, description="requests in the window before the policy acts")
+    merge_min_dwell_s: float = Field(5.0, ge=0, description="seconds between two merge/unmerge transitions")
+    policy_interval_s: float = Field(0.5, gt=0, description="seconds between two merge policy decisions")
     # lifecycle and load shedding
-    shutdown_grace_s: float = Field(30.0, ge=0)
-    unload_timeout_s: float = Field(30.0, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0, description="seconds calls in flight get to finish after SIGTERM")
+    unload_timeout_s: float = Field(30.0, ge=0, description="seconds an unload waits for the adapter's requests")
     max_pending_requests: int = Field(256, ge=1, description="requests admitted at once; more are shed")
-    max_prompt_bytes: int = Field(1 << 20, ge=1)
+    max_prompt_bytes: int = Field(1 << 20, ge=1, description="largest prompt accepted, in UTF-8 bytes")
     # metrics
     metrics_label_limit: int = Field(100, ge=1, description="distinct adapter/tenant label values before 'other'")
     # TLS
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); none: plaintext")
+    tls_key: Path | None = Field(None, description="server private key (PEM), with tls_cert")
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging threshold")
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -92,13 +98,32 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"must be one of {LORA_RANKS} (vLLM's max_lora_rank values)")
         return v
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _items(cls, v: Any, info: ValidationInfo) -> Any:
+        """List and dict settings from text: a JSON value, comma-separated items or KEY=VALUE items."""
+        field = cls.model_fields[info.field_name]
+        kind = _kind(field)
+        if kind == "list" and isinstance(v, str):
+            return _json_or_items(v, list)
+        if kind == "dict":
+            if isinstance(v, str):
+                v = _json_or_items(v, dict)
+            if isinstance(v, (list, tuple)):
+                return _pairs(v, _value_type(field))
+        return v
+
     @field_validator("preload")
     @classmethod
     def _preload(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
         for item in v:
             ident, sep, path = item.partition("=")
             if not sep or not ident or not path:
                 raise ValueError(f"{item!r}: expected ID=PATH")
+            if ident in seen:
+                raise ValueError(f"adapter id {ident!r} is preloaded twice")
+            seen.add(ident)
         return v
 
     @model_validator(mode="after")
@@ -125,6 +150,58 @@ class ServerSettings(BaseSettings):
 _FILE_VALUES: dict[str, Any] = {}
 
 
+def _json_or_items(text: str, kind: type) -> Any:
+    """`text` as JSON when it looks like a JSON list/object, else its comma-separated items."""
+    text = text.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+        if not isinstance(value, kind):
+            raise ValueError(f"expected a JSON {'list' if kind is list else 'object'}")
+        return value
+    if not text:
+        return []
+    items = [i.strip() for i in text.split(",")]
+    if any(not i for i in items):
+        raise ValueError(f"{text!r}: an empty item between commas")
+    return items
+
+
+def _value_type(field: FieldInfo) -> Any:
+    ann = field.annotation
+    if get_origin(ann) in (Union, UnionType):
+        ann = next(a for a in get_args(ann) if a is not type(None))
+    args = get_args(ann)
+    return args[1] if len(args) == 2 else Any
+
+
+def _pairs(items: list[Any] | tuple[Any, ...], value_type: Any) -> dict[str, Any]:
+    """KEY=VALUE items as a dict; a malformed item or a key given twice is an error, never dropped.
+
+    Values of a `dict[str, Any]` setting are JSON when they parse (`n=2`, `x=true`, `l=[1,2]`)
+    and strings otherwise.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        if key in out:
+            raise ValueError(f"{key!r} is given twice")
+        if value_type is not str:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
@@ -140,48 +217,84 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _flag(name: str, field: FieldInfo) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return str(extra.get("flag") or "--" + name.replace("_", "-"))
+
+
+def _kind(field: FieldInfo) -> str:
+    """'bool', 'list', 'dict' or 'scalar': how a setting is spelled on the command line."""
+    ann = field.annotation
+    args = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (Union, UnionType) else [ann]
+    origins = {get_origin(a) or a for a in args}
+    if origins == {bool}:
+        return "bool"
+    if origins & {list, tuple, set}:
+        return "list"
+    if origins & {dict}:
+        return "dict"
+    return "scalar"
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    d = field.get_default(call_default_factory=True)
+    if isinstance(d, bool):
+        return f"default: {str(d).lower()}"
+    if d is None or d == [] or d == {}:
+        return "default: none"
+    return f"default: {d}"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from `ServerSettings`: one per field, with its help, default and env var.
+
+    Booleans are `--x/--no-x`; list settings accumulate over repeated flags and take several
+    values per flag; dict settings take repeated KEY=VALUE. A field may name its flag with
+    `json_schema_extra={"flag": "--engine-arg"}`.
+    """
     p = argparse.ArgumentParser(
         prog="mora-serve",
-        description="gRPC server for MoRA (and LoRA) adapters on vLLM. Every flag can also be set as "
-        f"{ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}PORT) or in --config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="gRPC server for MoRA (and LoRA) adapters on vLLM.\n\n"
+        f"Every setting is a flag, an environment variable {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}MAX_LORAS) and a\n"
+        "key of the --config file (max_loras or max-loras). Precedence: flags > environment > file > defaults.\n"
+        "List and dict settings in the environment: JSON ('[\"a=/x\"]', '{\"k\": \"v\"}') or comma-separated items.",
     )
-    p.add_argument("--config", type=Path, help="YAML/JSON/TOML file with any of these settings")
-    p.add_argument("--model")
-    p.add_argument("--adapter-root")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--metrics-port", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--max-loras", type=int)
-    p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--max-lora-rank", type=int)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--kv-cache-bytes", type=int)
-    p.add_argument("--enforce-eager", action="store_true", default=None)
-    p.add_argument("--tensor-parallel-size", type=int)
-    p.add_argument("--pipeline-parallel-size", type=int)
-    p.add_argument("--distributed-executor-backend")
-    p.add_argument("--preload", nargs="*", metavar="ID=PATH")
-    p.add_argument("--tenants", help="tenants file (API key hashes, adapters, limits); none: open server")
-    p.add_argument("--snapshot-dir", help="where validated adapter snapshots go (default: a private temp dir)")
-    p.add_argument("--no-auto-merge", dest="auto_merge", action="store_false", default=None)
-    p.add_argument("--shutdown-grace-s", type=float)
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--tls-client-ca")
-    p.add_argument("--log-level")
-    for action in p._actions:  # help text and defaults come from the settings model: one source of truth
-        field = ServerSettings.model_fields.get(action.dest)
-        if field is not None and action.help is None:
-            default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
-            action.help = f"{field.description or ''}{default}".strip() or None
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML/JSON/TOML file with any of these settings")
+    for name, field in ServerSettings.model_fields.items():
+        kind, env = _kind(field), ENV_PREFIX + name.upper()
+        help_text = f"{field.description or name.replace('_', ' ')} ({_default_text(field)}; env {env})"
+        flag = _flag(name, field)
+        if kind == "bool":
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind == "list":
+            p.add_argument(flag, dest=name, action="extend", nargs="+", default=None,
+                           metavar=_metavar(name, field, "VALUE"), help=help_text + "; repeatable")
+        elif kind == "dict":
+            p.add_argument(flag, dest=name, action="extend", nargs="+", default=None,
+                           metavar=_metavar(name, field, "KEY=VALUE"), help=help_text + "; repeatable")
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=_metavar(name, field, name.upper()), help=help_text)
     return p
 
 
+def _metavar(name: str, field: FieldInfo, fallback: str) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if extra.get("metavar"):
+        return str(extra["metavar"])
+    ann = field.annotation
+    for a in (get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)):
+        if get_origin(a) is Literal:
+            return "{" + ",".join(map(str, get_args(a))) + "}"
+    return fallback
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
-    ns = build_parser().parse_args(argv)
+    """The flags given (values as typed; `ServerSettings` validates them) and the --config path."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     values = {k: v for k, v in vars(ns).items() if v is not None and k != "config"}
     return values, ns.config
 

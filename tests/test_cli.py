@@ -47,3 +47,109 @@ def test_show_demo(demo_assets, capsys):
     assert main(["show-demo", str(demo_assets)]) == 0
     out = capsys.readouterr().out
     assert "yes" in out and "NO" not in out
+
+
+# --- `mora-serve`: flags generated from ServerSettings -----------------------------------------
+
+def _serve_help() -> str:
+    from serve.config import build_parser
+
+    return " ".join(build_parser().format_help().split())  # one line: argparse wraps help text
+
+
+def _settings(argv: list[str], config=None):
+    from serve.config import load_settings, parse_args
+
+    cli, path = parse_args(["--model", "/m", "--adapter-root", "/r", *argv] + (["--config", str(config)] if config else []))
+    return load_settings(cli, path)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    import os
+
+    for k in [k for k in os.environ if k.startswith("MORA_SERVE_")]:
+        monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def test_serve_help_lists_every_setting_with_env_var_and_default():
+    from serve.config import ENV_PREFIX, ServerSettings, build_parser
+
+    text = _serve_help()
+    dests = {a.dest: a for a in build_parser()._actions}
+    for name, field in ServerSettings.model_fields.items():
+        assert name in dests, f"{name}: no flag"
+        action = dests[name]
+        flag = action.option_strings[0]
+        assert flag in text and ENV_PREFIX + name.upper() in action.help, name
+        assert field.description and field.description in " ".join(action.help.split()), f"{name}: no help text"
+        assert ("required" if field.is_required() else "default:") in action.help, name
+    # booleans: both spellings, and the default that the setting really has
+    assert "--auto-merge, --no-auto-merge" in text and "--enforce-eager, --no-enforce-eager" in text
+    assert "(default: true; env MORA_SERVE_AUTO_MERGE)" in " ".join(dests["auto_merge"].help.split())
+    assert "(default: false; env MORA_SERVE_ENFORCE_EAGER)" in " ".join(dests["enforce_eager"].help.split())
+    assert "(default: True)" not in text
+
+
+def test_serve_booleans_both_ways(clean_env):
+    assert _settings(["--no-auto-merge"]).auto_merge is False
+    assert _settings(["--auto-merge"]).auto_merge is True
+    assert _settings([]).auto_merge is True
+    assert _settings(["--enforce-eager"]).enforce_eager is True
+    clean_env.setenv("MORA_SERVE_AUTO_MERGE", "false")
+    assert _settings([]).auto_merge is False
+    assert _settings(["--auto-merge"]).auto_merge is True  # flags win over the environment
+
+
+def test_serve_repeated_list_flags_accumulate(clean_env):
+    s = _settings(["--preload", "a=x", "--preload", "b=y"])
+    assert s.preload_map == {"a": "x", "b": "y"}
+    s = _settings(["--preload", "a=x", "b=y", "--port", "7", "--preload", "c=z"])
+    assert s.preload_map == {"a": "x", "b": "y", "c": "z"} and s.port == 7
+    s = _settings(["--sources", "one=p/1", "--sources", "two=p/2", "three=p/3"])
+    assert s.sources == {"one": "p/1", "two": "p/2", "three": "p/3"}
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--preload", "a=x", "--preload", "broken"], "'broken': expected ID=PATH"),
+    (["--preload", "a=x", "=y"], "expected ID=PATH"),
+    (["--preload", "a=x", "--preload", "a=y"], "preloaded twice"),
+    (["--sources", "s=1", "nokey"], "'nokey': expected KEY=VALUE"),
+    (["--sources", "s=1", "--sources", "s=2"], "given twice"),
+    (["--port", "http"], "port"),
+])
+def test_serve_malformed_items_are_errors(clean_env, argv, problem):
+    with pytest.raises(ValueError, match=problem):
+        _settings(argv)
+
+
+def test_serve_env_and_config_file_for_lists_and_dicts(clean_env, tmp_path):
+    clean_env.setenv("MORA_SERVE_PRELOAD", "a=x, b=y")
+    clean_env.setenv("MORA_SERVE_SOURCES", '{"s": "p/s"}')
+    s = _settings([])
+    assert s.preload_map == {"a": "x", "b": "y"} and s.sources == {"s": "p/s"}
+    clean_env.setenv("MORA_SERVE_SOURCES", "s=p/s,t=p/t")
+    assert _settings([]).sources == {"s": "p/s", "t": "p/t"}
+    clean_env.setenv("MORA_SERVE_PRELOAD", '["a=x"]')
+    assert _settings([]).preload == ["a=x"]
+    for bad in ("a=x,,b=y", "[not json", "a"):
+        clean_env.setenv("MORA_SERVE_PRELOAD", bad)
+        with pytest.raises(ValueError, match="preload"):
+            _settings([])
+    clean_env.delenv("MORA_SERVE_PRELOAD")
+    clean_env.delenv("MORA_SERVE_SOURCES")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preload: [a=x, b=y]\nsources: {s: p/s}\nauto-merge: false\nmax_loras: 2\n")
+    s = _settings([], config=cfg)
+    assert (s.preload, s.sources, s.auto_merge, s.max_loras) == (["a=x", "b=y"], {"s": "p/s"}, False, 2)
+    cfg.write_text("preload: [a=x]\nbogus_key: 1\n")
+    with pytest.raises(ValueError, match="bogus_key"):
+        _settings([], config=cfg)
+
+
+def test_serve_main_rejects_a_malformed_preload_before_starting(capsys, tmp_path):
+    from serve.server import main as serve_main
+
+    rc = serve_main(["--model", str(tmp_path), "--adapter-root", str(tmp_path), "--preload", "good=x", "--preload", "bad"])
+    assert rc == 2 and "'bad': expected ID=PATH" in capsys.readouterr().err
