@@ -441,7 +441,7 @@ def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    ints = {"stride_yt", "stride_xt", "in_f", "out_f", "in_start", "in_end", "out_start", "local_out", "n_max"}
+    ints = {"stride_yt", "stride_xt", "in_f", "out_f", "in_start", "in_end", "out_start", "local_out", "n_max", "num_rows"}
     consts = {"stride_yo": 1, "stride_xi": 1, "BLOCK_T": triton_gpu.BLOCK_T, "BLOCK_N": 64, "BLOCK_K": 64,
               "PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST_DOT": False}
     signature = {}

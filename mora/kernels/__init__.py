@@ -6,6 +6,9 @@ One documented face, `mora_apply`, several backends with the same signature:
 * `torch`     - vectorized torch, the CPU path (`torch_cpu.py`);
 * `triton`    - Punica/SGMV-style Triton kernels, the GPU path (`triton_gpu.py`).
 
+Compiled and CUDA-graph-captured forwards call it as the custom op `torch.ops.mora.fused_apply`
+(`fused_op.py`) over persistent step metadata (`step.py`, `StepMeta`), vLLM's LoRA-kernel pattern.
+
 `select_backend` picks one by device (Triton on CUDA when importable, torch otherwise), logs
 the choice once, and honours `MORA_KERNEL_BACKEND=reference|torch|triton` (read when called).
 """
@@ -18,7 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mora.kernels.fused_op import TableGroup
 from mora.kernels.reference import mora_apply_reference
+from mora.kernels.step import StepMeta
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable, prepare_batch
 from mora.kernels.torch_cpu import mora_apply_torch, mora_apply_torch_slices
 
@@ -27,6 +32,8 @@ __all__ = [
     "BatchMeta",
     "ShardLayout",
     "SlotTable",
+    "StepMeta",
+    "TableGroup",
     "mora_apply",
     "mora_apply_slices",
     "prepare_batch",

@@ -63,7 +63,7 @@ def _mora_kernel(
     y_ptr, x_ptr, m_ptr, types_ptr, sizes_ptr,  # noqa: ANN001
     order_ptr, seg_start_ptr, seg_slot_ptr, num_seg_ptr, merged_ptr,  # noqa: ANN001
     stride_yt, stride_yo, stride_xt, stride_xi,  # noqa: ANN001
-    in_f, out_f, in_start, in_end, out_start, local_out, n_max,  # noqa: ANN001
+    in_f, out_f, in_start, in_end, out_start, local_out, n_max, num_rows,  # noqa: ANN001
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ) -> None:
@@ -104,6 +104,9 @@ def _mora_kernel(
     rows = row0 + tl.arange(0, BLOCK_T)
     rmask = rows < seg_end
     tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    # Metadata prepared for more tokens than this forward has rows (a stale step seen by a
+    # warm-up forward): never touch a row past `num_rows`.
+    rmask = rmask & (tok < num_rows)
     x_rows = x_ptr + tok[:, None] * stride_xt
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < local_out
@@ -205,7 +208,7 @@ def _kernel(interpret: bool) -> Callable:
     del interpret
     # Shard bounds and sizes vary by module and rank; specializing on them (value 1, multiples
     # of 16) would only multiply compilations. Strides and n_max keep their alignment hints.
-    shapes = ["in_f", "out_f", "in_start", "in_end", "out_start", "local_out"]
+    shapes = ["in_f", "out_f", "in_start", "in_end", "out_start", "local_out", "num_rows"]
     return triton.jit(_mora_kernel, do_not_specialize=shapes)
 
 
@@ -243,7 +246,7 @@ def mora_apply_triton(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: 
         y, x, table.Mt.contiguous(), table.types, table.sizes,  # a copy only for a CPU table (interpreter)
         meta.order, meta.seg_start, meta.seg_slot, meta.num_segments, meta.merged,
         y.stride(0), y.stride(1), x.stride(0), x.stride(1),
-        lay.in_features, lay.out_features, lay.in_start, lay.in_end, lay.out_start, lay.local_out, n_max,
+        lay.in_features, lay.out_features, lay.in_start, lay.in_end, lay.out_start, lay.local_out, n_max, T,
         BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION=precision,
         # The interpreter multiplies bfloat16 operands as their raw uint16 storage; the values

@@ -13,6 +13,10 @@ Two fixes over the stock CPU path, both needed for correct multi-tenant results:
 * slot types are tracked, and on the CPU a step whose tokens use no LoRA slot skips the stock
   LoRA math (which otherwise runs over every token of every step while any LoRA adapter is
   resident, halving decode throughput), and one with no unmerged MoRA work skips the MoRA op.
+
+On a GPU (a graph-safe runtime, see `runtime.py`) the forward branches on nothing the batch
+holds: the stock LoRA update, then the custom op `torch.ops.mora.fused_apply` over the step's
+persistent metadata, so `torch.compile` and CUDA-graph replay see the same calls every step.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from vllm.lora.layers import (
     RowParallelLinearWithLoRA,
 )
 
-from mora.kernels import BatchMeta, ShardLayout, SlotTable, mora_apply_slices
+from mora.kernels import BatchMeta, ShardLayout, SlotTable, TableGroup, mora_apply_slices
 from mora.spec import MoraSpec
 from mora.vllm_plugin.runtime import MoraRuntime
 
@@ -61,6 +65,7 @@ class MoraLayerMixin:
         self.merged_row = max_loras
         widths = [lay.local_out for lay in self._mora_layouts()]
         self._mora_offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.mora_group = TableGroup(self.mora_tables, self._mora_offsets)  # the custom op's handle
         self._lora_slots: set[int] = set()
         self._mora_slots: set[int] = set()
         self.mora_runtime = None
@@ -110,11 +115,12 @@ class MoraLayerMixin:
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         rt = self.mora_runtime
-        if self.device.type != "cpu":
+        if (rt is not None and rt.graph_safe) or (rt is None and self.device.type != "cpu"):
             # GPU: no host branch on the batch's contents (CUDA graphs replay every step).
             output = super()._apply_lora_to_output(x, output)
             if rt is not None:
-                self._apply_mora(x, output, rt.meta_for(self._num_rows(x)))
+                x2 = x.flatten(0, -2) if x.ndim == 3 else x
+                rt.apply(output.flatten(0, -2) if output.ndim == 3 else output, x2, self.mora_group)
             return output
         if rt is None:
             return super()._apply_lora_to_output(x, output) if self._lora_slots else output

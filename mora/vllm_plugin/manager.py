@@ -103,7 +103,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.mora_runtime = MoraRuntime(self.lora_slots, self.device)  # slots + a reserved merged row
+        # slots + a reserved merged row; on a GPU, step buffers for vLLM's largest batch
+        self.mora_runtime = MoraRuntime(self.lora_slots, self.device, max_tokens=self.max_num_batched_tokens)
         self.mora_merged_id: int | None = None
         self._mora_pinned_by_merge = False
         for name, module in self.mora_layers():
