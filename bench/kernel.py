@@ -1,4 +1,4 @@
-"""The fused multi-adapter MoRA operator against a per-adapter loop and a same-FLOP bound.
+"""The fused multi-adapter MoRA operator against a per-adapter loop and its roofline.
 
 Llama-2-7B-shaped modules with type-6 adapters at r=8: `q_proj` (4096 -> 4096, n=256) and
 `gate_proj` (4096 -> 11008, n=348). `T` tokens are spread round-robin (shuffled) over `A`
@@ -9,7 +9,15 @@ adapters, and for every (module, T, A) four things are timed side by side:
            batch, its update on all rows (`mora_forward`), masked to its rows, added to `y`;
 * bound  - the same-FLOP lower bound: one dense matmul of all tokens' rotated chunks with a
            single `M` (inputs prepared outside the timing);
-* base   - the base layer's matmul `x @ W.T` for the same T (the fused overhead is fused/base).
+* base   - the base layer's matmul `x @ W.T` for the same T (the fused overhead is fused/base);
+* copy   - a `copy_` of a buffer larger than the caches: the memory bandwidth of this run.
+
+The roofline of a case is the larger of two lower bounds: compute (the `bound` GEMM's time,
+the same FLOPs at the speed this machine runs them) and memory (the op's compulsory traffic,
+`x` read, every *distinct* `M` the batch uses read once, `y` read and written, at the copy
+bandwidth measured in the same round). `vs_roofline` = fused / roofline. The same-FLOP
+bound alone reuses one cache-resident `M` and ignores that a batch of A adapters must read A
+different `M`s, which at small T is what the operator's time is made of.
 
 Rounds interleave the candidates (fused next to both loop and bound, the order reversed every
 round), so a noisy neighbour hits them alike; times are medians over rounds, ratios medians of
@@ -18,13 +26,15 @@ the per-round ratios. On the CPU the thread count is set explicitly
 OpenMP barriers turn that into multi-millisecond stalls). On CUDA the triton backend is
 timed with events, and achieved TFLOP/s and GB/s are printed against the GPU's peak.
 
-    python -m bench.kernel                  # ends with: speedup_vs_loop_a16=X vs_bound=Y
-    python -m bench.kernel --device cuda    # X: smallest loop/fused at A >= 16; Y: largest fused/bound
+    python -m bench.kernel                  # ends with: speedup_vs_loop_a16=X vs_bound=Y vs_roofline=Z vs_roofline_t16=...
+    python -m bench.kernel --device cuda    # X: smallest loop/fused at A >= 16; Y: largest fused/bound;
+                                            # Z: largest fused/roofline (per T: vs_roofline_tT)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +50,7 @@ SHAPES = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)}  # name: (out_feat
 TOKENS = (16, 128, 512)
 ADAPTERS = (1, 4, 16, 64)
 CANDIDATES = ("fused", "loop", "bound", "base")
+COPY_MIB = 256  # the bandwidth probe: larger than any last-level cache
 # Dense bf16 tensor-core TFLOP/s and memory TB/s by device-name fragment (first match wins).
 GPU_PEAKS = [
     ("GH200", 989.0, 4.0), ("H200", 989.0, 4.8), ("H100 PCIe", 756.0, 2.0), ("H100", 989.0, 3.35),
@@ -55,10 +66,11 @@ class Case:
     present: int
     run: dict[str, Callable[[], object]]
     flops: int  # of the fused update (multiply-adds count 2)
-    bytes: int  # the fused op's compulsory traffic: x, the present M's, y read and written
+    bytes: int  # the fused op's compulsory traffic: x, the distinct M's used, y read and written
 
 
-def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype, device: str, backend: str) -> Case:
+def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype, device: str, backend: str,
+               copy: Callable[[], object]) -> Case:
     out_f, in_f = SHAPES[module]
     spec = MoraSpec.from_rank(in_f, out_f, 8, 6)
     g = torch.Generator().manual_seed(T * 1000 + A)
@@ -88,6 +100,7 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
     }
     if device == "cuda":  # time kernels, not Python launch overhead (and show fused is capturable)
         run.update({name: _graphed(run[name]) for name in ("fused", "bound", "base")})
+    run["copy"] = copy
     el = x.element_size()
     flops = 2 * T * chunks * spec.n * spec.n
     traffic = el * (T * in_f + len(present) * spec.n * spec.n + 2 * T * out_f)
@@ -145,7 +158,7 @@ def measure(case: Case, rounds: int, device: str, budget_s: float) -> dict[str, 
     samples: dict[str, list[float | None]] = {name: [None] * rounds for name in case.run}
     # fused sits between loop and bound, so each ratio compares neighbouring samples; the order
     # reverses every round so that neither side of a pair is systematically first.
-    order = ["loop", "fused", "bound", "base"]
+    order = ["loop", "fused", "bound", "copy", "base"]
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             if r < want[name]:
@@ -160,6 +173,24 @@ def median_of(samples: list[float | None]) -> float:
 def median_ratio(num: list[float | None], den: list[float | None]) -> float:
     """Median over the rounds that measured both: a slow phase of the machine cancels out."""
     return statistics.median(a / b for a, b in zip(num, den, strict=True) if a is not None and b is not None)
+
+
+def roofline_ratios(samples: dict[str, list[float | None]], case: Case, copy_bytes: int) -> list[float]:
+    """Per round: fused / max(compute bound, compulsory bytes at the round's copy bandwidth)."""
+    out = []
+    for f, b, c in zip(samples["fused"], samples["bound"], samples["copy"], strict=True):
+        if f is not None and b is not None and c is not None:
+            out.append(f / max(b, case.bytes * c / copy_bytes))
+    return out
+
+
+def make_copy(device: str, dtype: torch.dtype, mib: int) -> tuple[Callable[[], object], int]:
+    """A `dst.copy_(src)` of `mib` MiB and the bytes it moves (read + write)."""
+    numel = mib * 2**20 // torch.empty((), dtype=dtype).element_size()
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    fn = functools.partial(dst.copy_, src)
+    return (_graphed(fn) if device == "cuda" else fn), 2 * numel * src.element_size()
 
 
 def gpu_peak(name: str) -> tuple[float, float] | None:
@@ -180,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--adapters", type=int, nargs="+", default=list(ADAPTERS))
     parser.add_argument("--modules", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--copy-mib", type=int, default=COPY_MIB, help="size of the bandwidth probe")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -199,28 +231,32 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cuda":
         print("fused, bound and base are CUDA-graph replays (no launch overhead); loop runs eagerly")
     head = f"{'module':<10}{'T':>5}{'A':>4}{'used':>5}{'fused ms':>10}{'loop ms':>10}{'bound ms':>10}{'base ms':>10}"
-    head += f"{'vs loop':>9}{'vs bound':>9}{'ovh/base':>9}"
+    head += f"{'vs loop':>9}{'vs bound':>9}{'vs roof':>9}{'GB/s cp':>8}{'ovh/base':>9}"
     if device == "cuda":
         head += f"{'TFLOP/s':>9}{'GB/s':>8}" + (f"{'%FLOP':>7}{'%BW':>6}" if peak else "")
     print(head)
     speedups, ratios = [], []
+    roof: dict[int, list[float]] = {}
+    copy, copy_bytes = make_copy(device, dtype, args.copy_mib)
     for module in args.modules:
         out_f, in_f = SHAPES[module]
         W = (torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02).to(device, dtype)
         for T in args.tokens:
             for A in args.adapters:
-                case = build_case(module, T, A, W, dtype, device, backend)
+                case = build_case(module, T, A, W, dtype, device, backend, copy)
                 samples = measure(case, args.rounds, device, args.budget)
                 med = {c: median_of(v) for c, v in samples.items()}
                 speedup = median_ratio(samples["loop"], samples["fused"])
                 ratio = median_ratio(samples["fused"], samples["bound"])
                 overhead = median_ratio(samples["fused"], samples["base"])
+                vs_roof = statistics.median(roofline_ratios(samples, case, copy_bytes))
+                roof.setdefault(T, []).append(vs_roof)
                 ratios.append(ratio)
                 if A >= 16:
                     speedups.append(speedup)
                 line = f"{module:<10}{T:>5}{A:>4}{case.present:>5}"
                 line += "".join(f"{med[c] * 1e3:>10.3f}" for c in CANDIDATES)
-                line += f"{speedup:>8.1f}x{ratio:>8.2f}x{overhead:>8.1%} "
+                line += f"{speedup:>8.1f}x{ratio:>8.2f}x{vs_roof:>8.2f}x{copy_bytes / med['copy'] / 1e9:>8.1f}{overhead:>8.1%} "
                 if device == "cuda":
                     tflops, gbs = case.flops / med["fused"] / 1e12, case.bytes / med["fused"] / 1e9
                     line += f"{tflops:>9.2f}{gbs:>8.0f}"
@@ -230,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                 del case
     print(f"wall time {time.perf_counter() - started:.0f} s")
     x = min(speedups) if speedups else float("nan")
-    print(f"speedup_vs_loop_a16={x:.2f} vs_bound={max(ratios):.2f}")
+    per_t = " ".join(f"vs_roofline_t{T}={max(v):.2f}" for T, v in sorted(roof.items()))
+    worst = max(max(v) for v in roof.values())
+    print(f"speedup_vs_loop_a16={x:.2f} vs_bound={max(ratios):.2f} vs_roofline={worst:.2f} {per_t}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ a plain vLLM user serves MoRA adapters unchanged:
     llm.generate(prompts, params, lora_request=LoRARequest("tenant-a", 1, "/path/to/mora_adapter"))
 
 `register()` puts MoRA-capable wrappers in front of vLLM's LoRA layer classes and installs
-the MoRA-aware worker LoRA manager. It is idempotent, cheap, touches no device, and never
-raises (a failure is logged and leaves vLLM stock).
+the MoRA-aware worker LoRA manager. It is idempotent, cheap and touches no device. Every vLLM
+internal it relies on is listed in `coupling.py` and checked first, with the vLLM version:
+when one is missing it raises `VllmCouplingError` and the engine does not start. It never
+leaves vLLM stock silently (stock vLLM would die on the first MoRA adapter, or serve base
+outputs if a renamed hook stopped being called).
 """
 
 from __future__ import annotations
@@ -27,19 +30,20 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    try:
-        import vllm.lora.utils as lora_utils
-        import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
+    from mora.vllm_plugin.coupling import check
 
-        from mora.vllm_plugin.layers import MORA_LAYER_CLASSES
-        from mora.vllm_plugin.manager import MoraWorkerLoRAManager
+    version = check()  # raises VllmCouplingError: the engine must not start without MoRA
+    import vllm.lora.utils as lora_utils
+    import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
 
-        # `from_layer` walks this ordered tuple and takes the first class that can replace a
-        # layer; ours subclass the stock wrappers, so putting them first is all it takes.
-        stock = tuple(c for c in lora_utils._all_lora_classes if c not in MORA_LAYER_CLASSES)
-        lora_utils._all_lora_classes = MORA_LAYER_CLASSES + stock
-        # The v1 model runner builds its worker LoRA manager from this module attribute.
-        runner_mixin.LRUCacheWorkerLoRAManager = MoraWorkerLoRAManager
-        _registered = True
-    except Exception:
-        log.exception("mora vLLM plugin failed to register; MoRA adapters will not be served")
+    from mora.vllm_plugin.layers import MORA_LAYER_CLASSES
+    from mora.vllm_plugin.manager import MoraWorkerLoRAManager
+
+    # `from_layer` walks this ordered tuple and takes the first class that can replace a
+    # layer; ours subclass the stock wrappers, so putting them first is all it takes.
+    stock = tuple(c for c in lora_utils._all_lora_classes if c not in MORA_LAYER_CLASSES)
+    lora_utils._all_lora_classes = MORA_LAYER_CLASSES + stock
+    # The v1 model runner builds its worker LoRA manager from this module attribute.
+    runner_mixin.LRUCacheWorkerLoRAManager = MoraWorkerLoRAManager
+    _registered = True
+    log.debug("mora vLLM plugin registered on vLLM %s", version)

@@ -1,0 +1,113 @@
+"""Every vLLM internal the MoRA plugin relies on, in one place, checked before registering.
+
+MoRA rides on vLLM's LoRA machinery: it replaces internal classes and module attributes and
+overrides private methods. If a vLLM upgrade renames one, stock vLLM either dies on the first
+MoRA adapter or, worse, silently stops calling our override and serves base-model outputs.
+So `check()` verifies the vLLM version and each internal below, and `register()` raises
+`VllmCouplingError` (the engine does not start) when anything is off. `docs/gpu.md` lists the
+same table for readers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+__all__ = ["INTERNALS", "SUPPORTED_VLLM", "Internal", "VllmCouplingError", "check"]
+
+SUPPORTED_VLLM = ("0.32.",)  # version prefixes this plugin was written and tested against
+
+
+class VllmCouplingError(RuntimeError):
+    """The installed vLLM lacks an internal the MoRA plugin needs (or is another version)."""
+
+
+@dataclass(frozen=True)
+class Internal:
+    module: str
+    attr: str  # dotted path inside the module
+    why: str
+    calls: str | None = None  # the attribute (a function) must still call this name
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.attr}"
+
+
+INTERNALS: tuple[Internal, ...] = (
+    Internal("vllm.lora.utils", "_all_lora_classes", "register() puts the MoRA layer wrappers first in it"),
+    Internal("vllm.v1.worker.lora_model_runner_mixin", "LRUCacheWorkerLoRAManager",
+             "register() replaces it with MoraWorkerLoRAManager (the runner builds its manager from it)"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_sync", "the wrappers' forward path",
+             calls="_apply_lora_to_output"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_lora_to_output",
+             "overridden: adds the MoRA update after the stock LoRA one"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.create_lora_weights", "overridden: allocates the slot tables"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.reset_lora", "overridden: clears a slot"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora", "overridden: a LoRA adapter takes a slot"),
+    Internal("vllm.lora.layers", "ColumnParallelLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.layers", "MergedColumnParallelLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.layers", "QKVParallelLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.layers", "MergedQKVParallelLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.layers", "RowParallelLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.layers", "ReplicatedLinearWithLoRA", "subclassed"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._load_adapter",
+             "overridden: MoRA checkpoints load through the mora library"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.set_active_adapters",
+             "overridden: prepares the step's MoRA metadata"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._apply_adapters", "called by set_active_adapters"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._manager_cls", "set to MoraLoRAModelManager"),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.activate_adapter",
+             "overridden: writes a MoRA adapter's M's into its slot"),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager._add_adapter", "overridden: MoRA adapters are not packed"),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.remove_adapter", "overridden: a merged adapter stays"),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.set_adapter_mapping", "writes the token -> slot mapping"),
+    Internal("vllm.lora.model_manager", "LoRAModelManager.__init__", "reads max_num_batched_tokens for the step buffers",
+             calls="max_num_batched_tokens"),
+    Internal("vllm.lora.model_manager", "DEFAULT_LANGUAGE_WRAPPER_KEY", "finds the language model's punica wrapper"),
+    Internal("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.token_lora_indices",
+             "the step's unpadded token -> slot mapping"),
+    Internal("vllm.lora.lora_model", "LoRAModel", "subclassed by MoraLoRAModel"),
+    Internal("vllm.lora.utils", "get_adapter_absolute_path", "resolves adapter paths like stock vLLM"),
+    Internal("vllm.model_executor.models.utils", "PPMissingLayer", "pipeline stages skip other stages' layers"),
+    Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
+             "merging on the CPU repacks the oneDNN weights"),
+)
+
+
+def _resolve(item: Internal) -> object:
+    obj: object = importlib.import_module(item.module)
+    for part in item.attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check() -> str:
+    """Verify the vLLM version and every internal; returns the version, raises
+    `VllmCouplingError` naming everything missing."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    problems = []
+    if not version.startswith(SUPPORTED_VLLM):
+        problems.append(f"vLLM {version} is not a supported version ({', '.join(p + 'x' for p in SUPPORTED_VLLM)})")
+    for item in INTERNALS:
+        try:
+            obj = _resolve(item)
+        except (ImportError, AttributeError) as e:
+            problems.append(f"{item.name} is missing ({item.why}): {e}")
+            continue
+        if item.calls is not None:
+            try:
+                source = inspect.getsource(obj)
+            except (OSError, TypeError):
+                source = ""
+            if item.calls not in source:
+                problems.append(f"{item.name} no longer uses {item.calls} ({item.why})")
+    if problems:
+        raise VllmCouplingError(
+            "the MoRA vLLM plugin cannot run on this vLLM; refusing to start rather than serve "
+            "without MoRA:\n  - " + "\n  - ".join(problems)
+        )
+    return version
