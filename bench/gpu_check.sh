@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The Triton MoRA kernel on a real CUDA GPU: correctness (compiled, no interpreter) and the
-# kernel benchmark (TFLOP/s and GB/s against the GPU's peak). Needs python3 with torch and
-# triton and a CUDA device; no vLLM, no network, no install. About 2-4 minutes.
+# What a GPU serving MoRA under vLLM relies on, on a real CUDA GPU, without vLLM: needs python3
+# with torch (2.11+) and triton (3.6+) and a CUDA device; no vLLM, no network, no install.
+# About 3-6 minutes.
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to pick another interpreter
 #
-# Correctness runs tests/test_kernels.py under pytest when pytest is importable (every backend
-# on CUDA tensors, CUDA-graph replay included), else a self-contained check of the Triton
-# backend against the reference. Exit status: non-zero if either part failed.
+# 1. kernel correctness: tests/test_kernels.py under pytest when pytest is importable (every
+#    backend on CUDA tensors, a CUDA-graph replay included), else a self-contained check of the
+#    Triton backend against the reference;
+# 2. bench.gpu_contract: MoRA-wrapped decoder layers (the project's runtime, custom op and
+#    Triton kernel) captured in real torch.cuda.CUDAGraphs at padded sizes 1/2/4/8/16/32 with
+#    dummy adapters, replayed across steps with changing mappings (16 adapters of types 1/6/3,
+#    a merged slot, fewer real tokens than the padded size) against the torch reference; then
+#    the same stack under torch.compile (inductor, fullgraph, dynamic token counts);
+# 3. bench.kernel --device cuda: fused time against the roofline (compute bound vs the
+#    distinct-M bytes at the copy bandwidth measured in the same run).
+#
+# Ends with one line:  graphs_ok=<bool> compile_ok=<bool> vs_roofline=<worst fused/roofline>
+# Exit status: non-zero if any part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,20 +25,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET MORA_KERNEL_BACKEND
 
-"$PY" - <<'EOF' || { echo "gpu_check: no usable torch + triton + CUDA"; exit 2; }
+"$PY" - <<'PYEOF' || { echo "gpu_check: no usable torch + triton + CUDA"; exit 2; }
 import torch, triton
 assert torch.cuda.is_available(), "torch sees no CUDA device"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
       f"capability {torch.cuda.get_device_capability()}")
-EOF
+PYEOF
 
 status=0
-echo "== correctness =="
+echo "== 1. kernel correctness =="
 if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py || status=1
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py || status=1
 else
     echo "(pytest not installed: self-contained check of the triton backend)"
-    timeout 240 "$PY" - <<'EOF' || status=1
+    timeout 240 "$PY" - <<'PYEOF' || status=1
 import torch
 from mora.kernels import ShardLayout, SlotTable, mora_apply, prepare_batch
 from mora.spec import MoraSpec, MoraType
@@ -65,9 +75,21 @@ for dtype in TOL:
                         print(f"FAIL {dtype} {in_f}->{out_f} [{out_start},{out_end}) T={T} merged={merged}: err {err:.3g}")
 print("triton vs reference:", "all passed" if not failures else f"{failures} failures")
 raise SystemExit(1 if failures else 0)
-EOF
+PYEOF
 fi
 
-echo "== benchmark (triton backend, bf16) =="
-timeout 200 "$PY" -m bench.kernel --device cuda --rounds 5 || status=1
+echo "== 2. CUDA graphs and torch.compile over MoRA-wrapped decoder layers =="
+contract=$(timeout 420 "$PY" -m bench.gpu_contract --device cuda 2>&1) || status=1
+echo "$contract"
+graphs_ok=$(sed -n 's/^GPU_CONTRACT.*graphs_ok=\([A-Za-z]*\).*/\1/p' <<<"$contract")
+compile_ok=$(sed -n 's/^GPU_CONTRACT.*compile_ok=\([A-Za-z]*\).*/\1/p' <<<"$contract")
+
+echo "== 3. kernel benchmark (triton backend, bf16) =="
+bench=$(timeout 300 "$PY" -m bench.kernel --device cuda --rounds 5 2>&1) || status=1
+echo "$bench"
+vs_roofline=$(sed -n 's/.* vs_roofline=\([0-9.a-z]*\).*/\1/p' <<<"$bench" | tail -1)
+
+[ "${graphs_ok:-}" = True ] || status=1
+[ "${compile_ok:-}" = True ] || status=1
+echo "graphs_ok=${graphs_ok:-False} compile_ok=${compile_ok:-False} vs_roofline=${vs_roofline:-nan}"
 exit $status

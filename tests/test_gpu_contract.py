@@ -80,7 +80,7 @@ def _replay_simulation(cfg: Config, steps_sizes: tuple[int, ...], capture_size: 
     calls = []
     real = TableGroup.apply
 
-    def record(self, y, x, step_tensors):  # noqa: ANN001
+    def record(self, y, x, step_tensors):
         calls.append((self, y, x, tuple(step_tensors)))
         return real(self, y, x, step_tensors)
 

@@ -43,7 +43,7 @@ def test_renamed_hook_is_detected(monkeypatch):
 
     from mora.vllm_plugin.coupling import VllmCouplingError, check
 
-    def _apply_sync(self, x, bias=None):  # noqa: ANN001, ANN202 - a vLLM that renamed the hook
+    def _apply_sync(self, x, bias=None):
         return self._add_adapters(x, bias)
 
     monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_sync", _apply_sync)

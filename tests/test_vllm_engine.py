@@ -314,3 +314,49 @@ def test_stage_local_keeps_this_pipeline_stages_modules(tmp_path):
     with pytest.raises(UnexpectedModuleError, match="layers.10"):
         bind_mora(stage_local(stray, ("model.layers.1.",)), shapes)
 
+
+
+@pytest.mark.gpu_contract
+def test_padded_forward_through_the_vllm_wrappers(llm, demo_requests):
+    """vLLM prepares a step with its unpadded token count and may run the forward on more rows:
+    the real wrappers must still apply each token's adapter to the real rows and leave the
+    padding rows exactly as the base layer computed them (they used to fall back to base)."""
+    ids = [r.lora_int_id for r in demo_requests.values()]
+
+    def probe(worker) -> list[tuple[str, float, bool, bool]]:
+        import torch
+
+        from mora.kernels import mora_apply_slices, prepare_batch
+
+        manager = worker.model_runner.lora_manager._adapter_manager
+        for lora_id in ids:
+            manager.activate_adapter(lora_id)
+        slots = [manager.lora_index_to_id.index(i) for i in ids]
+        rt = manager.mora_runtime
+        saved = rt.meta
+        g = torch.Generator().manual_seed(0)
+        n, T = 7, 16
+        token_slots = torch.tensor([slots[i % len(slots)] if i % 4 else -1 for i in range(n)])
+        out = []
+        try:
+            for name, layer in manager.mora_layers()[:4]:
+                rt.prepare(token_slots)
+                x = torch.randn(T, layer.input_size, generator=g)
+                with torch.no_grad():
+                    got = layer.apply(x)
+                    base = layer.base_layer.quant_method.apply(layer.base_layer, x)
+                    want = base.clone()
+                    meta = prepare_batch(token_slots, rt.max_slots)
+                    mora_apply_slices(want[:n], x[:n], layer.mora_tables, meta, layer._mora_offsets, backend="reference")
+                err = (got[:n] - want[:n]).abs().max().item() / max(1.0, want.abs().max().item())
+                out.append((name, err, torch.equal(got[n:], base[n:]), not torch.equal(got[:n], base[:n])))
+        finally:
+            rt.meta = saved
+        return out
+
+    results = llm.collective_rpc(probe)[0]
+    assert len(results) == 4
+    for name, err, pad_untouched, adapted in results:
+        assert err <= 2e-5, f"{name}: error {err}"
+        assert pad_untouched, f"{name}: padding rows changed"
+        assert adapted, f"{name}: the adapters were not applied to the real rows"
