@@ -77,3 +77,44 @@ def test_engine_does_not_start_when_an_internal_is_missing(tmp_path):
     assert "STARTED" not in proc.stdout
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "VllmCouplingError" in proc.stdout and "PunicaWrapperBase.token_lora_indices is missing" in proc.stdout
+
+
+# vLLM's CPU engine, compiled (Dynamo traced once, guards dropped: what vLLM does on a GPU),
+# serving MoRA-only adapters. Test-only patches: vLLM's CPU platform turns compilation off
+# whenever LoRA is enabled, because its punica CPU ops branch on the host; with no LoRA adapter
+# ever resident, the stock LoRA updates (linear and embedding) would add zeros and are skipped;
+# the runtime takes its GPU (graph-safe) path on the CPU.
+_COMPILED_ENGINE = 'import json, sys\n\ndef patch():\n    from vllm.platforms.cpu import CpuPlatform\n    orig = CpuPlatform.check_and_update_config.__func__\n\n    def check_and_update_config(cls, vllm_config):\n        # vLLM\'s CPU platform turns compilation off whenever LoRA is enabled; keep it on.\n        lora = vllm_config.lora_config\n        vllm_config.lora_config = None\n        try:\n            orig(cls, vllm_config)\n        finally:\n            vllm_config.lora_config = lora\n\n    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)\n    import mora.vllm_plugin.runtime as runtime\n    init = runtime.MoraRuntime.__init__\n\n    def graph_safe_init(self, max_slots, device, *, max_tokens=None, graph_safe=None):\n        init(self, max_slots, device, max_tokens=max_tokens, graph_safe=True)  # the GPU path, on the CPU\n\n    runtime.MoraRuntime.__init__ = graph_safe_init\n    from mora.vllm_plugin.layers import MoraLayerMixin\n    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA\n\n    def mora_only(self, x, output):\n        # MoRA-only adapters: the stock CPU LoRA ops (which vLLM never compiles) are skipped.\n        x2 = x.flatten(0, -2) if x.ndim == 3 else x\n        self.mora_runtime.apply(output.flatten(0, -2) if output.ndim == 3 else output, x2, self.mora_group)\n        return output\n\n    MoraLayerMixin._apply_lora_to_output = mora_only\n    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA\n\n    # No LoRA adapter ever holds a slot: the stock embedding update (host-branchy punica CPU\n    # ops, the reason vLLM runs LoRA models eagerly on the CPU) would add zeros.\n    VocabParallelEmbeddingWithLoRA.forward = lambda self, x: self.base_layer.forward(x)\n\nif __name__ == "__main__":\n    model, spec = sys.argv[1], json.loads(sys.argv[2])\n    patch()\n    from vllm import LLM, SamplingParams\n    from vllm.lora.request import LoRARequest\n    llm = LLM(model=model, enable_lora=True, max_loras=4, max_lora_rank=8, dtype="float32", max_model_len=128,\n              kv_cache_memory_bytes=64 * 2**20, max_num_seqs=32, seed=0)\n    print("MODE", llm.llm_engine.vllm_config.compilation_config.mode.name, flush=True)\n    reqs = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec["adapters"].items())}\n    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)\n    out = []\n    for batch in spec["batches"]:\n        outs = llm.generate([p for p, _ in batch], params, lora_request=[reqs[n] if n else None for _, n in batch], use_tqdm=False)\n        out.append([list(o.outputs[0].token_ids) for o in outs])\n    print("RESULT" + json.dumps(out), flush=True)\n'
+
+
+def test_compiled_cpu_engine_serves_mixed_mora_batches(tmp_path):
+    """Batches of 1, 3, 5 and 17 requests over MoRA adapters of types 1/6/3/2/4 and the base
+    model, through the compiled engine, equal the transformers reference token for token."""
+    import json
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from engine_helpers import assert_greedy_matches, hf_greedy_scored, random_mora, tiny_model
+
+    model = tiny_model(tmp_path / "llama")
+    adapters = {}
+    for i, t in enumerate([1, 6, 3, 2, 4, 6]):
+        path = tmp_path / f"a{i}-t{t}"
+        random_mora(model, path, mora_type=t, r=4, seed=20 + i, scale=0.08)
+        adapters[path.name] = str(path)
+    names = [*adapters, None]
+    batches = [[(f"prompt {k} hello", names[(k * 3 + size) % len(names)]) for k in range(size)] for size in (1, 3, 5, 17)]
+    spec = {"adapters": adapters, "batches": batches, "max_tokens": 6}
+    (tmp_path / "run.py").write_text(_COMPILED_ENGINE)
+    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_CI_ENV="1")  # Dynamo with the eager backend: vLLM's own CPU CI setting
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(model), json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = proc.stdout.splitlines()
+    assert "MODE DYNAMO_TRACE_ONCE" in lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = [ln for ln in lines if ln.startswith("RESULT")]
+    assert result, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(result[0][len("RESULT"):])
+    jobs = [job for batch in batches for job in batch]
+    want = hf_greedy_scored(Path(model), {n: Path(p) for n, p in adapters.items()}, jobs, spec["max_tokens"])
+    assert_greedy_matches([tokens for batch in got for tokens in batch], want)
