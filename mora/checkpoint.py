@@ -12,9 +12,13 @@ Everything is read into memory: an adapter, once loaded, cannot change when its 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from mora.errors import (
     AdapterConfigError,
+    AdapterError,
+    AdapterPathError,
     AdapterNotFoundError,
     AdapterWeightsError,
     NonFiniteWeightsError,
     NotMoraAdapterError,
     TiedWeightMismatchError,
+    UnexpectedModuleError,
 )
 from mora.spec import MoraType
 
@@ -58,6 +65,53 @@ MAX_CONFIG_BYTES = 1 << 20
 # a 28672-wide layer ~7M); the cap stops a hostile header from allocating gigabytes.
 MAX_TENSOR_ELEMENTS = 1 << 28
 MAX_FILE_BYTES = 8 << 30
+MAX_HEADER_BYTES = 16 << 20
+MAX_JSON_DEPTH = 32
+MAX_KEY_CHARS = 1024
+MAX_PATTERN_CHARS = 4096
+_ST_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> Any:
+    import re2  # google-re2: matching in time linear in the input, whatever the pattern
+
+    return re2.compile(pattern)
+
+
+def _compile(pattern: str, what: str = "pattern") -> Any:
+    """A user-supplied regex compiled with RE2 (linear time: no catastrophic backtracking).
+    Patterns RE2 cannot run (backreferences, lookaround) are refused, never run by `re`."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{what} is longer than {MAX_PATTERN_CHARS} characters")
+    try:
+        return _compiled(pattern)
+    except Exception as e:  # noqa: BLE001 - re2.error
+        raise ValueError(f"{what} {pattern[:40]!r} is not a linear-time (RE2) regular expression: {e}") from None
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: no recursion on hostile input)."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            depth = max(depth, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return depth
+
+
+def loads_bounded(text: str | bytes, what: str, name: str, error: type[AdapterError]) -> Any:
+    """`json.loads` that refuses nesting deeper than `MAX_JSON_DEPTH` with `error`."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} is not valid JSON ({type(e).__name__} at position {getattr(e, 'pos', '?')})", adapter=name) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name)
+    return value
 
 
 class AdapterConfig(BaseModel):
@@ -105,28 +159,55 @@ class AdapterConfig(BaseModel):
             raise ValueError(f"ranks must be >= 1: {bad}")
         return v
 
+    @field_validator("target_modules")
+    @classmethod
+    def _linear_time_target(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):  # a regex; a list holds plain module names
+            _compile(v, "target_modules")
+        return v
+
+    @field_validator("layers_pattern")
+    @classmethod
+    def _linear_time_layers(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for p in [v] if isinstance(v, str) else (v or []):
+            _compile(rf".*\.{p}\.(\d+)\.", "layers_pattern")
+        return v
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _linear_time_keys(cls, v: dict[str, object]) -> dict[str, object]:
+        for k in v:
+            _compile(rf".*\.{k}$", "pattern key")
+        return v
+
+    def _pattern_key(self, module: str) -> str:
+        keys = list(self.rank_pattern) + list(self.alpha_pattern)
+        return next((k for k in keys if _compile(rf".*\.{k}$").match(module)), module)
+
     def rank_for(self, module: str) -> int:
         """The LoRA rank of `module`, resolved through `rank_pattern` exactly as peft 0.9 does."""
-        keys = list(self.rank_pattern) + list(self.alpha_pattern)
-        key = next((k for k in keys if re.match(rf".*\.{k}$", module)), module)
-        return self.rank_pattern.get(key, self.r)
+        return self.rank_pattern.get(self._pattern_key(module), self.r)
+
+    def alpha_for(self, module: str) -> float:
+        """The LoRA alpha of `module`, resolved through `alpha_pattern` exactly as peft 0.9 does."""
+        return self.alpha_pattern.get(self._pattern_key(module), self.lora_alpha)
 
     def targets(self, module: str) -> bool:
         """Whether `module` (a path like `model.layers.0.self_attn.q_proj`) is targeted."""
         t = self.target_modules
         if isinstance(t, str):
-            found = re.fullmatch(t, module) is not None
+            found = _compile(t).fullmatch(module) is not None
         else:
             found = module in t or any(module.endswith(f".{name}") for name in t)
         if not found or self.layers_to_transform is None:
             return found
         patterns = self.layers_pattern
         if not patterns:
-            m = re.match(r".*\.[^.]*\.(\d+)\.", module)
+            m = _compile(r".*\.[^.]*\.(\d+)\.").match(module)
         else:
             m = None
             for p in [patterns] if isinstance(patterns, str) else patterns:
-                m = re.match(rf".*\.{p}\.(\d+)\.", module)
+                m = _compile(rf".*\.{p}\.(\d+)\.").match(module)
                 if m is not None:
                     break
         if m is None:
@@ -187,32 +268,75 @@ class _RawWeights:
 def _directory(path: str | Path, name: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise AdapterNotFoundError(f"adapter directory {str(p)!r} does not exist", adapter=name)
+        raise AdapterNotFoundError(f"adapter directory {p.name[:64]!r} does not exist", adapter=name)
     return p
 
 
-def read_config(path: str | Path, name: str | None = None) -> AdapterConfig:
+def _read_inside(path: Path, allowed: Path | None, name: str, limit: int, *, prefix: int | None = None) -> bytes:
+    """The bytes of `path` (at most `limit`; only the first `prefix` if given), if it is a regular
+    file whose real path lies inside `allowed`.
+
+    Refused: symlinks leading out of `allowed` (to another tenant's files, `/proc/...`), FIFOs,
+    devices, directories. The file is opened without following a final symlink and re-checked
+    through its descriptor, so swapping it between the check and the open does not help. Never
+    memory-mapped (a file truncated under a mapping kills the process with SIGBUS); contents are
+    never echoed in errors.
+    """
+    real = Path(os.path.realpath(path))
+    if allowed is not None:
+        root = Path(os.path.realpath(allowed))
+        if not real.is_relative_to(root):
+            raise AdapterPathError(f"{path.name} resolves outside the folder adapters may be read from", adapter=name)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"{path.name} is missing", adapter=name) from None
+    except OSError as e:
+        raise AdapterPathError(f"{path.name} cannot be opened: {e.strerror}", adapter=name) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterPathError(f"{path.name} is not a regular file", adapter=name)
+        if allowed is not None and os.path.realpath(f"/proc/self/fd/{fd}") != str(real) and os.path.exists("/proc/self/fd"):
+            raise AdapterPathError(f"{path.name} changed while it was opened", adapter=name)
+        if st.st_size > limit:
+            raise AdapterWeightsError(f"{path.name} is larger than {limit} bytes", adapter=name)
+        want = st.st_size if prefix is None else min(prefix, st.st_size)
+        chunks, got = [], 0
+        while got < want:
+            chunk = os.read(fd, min(want - got, 64 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_config(path: str | Path, name: str | None = None, *, allowed: Path | None = None) -> AdapterConfig:
     """Parse and type-check `adapter_config.json` in `path`."""
     name = name or Path(path).name
     file = _directory(path, name) / ADAPTER_CONFIG
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise AdapterNotFoundError(f"{ADAPTER_CONFIG} is missing", adapter=name)
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterConfigError(f"{ADAPTER_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes", adapter=name)
+    data = _read_inside(file, allowed, name, MAX_CONFIG_BYTES)
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{ADAPTER_CONFIG} is not valid JSON: {e}", adapter=name) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterConfigError(f"{ADAPTER_CONFIG} is not UTF-8", adapter=name) from None
+    raw = loads_bounded(text, ADAPTER_CONFIG, name, AdapterConfigError)
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{ADAPTER_CONFIG} must hold a JSON object", adapter=name)
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterConfigError(
-            "only LoRA-type peft adapters are supported", adapter=name, expected="LORA", found=raw.get("peft_type")
+            "only LoRA-type peft adapters are supported", adapter=name, expected="LORA", found=str(raw.get("peft_type"))[:32]
         )
     try:
         config = AdapterConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))[:64] or 'config'}: {err['msg'][:160]}" for err in e.errors()[:4])
         raise AdapterConfigError(f"invalid {ADAPTER_CONFIG}: {problems}", adapter=name) from None
     if config.use_mora:
         try:
@@ -229,61 +353,96 @@ def read_config(path: str | Path, name: str | None = None) -> AdapterConfig:
     return config
 
 
-def _read_file(path: Path, name: str) -> bytes:
-    """The whole file, read (never memory-mapped: a file truncated under a mapping kills the
-    process with SIGBUS; a short read here is just a parse error)."""
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise AdapterWeightsError(f"{path.name} is larger than {MAX_FILE_BYTES} bytes", adapter=name)
-    return path.read_bytes()
+Shapes = Mapping[str, tuple[int, int]]
 
 
-def _safetensors_header(data: bytes, name: str) -> dict[str, Any]:
-    # Format: 8-byte little-endian header length, then a JSON header of dtype/shape/offsets.
-    # Checked before deserializing so that a hostile header cannot request huge allocations.
-    if len(data) < 8:
+def _tensor_limit(key: str, shape: list[int], base_shapes: Shapes | None, name: str) -> None:
+    """Shapes a tensor of this key may have, from the base module alone (before any data is read).
+
+    No adapter tensor of a module `(out, in)` has a side over `in + out` (a MoRA `n` is about
+    `sqrt((in + out) * r)`, a LoRA rank at most `min(in, out)` to be useful)."""
+    _check_size(name, key, shape)
+    if len(key) > MAX_KEY_CHARS:
+        raise AdapterWeightsError(f"tensor key longer than {MAX_KEY_CHARS} characters", adapter=name, found=key[:48] + "...")
+    if base_shapes is None:
+        return
+    m = _KEY_RE.match(key)
+    if m is None:
+        raise AdapterWeightsError("unexpected tensor key", adapter=name, expected=f"{KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight",
+                                  found=key[:96])
+    module = m.group("module")
+    if module not in base_shapes:
+        raise UnexpectedModuleError("the base model has no linear module of this name", adapter=name, module=module[:96])
+    out_f, in_f = base_shapes[module]
+    if len(shape) != 2 or max(shape) > in_f + out_f:
+        raise AdapterWeightsError("tensor cannot belong to this module", adapter=name, module=module,
+                                  expected=f"2 dimensions of at most {in_f + out_f}", found=list(shape)[:4])
+
+
+def _read_safetensors(file: Path, name: str, allowed: Path | None, base_shapes: Shapes | None) -> dict[str, torch.Tensor]:
+    """Header first: every tensor's dtype, shape and byte range are checked (against the base
+    model when `base_shapes` is given) before any tensor data is read, so memory is bounded by
+    what the base model allows, not by the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    head = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8)
+    if len(head) < 8:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: shorter than its header", adapter=name)
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header of {n} bytes (limit {MAX_HEADER_BYTES})", adapter=name)
+    data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n)
+    if len(data) < 8 + n:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header claims {n} bytes, file has {len(data) - 8}", adapter=name)
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header ({e})", adapter=name) from None
+    header = loads_bounded(data[8:], SAFETENSORS_WEIGHTS + " header", name, AdapterWeightsError)
     if not isinstance(header, dict):
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header", adapter=name)
-    return header
+    end = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad shape for {key[:96]!r}", adapter=name)
+        itemsize = _ST_DTYPES.get(meta.get("dtype"))
+        if itemsize is None:
+            raise AdapterWeightsError("tensor is not floating point", adapter=name, expected="F16/BF16/F32/F64",
+                                      found=str(meta.get("dtype"))[:16])
+        _tensor_limit(key, shape, base_shapes, name)
+        offsets = meta.get("data_offsets")
+        numel = math.prod(shape)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or offsets[1] - offsets[0] != numel * itemsize or offsets[0] < 0):
+            raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad data offsets for {key[:96]!r}", adapter=name)
+        end = max(end, offsets[1])
+    data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n + end)
+    if len(data) != 8 + n + end:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: truncated tensor data", adapter=name)
+    try:
+        return dict(load_safetensors(data))
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {str(e)[:160]}", adapter=name) from None
 
 
-def _read_tensors(directory: Path, name: str) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: Path, name: str, allowed: Path | None = None, base_shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
     st, bn = directory / SAFETENSORS_WEIGHTS, directory / BIN_WEIGHTS
-    if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        data = _read_file(st, name)
-        for key, meta in _safetensors_header(data, name).items():
-            if key != "__metadata__":
-                shape = meta.get("shape") if isinstance(meta, dict) else None
-                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                    raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad shape for {key!r}", adapter=name)
-                _check_size(name, key, shape)
-        try:
-            return dict(load_safetensors(data))
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-            raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {e}", adapter=name) from None
-    if bn.is_file():
-        data = _read_file(bn, name)
+    if os.path.lexists(st):
+        return _read_safetensors(st, name, allowed, base_shapes)
+    if os.path.lexists(bn):
+        # A pickle's shapes cannot be read before its data: bound the file by what the base model allows.
+        limit = MAX_FILE_BYTES
+        if base_shapes:
+            limit = min(limit, (1 << 20) + sum(16 * (o + i) * max(o, i) for o, i in base_shapes.values()))
+        data = _read_inside(bn, allowed, name, limit)
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise AdapterWeightsError(
-                f"{BIN_WEIGHTS} is not a plain tensor dictionary ({type(e).__name__}: {e})", adapter=name
-            ) from None
+            raise AdapterWeightsError(f"{BIN_WEIGHTS} is not a plain tensor dictionary ({type(e).__name__})", adapter=name) from None
         if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
             raise AdapterWeightsError(f"{BIN_WEIGHTS} must hold a dict of tensors", adapter=name)
         for k, v in loaded.items():
-            _check_size(name, k, list(v.shape))
+            _tensor_limit(k, list(v.shape), base_shapes, name)
         return dict(loaded)
     raise AdapterNotFoundError(f"no {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS}", adapter=name)
 
@@ -301,10 +460,12 @@ def _check_size(name: str, key: str, shape: list[int]) -> None:
 def _split(tensors: Mapping[str, torch.Tensor], name: str) -> _RawWeights:
     raw = _RawWeights()
     for key, t in tensors.items():
+        if len(key) > MAX_KEY_CHARS:
+            raise AdapterWeightsError(f"tensor key longer than {MAX_KEY_CHARS} characters", adapter=name, found=key[:48] + "...")
         m = _KEY_RE.match(key)
         if m is None:
             raise AdapterWeightsError(
-                "unexpected tensor key", adapter=name, expected=f"{KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight", found=key
+                "unexpected tensor key", adapter=name, expected=f"{KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight", found=key[:96]
             )
         module = m.group("module")
         if t.dtype not in FLOAT_DTYPES:
@@ -321,10 +482,15 @@ def _check_finite(name: str, module: str, t: torch.Tensor) -> None:
         raise NonFiniteWeightsError(f"{bad} non-finite values (NaN or inf)", adapter=name, module=module)
 
 
-def load_adapter(path: str | Path, name: str | None = None) -> MoraAdapter | LoraAdapter:
+def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | None = None,
+                 base_shapes: Shapes | None = None) -> MoraAdapter | LoraAdapter:
     """Read a MoRA or LoRA adapter directory into memory, checking everything that can be
     checked without the base model: config types, tensor keys, dtypes, ranks of 2, square
     MoRA matrices, identical `lora_B` copies, finite values.
+
+    `allowed`: every file read must be a regular file whose real path lies inside this folder.
+    `base_shapes`: the base model's `{module: (out, in)}`; tensor sizes are then checked against
+    it from the safetensors header before any tensor data is read.
 
     Semantics::
 
@@ -334,8 +500,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> MoraAdapter | Lor
     """
     directory = Path(path)
     name = name or directory.name
-    config = read_config(directory, name)
-    raw = _split(_read_tensors(directory, name), name)
+    config = read_config(directory, name, allowed=allowed)
+    raw = _split(_read_tensors(directory, name, allowed, base_shapes), name)
     if not raw.a and not raw.b:
         raise AdapterWeightsError("the weights file holds no adapter tensors", adapter=name)
     if config.use_mora:

@@ -103,3 +103,15 @@ class MergeError(MoraError):
 
 class NonFiniteMergeError(MergeError):
     """A merge in safe mode would have produced non-finite weights; nothing was changed."""
+
+
+class AdapterPathError(AdapterError):
+    """A file of the adapter is not a regular file inside the folder it may be read from."""
+
+
+class UpdateTooLargeError(AdapterWeightsError):
+    """The update of a module is too large relative to its base layer (see `mora.containment`)."""
+
+
+class MergeNotContainedError(MergeError):
+    """Merging the adapter would cost the other tenants more than the serving dtype's tolerance."""

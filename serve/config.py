@@ -83,6 +83,7 @@ class ServerSettings(BaseSettings):
     unload_timeout_s: float = Field(30.0, ge=0, description="seconds an unload waits for the adapter's requests")
     max_pending_requests: int = Field(256, ge=1, description="requests admitted at once; more are shed")
     max_prompt_bytes: int = Field(1 << 20, ge=1, description="largest prompt accepted, in UTF-8 bytes")
+    max_update_ratio: float = Field(1024.0, gt=0, description="largest ||update||/||base weight|| of an adapter's module (docs/security.md)")
     # metrics
     metrics_label_limit: int = Field(100, ge=1, description="distinct adapter/tenant label values before 'other'")
     # TLS

@@ -46,6 +46,7 @@ class Engine:
         self.max_model_len = 0
         self.vocab_size = 0
         self.eos_token_id: int | None = None
+        self.dtype: Any = None  # torch dtype the engine serves in (adapters are validated in it)
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
@@ -75,6 +76,7 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.dtype = self.llm.model_config.dtype
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         log.info("engine ready: %s, max_model_len=%d, %d adapter slots", s.model, self.max_model_len, s.max_loras)
 

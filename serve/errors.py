@@ -7,6 +7,7 @@ becomes INTERNAL with a generic message (details go to the log, never to another
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +17,19 @@ import grpc
 from mora import errors as mora_errors
 
 log = logging.getLogger(__name__)
+
+
+MAX_MESSAGE_CHARS = 1024  # status details travel in trailing metadata (16 KiB limit by default)
+SHORT_CHARS = 48
+
+
+def short(value: str, limit: int = SHORT_CHARS) -> str:
+    """`repr` of at most a short prefix of caller input, for error messages."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 class ServeError(Exception):
@@ -66,6 +80,12 @@ class Unavailable(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NonFiniteOutput(ServeError):
+    """The model produced NaN/inf for one request (its adapter, its prompt); only it fails."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _LIBRARY_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (mora_errors.AdapterNotFoundError, grpc.StatusCode.INVALID_ARGUMENT),  # a path given by the caller
     (mora_errors.AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -77,14 +97,16 @@ _LIBRARY_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for `exc`."""
     if isinstance(exc, ServeError):
-        return exc.code, exc.message
+        return exc.code, _bounded(exc.message)
     for kind, code in _LIBRARY_CODES:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, _bounded(str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is out of disk space ({exc.strerror})"
     from vllm.exceptions import VLLMClientError  # the engine's own "bad request" errors
 
     if isinstance(exc, VLLMClientError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc))
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 

@@ -21,7 +21,7 @@ import grpc
 
 from serve.config import ServerSettings
 from serve.engine import Engine
-from serve.errors import InvalidRequest, ResourceExhausted, Unavailable, status_for
+from serve.errors import InvalidRequest, NonFiniteOutput, ResourceExhausted, Unavailable, status_for
 from serve.metrics import ServerMetrics
 from serve.policy import MergePolicy
 from serve.registry import AdapterRegistry, check_adapter_id
@@ -52,7 +52,9 @@ def sampling_params(sp: Any, max_tokens_left: int) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    kw: dict[str, Any] = {"output_kind": RequestOutputKind.DELTA}
+    # logprobs=0: the sampled token's log-probability, from which the server tells when a
+    # request's logits became non-finite (and stops it alone; see docs/security.md).
+    kw: dict[str, Any] = {"output_kind": RequestOutputKind.DELTA, "logprobs": 0}
     requested = sp.max_tokens or 16
     kw["max_tokens"] = min(requested, max_tokens_left)
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -102,7 +104,7 @@ class GenerationService:
         self._live: set[str] = set()
         self._shutdown_aborted: set[str] = set()
 
-    def _prompt(self, request: Any) -> list[int]:
+    async def _prompt(self, request: Any) -> list[int]:
         which = request.WhichOneof("input")
         if which == "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
@@ -112,7 +114,8 @@ class GenerationService:
         elif which == "prompt":
             if len(request.prompt.encode("utf-8", "surrogatepass")) > self.settings.max_prompt_bytes:
                 raise InvalidRequest(f"prompt is longer than {self.settings.max_prompt_bytes} bytes")
-            ids = self.engine.tokenize(request.prompt)
+            # Off the event loop: a long prompt takes a while to tokenize and health checks must not wait.
+            ids = await asyncio.to_thread(self.engine.tokenize, request.prompt)
         else:
             raise InvalidRequest("give a prompt or prompt_token_ids")
         if not ids:
@@ -141,6 +144,9 @@ class GenerationService:
     async def run(self, request: Any, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Chunk]:
         arrival = time.perf_counter()
         tenant_name, adapter_id = "unauthenticated", request.adapter_id or None
+        # Metric labels carry only what authentication and authorization vouched for: an id the
+        # caller may not use (or that is not loaded) never becomes a label.
+        adapter_label = "unknown" if adapter_id is not None else None
         code = grpc.StatusCode.OK
         try:
             tenant = self.tenants.authenticate(context.invocation_metadata())
@@ -149,8 +155,8 @@ class GenerationService:
                 raise Unavailable("the server is shutting down")
             if adapter_id is not None:
                 check_adapter_id(adapter_id)
-                entry = self.registry.get(adapter_id)
-                self.tenants.check_use(tenant, adapter_id, entry.tenant)
+                self.registry.get(adapter_id, tenant)
+                adapter_label = adapter_id
             else:
                 self.tenants.check_base(tenant)
             if len(request.request_id) > MAX_REQUEST_ID:
@@ -158,16 +164,18 @@ class GenerationService:
             with self._admit(tenant):
                 if not self.engine.ready:
                     raise Unavailable("the engine is not serving")
-                ids = self._prompt(request)
+                ids = await self._prompt(request)
                 params = sampling_params(request.sampling, self.engine.max_model_len - len(ids))
                 async with contextlib.AsyncExitStack() as stack:
                     lora = None
                     if adapter_id is not None:
                         lora = (await stack.enter_async_context(self.registry.lease(adapter_id))).lora_request
-                    self.policy.observe(adapter_id, time.monotonic())
+                    if self.settings.auto_merge:  # nothing reads the request log otherwise: keep none
+                        self.policy.observe(adapter_id, time.monotonic())
                     async for chunk in self._stream(request, ids, params, lora, tenant_name, arrival):
                         yield chunk
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: the client cancelled a stream between two messages.
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
@@ -177,7 +185,9 @@ class GenerationService:
                 raise Unavailable("the engine stopped while serving this request") from exc
             raise
         finally:
-            a, t = self.metrics.labels(adapter_id, tenant_name)
+            if code == grpc.StatusCode.OK and context.cancelled():
+                code = grpc.StatusCode.CANCELLED
+            a, t = self.metrics.labels(adapter_label, tenant_name)
             self.metrics.requests.labels(a, t, method, code.name).inc()
             if code == grpc.StatusCode.OK:
                 self.metrics.request_duration.labels(a, t).observe(time.perf_counter() - arrival)
@@ -217,6 +227,11 @@ class GenerationService:
                         for _ in new:
                             self.metrics.tpot.labels(a, t).observe(gap)
                     last_token_at = now
+                if c.logprobs and not all(math.isfinite(lp.logprob) for step in c.logprobs for lp in step.values()):
+                    raise NonFiniteOutput(
+                        "the model's outputs became non-finite (NaN or inf) for this request"
+                        + (f" with adapter {request.adapter_id!r}" if request.adapter_id else "")
+                        + "; it was stopped (other requests are unaffected)")
                 completion += len(new)
                 chunk = Chunk(rid, c.text, new)
                 if out.finished:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 __all__ = ["Decision", "MergePolicy"]
 
 BASE = ""  # requests for the base model count as traffic too
+MAX_EVENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,14 @@ class MergePolicy:
         self.unmerge_share = unmerge_share
         self.min_requests = min_requests
         self.min_dwell_s = min_dwell_s
-        self._events: deque[tuple[float, str]] = deque()
+        # Bounded: the shares of the last MAX_EVENTS requests are as good a signal as the window's.
+        self._events: deque[tuple[float, str]] = deque(maxlen=MAX_EVENTS)
         self._last_transition = float("-inf")
 
     def observe(self, adapter_id: str | None, now: float) -> None:
         self._events.append((now, adapter_id or BASE))
+        while self._events and self._events[0][0] < now - self.window_s:  # expire as we go, too
+            self._events.popleft()
 
     def transitioned(self, now: float) -> None:
         self._last_transition = now

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -29,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from mora.checkpoint import LoraAdapter, MoraAdapter, load_adapter, save_lora_adapter, save_mora_adapter
+from mora.containment import UpdateReport, base_weight_norms, check_update
 from mora.errors import AdapterError, ShapeMismatchError
 from mora.hf import module_shapes_from_config
-from mora.validate import bind_adapter
+from mora.validate import BoundMora, bind_adapter
 from serve.config import ServerSettings
 from serve.engine import Engine, EngineError
 from serve.errors import (
@@ -40,47 +42,92 @@ from serve.errors import (
     FailedPrecondition,
     InvalidRequest,
     PathNotAllowed,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
+    short,
 )
 from serve.tenants import Tenant, TenantDirectory
 
 __all__ = ["AdapterRegistry", "Entry", "Version"]
 
 log = logging.getLogger(__name__)
-ADAPTER_ID_MAX = 128
+ADAPTER_ID_MAX = 128  # bytes (UTF-8): ids name snapshot folders, and file names have a byte limit
+PATH_MAX_BYTES = 1024
+SNAPSHOTS_PREFIX = "mora-snapshots-"
+LOCK_FILE = ".lock"
 
 
 def check_adapter_id(adapter_id: str) -> str:
     if not adapter_id:
         raise InvalidRequest("adapter_id is empty")
-    if len(adapter_id) > ADAPTER_ID_MAX:
-        raise InvalidRequest(f"adapter_id is longer than {ADAPTER_ID_MAX} characters")
-    if not all(c.isalnum() or c in "._-" for c in adapter_id) or adapter_id in (".", ".."):
-        raise InvalidRequest("adapter_id may only contain letters, digits, '.', '_' and '-'")
+    if len(adapter_id.encode("utf-8", "surrogatepass")) > ADAPTER_ID_MAX:
+        raise InvalidRequest(f"adapter_id is longer than {ADAPTER_ID_MAX} bytes")
+    if not all(c.isascii() and (c.isalnum() or c in "._-") for c in adapter_id) or adapter_id in (".", ".."):
+        raise InvalidRequest("adapter_id may only contain ASCII letters, digits, '.', '_' and '-'")
     return adapter_id
 
 
 def resolve_under_root(root: Path, relative: str) -> Path:
-    """`root/relative` with symlinks resolved; refused if it leaves `root` or is not a directory."""
+    """`root/relative` with symlinks resolved; refused if it leaves `root` or is not a directory.
+
+    `root` is the folder the caller may read: `<adapter-root>/<tenant>` for a tenant,
+    the adapter root for admins and `--preload`.
+    """
     if not relative or "\x00" in relative:
         raise InvalidRequest("adapter path is empty or contains a NUL byte")
+    if len(relative.encode("utf-8", "surrogatepass")) > PATH_MAX_BYTES:
+        raise InvalidRequest(f"adapter path is longer than {PATH_MAX_BYTES} bytes")
     if os.path.isabs(relative):
-        raise PathNotAllowed("adapter paths are relative to the adapter root")
+        raise PathNotAllowed("adapter paths are relative to your adapter folder")
     if os.path.normpath(relative).split(os.sep)[0] == "..":
-        raise PathNotAllowed(f"adapter path {relative!r} leaves the adapter root")
+        raise PathNotAllowed(f"adapter path {short(relative)} leaves your adapter folder")
     base = root.resolve()
     try:
         target = (base / relative).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
-        raise InvalidRequest(f"adapter path {relative!r} does not exist under the adapter root") from None
+        raise InvalidRequest(f"adapter path {short(relative)} does not exist in your adapter folder") from None
     except (OSError, RuntimeError) as e:
-        raise InvalidRequest(f"adapter path {relative!r} cannot be resolved: {e}") from None
+        raise InvalidRequest(f"adapter path {short(relative)} cannot be resolved: {e.__class__.__name__}") from None
     if not target.is_relative_to(base):
-        raise PathNotAllowed(f"adapter path {relative!r} resolves outside the adapter root")
+        raise PathNotAllowed(f"adapter path {short(relative)} resolves outside your adapter folder")
     if not target.is_dir():
-        raise InvalidRequest(f"adapter path {relative!r} is not a directory")
+        raise InvalidRequest(f"adapter path {short(relative)} is not a directory")
     return target
+
+
+def _lock_snapshot_dir(directory: Path) -> int:
+    """Hold an exclusive lock on `directory` for this process's lifetime (released by the kernel
+    when it dies, however it dies), so the next start can tell live snapshot folders from stale ones."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def clean_stale_snapshots(parent: Path) -> list[Path]:
+    """Remove snapshot folders left by servers that died without cleaning up (SIGKILL, OOM)."""
+    removed = []
+    for d in parent.glob(SNAPSHOTS_PREFIX + "*"):
+        lock = d / LOCK_FILE
+        if not d.is_dir() or d.is_symlink() or not lock.is_file():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live server holds it
+        finally:
+            os.close(fd)
+        for p in [d, *d.rglob("*")]:
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    os.chmod(p, stat.S_IRWXU)
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 @dataclass
@@ -91,6 +138,7 @@ class Version:
     adapter: MoraAdapter | LoraAdapter
     source: str
     lora_request: Any
+    report: UpdateReport | None = None  # update/base ratios: decides whether it may be merged
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -128,11 +176,16 @@ class AdapterRegistry:
         self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
         self.merge_backup_bytes = 0
         self._base_shapes: dict[str, tuple[int, int]] | None = None
+        self._base_norms: dict[str, float] = {}
         parent = settings.snapshot_dir
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
-        self._snapshots = Path(tempfile.mkdtemp(prefix="mora-snapshots-", dir=parent))
+        parent = Path(parent or tempfile.gettempdir())
+        for stale in clean_stale_snapshots(parent):
+            log.warning("removed the stale snapshot folder %s of a server that died", stale)
+        self._snapshots = Path(tempfile.mkdtemp(prefix=SNAPSHOTS_PREFIX, dir=parent))
         os.chmod(self._snapshots, 0o700)
+        self._lock_fd = _lock_snapshot_dir(self._snapshots)
         self._on_event = on_event or (lambda *a, **k: None)
         self._background: set[asyncio.Task] = set()
 
@@ -148,17 +201,31 @@ class AdapterRegistry:
             self._base_shapes = module_shapes_from_config(self.settings.model)
         return self._base_shapes
 
-    def get(self, adapter_id: str) -> Entry:
+    def base_norms(self, modules: list[str]) -> dict[str, float]:
+        missing = [m for m in modules if m not in self._base_norms]
+        if missing:
+            self._base_norms.update(base_weight_norms(self.settings.model, missing))
+        return self._base_norms
+
+    def get(self, adapter_id: str, caller: Tenant | None = None) -> Entry:
+        """The entry of `adapter_id`; one `caller` may not see is NOT_FOUND exactly like an absent one."""
         entry = self.entries.get(adapter_id)
-        if entry is None:
-            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded")
+        if entry is None or (caller is not None and not self.tenants.may_see(caller, entry.tenant)):
+            raise AdapterNotFound(f"adapter {short(adapter_id)} is not loaded")
         return entry
 
     def visible(self, tenant: Tenant) -> list[Entry]:
-        return [e for e in self.entries.values() if tenant.is_admin or e.tenant == tenant.name]
+        return [e for e in self.entries.values() if self.tenants.may_see(tenant, e.tenant)]
 
-    def _validate(self, adapter_id: str, directory: Path) -> MoraAdapter | LoraAdapter:
-        adapter = load_adapter(directory, adapter_id)
+    def merge_refusal(self, entry: Entry) -> str | None:
+        """Why `entry` may not be merged (other tenants' results would leave the tolerance), or None."""
+        if entry.version.kind != "mora":
+            return "it is a LoRA adapter; only MoRA adapters are merged"
+        report = entry.version.report
+        return None if report is None else report.merge_refusal(self.engine.dtype)
+
+    def _validate(self, adapter_id: str, directory: Path, allowed: Path) -> tuple[MoraAdapter | LoraAdapter, UpdateReport]:
+        adapter = load_adapter(directory, adapter_id, allowed=allowed, base_shapes=self.base_shapes())
         bound = bind_adapter(adapter, self.base_shapes())
         max_rank = self.settings.max_lora_rank
         for module in (bound.specs if isinstance(adapter, MoraAdapter) else bound.shapes):
@@ -168,7 +235,10 @@ class AdapterRegistry:
                                          expected=f"r <= {max_rank}", found=r)
         if isinstance(adapter, LoraAdapter) and "lora_alpha" not in adapter.config.model_fields_set:
             raise InvalidRequest(f"adapter {adapter_id!r}: a LoRA adapter_config.json needs lora_alpha")
-        return adapter
+        modules = list(adapter.weights if isinstance(adapter, MoraAdapter) else adapter.lora_a)
+        specs = bound.specs if isinstance(bound, BoundMora) else None
+        report = check_update(adapter, specs, self.base_norms(modules), self.engine.dtype, self.settings.max_update_ratio)
+        return adapter, report
 
     def _snapshot(self, adapter: MoraAdapter | LoraAdapter, number: int) -> Path:
         path = self._snapshots / f"{adapter.name}.v{number}"
@@ -189,39 +259,76 @@ class AdapterRegistry:
 
     # -- load / replace / unload ----------------------------------------------------------
 
+    def adapter_folder(self, caller: Tenant | None) -> Path:
+        """The folder `caller` loads from: `<root>/<tenant>` for tenants; the root for admins and preloads."""
+        root = self.settings.adapter_root
+        if caller is None or caller.is_admin:
+            return root
+        return root / caller.name
+
     async def load(self, adapter_id: str, *, path: str | None = None, source_name: str | None = None,
-                   owner: str | None, replace: bool = False) -> Entry:
-        """Validate, snapshot and register an adapter (or new weights for an existing id)."""
+                   caller: Tenant | None = None, owner: str | None = None, replace: bool = False) -> Entry:
+        """Validate, snapshot and register an adapter (or new weights for an existing id).
+
+        `caller`: the authenticated tenant (None: the server itself, for --preload). Who owns the
+        adapter is decided, and checked, inside the registry lock, so a racing load cannot take
+        over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`.
+        """
         check_adapter_id(adapter_id)
+        if caller is not None:
+            self.tenants.check_manage(caller)
         if source_name is not None:
             if source_name not in self.settings.sources:
-                raise InvalidRequest(f"no registered source named {source_name!r}")
+                raise InvalidRequest(f"no registered source named {short(source_name)}")
+            if caller is not None and not caller.is_admin:
+                raise PermissionDenied("registered sources are for admins")
             path, source = self.settings.sources[source_name], f"source:{source_name}"
-        elif path is not None:
+        elif path:
             source = path
         else:
-            raise InvalidRequest("give a path (relative to the adapter root) or a registered source")
-        directory = resolve_under_root(self.settings.adapter_root, path)
+            raise InvalidRequest("give a path (relative to your adapter folder) or a registered source")
+        allowed = self.adapter_folder(caller)
+        if not allowed.is_dir():
+            raise InvalidRequest("your adapter folder does not exist on the server")
+        directory = resolve_under_root(allowed, path)
         started = time.perf_counter()
         async with self._manage:
             existing = self.entries.get(adapter_id)
+            configured = self.tenants.owner_of(adapter_id)
+            if caller is not None and not caller.is_admin:
+                # A tenant owns what it loads; an id another tenant holds (or is given in the
+                # tenants file) is refused alike, without saying whose it is or whether it is loaded.
+                taken = (existing is not None and existing.tenant != caller.name) or (configured not in (None, caller.name))
+                if taken:
+                    raise PermissionDenied(f"adapter id {short(adapter_id)} is reserved; choose another id")
+                owner = caller.name
+            elif existing is None:
+                owner = owner or configured or (None if (self.tenants.open or caller is None) else caller.name)
+                if configured is not None and owner != configured:
+                    raise InvalidRequest(f"adapter {short(adapter_id)} belongs to another tenant in the tenants file")
             if existing is not None and not replace:
-                raise AdapterExists(f"adapter {adapter_id!r} is already loaded (set replace to load new weights)")
+                raise AdapterExists(f"adapter {short(adapter_id)} is already loaded (set replace to load new weights)")
             if existing is not None and existing.unloading:
-                raise FailedPrecondition(f"adapter {adapter_id!r} is being unloaded")
+                raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
+            if existing is not None and existing.manual_merge and self.merged is not None and self.merged[0] == adapter_id:
+                # Replacing would have to unmerge behind the back of whoever merged it by hand.
+                raise FailedPrecondition(f"adapter {short(adapter_id)} is merged under manual control; unmerge it before replacing it")
             if existing is None:
                 if len(self.entries) >= self.capacity:
                     raise ResourceExhausted(f"the server holds its maximum of {self.capacity} adapters")
                 tenant = self.tenants.get(owner) if owner else None
                 if tenant is not None and sum(e.tenant == owner for e in self.entries.values()) >= tenant.max_resident_adapters:
-                    raise ResourceExhausted(f"tenant {owner!r} already has {tenant.max_resident_adapters} adapters loaded")
+                    raise ResourceExhausted(f"the tenant already has {tenant.max_resident_adapters} adapters loaded (its limit)")
             else:
                 owner = existing.tenant
             try:
-                adapter = await asyncio.to_thread(self._validate, adapter_id, directory)
+                adapter, report = await asyncio.to_thread(self._validate, adapter_id, directory, allowed)
             except AdapterError as e:
                 self._on_event("load", "invalid", time.perf_counter() - started)
                 raise InvalidRequest(str(e)) from None
+            except OSError as e:
+                self._on_event("load", "io_error", time.perf_counter() - started)
+                raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
             number = next(self._versions)
             try:
                 snapshot = await asyncio.to_thread(self._snapshot, adapter, number)
@@ -231,6 +338,15 @@ class AdapterRegistry:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
                 raise Unavailable(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
+            except Exception as e:
+                # safetensors reports a full disk as its own error type: look for the errno text.
+                self._remove_snapshot(self._snapshots / f"{adapter.name}.v{number}")
+                self._on_event("load", "io_error", time.perf_counter() - started)
+                text = str(e)
+                for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    if os.strerror(code) in text:
+                        raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter_id!r}: {os.strerror(code)}") from None
+                raise
             from vllm.lora.request import LoRARequest
 
             engine_id = next(self._ids)
@@ -241,7 +357,7 @@ class AdapterRegistry:
                 self._remove_snapshot(snapshot)
                 self._on_event("load", "rejected", time.perf_counter() - started)
                 raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
-            version = Version(number, engine_id, snapshot, adapter, source, request)
+            version = Version(number, engine_id, snapshot, adapter, source, request, report)
             if existing is None:
                 entry = Entry(adapter_id, owner, version)
                 self.entries[adapter_id] = entry
@@ -269,11 +385,17 @@ class AdapterRegistry:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def unload(self, adapter_id: str) -> Entry:
+    def _managed(self, adapter_id: str, caller: Tenant | None) -> Entry:
+        """The entry `caller` may manage (checked under the registry lock, like the change itself)."""
+        if caller is not None:
+            self.tenants.check_manage(caller)
+        return self.get(adapter_id, caller)
+
+    async def unload(self, adapter_id: str, caller: Tenant | None = None) -> Entry:
         """Stop serving `adapter_id` once its requests are done (bounded wait)."""
         started = time.perf_counter()
         async with self._manage:
-            entry = self.get(adapter_id)
+            entry = self._managed(adapter_id, caller)
             entry.unloading = True  # no new leases from here on
             versions = [entry.version, *entry.retiring]
             try:
@@ -316,12 +438,14 @@ class AdapterRegistry:
 
     # -- merging --------------------------------------------------------------------------
 
-    async def merge(self, adapter_id: str, *, manual: bool, trigger: str) -> dict[str, Any]:
+    async def merge(self, adapter_id: str, *, manual: bool, trigger: str, caller: Tenant | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         async with self._manage:
-            entry = self.get(adapter_id)
-            if entry.version.kind != "mora":
-                raise FailedPrecondition(f"adapter {adapter_id!r} is a LoRA adapter; only MoRA adapters are merged")
+            entry = self._managed(adapter_id, caller)
+            refusal = self.merge_refusal(entry)
+            if refusal is not None:
+                self._on_event("merge", "refused", time.perf_counter() - started, trigger=trigger)
+                raise FailedPrecondition(f"adapter {short(adapter_id)} cannot be merged: {refusal}")
             if manual:
                 entry.manual_merge = True
             if self.merged is not None:
@@ -341,11 +465,12 @@ class AdapterRegistry:
         log.info("merged adapter %s (%s) in %.3fs", adapter_id, trigger, seconds)
         return {"seconds": seconds, **status}
 
-    async def unmerge(self, adapter_id: str | None, *, manual: bool, trigger: str, automatic: bool = False) -> dict[str, Any]:
+    async def unmerge(self, adapter_id: str | None, *, manual: bool, trigger: str, automatic: bool = False,
+                      caller: Tenant | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         async with self._manage:
             if adapter_id is not None:
-                entry = self.get(adapter_id)
+                entry = self._managed(adapter_id, caller)
                 if manual:
                     entry.manual_merge = not automatic
             if self.merged is None or (adapter_id is not None and self.merged[0] != adapter_id):
@@ -376,3 +501,5 @@ class AdapterRegistry:
             for p in self._snapshots.iterdir():
                 self._remove_snapshot(p)
         shutil.rmtree(self._snapshots, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)

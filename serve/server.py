@@ -96,7 +96,7 @@ class Server:
                  "TLS" + (" + client certificates" if s.tls_client_ca else "") if creds else "plaintext", s.metrics_port)
         await self.engine.start()
         for adapter_id, path in s.preload_map.items():
-            await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id))
+            await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id))  # caller None: the root
         self.metrics.slots_capacity.set(s.max_loras)
         self.metrics.adapters_loaded.set_function(lambda: len(self.registry.entries))
         self.metrics.merge_backup_bytes.set_function(lambda: self.registry.merge_backup_bytes)
@@ -115,7 +115,7 @@ class Server:
 
             def eligible(a: str, reg: AdapterRegistry = reg) -> bool:
                 e = reg.entries.get(a)
-                return e is not None and e.version.kind == "mora" and not e.manual_merge and not e.unloading
+                return e is not None and not e.manual_merge and not e.unloading and reg.merge_refusal(e) is None
 
             decision = self.policy.decide(time.monotonic(), merged, eligible, manual)
             if decision is None:

@@ -101,36 +101,27 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         caller = self._caller(context)
-        existing = self.registry.entries.get(request.adapter_id)
-        configured = self.tenants.owner_of(request.adapter_id)
-        if existing is not None:
-            owner = existing.tenant
-        elif caller.is_admin:
-            owner = request.tenant or configured or (None if self.tenants.open else caller.name)
-        else:
-            owner = caller.name
-            if request.tenant and request.tenant != caller.name:
-                raise InvalidRequest("only admins load adapters for another tenant")
-        if configured is not None and owner != configured:
-            raise InvalidRequest(f"adapter {request.adapter_id!r} belongs to tenant {configured!r} in the tenants file")
-        self.tenants.check_manage(caller, owner)
+        if request.tenant and not caller.is_admin and request.tenant != caller.name:
+            raise InvalidRequest("only admins load adapters for another tenant")
         which = request.WhichOneof("source")
+        # Who owns the id is decided and checked by the registry under its lock (no race).
         entry = await self.registry.load(
             request.adapter_id,
             path=request.path if which == "path" else None,
             source_name=request.registered_source if which == "registered_source" else None,
-            owner=owner,
+            caller=caller,
+            owner=request.tenant or None,
             replace=request.replace,
         )
         return apb.LoadAdapterResponse(adapter=await self._info(entry))
 
     async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         caller = self._caller(context)
-        entry = self.registry.get(request.adapter_id)
-        self.tenants.check_manage(caller, entry.tenant)
+        self.tenants.check_manage(caller)
+        entry = self.registry.get(request.adapter_id, caller)
         status = await self.registry.engine.status()
         info = adapter_info(entry, self.registry, status)
-        await self.registry.unload(request.adapter_id)
+        await self.registry.unload(request.adapter_id, caller)
         info.location = apb.ADAPTER_LOCATION_UNSPECIFIED
         info.in_flight = 0
         return apb.UnloadAdapterResponse(adapter=info)
@@ -143,20 +134,18 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def GetAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         caller = self._caller(context)
-        entry = self.registry.get(request.adapter_id)
-        self.tenants.check_use(caller, request.adapter_id, entry.tenant)
+        entry = self.registry.get(request.adapter_id, caller)
         return apb.GetAdapterResponse(adapter=await self._info(entry))
 
     async def MergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         caller = self._caller(context)
-        entry = self.registry.get(request.adapter_id)
-        self.tenants.check_manage(caller, entry.tenant)
-        result = await self.registry.merge(request.adapter_id, manual=True, trigger="manual")
+        result = await self.registry.merge(request.adapter_id, manual=True, trigger="manual", caller=caller)
+        entry = self.registry.get(request.adapter_id, caller)
         return apb.MergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])
 
     async def UnmergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         caller = self._caller(context)
-        entry = self.registry.get(request.adapter_id)
-        self.tenants.check_manage(caller, entry.tenant)
-        result = await self.registry.unmerge(request.adapter_id, manual=True, trigger="manual", automatic=request.automatic)
+        result = await self.registry.unmerge(request.adapter_id, manual=True, trigger="manual", automatic=request.automatic,
+                                             caller=caller)
+        entry = self.registry.get(request.adapter_id, caller)
         return apb.UnmergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])

@@ -124,12 +124,15 @@ class TenantDirectory:
         if self.open:
             return OPEN
         key = None
-        for k, v in metadata or ():
-            if k.lower() == "authorization":
-                value = v.decode() if isinstance(v, bytes) else v
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    key = token.strip()
+        values = [v for k, v in metadata or () if k.lower() == "authorization"]
+        if len(values) > 1:
+            # Proxies and clients disagree on which of two headers counts: refuse instead of guessing.
+            raise Unauthenticated("more than one authorization header")
+        for v in values:
+            value = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                key = token.strip()
         if key is None:
             raise Unauthenticated("missing 'authorization: Bearer <key>' metadata")
         digest = hash_key(key)
@@ -145,20 +148,18 @@ class TenantDirectory:
         """The tenant a tenants file gives `adapter_id` to, if any."""
         return self._owner.get(adapter_id)
 
-    def check_use(self, tenant: Tenant, adapter_id: str, owner: str | None) -> None:
-        """May `tenant` generate with (or see) adapter `adapter_id` owned by `owner`?"""
-        if tenant.is_admin or owner == tenant.name:
-            return
-        raise PermissionDenied(f"adapter {adapter_id!r} belongs to another tenant")
+    @staticmethod
+    def may_see(tenant: Tenant, owner: str | None) -> bool:
+        """May `tenant` use (and see) an adapter owned by `owner`? Callers answer NOT_FOUND when not,
+        exactly as for an absent adapter, so nobody learns which ids other tenants have."""
+        return tenant.is_admin or owner == tenant.name
 
     def check_base(self, tenant: Tenant) -> None:
         if not (tenant.is_admin or tenant.allow_base_model):
-            raise PermissionDenied(f"tenant {tenant.name!r} may not use the base model")
+            raise PermissionDenied("this API key may not use the base model")
 
-    def check_manage(self, tenant: Tenant, owner: str | None) -> None:
-        if tenant.is_admin:
-            return
-        if not tenant.manage_adapters:
-            raise PermissionDenied("managing adapters needs the admin role")
-        if owner is not None and owner != tenant.name:
-            raise PermissionDenied("the adapter belongs to another tenant")
+    @staticmethod
+    def check_manage(tenant: Tenant) -> None:
+        """May `tenant` load/unload/merge adapters at all (which ones: `may_see`)?"""
+        if not tenant.may_manage():
+            raise PermissionDenied("managing adapters needs the admin role or manage_adapters")

@@ -33,6 +33,9 @@ def register() -> None:
     from mora.vllm_plugin.coupling import check
 
     version = check()  # raises VllmCouplingError: the engine must not start without MoRA
+    from mora.vllm_plugin.guard import install as install_guards
+
+    install_guards()  # finite KV cache, no orphan processes (see guard.py)
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
 

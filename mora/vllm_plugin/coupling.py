@@ -73,6 +73,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.models.utils", "PPMissingLayer", "pipeline stages skip other stages' layers"),
     Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
              "merging on the CPU repacks the oneDNN weights"),
+    Internal("vllm.model_executor.layers.attention.attention", "Attention.forward",
+             "guard.py wraps it: keys and values are made finite before the KV-cache write", calls="unified_kv_cache_update"),
 )
 
 

@@ -1,0 +1,178 @@
+"""Numeric containment of one tenant's adapter: what it may do to the shared model and batch.
+
+Two criteria, both on the ratio of a module's update to its base layer (Frobenius norms,
+computed in float64 so that the check itself cannot overflow):
+
+    ratio(module) = ||scale * delta_W(module)||_F / ||W(module)||_F
+
+* **Loading** (`check_update`): every weight and the effective LoRA scale, *converted to the
+  serving dtype*, is finite, and `ratio <= max_ratio` for every module (default
+  `MAX_UPDATE_RATIO` = 1024: an adapter may scale a layer's output by three orders of
+  magnitude, far beyond any trained adapter, whose updates are a few percent of the base).
+* **Merging** (`merge_ratio_limit`): merging stores `W + dW` rounded to the serving dtype, and
+  every other tenant's row gets `dW` subtracted again (the merged-slot remap). The rounding
+  error each of them sees is at most `u * |W + dW|` (u: the dtype's unit roundoff), so their
+  relative error is bounded by `u * (1 + ratio)`. A merge is allowed only if that bound stays
+  within the dtype's serving tolerance: `ratio <= SERVING_TOLERANCE[dtype] / u - 1`
+  (float32: 166, float16: 7.2, bfloat16: 4.1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mora.checkpoint import LoraAdapter, MoraAdapter
+from mora.delta import delta_weight
+from mora.errors import AdapterError, NonFiniteWeightsError, UpdateTooLargeError
+from mora.spec import MoraSpec
+
+__all__ = [
+    "MAX_UPDATE_RATIO",
+    "SERVING_TOLERANCE",
+    "UpdateReport",
+    "base_weight_norms",
+    "check_update",
+    "lora_scale",
+    "merge_ratio_limit",
+    "update_norm",
+]
+
+MAX_UPDATE_RATIO = 1024.0
+# Relative error a tenant's result may pick up from someone else's merge (the merge tests' tolerances).
+SERVING_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float64: 1e-12}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def merge_ratio_limit(dtype: torch.dtype) -> float:
+    """The largest update/base ratio whose merge keeps other tenants within `SERVING_TOLERANCE[dtype]`."""
+    return SERVING_TOLERANCE[dtype] / unit_roundoff(dtype) - 1
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """Per-module update/base ratios of one adapter; `worst` is the largest."""
+
+    ratios: Mapping[str, float]
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        module = max(self.ratios, key=lambda m: self.ratios[m])
+        return module, self.ratios[module]
+
+    def merge_refusal(self, dtype: torch.dtype) -> str | None:
+        """Why merging this adapter would break the other tenants' results, or None if it would not."""
+        module, ratio = self.worst
+        limit = merge_ratio_limit(dtype)
+        if ratio <= limit:
+            return None
+        return (f"its update of module {module!r} is {ratio:.3g} times the base layer's norm; merged, the other tenants' "
+                f"results would err by up to {unit_roundoff(dtype) * (1 + ratio):.2g} (> the {str(dtype).removeprefix('torch.')} "
+                f"tolerance {SERVING_TOLERANCE[dtype]:g}; limit {limit:.3g} times)")
+
+
+def base_weight_norms(model_dir: str | Path, modules: Iterable[str]) -> dict[str, float]:
+    """`||W||_F` (float64) of the base model's `<module>.weight` tensors, read from its safetensors files.
+
+    Only the requested tensors are read, one at a time (memory-mapped), so memory stays bounded
+    by the largest layer.
+    """
+    from safetensors import safe_open
+
+    wanted = {f"{m}.weight": m for m in modules}
+    directory = Path(model_dir)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    norms: dict[str, float] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if key in wanted:
+                    norms[wanted[key]] = float(torch.linalg.vector_norm(f.get_tensor(key).double()))
+    missing = sorted(set(wanted.values()) - set(norms))
+    if missing:
+        raise AdapterError(f"the base model has no dense weight for {len(missing)} modules (first: {missing[0]!r})")
+    return norms
+
+
+def lora_scale(adapter: LoraAdapter, module: str) -> float:
+    """peft's scaling of a LoRA module: alpha / r (alpha / sqrt(r) with rsLoRA), alpha_pattern applied."""
+    config = adapter.config
+    r = config.rank_for(module)
+    alpha = config.alpha_for(module)
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def update_norm(M: torch.Tensor, spec: MoraSpec) -> float:
+    """`||delta_weight(M, spec)||_F` without overflow: the update is linear in M, so M is scaled
+    to unit max-abs first (the dense update is then computed in float32)."""
+    peak = float(M.double().abs().max()) if M.numel() else 0.0
+    if peak == 0.0:
+        return 0.0
+    dense = delta_weight((M.double() / peak).float(), spec, torch.float32)
+    return float(torch.linalg.vector_norm(dense.double())) * peak
+
+
+def _finite_in(name: str, module: str, what: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if not bool(torch.isfinite(t.to(dtype)).all()):
+        raise NonFiniteWeightsError(f"{what} is not finite in the serving dtype {str(dtype).removeprefix('torch.')}",
+                                    adapter=name, module=module)
+
+
+def check_update(adapter: MoraAdapter | LoraAdapter, specs: Mapping[str, MoraSpec] | None, base_norms: Mapping[str, float],
+                 dtype: torch.dtype, max_ratio: float = MAX_UPDATE_RATIO) -> UpdateReport:
+    """Check an adapter (already bound to the base model) for serving in `dtype`.
+
+    Raises `NonFiniteWeightsError` if a weight or the effective LoRA scale, in `dtype`, is not
+    finite, and `UpdateTooLargeError` if a module's update/base ratio exceeds `max_ratio`.
+
+    Semantics (per module)::
+
+        assert torch.isfinite(weights.to(dtype)).all() and torch.isfinite((scale * B).to(dtype)).all()
+        ratio = (scale * delta_W).double().norm() / W.double().norm()
+        assert ratio <= max_ratio
+    """
+    name = adapter.name
+    ratios: dict[str, float] = {}
+    if isinstance(adapter, MoraAdapter):
+        assert specs is not None
+        for module, M in adapter.weights.items():
+            _finite_in(name, module, "M", M, dtype)
+            ratios[module] = _ratio(update_norm(M, specs[module]), base_norms[module])
+    else:
+        for module, a in adapter.lora_a.items():
+            b = adapter.lora_b[module]
+            scale = lora_scale(adapter, module)
+            if not math.isfinite(scale) or not math.isfinite(float(torch.tensor(scale, dtype=torch.float64).to(dtype))):
+                raise NonFiniteWeightsError(f"the effective scale lora_alpha/r = {scale:.3g} is not finite in "
+                                            f"{str(dtype).removeprefix('torch.')}", adapter=name, module=module)
+            _finite_in(name, module, "lora_A", a, dtype)
+            # vLLM folds the scale into lora_B in the serving dtype.
+            _finite_in(name, module, "lora_B * scale", b.double() * scale, dtype)
+            a64, b64 = a.double(), b.double()
+            # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products, no dense update needed.
+            gram = (b64.T @ b64) * (a64 @ a64.T)
+            norm = abs(scale) * math.sqrt(max(0.0, float(gram.sum())))
+            ratios[module] = _ratio(norm, base_norms[module])
+    for module, ratio in ratios.items():
+        if not ratio <= max_ratio:
+            raise UpdateTooLargeError("the update is too large relative to the base layer (Frobenius norms)",
+                                      adapter=name, module=module, expected=f"<= {max_ratio:g} x", found=f"{ratio:.4g} x")
+    return UpdateReport(ratios)
+
+
+def _ratio(update: float, base: float) -> float:
+    if update == 0.0:
+        return 0.0
+    return update / base if base > 0 else math.inf
