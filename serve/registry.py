@@ -68,7 +68,7 @@ def check_adapter_id(adapter_id: str) -> str:
     return adapter_id
 
 
-def resolve_under_root(root: Path, relative: str) -> Path:
+def resolve_under_root(root: Path, relative: str, where: str = "the adapter root") -> Path:
     """`root/relative` with symlinks resolved; refused if it leaves `root` or is not a directory.
 
     `root` is the folder the caller may read: `<adapter-root>/<tenant>` for a tenant,
@@ -79,18 +79,18 @@ def resolve_under_root(root: Path, relative: str) -> Path:
     if len(relative.encode("utf-8", "surrogatepass")) > PATH_MAX_BYTES:
         raise InvalidRequest(f"adapter path is longer than {PATH_MAX_BYTES} bytes")
     if os.path.isabs(relative):
-        raise PathNotAllowed("adapter paths are relative to your adapter folder")
+        raise PathNotAllowed(f"adapter paths are relative to {where}")
     if os.path.normpath(relative).split(os.sep)[0] == "..":
-        raise PathNotAllowed(f"adapter path {short(relative)} leaves your adapter folder")
+        raise PathNotAllowed(f"adapter path {short(relative)} leaves {where}")
     base = root.resolve()
     try:
         target = (base / relative).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
-        raise InvalidRequest(f"adapter path {short(relative)} does not exist in your adapter folder") from None
+        raise InvalidRequest(f"adapter path {short(relative)} does not exist in {where}") from None
     except (OSError, RuntimeError) as e:
         raise InvalidRequest(f"adapter path {short(relative)} cannot be resolved: {e.__class__.__name__}") from None
     if not target.is_relative_to(base):
-        raise PathNotAllowed(f"adapter path {short(relative)} resolves outside your adapter folder")
+        raise PathNotAllowed(f"adapter path {short(relative)} resolves outside {where}")
     if not target.is_dir():
         raise InvalidRequest(f"adapter path {short(relative)} is not a directory")
     return target
@@ -290,7 +290,7 @@ class AdapterRegistry:
         allowed = self.adapter_folder(caller)
         if not allowed.is_dir():
             raise InvalidRequest("your adapter folder does not exist on the server")
-        directory = resolve_under_root(allowed, path)
+        directory = resolve_under_root(allowed, path, "the adapter root" if allowed == self.settings.adapter_root else "your adapter folder")
         started = time.perf_counter()
         async with self._manage:
             existing = self.entries.get(adapter_id)

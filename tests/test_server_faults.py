@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import ServerProcess, write_tenants
@@ -73,6 +74,8 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
         "--tenants", str(top / "tenants.json"), "--preload", "atlas=atlas", "borealis=borealis", "--no-auto-merge",
         "--tls-cert", str(pki["server"][0]), "--tls-key", str(pki["server"][1]), "--tls-client-ca", str(pki["ca"]),
         "--snapshot-dir", str(snapshots), "--host", "127.0.0.1",
+        # admits adapters whose activations overflow, to test the runtime guard (test_non_finite_request_fails_alone)
+        "--max-update-ratio", "1e300",
     ])
     srv.wait_serving()
     srv.keys = keys
@@ -243,6 +246,43 @@ def test_undecodable_messages(server):
             with pytest.raises(grpc.RpcError) as e:
                 raw(payload, metadata=md, timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _greedy_answers(server, demo_facts) -> list[list[int]]:
+    out = []
+    with server.client(server.keys["globex"]) as g, server.client(server.keys["acme"]) as a, server.client(server.keys["ops"]) as ops:
+        for fact in demo_facts["borealis"][:2]:
+            out.append(list(g.generate(fact["prompt"], "borealis", max_tokens=32, temperature=0).token_ids))
+        for fact in demo_facts["atlas"][:2]:
+            out.append(list(a.generate(fact["prompt"], "atlas", max_tokens=32, temperature=0).token_ids))
+        out.append(list(ops.generate(demo_facts["atlas"][0]["prompt"], max_tokens=32, temperature=0).token_ids))
+    return out
+
+
+def test_non_finite_request_fails_alone(env, server, demo_facts):
+    """An adapter whose activations overflow (M = 3e38: finite in float32, admitted by this
+    server's relaxed --max-update-ratio) fails its own requests with a clear error; its NaNs never
+    reach a KV block another request reads: every other tenant's greedy answers stay exact."""
+    from safetensors.torch import load_file, save_file
+
+    root = env["top"] / "adapters"
+    shutil.copytree(root / "atlas", root / "boom")
+    f = root / "boom" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, 3e38) for k, v in load_file(str(f)).items()}, str(f))
+    before = _greedy_answers(server, demo_facts)
+    with server.client(server.keys["ops"]) as ops, server.client(server.keys["acme"]) as acme:
+        ops.load_adapter("boom", "boom", tenant="acme")
+        for prompt in ("hello", "a much longer prompt that fills several KV-cache blocks " * 8):
+            with pytest.raises(grpc.RpcError) as e:
+                acme.generate(prompt, "boom", max_tokens=16, ignore_eos=True)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "non-finite" in e.value.details(), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in acme.stream("hello", "boom", max_tokens=16):
+                pass
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _greedy_answers(server, demo_facts) == before
+        ops.unload_adapter("boom")
+    assert _greedy_answers(server, demo_facts) == before
 
 
 def test_secrets_never_logged(env, server):
