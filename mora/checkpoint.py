@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from mora.errors import (
     AdapterConfigError,
     AdapterError,
-    AdapterPathError,
     AdapterNotFoundError,
+    AdapterPathError,
     AdapterWeightsError,
     NonFiniteWeightsError,
     NotMoraAdapterError,
@@ -361,9 +361,9 @@ def _tensor_limit(key: str, shape: list[int], base_shapes: Shapes | None, name: 
 
     No adapter tensor of a module `(out, in)` has a side over `in + out` (a MoRA `n` is about
     `sqrt((in + out) * r)`, a LoRA rank at most `min(in, out)` to be useful)."""
-    _check_size(name, key, shape)
     if len(key) > MAX_KEY_CHARS:
         raise AdapterWeightsError(f"tensor key longer than {MAX_KEY_CHARS} characters", adapter=name, found=key[:48] + "...")
+    _check_size(name, key, shape)
     if base_shapes is None:
         return
     m = _KEY_RE.match(key)

@@ -97,7 +97,7 @@ def base_weight_norms(model_dir: str | Path, modules: Iterable[str]) -> dict[str
     norms: dict[str, float] = {}
     for name in files:
         with safe_open(str(directory / name), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            for key in f.keys():
                 if key in wanted:
                     norms[wanted[key]] = float(torch.linalg.vector_norm(f.get_tensor(key).double()))
     missing = sorted(set(wanted.values()) - set(norms))

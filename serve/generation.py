@@ -169,7 +169,7 @@ class GenerationService:
                 async with contextlib.AsyncExitStack() as stack:
                     lora = None
                     if adapter_id is not None:
-                        lora = (await stack.enter_async_context(self.registry.lease(adapter_id))).lora_request
+                        lora = (await stack.enter_async_context(self.registry.lease(adapter_id, tenant))).lora_request
                     if self.settings.auto_merge:  # nothing reads the request log otherwise: keep none
                         self.policy.observe(adapter_id, time.monotonic())
                     async for chunk in self._stream(request, ids, params, lora, tenant_name, arrival):

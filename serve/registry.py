@@ -287,6 +287,8 @@ class AdapterRegistry:
             source = path
         else:
             raise InvalidRequest("give a path (relative to your adapter folder) or a registered source")
+        if self.engine.dtype is None:
+            raise Unavailable("the engine is starting; adapters are validated in its dtype")
         allowed = self.adapter_folder(caller)
         if not allowed.is_dir():
             raise InvalidRequest("your adapter folder does not exist on the server")
@@ -420,9 +422,10 @@ class AdapterRegistry:
     # -- leases ---------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lease(self, adapter_id: str) -> AsyncIterator[Version]:
-        """The current version of `adapter_id`, held for the duration of one request."""
-        entry = self.get(adapter_id)
+    async def lease(self, adapter_id: str, caller: Tenant | None = None) -> AsyncIterator[Version]:
+        """The current version of `adapter_id`, held for the duration of one request (checked
+        again for `caller`: the id may have been unloaded and reloaded by someone else meanwhile)."""
+        entry = self.get(adapter_id, caller)
         if entry.unloading:
             raise AdapterNotFound(f"adapter {adapter_id!r} is being unloaded")
         version = entry.version

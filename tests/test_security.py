@@ -20,7 +20,6 @@ from engine_helpers import random_lora
 from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
-from serve.proto import adapters_pb2 as apb
 from serve.proto import inference_pb2 as ipb
 from serve.registry import clean_stale_snapshots
 
@@ -77,7 +76,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     # and one with 8 GiB of (sparse) trailing bytes that are never read
     shutil.copytree(atlas, root / "acme" / "claims")
     header = json.dumps({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-                         {"dtype": "F32", "shape": [30000, 30000], "data_offsets": [0, 3600000000]}}).encode()
+                         {"dtype": "F32", "shape": [16000, 16000], "data_offsets": [0, 1024000000]}}).encode()
     (root / "acme" / "claims" / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     shutil.copytree(atlas, root / "acme" / "tail")
     with open(root / "acme" / "tail" / "adapter_model.safetensors", "r+b") as fh:

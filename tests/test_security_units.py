@@ -11,10 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora.checkpoint import AdapterConfig, LoraAdapter, MoraAdapter, load_adapter, save_lora_adapter, save_mora_adapter
+from mora.checkpoint import (
+    AdapterConfig,
+    LoraAdapter,
+    MoraAdapter,
+    load_adapter,
+    save_mora_adapter,
+)
 from mora.containment import MAX_UPDATE_RATIO, UpdateReport, check_update, merge_ratio_limit, update_norm
 from mora.delta import delta_weight
-from mora.errors import AdapterConfigError, AdapterPathError, AdapterWeightsError, NonFiniteWeightsError, UpdateTooLargeError
+from mora.errors import (
+    AdapterConfigError,
+    AdapterPathError,
+    AdapterWeightsError,
+    NonFiniteWeightsError,
+    UpdateTooLargeError,
+)
 from mora.spec import MoraSpec
 from serve.errors import Unauthenticated
 from serve.policy import MAX_EVENTS, MergePolicy
