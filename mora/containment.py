@@ -29,7 +29,7 @@ import torch
 
 from mora.checkpoint import LoraAdapter, MoraAdapter
 from mora.delta import delta_weight
-from mora.errors import AdapterError, NonFiniteWeightsError, UpdateTooLargeError
+from mora.errors import NonFiniteWeightsError, UpdateTooLargeError
 from mora.spec import MoraSpec
 
 __all__ = [
@@ -83,7 +83,7 @@ def base_weight_norms(model_dir: str | Path, modules: Iterable[str]) -> dict[str
     """`||W||_F` (float64) of the base model's `<module>.weight` tensors, read from its safetensors files.
 
     Only the requested tensors are read, one at a time (memory-mapped), so memory stays bounded
-    by the largest layer.
+    by the largest layer. Modules stored without a dense weight (quantized) are absent.
     """
     from safetensors import safe_open
 
@@ -100,9 +100,8 @@ def base_weight_norms(model_dir: str | Path, modules: Iterable[str]) -> dict[str
             for key in f.keys():
                 if key in wanted:
                     norms[wanted[key]] = float(torch.linalg.vector_norm(f.get_tensor(key).double()))
-    missing = sorted(set(wanted.values()) - set(norms))
-    if missing:
-        raise AdapterError(f"the base model has no dense weight for {len(missing)} modules (first: {missing[0]!r})")
+    # Modules without a dense `.weight` (a quantized base) are left out: `check_update` then
+    # cannot bound their update, and such an adapter is never merged.
     return norms
 
 
@@ -149,7 +148,7 @@ def check_update(adapter: MoraAdapter | LoraAdapter, specs: Mapping[str, MoraSpe
         assert specs is not None
         for module, M in adapter.weights.items():
             _finite_in(name, module, "M", M, dtype)
-            ratios[module] = _ratio(update_norm(M, specs[module]), base_norms[module])
+            ratios[module] = _ratio(update_norm(M, specs[module]), base_norms.get(module, 0.0))
     else:
         for module, a in adapter.lora_a.items():
             b = adapter.lora_b[module]
@@ -164,8 +163,10 @@ def check_update(adapter: MoraAdapter | LoraAdapter, specs: Mapping[str, MoraSpe
             # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products, no dense update needed.
             gram = (b64.T @ b64) * (a64 @ a64.T)
             norm = abs(scale) * math.sqrt(max(0.0, float(gram.sum())))
-            ratios[module] = _ratio(norm, base_norms[module])
+            ratios[module] = _ratio(norm, base_norms.get(module, 0.0))
     for module, ratio in ratios.items():
+        if module not in base_norms:
+            continue  # no dense base weight (quantized): the ratio is unknown, recorded as inf (never merged)
         if not ratio <= max_ratio:
             raise UpdateTooLargeError("the update is too large relative to the base layer (Frobenius norms)",
                                       adapter=name, module=module, expected=f"<= {max_ratio:g} x", found=f"{ratio:.4g} x")

@@ -185,7 +185,8 @@ class GenerationService:
                 raise Unavailable("the engine stopped while serving this request") from exc
             raise
         finally:
-            if code == grpc.StatusCode.OK and context.cancelled():
+            cancelled = getattr(context, "cancelled", None)  # gRPC's; other front ends may not have one
+            if code == grpc.StatusCode.OK and callable(cancelled) and cancelled():
                 code = grpc.StatusCode.CANCELLED
             a, t = self.metrics.labels(adapter_label, tenant_name)
             self.metrics.requests.labels(a, t, method, code.name).inc()

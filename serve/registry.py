@@ -177,6 +177,7 @@ class AdapterRegistry:
         self.merge_backup_bytes = 0
         self._base_shapes: dict[str, tuple[int, int]] | None = None
         self._base_norms: dict[str, float] = {}
+        self._norms_read: set[str] = set()
         parent = settings.snapshot_dir
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
@@ -202,9 +203,11 @@ class AdapterRegistry:
         return self._base_shapes
 
     def base_norms(self, modules: list[str]) -> dict[str, float]:
-        missing = [m for m in modules if m not in self._base_norms]
+        """||W||_F of base modules, read once each (absent: no dense weight, e.g. quantized)."""
+        missing = [m for m in modules if m not in self._norms_read]
         if missing:
             self._base_norms.update(base_weight_norms(self.settings.model, missing))
+            self._norms_read.update(missing)
         return self._base_norms
 
     def get(self, adapter_id: str, caller: Tenant | None = None) -> Entry:

@@ -57,6 +57,12 @@ def test_update_bound_edges(factor, ok):
             check_update(adapter, None, {MODULE: 1.0}, torch.float32)
 
 
+def test_no_dense_base_weight_means_never_merged():
+    """A quantized base has no dense weight to bound against: loadable, never mergeable."""
+    report = check_update(_lora(10.0), None, {}, torch.float32)
+    assert report.worst[1] == math.inf and report.merge_refusal(torch.float32) is not None
+
+
 @pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf, 1e30])
 def test_lora_alpha_non_finite_or_huge(alpha):
     with pytest.raises((NonFiniteWeightsError, UpdateTooLargeError)):
