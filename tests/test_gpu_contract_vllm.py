@@ -118,3 +118,12 @@ def test_compiled_cpu_engine_serves_mixed_mora_batches(tmp_path):
     jobs = [job for batch in batches for job in batch]
     want = hf_greedy_scored(Path(model), {n: Path(p) for n, p in adapters.items()}, jobs, spec["max_tokens"])
     assert_greedy_matches([tokens for batch in got for tokens in batch], want)
+
+
+def test_docs_list_every_internal():
+    """docs/gpu.md's table and the code's list stay one list."""
+    from mora.vllm_plugin.coupling import INTERNALS
+
+    doc = (REPO / "docs" / "gpu.md").read_text(encoding="utf-8")
+    missing = [i.name for i in INTERNALS if f"`{i.name}`" not in doc]
+    assert not missing, f"add these to the table in docs/gpu.md: {missing}"
