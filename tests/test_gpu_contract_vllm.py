@@ -84,7 +84,57 @@ def test_engine_does_not_start_when_an_internal_is_missing(tmp_path):
 # whenever LoRA is enabled, because its punica CPU ops branch on the host; with no LoRA adapter
 # ever resident, the stock LoRA updates (linear and embedding) would add zeros and are skipped;
 # the runtime takes its GPU (graph-safe) path on the CPU.
-_COMPILED_ENGINE = 'import json, sys\n\ndef patch():\n    from vllm.platforms.cpu import CpuPlatform\n    orig = CpuPlatform.check_and_update_config.__func__\n\n    def check_and_update_config(cls, vllm_config):\n        # vLLM\'s CPU platform turns compilation off whenever LoRA is enabled; keep it on.\n        lora = vllm_config.lora_config\n        vllm_config.lora_config = None\n        try:\n            orig(cls, vllm_config)\n        finally:\n            vllm_config.lora_config = lora\n\n    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)\n    import mora.vllm_plugin.runtime as runtime\n    init = runtime.MoraRuntime.__init__\n\n    def graph_safe_init(self, max_slots, device, *, max_tokens=None, graph_safe=None):\n        init(self, max_slots, device, max_tokens=max_tokens, graph_safe=True)  # the GPU path, on the CPU\n\n    runtime.MoraRuntime.__init__ = graph_safe_init\n    from mora.vllm_plugin.layers import MoraLayerMixin\n    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA\n\n    def mora_only(self, x, output):\n        # MoRA-only adapters: the stock CPU LoRA ops (which vLLM never compiles) are skipped.\n        x2 = x.flatten(0, -2) if x.ndim == 3 else x\n        self.mora_runtime.apply(output.flatten(0, -2) if output.ndim == 3 else output, x2, self.mora_group)\n        return output\n\n    MoraLayerMixin._apply_lora_to_output = mora_only\n    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA\n\n    # No LoRA adapter ever holds a slot: the stock embedding update (host-branchy punica CPU\n    # ops, the reason vLLM runs LoRA models eagerly on the CPU) would add zeros.\n    VocabParallelEmbeddingWithLoRA.forward = lambda self, x: self.base_layer.forward(x)\n\nif __name__ == "__main__":\n    model, spec = sys.argv[1], json.loads(sys.argv[2])\n    patch()\n    from vllm import LLM, SamplingParams\n    from vllm.lora.request import LoRARequest\n    llm = LLM(model=model, enable_lora=True, max_loras=4, max_lora_rank=8, dtype="float32", max_model_len=128,\n              kv_cache_memory_bytes=64 * 2**20, max_num_seqs=32, seed=0)\n    print("MODE", llm.llm_engine.vllm_config.compilation_config.mode.name, flush=True)\n    reqs = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec["adapters"].items())}\n    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)\n    out = []\n    for batch in spec["batches"]:\n        outs = llm.generate([p for p, _ in batch], params, lora_request=[reqs[n] if n else None for _, n in batch], use_tqdm=False)\n        out.append([list(o.outputs[0].token_ids) for o in outs])\n    print("RESULT" + json.dumps(out), flush=True)\n'
+_COMPILED_ENGINE = textwrap.dedent("""
+    import json, sys
+
+    def patch():
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+        from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+        from vllm.platforms.cpu import CpuPlatform
+
+        import mora.vllm_plugin.runtime as runtime
+
+        orig = CpuPlatform.check_and_update_config.__func__
+
+        def check_and_update_config(cls, vllm_config):
+            # vLLM's CPU platform turns compilation off whenever LoRA is enabled; keep it on.
+            lora = vllm_config.lora_config
+            vllm_config.lora_config = None
+            try:
+                orig(cls, vllm_config)
+            finally:
+                vllm_config.lora_config = lora
+
+        CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+        init = runtime.MoraRuntime.__init__
+
+        def graph_safe_init(self, max_slots, device, *, max_tokens=None, graph_safe=None):
+            init(self, max_slots, device, max_tokens=max_tokens, graph_safe=True)  # the GPU path, on the CPU
+
+        runtime.MoraRuntime.__init__ = graph_safe_init
+        # No LoRA adapter ever holds a slot: the stock LoRA updates (host-branchy punica CPU ops,
+        # the reason vLLM runs LoRA models eagerly on the CPU) would add zeros. The MoRA
+        # wrappers' own forward runs unchanged on top.
+        BaseLinearLayerWithLoRA._apply_lora_to_output = lambda self, x, output: output
+        VocabParallelEmbeddingWithLoRA.forward = lambda self, x: self.base_layer.forward(x)
+
+    if __name__ == "__main__":
+        model, spec = sys.argv[1], json.loads(sys.argv[2])
+        patch()
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+        llm = LLM(model=model, enable_lora=True, max_loras=4, max_lora_rank=8, dtype="float32", max_model_len=128,
+                  kv_cache_memory_bytes=64 * 2**20, max_num_seqs=32, seed=0)
+        print("MODE", llm.llm_engine.vllm_config.compilation_config.mode.name, flush=True)
+        reqs = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec["adapters"].items())}
+        params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
+        out = []
+        for batch in spec["batches"]:
+            outs = llm.generate([p for p, _ in batch], params, lora_request=[reqs[n] if n else None for _, n in batch],
+                                use_tqdm=False)
+            out.append([list(o.outputs[0].token_ids) for o in outs])
+        print("RESULT" + json.dumps(out), flush=True)
+""")
 
 
 def test_compiled_cpu_engine_serves_mixed_mora_batches(tmp_path):
