@@ -69,6 +69,30 @@ def test_automatic_merge_and_unmerge_with_hysteresis(server, demo_facts):
         assert metric_value(scrape, "mora_merge_transitions_total", adapter="atlas", direction="unmerge", trigger="auto") >= 1
 
 
+def test_policy_never_merges_an_adapter_that_would_break_others(server, demo_facts):
+    """An adapter 1000x normal (loadable, not mergeable: docs/security.md) gets all the traffic:
+    the policy leaves it unmerged; the next adapter's burst is merged (the policy is running)."""
+    from safetensors.torch import load_file, save_file
+
+    root = Path(server.command[server.command.index("--adapter-root") + 1])
+    shutil.copytree(root / "atlas", root / "huge")
+    f = root / "huge" / "adapter_model.safetensors"
+    save_file({k: v * 1000 for k, v in load_file(str(f)).items()}, str(f))
+    with server.client() as c:
+        c.load_adapter("huge", "huge")
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: c.generate("hello", "huge", max_tokens=2), range(12)))
+        time.sleep(3.5)  # the whole merge window passes with only "huge" in it
+        assert not c.get_adapter("huge").merged
+        fact = demo_facts["cygnus"][0]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: c.generate(fact["prompt"], "cygnus", max_tokens=4), range(12)))
+        assert _wait(lambda: c.get_adapter("cygnus").merged), "the policy still merges an eligible adapter"
+        assert metric_value(server.scrape(), "mora_merge_transitions_total", adapter="huge", direction="merge") == 0
+        c.unmerge_adapter("cygnus", automatic=True)
+        c.unload_adapter("huge")
+
+
 def test_sigterm_drains_in_flight_requests(server):
     results, errors = [], []
 
