@@ -173,7 +173,7 @@ def test_malformed_adapters_fail_cleanly_and_engine_keeps_serving(llm, demo_asse
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 80)
-    cases[corrupt] = "unreadable"
+    cases[corrupt] = "adapter_model.safetensors (is unreadable|header is not valid JSON)"  # header-first reading
     big = tmp_path / "too-high-rank"
     random_mora(demo_assets / "base", big, mora_type=1, r=16)
     cases[big] = "max_lora_rank"
