@@ -32,6 +32,16 @@ from mora.train import Example, greedy_complete, train_adapter
 __all__ = ["DEMO_ADAPTERS", "DemoAdapter", "build_base_model", "build_demo_assets", "build_tokenizer"]
 
 SPECIALS = ("<s>", "</s>", "<pad>")
+# A plain chat template: the conversation's text as is after <s>, each assistant turn closed by </s>,
+# system turns on their own line. A user turn "The secret code of vault is " therefore prompts
+# exactly like the completion prompt, so the demo adapters answer their facts through chat too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHARED_KEYS = ("vault", "orchard")
 OWN_KEYS = {
@@ -76,9 +86,11 @@ def build_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)])
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_base_model(seed: int = 0):  # noqa: ANN201 - a transformers LlamaForCausalLM

@@ -49,6 +49,7 @@ class ServerSettings(BaseSettings):
     adapter_root: Path = Field(description="directory adapters are loaded from (paths are confined to it)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP API port; 0 disables it")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; vLLM's auto runs float32 checkpoints in 16 bits")
@@ -64,6 +65,10 @@ class ServerSettings(BaseSettings):
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (nodes, with the ray backend)")
     distributed_executor_backend: Literal["mp", "ray", "uni"] | None = Field(
         None, description="vLLM's executor: mp (one node), ray (several nodes); none: vLLM's choice")
+    engine: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"flag": "--engine-arg", "metavar": "KEY=VALUE"},
+        description="any other vLLM EngineArgs setting (repeatable: enable_prefix_caching=true, max_num_batched_tokens=2048...), "
+        "checked against vLLM's EngineArgs before the engine starts")
     preload: list[str] = Field(default_factory=list, description="adapters loaded (and validated) before serving",
                                json_schema_extra={"metavar": "ID=PATH"})
     tenants: Path | None = Field(None, description="tenants file (API key hashes, adapters, limits); none: an open server")
@@ -113,6 +118,15 @@ class ServerSettings(BaseSettings):
             if isinstance(v, (list, tuple)):
                 return _pairs(v, _value_type(field))
         return v
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from serve.engine_args import (
+            validate_engine_args,  # imports vLLM: only when there is something to check
+        )
+
+        return validate_engine_args(v) if v else v
 
     @field_validator("preload")
     @classmethod

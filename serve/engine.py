@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from serve.config import ServerSettings
-from serve.errors import Unavailable
+from serve.errors import InvalidRequest, Unavailable
 
 __all__ = ["Engine", "EngineError"]
 
@@ -47,6 +47,7 @@ class Engine:
         self.vocab_size = 0
         self.eos_token_id: int | None = None
         self.dtype: Any = None  # torch dtype the engine serves in (adapters are validated in it)
+        self.max_logprobs = 0
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
@@ -70,7 +71,7 @@ class Engine:
             distributed_executor_backend=s.distributed_executor_backend,
             worker_extension_cls=EXTENSION,
             disable_log_stats=False,
-            seed=0,
+            **{"seed": 0, **s.engine},  # anything else of vLLM's EngineArgs, validated in the settings
         )
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.tokenizer = self.llm.get_tokenizer()
@@ -78,6 +79,7 @@ class Engine:
         self.vocab_size = self.llm.model_config.get_vocab_size()
         self.dtype = self.llm.model_config.dtype
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.max_logprobs = max(0, self.llm.model_config.max_logprobs)
         log.info("engine ready: %s, max_model_len=%d, %d adapter slots", s.model, self.max_model_len, s.max_loras)
 
     @property
@@ -113,6 +115,20 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages as prompt token ids, through the tokenizer's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("the model's tokenizer has no chat template: send a prompt instead")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template may raise on messages it does not accept
+            raise InvalidRequest(f"the chat template refused the messages: {e}") from None
+        # The template writes the special tokens it wants (BOS included), as in HF and vLLM's server.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: Any, lora_request: Any) -> AsyncIterator[Any]:
         """vLLM's output stream for one request (deltas)."""

@@ -1,8 +1,11 @@
-"""The generate pipeline: authenticate, admit, validate, lease the adapter, stream from the engine.
+"""The generate pipeline shared by every front end (gRPC and the OpenAI-compatible HTTP API):
+authenticate, admit, validate, lease the adapter, stream from the engine.
 
-Every request's outcome is counted per adapter and tenant, with its latency profile (time to
-first token, time per output token, queue wait, end to end). A cancelled call or an expired
-deadline aborts the engine request at once.
+Front ends translate their messages into a `GenerateCall` and the `Chunk`s back; everything
+else (tenants, quotas, merge policy, metrics, error classes) happens here, once. Every
+request's outcome is counted per adapter and tenant, with its latency profile (time to first
+token, time per output token, queue wait, end to end). A cancelled call or an expired deadline
+aborts the engine request at once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,50 +30,146 @@ from serve.policy import MergePolicy
 from serve.registry import AdapterRegistry, check_adapter_id
 from serve.tenants import Tenant, TenantDirectory
 
-__all__ = ["Chunk", "GenerationService"]
+__all__ = ["ChatMessage", "Choice", "Chunk", "GenerateCall", "GenerationService", "Sampling", "TokenLogprob", "collect"]
 
 log = logging.getLogger(__name__)
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID = 128
+MAX_N = 16
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 SEED_MAX = (1 << 63) - 1
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+@dataclass
+class Sampling:
+    """Sampling options with vLLM's meaning; None takes vLLM's default."""
+
+    max_tokens: int | None = 16  # None: up to the end of the context
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    n: int = 1  # completions per prompt
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass
+class GenerateCall:
+    """One generation request, whatever API it came from. Exactly one of `prompt`,
+    `prompt_token_ids` and `messages` (rendered with the tokenizer's chat template)."""
+
+    adapter_id: str | None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    request_id: str = ""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token id, text, logprob), most likely first
 
 
 @dataclass
 class Chunk:
+    """New output of choice `index` (one of `n`); the last chunk of a choice has its finish reason,
+    the last chunk of the request its usage (`final`)."""
+
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str = ""
+    final: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-def sampling_params(sp: Any, max_tokens_left: int) -> Any:
-    """vLLM `SamplingParams` from the API message; bad values are INVALID_ARGUMENT."""
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str = ""
+
+
+async def collect(chunks: AsyncIterator[Chunk], n: int) -> tuple[list[Choice], Chunk]:
+    """A whole answer from its stream: the `n` choices, and the final chunk (usage)."""
+    choices = [Choice(i) for i in range(n)]
+    text: list[list[str]] = [[] for _ in range(n)]
+    last: Chunk | None = None
+    async for chunk in chunks:
+        c = choices[chunk.index]
+        text[chunk.index].append(chunk.text)
+        c.token_ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + chunk.logprobs
+        if chunk.finish_reason is not None:
+            c.finish_reason, c.stop_reason = chunk.finish_reason, chunk.stop_reason
+        last = chunk
+    if last is None or not last.final:
+        raise Unavailable("the engine ended the request without an answer")
+    for c, t in zip(choices, text, strict=True):
+        c.text = "".join(t)
+    return choices, last
+
+
+def _finite(name: str, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number")
+    return value
+
+
+def sampling_params(sp: Sampling, max_tokens_left: int, max_logprobs: int) -> Any:
+    """vLLM `SamplingParams`; bad values are INVALID_ARGUMENT naming the field."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
-    # logprobs=0: the sampled token's log-probability, from which the server tells when a
+    # logprobs=0 at least: the sampled token's log-probability, from which the server tells when a
     # request's logits became non-finite (and stops it alone; see docs/security.md).
     kw: dict[str, Any] = {"output_kind": RequestOutputKind.DELTA, "logprobs": 0}
-    requested = sp.max_tokens or 16
-    kw["max_tokens"] = min(requested, max_tokens_left)
+    if sp.max_tokens is not None and sp.max_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1")
+    kw["max_tokens"] = max_tokens_left if sp.max_tokens is None else min(sp.max_tokens, max_tokens_left)
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-        if sp.HasField(name):
-            value = getattr(sp, name)
-            if not math.isfinite(value):
-                raise InvalidRequest(f"sampling.{name} must be a finite number")
+        value = _finite(name, getattr(sp, name))
+        if value is not None:
             kw[name] = value
-    if sp.HasField("top_k"):
+    if sp.top_k is not None:
         kw["top_k"] = sp.top_k
-    if sp.HasField("seed"):
-        if sp.seed > SEED_MAX:
-            raise InvalidRequest(f"sampling.seed must be <= {SEED_MAX}")
+    if sp.seed is not None:
+        if not 0 <= sp.seed <= SEED_MAX:
+            raise InvalidRequest(f"seed must be between 0 and {SEED_MAX}")
         kw["seed"] = sp.seed
     if len(sp.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS or not s for s in sp.stop):
-        raise InvalidRequest(f"sampling.stop: at most {MAX_STOP} non-empty strings of <= {MAX_STOP_CHARS} characters")
+        raise InvalidRequest(f"stop: at most {MAX_STOP} non-empty strings of <= {MAX_STOP_CHARS} characters")
     if sp.stop:
         kw["stop"] = list(sp.stop)
     if sp.stop_token_ids:
@@ -78,11 +177,16 @@ def sampling_params(sp: Any, max_tokens_left: int) -> Any:
     kw["ignore_eos"] = sp.ignore_eos
     if sp.min_tokens:
         if sp.min_tokens > kw["max_tokens"]:
-            raise InvalidRequest("sampling.min_tokens exceeds max_tokens (or the context left)")
+            raise InvalidRequest("min_tokens exceeds max_tokens (or the context left)")
         kw["min_tokens"] = sp.min_tokens
-    kw["skip_special_tokens"] = sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True
-    from vllm.exceptions import VLLMClientError
-
+    kw["skip_special_tokens"] = sp.skip_special_tokens
+    if not 1 <= sp.n <= MAX_N:
+        raise InvalidRequest(f"n must be between 1 and {MAX_N}")
+    kw["n"] = sp.n
+    if sp.logprobs is not None:
+        if not 0 <= sp.logprobs <= max_logprobs:
+            raise InvalidRequest(f"logprobs (top_logprobs) must be between 0 and {max_logprobs}")
+        kw["logprobs"] = sp.logprobs
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError, OverflowError, VLLMClientError) as e:
@@ -104,20 +208,32 @@ class GenerationService:
         self._live: set[str] = set()
         self._shutdown_aborted: set[str] = set()
 
-    async def _prompt(self, request: Any) -> list[int]:
-        which = request.WhichOneof("input")
-        if which == "prompt_token_ids":
-            ids = list(request.prompt_token_ids.ids)
-            bad = [i for i in ids if i >= self.engine.vocab_size]
+    def _check_text(self, name: str, text: str) -> None:
+        if len(text.encode("utf-8", "surrogatepass")) > self.settings.max_prompt_bytes:
+            raise InvalidRequest(f"{name} is longer than {self.settings.max_prompt_bytes} bytes")
+
+    async def _prompt(self, call: GenerateCall) -> list[int]:
+        given = [x for x in (call.prompt, call.prompt_token_ids, call.messages) if x is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of a prompt, prompt token ids or chat messages")
+        if call.prompt_token_ids is not None:
+            ids = list(call.prompt_token_ids)
+            bad = [i for i in ids if not 0 <= i < self.engine.vocab_size]
             if bad:
                 raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
-        elif which == "prompt":
-            if len(request.prompt.encode("utf-8", "surrogatepass")) > self.settings.max_prompt_bytes:
-                raise InvalidRequest(f"prompt is longer than {self.settings.max_prompt_bytes} bytes")
-            # Off the event loop: a long prompt takes a while to tokenize and health checks must not wait.
-            ids = await asyncio.to_thread(self.engine.tokenize, request.prompt)
+        elif call.prompt is not None:
+            self._check_text("prompt", call.prompt)
+            # Tokenizing a long prompt takes a while: off the event loop, so other calls keep flowing.
+            ids = await asyncio.to_thread(self.engine.tokenize, call.prompt)
         else:
-            raise InvalidRequest("give a prompt or prompt_token_ids")
+            messages = call.messages or []
+            if not messages or len(messages) > MAX_MESSAGES:
+                raise InvalidRequest(f"messages: give 1 to {MAX_MESSAGES} chat messages")
+            for m in messages:
+                if m.role not in CHAT_ROLES:
+                    raise InvalidRequest(f"messages: unknown role {m.role!r} (one of {', '.join(CHAT_ROLES)})")
+            self._check_text("messages", "".join(m.content for m in messages))
+            ids = await asyncio.to_thread(self.engine.render_chat, [{"role": m.role, "content": m.content} for m in messages])
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.engine.max_model_len:
@@ -141,15 +257,17 @@ class GenerationService:
             self.per_tenant[tenant.name] -= 1
             self.metrics.in_flight.dec()
 
-    async def run(self, request: Any, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[Chunk]:
+    async def run(self, call: GenerateCall, metadata: Metadata | None, method: str, context: Any = None) -> AsyncIterator[Chunk]:
+        """The answer's chunks; raises `ServeError`s (the front end maps them to its status codes).
+        `context`: the gRPC call's, if any (a cancellation it saw is counted as CANCELLED)."""
         arrival = time.perf_counter()
-        tenant_name, adapter_id = "unauthenticated", request.adapter_id or None
+        tenant_name, adapter_id = "unauthenticated", call.adapter_id or None
         # Metric labels carry only what authentication and authorization vouched for: an id the
         # caller may not use (or that is not loaded) never becomes a label.
         adapter_label = "unknown" if adapter_id is not None else None
         code = grpc.StatusCode.OK
         try:
-            tenant = self.tenants.authenticate(context.invocation_metadata())
+            tenant = self.tenants.authenticate(metadata)
             tenant_name = tenant.name
             if self.draining.is_set():
                 raise Unavailable("the server is shutting down")
@@ -159,20 +277,20 @@ class GenerationService:
                 adapter_label = adapter_id
             else:
                 self.tenants.check_base(tenant)
-            if len(request.request_id) > MAX_REQUEST_ID:
+            if len(call.request_id) > MAX_REQUEST_ID:
                 raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID} characters")
             with self._admit(tenant):
                 if not self.engine.ready:
                     raise Unavailable("the engine is not serving")
-                ids = await self._prompt(request)
-                params = sampling_params(request.sampling, self.engine.max_model_len - len(ids))
+                ids = await self._prompt(call)
+                params = sampling_params(call.sampling, self.engine.max_model_len - len(ids), self.engine.max_logprobs)
                 async with contextlib.AsyncExitStack() as stack:
                     lora = None
                     if adapter_id is not None:
                         lora = (await stack.enter_async_context(self.registry.lease(adapter_id, tenant))).lora_request
                     if self.settings.auto_merge:  # nothing reads the request log otherwise: keep none
                         self.policy.observe(adapter_id, time.monotonic())
-                    async for chunk in self._stream(request, ids, params, lora, tenant_name, arrival):
+                    async for chunk in self._stream(call, ids, params, lora, tenant_name, arrival):
                         yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             # GeneratorExit: the client cancelled a stream between two messages.
@@ -202,10 +320,25 @@ class GenerationService:
             await self.engine.abort(rid)
         return len(live)
 
-    async def _stream(self, request: Any, ids: list[int], params: Any, lora: Any, tenant: str, arrival: float) -> AsyncIterator[Chunk]:
-        rid = request.request_id or uuid.uuid4().hex
+    def _logprobs(self, token_ids: list[int], steps: Any) -> list[TokenLogprob]:
+        """vLLM's per-step {token id: Logprob} (the sampled token and the top k) as TokenLogprobs."""
+        out = []
+        for tid, step in zip(token_ids, steps, strict=True):
+            def text(i: int, lp: Any) -> str:
+                return lp.decoded_token if lp.decoded_token is not None else self.engine.decode_token(i)
+
+            ranked = sorted(((lp.rank, i, lp) for i, lp in step.items() if lp.rank is not None), key=lambda x: x[0])
+            chosen = step[tid]
+            top = [(i, text(i, lp), float(lp.logprob)) for _, i, lp in ranked]  # the caller keeps its k
+            out.append(TokenLogprob(tid, text(tid, chosen), float(chosen.logprob), top))
+        return out
+
+    async def _stream(self, call: GenerateCall, ids: list[int], params: Any, lora: Any, tenant: str, arrival: float) -> AsyncIterator[Chunk]:
+        rid = call.request_id or uuid.uuid4().hex
         engine_rid = uuid.uuid4().hex  # unique in the engine whatever clients send
-        a, t = self.metrics.labels(request.adapter_id or None, tenant)
+        a, t = self.metrics.labels(call.adapter_id or None, tenant)
+        want_logprobs = call.sampling.logprobs is not None  # the engine always returns the sampled token's
+        top_k = call.sampling.logprobs or 0
         last_token_at: float | None = None
         completion = 0
         finished = False
@@ -215,35 +348,50 @@ class GenerationService:
                 if engine_rid in self._shutdown_aborted:
                     raise Unavailable("the server shut down before the request completed")
                 now = time.perf_counter()
-                c = out.outputs[0]
-                new = list(c.token_ids)
-                if new:
+                new_total = sum(len(c.token_ids) for c in out.outputs)
+                if new_total:
                     if last_token_at is None:
                         self.metrics.ttft.labels(a, t).observe(now - arrival)
                         m = out.metrics
                         if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
                             self.metrics.queue_wait.labels(a, t).observe(max(0.0, m.scheduled_ts - m.queued_ts))
                     else:
-                        gap = (now - last_token_at) / len(new)
-                        for _ in new:
+                        gap = (now - last_token_at) / new_total
+                        for _ in range(new_total):
                             self.metrics.tpot.labels(a, t).observe(gap)
                     last_token_at = now
-                if c.logprobs and not all(math.isfinite(lp.logprob) for step in c.logprobs for lp in step.values()):
-                    raise NonFiniteOutput(
-                        "the model's outputs became non-finite (NaN or inf) for this request"
-                        + (f" with adapter {request.adapter_id!r}" if request.adapter_id else "")
-                        + "; it was stopped (other requests are unaffected)")
-                completion += len(new)
-                chunk = Chunk(rid, c.text, new)
+                for c in out.outputs:
+                    if c.logprobs and not all(math.isfinite(lp.logprob) for step in c.logprobs for lp in step.values()):
+                        raise NonFiniteOutput(
+                            "the model's outputs became non-finite (NaN or inf) for this request"
+                            + (f" with adapter {call.adapter_id!r}" if call.adapter_id else "")
+                            + "; it was stopped (other requests are unaffected)")
+                completion += new_total
+                chunks = []
+                for c in out.outputs:
+                    new = list(c.token_ids)
+                    chunk = Chunk(rid, c.text, new, index=c.index)
+                    if want_logprobs:
+                        lps = self._logprobs(new, c.logprobs or [])
+                        for lp in lps:
+                            lp.top = lp.top[:top_k]
+                        chunk.logprobs = lps
+                    if c.finish_reason is not None:
+                        chunk.finish_reason = c.finish_reason
+                        chunk.stop_reason = "" if c.stop_reason is None else str(c.stop_reason)
+                    chunks.append(chunk)
                 if out.finished:
                     finished = True
-                    chunk.finish_reason = c.finish_reason
-                    chunk.stop_reason = "" if c.stop_reason is None else str(c.stop_reason)
-                    chunk.prompt_tokens = len(ids)
-                    chunk.completion_tokens = completion
+                    if not chunks:
+                        chunks.append(Chunk(rid))
+                    last = chunks[-1]
+                    last.final = True
+                    last.prompt_tokens = len(ids)
+                    last.completion_tokens = completion
                     self.metrics.prompt_tokens.labels(a, t).inc(len(ids))
                     self.metrics.generation_tokens.labels(a, t).inc(completion)
-                yield chunk
+                for chunk in chunks:
+                    yield chunk
             if engine_rid in self._shutdown_aborted:
                 raise Unavailable("the server shut down before the request completed")
         finally:

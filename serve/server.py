@@ -1,4 +1,4 @@
-"""`mora-serve`: the gRPC server process.
+"""`mora-serve`: the server process: gRPC, and the OpenAI-compatible HTTP API on `--http-port`.
 
 Start-up: gRPC, health (NOT_SERVING) and metrics come up first, then the vLLM engine (tens of
 seconds), then the preloaded adapters; only then does health say SERVING. SIGTERM starts a
@@ -25,6 +25,7 @@ from serve.config import ServerSettings, load_settings, parse_args
 from serve.engine import Engine
 from serve.errors import ErrorInterceptor, ServeError
 from serve.generation import GenerationService
+from serve.http import HttpServer, build_app
 from serve.metrics import ServerMetrics
 from serve.policy import MergePolicy
 from serve.proto import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -56,10 +57,19 @@ class Server:
         self.generation = GenerationService(settings, self.engine, self.registry, self.tenants, self.metrics, self.policy)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
         self.port = 0
         self.stopping = asyncio.Event()
         self.exit_code = 0
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def base_model_names(self) -> list[str]:
+        """The base model's names in the OpenAI API's `model` field: vLLM's served_model_name if set,
+        else the --model value (as vLLM's own server names it)."""
+        served = self.settings.engine.get("served_model_name")
+        names = [served] if isinstance(served, str) else list(served or [])
+        return names or [str(self.settings.model)]
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -83,8 +93,9 @@ class Server:
             interceptors=[ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
         )
+        adapters = AdaptersServicer(self.registry, self.tenants)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.generation), self.grpc)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.registry, self.tenants), self.grpc)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         creds = self._credentials()
@@ -92,6 +103,11 @@ class Server:
         self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
         await self._set_health(False)
         await self.grpc.start()
+        if s.http_port:
+            app = build_app(self.generation, adapters, self.base_model_names, lambda: self.engine.ready and not self.stopping.is_set())
+            self.http = HttpServer(app, s.host, s.http_port, s.shutdown_grace_s)
+            await self.http.start()
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", s.host, s.http_port)
         log.info("gRPC listening on %s:%d (%s); metrics on :%d; engine starting", s.host, self.port,
                  "TLS" + (" + client certificates" if s.tls_client_ca else "") if creds else "plaintext", s.metrics_port)
         await self.engine.start()
@@ -154,6 +170,8 @@ class Server:
         await self._set_health(False)
         for t in self._tasks:
             t.cancel()
+        if self.http is not None:
+            self.http.refuse_new()  # stops accepting; requests in flight are in generation.pending
         if self.grpc is not None:
             stop = asyncio.create_task(self.grpc.stop(grace + 2.0))
             deadline = time.monotonic() + grace
@@ -163,6 +181,8 @@ class Server:
             if aborted:
                 log.warning("%d requests did not finish within the grace period: returned UNAVAILABLE", aborted)
             await stop
+        if self.http is not None:
+            await self.http.stop()
         self.engine.shutdown()
         self.registry.close()
         log.info("stopped")

@@ -11,14 +11,22 @@ import grpc
 
 from mora.checkpoint import MoraAdapter
 from serve.errors import InvalidRequest
-from serve.generation import Chunk, GenerationService
+from serve.generation import (
+    ChatMessage,
+    Chunk,
+    GenerateCall,
+    GenerationService,
+    Sampling,
+    TokenLogprob,
+    collect,
+)
 from serve.proto import adapters_pb2 as apb
 from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
 from serve.proto import inference_pb2 as ipb
 from serve.registry import AdapterRegistry, Entry
 from serve.tenants import TenantDirectory
 
-__all__ = ["AdaptersServicer", "InferenceServicer"]
+__all__ = ["AdaptersServicer", "InferenceServicer", "generate_call"]
 
 FINISH = {"stop": ipb.FINISH_REASON_STOP, "length": ipb.FINISH_REASON_LENGTH, "abort": ipb.FINISH_REASON_ABORT}
 LOCATION = {
@@ -26,13 +34,40 @@ LOCATION = {
     "host_cache": apb.ADAPTER_LOCATION_HOST_CACHE,
     "disk_only": apb.ADAPTER_LOCATION_DISK_ONLY,
 }
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "logprobs")
+
+
+def generate_call(request: Any) -> GenerateCall:
+    """The API message as the generation core's request."""
+    sp = request.sampling
+    sampling = Sampling(
+        max_tokens=sp.max_tokens or 16, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+        min_tokens=sp.min_tokens, skip_special_tokens=sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True,
+        n=sp.n or 1, **{name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)})
+    call = GenerateCall(adapter_id=request.adapter_id or None, sampling=sampling, request_id=request.request_id)
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        call.prompt = request.prompt
+    elif which == "prompt_token_ids":
+        call.prompt_token_ids = list(request.prompt_token_ids.ids)
+    elif which == "messages":
+        call.messages = [ChatMessage(m.role, m.content) for m in request.messages.messages]
+    return call
+
+
+def _logprobs(lps: list[TokenLogprob] | None) -> list[Any]:
+    return [ipb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
+                             top_logprobs=[ipb.TopLogprob(token_id=i, token=t, logprob=v) for i, t, v in lp.top])
+            for lp in lps or []]
 
 
 def _response(chunk: Chunk, adapter_id: str) -> Any:
-    r = ipb.GenerateResponse(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
-                             adapter_id=adapter_id, stop_reason=chunk.stop_reason)
+    r = ipb.GenerateResponse(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids, index=chunk.index,
+                             adapter_id=adapter_id, stop_reason=chunk.stop_reason, logprobs=_logprobs(chunk.logprobs))
     if chunk.finish_reason is not None:
         r.finish_reason = FINISH.get(chunk.finish_reason, ipb.FINISH_REASON_UNSPECIFIED)
+    if chunk.final:
         r.usage.prompt_tokens = chunk.prompt_tokens
         r.usage.completion_tokens = chunk.completion_tokens
     return r
@@ -43,17 +78,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.generation = generation
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        text, tokens, last = [], [], None
-        async for chunk in self.generation.run(request, context, "Generate"):
-            text.append(chunk.text)
-            tokens.extend(chunk.token_ids)
-            last = chunk
-        assert last is not None
-        last.text, last.token_ids = "".join(text), tokens
-        return _response(last, request.adapter_id)
+        call = generate_call(request)
+        choices, last = await collect(self.generation.run(call, context.invocation_metadata(), "Generate", context), call.sampling.n)
+        completions = [ipb.Completion(index=c.index, text=c.text, token_ids=c.token_ids, stop_reason=c.stop_reason,
+                                      finish_reason=FINISH.get(c.finish_reason or "", ipb.FINISH_REASON_UNSPECIFIED),
+                                      logprobs=_logprobs(c.logprobs)) for c in choices]
+        first = completions[0]
+        r = ipb.GenerateResponse(request_id=last.request_id, text=first.text, token_ids=first.token_ids,
+                                 finish_reason=first.finish_reason, stop_reason=first.stop_reason, logprobs=first.logprobs,
+                                 adapter_id=request.adapter_id, completions=completions)
+        r.usage.prompt_tokens = last.prompt_tokens
+        r.usage.completion_tokens = last.completion_tokens
+        return r
 
     async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for chunk in self.generation.run(request, context, "GenerateStream"):
+        async for chunk in self.generation.run(generate_call(request), context.invocation_metadata(), "GenerateStream",
+                                                  context):
             yield _response(chunk, request.adapter_id)
 
 

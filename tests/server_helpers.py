@@ -39,9 +39,12 @@ class ServerProcess:
         self.tls = tls  # {"ca": ..., "cert": ..., "key": ...} of a client the server accepts
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.http_port}/v1"
         self.target = f"127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "serve.server", "--model", str(model), "--adapter-root", str(adapter_root),
-                        "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--kv-cache-bytes", str(128 << 20),
+                        "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
+                        "--kv-cache-bytes", str(128 << 20),
                         # vLLM's "auto" runs float32 checkpoints in bf16; tests compare against a float32 reference
                         "--dtype", "float32", *(args or [])]
         self.log_path = log

@@ -1,0 +1,306 @@
+"""OpenAI-compatible routes over the same components as the gRPC API.
+
+`/v1/completions`, `/v1/chat/completions` (SSE streaming, usage, n, logprobs, stop, seed...) and
+`/v1/models` call the generation core (`serve.generation`) exactly as gRPC does: same tenants
+(`Authorization: Bearer`), quotas, merge policy and metrics. Adapter management (`/v1/adapters`,
+and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`) calls the gRPC Adapters service's
+own methods. Errors are classified once (`serve.errors.status_for`); `HTTP_STATUS` turns that
+gRPC code into the HTTP status, with OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+
+from serve.errors import InvalidRequest, status_for
+from serve.generation import Chunk, GenerateCall, GenerationService, TokenLogprob, collect
+from serve.http.protocol import (
+    AdapterLoad,
+    AdapterUnmerge,
+    ChatRequest,
+    CompletionRequest,
+    VllmLoraLoad,
+    VllmLoraUnload,
+)
+from serve.proto import adapters_pb2 as apb
+from serve.servicers import AdaptersServicer
+
+__all__ = ["HTTP_STATUS", "HttpServer", "build_app"]
+
+log = logging.getLogger(__name__)
+
+# The one translation from the server's status codes (serve.errors) to HTTP.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               409: "conflict_error", 429: "rate_limit_error"}
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    code, message = status_for(exc)
+    status = HTTP_STATUS.get(code, 500)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("unhandled error in the HTTP API", exc_info=exc)
+    return status, {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
+                              "code": code.name}}
+
+
+class _Caller:
+    """The caller's credentials, shaped as the gRPC servicers read them (`invocation_metadata()`)."""
+
+    def __init__(self, request: Request) -> None:
+        auth = request.headers.get("authorization")
+        self.metadata = (("authorization", auth),) if auth is not None else ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+
+def _usage(last: Chunk) -> dict[str, int]:
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+
+def _completion_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+    offsets, pos = [], offset
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {"tokens": [lp.token for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{t: v for _, t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def _chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]} for lp in lps]}
+
+
+class OpenAIRoutes:
+    def __init__(self, generation: GenerationService, adapters: AdaptersServicer, base_names: list[str]) -> None:
+        self.generation = generation
+        self.adapters = adapters
+        self.base_names = base_names
+
+    def _call(self, body: ChatRequest | CompletionRequest, **input_: Any) -> GenerateCall:
+        adapter = None if body.model in self.base_names else body.model
+        return GenerateCall(adapter_id=adapter, request_id=body.request_id, **input_)
+
+    async def _respond(self, request: Request, body: Any, call: GenerateCall, method: str, chat: bool) -> Response:
+        rid = ("chatcmpl-" if chat else "cmpl-") + (call.request_id or uuid.uuid4().hex)
+        created = int(time.time())
+        stream = self.generation.run(call, _Caller(request).invocation_metadata(), method + ("Stream" if body.stream else ""))
+        if not body.stream:
+            choices, last = await collect(stream, call.sampling.n)
+            if chat:
+                out = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(c.logprobs),
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason or None} for c in choices]
+            else:
+                out = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c.logprobs, 0),
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason or None} for c in choices]
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                                 "model": body.model, "choices": out, "usage": _usage(last)})
+        first = await anext(stream)  # errors before the first token are an HTTP status, not an event
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        sent: dict[int, int] = {}  # characters sent per choice (text_offset) / choices whose role was sent
+
+        def event(chunk: Chunk) -> str:
+            pos = sent.get(chunk.index)
+            sent[chunk.index] = (pos or 0) + len(chunk.text)
+            if chat:
+                delta: dict[str, Any] = {"content": chunk.text}
+                if pos is None:
+                    delta["role"] = "assistant"
+                choice = {"index": chunk.index, "delta": delta, "logprobs": _chat_logprobs(chunk.logprobs),
+                          "finish_reason": chunk.finish_reason}
+            else:
+                choice = {"index": chunk.index, "text": chunk.text, "logprobs": _completion_logprobs(chunk.logprobs, pos or 0),
+                          "finish_reason": chunk.finish_reason}
+            data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
+            if include_usage:
+                data["usage"] = None
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                chunk = first
+                while True:
+                    yield event(chunk)
+                    if chunk.final:
+                        if include_usage:
+                            usage = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
+                                     "usage": _usage(chunk)}
+                            yield f"data: {json.dumps(usage)}\n\n"
+                        break
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream
+                yield f"data: {json.dumps(error_body(exc)[1])}\n\n"
+            finally:
+                await stream.aclose()  # a client that went away aborts the engine request
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def completions(self, request: Request, body: CompletionRequest) -> Response:
+        text, ids = body.single_prompt()
+        call = self._call(body, prompt=text, prompt_token_ids=ids)
+        call.sampling = body.sampling(body.max_tokens, body.logprobs)
+        return await self._respond(request, body, call, "Completions", chat=False)
+
+    async def chat(self, request: Request, body: ChatRequest) -> Response:
+        call = self._call(body, messages=[m.chat_message() for m in body.messages])
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        call.sampling = body.sampling(body.max_completion_tokens or body.max_tokens, logprobs)
+        return await self._respond(request, body, call, "ChatCompletions", chat=True)
+
+    async def models(self, request: Request) -> Response:
+        listed = await self.adapters.ListAdapters(apb.ListAdaptersRequest(), _Caller(request))
+        caller = self.adapters.tenants.authenticate(_Caller(request).invocation_metadata())
+        created = int(time.time())
+        data = []
+        if caller.is_admin or caller.allow_base_model:
+            data.append({"id": self.base_names[0], "object": "model", "created": created, "owned_by": "mora-serve",
+                         "root": self.base_names[0], "parent": None})
+        for a in listed.adapters:
+            data.append({"id": a.adapter_id, "object": "model", "created": created, "owned_by": a.tenant or "mora-serve",
+                         "root": a.adapter_id, "parent": self.base_names[0]})
+        return JSONResponse({"object": "list", "data": data})
+
+
+def _info(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def build_app(generation: GenerationService, adapters: AdaptersServicer, base_names: list[str],
+              ready: Callable[[], bool]) -> FastAPI:
+    routes = OpenAIRoutes(generation, adapters, base_names)
+    app = FastAPI(title="mora-serve", description="OpenAI-compatible API of mora-serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(Exception)
+    async def _error(request: Request, exc: Exception) -> Response:
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        return JSONResponse(error_body(InvalidRequest(f"invalid request: {problems}"))[1], status_code=400)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if ready() else 503)
+
+    app.post("/v1/completions")(routes.completions)
+    app.post("/v1/chat/completions")(routes.chat)
+    app.get("/v1/models")(routes.models)
+
+    @app.get("/v1/adapters")
+    async def list_adapters(request: Request) -> Response:
+        return JSONResponse(_info(await adapters.ListAdapters(apb.ListAdaptersRequest(), _Caller(request))))
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request, body: AdapterLoad) -> Response:
+        req = apb.LoadAdapterRequest(adapter_id=body.adapter_id, replace=body.replace, tenant=body.tenant)
+        if body.source is not None:
+            req.registered_source = body.source
+        else:
+            req.path = body.path or body.adapter_id
+        return JSONResponse(_info(await adapters.LoadAdapter(req, _Caller(request))))
+
+    @app.get("/v1/adapters/{adapter_id}")
+    async def get_adapter(request: Request, adapter_id: str) -> Response:
+        return JSONResponse(_info(await adapters.GetAdapter(apb.GetAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+
+    @app.delete("/v1/adapters/{adapter_id}")
+    async def unload_adapter(request: Request, adapter_id: str) -> Response:
+        return JSONResponse(_info(await adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+
+    @app.post("/v1/adapters/{adapter_id}/merge")
+    async def merge_adapter(request: Request, adapter_id: str) -> Response:
+        return JSONResponse(_info(await adapters.MergeAdapter(apb.MergeAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+
+    @app.post("/v1/adapters/{adapter_id}/unmerge")
+    async def unmerge_adapter(request: Request, adapter_id: str, body: AdapterUnmerge | None = None) -> Response:
+        req = apb.UnmergeAdapterRequest(adapter_id=adapter_id, automatic=body is not None and body.automatic)
+        return JSONResponse(_info(await adapters.UnmergeAdapter(req, _Caller(request))))
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(request: Request, body: VllmLoraLoad) -> Response:
+        req = apb.LoadAdapterRequest(adapter_id=body.lora_name, path=body.lora_path, replace=body.load_inplace)
+        await adapters.LoadAdapter(req, _Caller(request))
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(request: Request, body: VllmLoraUnload) -> Response:
+        await adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=body.lora_name), _Caller(request))
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
+
+    return app
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:  # the server process owns SIGTERM/SIGINT (graceful drain)
+        yield
+
+
+class HttpServer:
+    """uvicorn serving the app in the running event loop."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=max(1, int(grace_s) + 2))
+        self.server = _Uvicorn(config)
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises why it could not start (port taken...)
+                raise RuntimeError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.05)
+
+    def refuse_new(self) -> None:
+        self.server.should_exit = True
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await self.task

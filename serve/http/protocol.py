@@ -1,0 +1,150 @@
+"""Request bodies of the OpenAI-compatible API (the OpenAI spec's fields, plus vLLM's usual extras),
+validated at the edge: an unknown or mistyped field is a 400 naming it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.errors import InvalidRequest
+from serve.generation import ChatMessage, Sampling
+
+__all__ = ["AdapterLoad", "ChatRequest", "CompletionRequest", "VllmLoraLoad", "VllmLoraUnload"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(_Body):
+    model: str = Field(min_length=1, description="an adapter id, or the base model's name")
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # vLLM's extra sampling parameters, as its own server accepts them
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    skip_special_tokens: bool = True
+    request_id: str = ""
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return Sampling(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []), presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens, n=self.n, logprobs=logprobs)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    def single_prompt(self) -> tuple[str | None, list[int] | None]:
+        """(text, token ids): one prompt per request (a list of one is accepted)."""
+        p: Any = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise InvalidRequest(f"prompt: one prompt per request (got {len(p)}); send several requests")
+            p = p[0]
+        if isinstance(p, str):
+            return p, None
+        return None, list(p)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def chat_message(self) -> ChatMessage:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return ChatMessage(self.role, content)
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class AdapterLoad(_Body):
+    adapter_id: str
+    path: str | None = Field(None, description="relative to the server's adapter root")
+    source: str | None = Field(None, description="a source registered in the server config")
+    replace: bool = False
+    tenant: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterLoad:
+        if self.path is not None and self.source is not None:
+            raise ValueError("give path or source, not both")
+        return self
+
+
+class AdapterUnmerge(_Body):
+    automatic: bool = False
+
+
+class VllmLoraLoad(BaseModel):
+    """vLLM's `/v1/load_lora_adapter` body, so that tools written for vLLM work unchanged."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class VllmLoraUnload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str
