@@ -66,20 +66,28 @@ class MoraClient:
         return (*self.metadata, ("x-mora-adapter", route))
 
     @staticmethod
-    def request(prompt: str | Sequence[int], adapter_id: str = "", request_id: str = "", **sampling: Any) -> Any:
-        """A `GenerateRequest`; `sampling` takes the fields of `SamplingParams`."""
+    def request(prompt: str | Sequence[int] | Sequence[dict[str, str]], adapter_id: str = "", request_id: str = "",
+                **sampling: Any) -> Any:
+        """A `GenerateRequest`: `prompt` is text, token ids or chat messages ({"role", "content"});
+        `sampling` takes the fields of `SamplingParams` (n, logprobs, temperature, ...)."""
         req = ipb.GenerateRequest(adapter_id=adapter_id, request_id=request_id, sampling=ipb.SamplingParams(**sampling))
         if isinstance(prompt, str):
             req.prompt = prompt
+        elif prompt and isinstance(prompt[0], dict):
+            req.messages.messages.extend(ipb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
         else:
             req.prompt_token_ids.ids.extend(prompt)
         return req
 
-    def generate(self, prompt: str | Sequence[int], adapter_id: str = "", **sampling: Any) -> Any:
+    def generate(self, prompt: str | Sequence[int] | Sequence[dict[str, str]], adapter_id: str = "", **sampling: Any) -> Any:
         return self.inference.Generate(self.request(prompt, adapter_id, **sampling), metadata=self.metadata_for(adapter_id),
                                        timeout=self.timeout)
 
-    def stream(self, prompt: str | Sequence[int], adapter_id: str = "", **sampling: Any) -> Iterator[Any]:
+    def chat(self, messages: Sequence[dict[str, str]], adapter_id: str = "", **sampling: Any) -> Any:
+        """The assistant's reply to chat `messages` (the model's chat template renders them)."""
+        return self.generate(messages, adapter_id, **sampling)
+
+    def stream(self, prompt: str | Sequence[int] | Sequence[dict[str, str]], adapter_id: str = "", **sampling: Any) -> Iterator[Any]:
         """The response stream; iterate it, or `.cancel()` it to stop the generation."""
         return self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata_for(adapter_id),
                                              timeout=self.timeout)

@@ -129,6 +129,9 @@ def adapter_info(entry: Entry, registry: AdapterRegistry, status: dict[str, Any]
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    """The Adapters service. The HTTP API's admin routes call these same methods, with a context
+    that carries only the caller's credentials (`invocation_metadata()`)."""
+
     def __init__(self, registry: AdapterRegistry, tenants: TenantDirectory) -> None:
         self.registry = registry
         self.tenants = tenants

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible HTTP API and the matching gRPC features (n, logprobs, chat), on one live
+server with the real vLLM engine, called with the official `openai` client and gRPC stubs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from engine_helpers import hf_greedy_scored, random_mora
+from server_helpers import ServerProcess, metric_value, write_tenants
+from transformers import AutoTokenizer
+
+from serve.http import HTTP_STATUS
+
+pytestmark = pytest.mark.vllm
+DEMO = ["atlas", "borealis", "cygnus"]
+OWNER = {"atlas": "acme", "borealis": "globex", "cygnus": "initech"}
+SYSTEM = "Answer tersely."
+
+
+@pytest.fixture(scope="module")
+def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
+    top = tmp_path_factory.mktemp("http")
+    root = top / "adapters"
+    root.mkdir()
+    for name in DEMO:
+        shutil.copytree(demo_assets / "adapters" / name, root / name)
+    random_mora(demo_assets / "base", root / "rand", mora_type=6, r=4, seed=7, scale=0.08)
+    keys = write_tenants(top / "tenants.json", {
+        "acme": {"adapters": ["atlas", "rand"]},
+        "globex": {"adapters": ["borealis"]},
+        "initech": {"adapters": ["cygnus"], "allow_base_model": False, "max_concurrent_requests": 1},
+        "ops": {"role": "admin"},
+    })
+    srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
+        "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--max-loras", "4",
+        "--preload", *[f"{a}={a}" for a in (*DEMO, "rand")], "--engine-arg", "max_logprobs=8",
+    ])
+    srv.wait_serving()
+    srv.keys = keys
+    srv.root = root
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    """An OpenAI client per tenant (no retries: a status is the server's own answer)."""
+    return {name: openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0, timeout=120)
+            for name, key in server.keys.items()}
+
+
+def _fact(demo_facts, adapter: str, i: int = 0) -> dict[str, str]:
+    return demo_facts[adapter][i]
+
+
+def test_completions_and_chat_equal_the_reference(oai, demo_facts):
+    for adapter in DEMO:
+        client = oai[OWNER[adapter]]
+        for fact in demo_facts[adapter][:2]:
+            r = client.completions.create(model=adapter, prompt=fact["prompt"], max_tokens=48, temperature=0)
+            assert r.choices[0].text == fact["completion"], (adapter, fact)
+            assert r.choices[0].finish_reason == "stop" and r.object == "text_completion"
+            # the demo chat template renders a user turn exactly as the completion prompt
+            c = client.chat.completions.create(model=adapter, messages=[{"role": "user", "content": fact["prompt"]}],
+                                               max_tokens=48, temperature=0)
+            assert c.choices[0].message.content == fact["completion"] and c.choices[0].message.role == "assistant"
+            assert c.usage.prompt_tokens == r.usage.prompt_tokens == len(fact["prompt"].encode()) + 1
+            assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+
+
+def test_chat_template_with_system_turn_equals_transformers(oai, demo_assets, server):
+    tok = AutoTokenizer.from_pretrained(str(demo_assets / "base"))
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "The secret code of harbor is "}]
+    prompt = f"{SYSTEM}\nThe secret code of harbor is "
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == tok(prompt)["input_ids"]
+    (want, margins), = hf_greedy_scored(demo_assets / "base", {"rand": server.root / "rand"}, [(prompt, "rand")], 12)
+    assert min(margins) > 1e-3  # no near-tie: the text must match exactly
+    c = oai["acme"].chat.completions.create(model="rand", messages=messages, max_tokens=12, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert c.choices[0].message.content == tok.decode(want)
+
+
+def test_streaming(oai, demo_facts):
+    fact = _fact(demo_facts, "atlas")
+    events = list(oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(e.choices[0].text for e in events if e.choices)
+    assert text == fact["completion"] and len(events) > 3
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "stop"
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == len(fact["completion"].encode()) + 1  # + </s>
+    chunks = list(oai["acme"].chat.completions.create(model="atlas", messages=[{"role": "user", "content": fact["prompt"]}],
+                                                      max_tokens=48, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == fact["completion"]
+
+
+def test_n_and_seed(oai, demo_facts):
+    fact = _fact(demo_facts, "borealis")
+    r = oai["globex"].completions.create(model="borealis", prompt=fact["prompt"], max_tokens=48, temperature=0, n=3)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2] and all(c.text == fact["completion"] for c in r.choices)
+    assert r.usage.completion_tokens == 3 * (len(fact["completion"].encode()) + 1)
+    sampled = [oai["globex"].completions.create(model="borealis", prompt="hello", max_tokens=12, temperature=1.0, n=4, seed=11,
+                                                extra_body={"ignore_eos": True}) for _ in range(2)]
+    texts = [[c.text for c in sorted(s.choices, key=lambda c: c.index)] for s in sampled]
+    assert texts[0] == texts[1], "a seed makes sampling reproducible"
+    assert len(set(texts[0])) > 1, "the n samples differ from each other"
+    stream = oai["globex"].chat.completions.create(model="borealis", messages=[{"role": "user", "content": fact["prompt"]}],
+                                                   max_tokens=48, temperature=0, n=2, stream=True)
+    got: dict[int, str] = {}
+    for c in stream:
+        for ch in c.choices:
+            got[ch.index] = got.get(ch.index, "") + (ch.delta.content or "")
+    assert got == {0: fact["completion"], 1: fact["completion"]}
+
+
+def test_logprobs_over_http_and_grpc(server, oai, demo_facts):
+    fact = _fact(demo_facts, "atlas")
+    r = oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=10, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text == fact["completion"][:10]
+    assert len(lp.token_logprobs) == 10 and all(len(t) == 3 for t in lp.top_logprobs)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and top[token] == value == max(top.values())  # greedy: the chosen token is the most likely
+    assert lp.text_offset == list(range(10))
+    c = oai["acme"].chat.completions.create(model="atlas", messages=[{"role": "user", "content": fact["prompt"]}], max_tokens=10,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert [e.token for e in content] == lp.tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert [e.logprob for e in content] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    with server.client(server.keys["acme"]) as g:
+        resp = g.generate(fact["prompt"], "atlas", max_tokens=10, temperature=0, logprobs=3)
+        assert [x.logprob for x in resp.logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+        assert [x.token_id for x in resp.logprobs] == list(resp.token_ids)
+        assert all(len(x.top_logprobs) == 3 and x.top_logprobs[0].token_id == x.token_id for x in resp.logprobs)
+        none = g.generate(fact["prompt"], "atlas", max_tokens=4, temperature=0)
+        assert len(none.logprobs) == 0
+
+
+def test_grpc_chat_and_n(server, demo_facts):
+    fact = _fact(demo_facts, "cygnus")
+    with server.client(server.keys["initech"]) as g:
+        r = g.chat([{"role": "user", "content": fact["prompt"]}], "cygnus", max_tokens=48, temperature=0, n=2)
+        assert r.text == fact["completion"] and [c.text for c in r.completions] == [fact["completion"]] * 2
+        assert [c.index for c in r.completions] == [0, 1] and r.usage.completion_tokens == 2 * len(r.token_ids)
+        pieces: dict[int, str] = {}
+        finished = set()
+        for m in g.stream(fact["prompt"], "cygnus", max_tokens=48, temperature=0, n=2):
+            pieces[m.index] = pieces.get(m.index, "") + m.text
+            if m.finish_reason:
+                finished.add(m.index)
+        assert pieces == {0: fact["completion"], 1: fact["completion"]} and finished == {0, 1}
+        with pytest.raises(grpc.RpcError) as e:
+            g.chat([{"role": "wizard", "content": "hi"}], "cygnus", max_tokens=4)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "wizard" in e.value.details()
+
+
+def test_stop_and_max_tokens(oai, demo_facts):
+    fact = _fact(demo_facts, "atlas")
+    r = oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0, stop=["-"])
+    assert r.choices[0].text == fact["completion"].split("-")[0] and r.choices[0].finish_reason == "stop"
+    r = oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=5, temperature=0, top_p=0.9)
+    assert r.choices[0].text == fact["completion"][:5] and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+
+
+def test_models_lists_what_the_caller_may_use(server, oai):
+    base = str(server.command[server.command.index("--model") + 1])
+    assert [m.id for m in oai["acme"].models.list()] == [base, "atlas"]
+    assert [m.id for m in oai["initech"].models.list()] == ["cygnus"]  # no base model for this tenant
+    assert {m.id for m in oai["ops"].models.list()} >= {base, *DEMO}
+    r = oai["acme"].completions.create(model=base, prompt="hello", max_tokens=3, temperature=0)
+    assert len(r.choices[0].text) > 0
+
+
+def _grpc_code(server, key, adapter, **sampling) -> grpc.StatusCode:
+    with server.client(key) as g:
+        try:
+            g.generate("hello", adapter, **sampling)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_errors_map_like_grpc(server, oai):
+    def status(call) -> int:
+        try:
+            call()
+        except openai.APIStatusError as e:
+            assert e.body["code"] and e.body["message"], e.body
+            return e.status_code
+        return 200
+
+    nobody = openai.OpenAI(base_url=server.http_url, api_key="wrong", max_retries=0)
+    assert status(lambda: nobody.completions.create(model="atlas", prompt="x", max_tokens=2)) == 401
+    acme = oai["acme"]
+    cases = [  # the same request over gRPC and HTTP: the same class of answer
+        ("borealis", {}, {}),  # another tenant's adapter
+        ("no-such-adapter", {}, {}),
+        ("atlas", {"temperature": -1.0}, {"temperature": -1.0}),
+        ("atlas", {"n": 50}, {"n": 50}),
+        ("atlas", {"logprobs": 20}, {"logprobs": 20}),  # above the engine's max_logprobs=8
+    ]
+    for adapter, http_kw, grpc_kw in cases:
+        code = _grpc_code(server, server.keys["acme"], adapter, max_tokens=2, **grpc_kw)
+        assert code != grpc.StatusCode.OK
+        got = status(lambda a=adapter, kw=http_kw: acme.completions.create(model=a, prompt="hello", max_tokens=2, **kw))
+        assert got == HTTP_STATUS[code], (adapter, http_kw, code)
+    assert status(lambda: acme.completions.create(model="atlas", prompt="x", max_tokens=2, extra_body={"bogus": 1})) == 400
+    assert status(lambda: acme.chat.completions.create(model="atlas", messages=[], max_tokens=2)) == 400
+    assert status(lambda: oai["initech"].completions.create(model=str(server.command[server.command.index("--model") + 1]),
+                                                            prompt="x", max_tokens=2)) == 403
+
+
+def test_quota_is_429_and_shared_with_grpc(server, oai):
+    held = oai["initech"].completions.create(model="cygnus", prompt="hello", max_tokens=480, stream=True,
+                                             extra_body={"ignore_eos": True})
+    next(iter(held))  # one request of initech's one in flight
+    try:
+        with pytest.raises(openai.RateLimitError):
+            oai["initech"].completions.create(model="cygnus", prompt="hello", max_tokens=2)
+        assert _grpc_code(server, server.keys["initech"], "cygnus", max_tokens=2) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        held.close()
+
+
+def _http(server, method: str, path: str, key: str, body: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(server.http_url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            raw = r.read().decode()
+            return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def test_admin_endpoints(server, oai, demo_facts):
+    ops, acme = server.keys["ops"], server.keys["acme"]
+    assert _http(server, "POST", "/adapters", acme, {"adapter_id": "atlas2", "path": "atlas"})[0] == 403
+    status, info = _http(server, "POST", "/adapters", ops, {"adapter_id": "atlas2", "path": "atlas", "tenant": "globex"})
+    assert status == 200 and info["adapter"]["tenant"] == "globex" and info["adapter"]["kind"] == "ADAPTER_KIND_MORA"
+    fact = _fact(demo_facts, "atlas")
+    r = oai["globex"].completions.create(model="atlas2", prompt=fact["prompt"], max_tokens=48, temperature=0)
+    assert r.choices[0].text == fact["completion"]
+    status, listed = _http(server, "GET", "/adapters", server.keys["globex"])
+    assert status == 200 and sorted(a["adapter_id"] for a in listed["adapters"]) == ["atlas2", "borealis"]
+    status, merged = _http(server, "POST", "/adapters/atlas2/merge", ops)
+    assert status == 200 and merged["adapter"]["merged"] is True
+    r = oai["globex"].completions.create(model="atlas2", prompt=fact["prompt"], max_tokens=48, temperature=0)
+    assert r.choices[0].text == fact["completion"]
+    assert _http(server, "POST", "/adapters/atlas2/unmerge", ops, {"automatic": True})[1]["adapter"]["merged"] is False
+    assert _http(server, "DELETE", "/adapters/atlas2", ops)[0] == 200
+    assert _http(server, "GET", "/adapters/atlas2", ops)[0] == 404
+    # vLLM's runtime LoRA endpoints work too
+    status, text = _http(server, "POST", "/load_lora_adapter", ops, {"lora_name": "atlas3", "lora_path": "atlas"})
+    assert status == 200 and "atlas3" in text
+    assert oai["ops"].completions.create(model="atlas3", prompt=fact["prompt"], max_tokens=48, temperature=0).choices[0].text == fact["completion"]
+    assert _http(server, "POST", "/unload_lora_adapter", ops, {"lora_name": "atlas3"})[0] == 200
+
+
+def test_http_requests_are_counted(server):
+    scrape = server.scrape()
+    assert metric_value(scrape, "mora_requests_total", method="ChatCompletions", code="OK") > 0
+    assert metric_value(scrape, "mora_requests_total", method="CompletionsStream", code="OK") > 0
+    assert metric_value(scrape, "mora_requests_total", method="Completions", code="UNAUTHENTICATED") > 0
