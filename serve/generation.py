@@ -183,6 +183,10 @@ def sampling_params(sp: Sampling, max_tokens_left: int, max_logprobs: int) -> An
     if not 1 <= sp.n <= MAX_N:
         raise InvalidRequest(f"n must be between 1 and {MAX_N}")
     kw["n"] = sp.n
+    if sp.n > 1 and kw.get("temperature", 1.0) < 1e-5:
+        # vLLM refuses n > 1 with greedy decoding; OpenAI's API answers n identical greedy
+        # completions. Top-1 sampling picks the argmax at every step: the same tokens.
+        kw.update(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0)
     if sp.logprobs is not None:
         if not 0 <= sp.logprobs <= max_logprobs:
             raise InvalidRequest(f"logprobs (top_logprobs) must be between 0 and {max_logprobs}")

@@ -82,9 +82,12 @@ def test_chat_template_with_system_turn_equals_transformers(oai, demo_assets, se
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == tok(prompt)["input_ids"]
     (want, margins), = hf_greedy_scored(demo_assets / "base", {"rand": server.root / "rand"}, [(prompt, "rand")], 12)
     assert min(margins) > 1e-3  # no near-tie: the text must match exactly
+    with server.client(server.keys["acme"]) as g:
+        r = g.chat(messages, "rand", max_tokens=12, temperature=0, ignore_eos=True)
+    assert list(r.token_ids) == want
     c = oai["acme"].chat.completions.create(model="rand", messages=messages, max_tokens=12, temperature=0,
                                             extra_body={"ignore_eos": True})
-    assert c.choices[0].message.content == tok.decode(want)
+    assert c.choices[0].message.content == r.text
 
 
 def test_streaming(oai, demo_facts):
@@ -172,7 +175,7 @@ def test_stop_and_max_tokens(oai, demo_facts):
 
 def test_models_lists_what_the_caller_may_use(server, oai):
     base = str(server.command[server.command.index("--model") + 1])
-    assert [m.id for m in oai["acme"].models.list()] == [base, "atlas"]
+    assert [m.id for m in oai["acme"].models.list()] == [base, "atlas", "rand"]
     assert [m.id for m in oai["initech"].models.list()] == ["cygnus"]  # no base model for this tenant
     assert {m.id for m in oai["ops"].models.list()} >= {base, *DEMO}
     r = oai["acme"].completions.create(model=base, prompt="hello", max_tokens=3, temperature=0)

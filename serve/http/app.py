@@ -26,7 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 
-from serve.errors import InvalidRequest, status_for
+from mora.errors import MoraError
+from serve.errors import InvalidRequest, ServeError, status_for
 from serve.generation import Chunk, GenerateCall, GenerationService, TokenLogprob, collect
 from serve.http.protocol import (
     AdapterLoad,
@@ -211,10 +212,16 @@ def build_app(generation: GenerationService, adapters: AdaptersServicer, base_na
     routes = OpenAIRoutes(generation, adapters, base_names)
     app = FastAPI(title="mora-serve", description="OpenAI-compatible API of mora-serve", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(Exception)
     async def _error(request: Request, exc: Exception) -> Response:
         status, body = error_body(exc)
         return JSONResponse(body, status_code=status)
+
+    # The server's and the library's error classes (answered here, as gRPC's interceptor does);
+    # anything else becomes a 500 with a generic message (details in the log only).
+    from vllm.exceptions import VLLMClientError
+
+    for kind in (ServeError, MoraError, VLLMClientError, Exception):
+        app.add_exception_handler(kind, _error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
