@@ -5,7 +5,9 @@
 3. a tenant tries another tenant's adapter and is denied;
 4. a single-tenant burst makes the automatic policy merge that adapter (shown);
 5. a mixed burst makes it unmerge again;
-6. a few lines of the Prometheus scrape; then the server is stopped with SIGTERM.
+6. the same server over its OpenAI-compatible HTTP API, with the official `openai` client (a
+   streamed chat completion with an adapter as the `model`);
+7. a few lines of the Prometheus scrape; then the server is stopped with SIGTERM.
 
 Exits non-zero if any answer is wrong or a step does not happen.
 """
@@ -78,6 +80,22 @@ def _wait_merged(client: MoraClient, adapter: str, want: bool, timeout: float = 
     return False
 
 
+def _openai_step(base_url: str, key: str, fact: dict[str, str]) -> int:
+    """One streamed chat completion through the official client; returns the number of problems."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
+    console.print(f"models visible to acme: {[m.id.rsplit('/', 1)[-1] for m in client.models.list()]}")
+    console.print(f'client.chat.completions.create(model="atlas", messages=[{{"role": "user", "content": {fact["prompt"]!r}}}], '
+                  "stream=True, temperature=0)")
+    stream = client.chat.completions.create(model="atlas", messages=[{"role": "user", "content": fact["prompt"]}],
+                                            max_tokens=48, temperature=0, stream=True)
+    answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    ok = answer == fact["completion"]
+    console.print(f"streamed answer: {answer} {'[green]ok[/green]' if ok else '[red]WRONG[/red]'}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--assets", type=Path, default=Path("demo_assets"))
@@ -85,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     assets = args.assets.resolve()
     facts = json.loads((assets / "demo.json").read_text())["adapters"]
     keys = write_tenants(assets / "tenants.json", list(facts))
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serve.server", "--model", str(assets / "base"), "--adapter-root", str(assets / "adapters"),
-           "--port", str(port), "--metrics-port", str(metrics_port), "--tenants", str(assets / "tenants.json"),
+           "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--tenants", str(assets / "tenants.json"),
            "--max-loras", "4", "--kv-cache-bytes", str(128 << 20), "--preload", *[f"{a}={a}" for a in facts]]
     env = dict(os.environ, MORA_SERVE_MERGE_WINDOW_S="4", MORA_SERVE_MERGE_MIN_REQUESTS="6", MORA_SERVE_MERGE_MIN_DWELL_S="1")
     log_path = assets / "server.log"
@@ -146,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{all(m == j[2]['completion'] for m, j in zip(mixed, jobs * 2, strict=True))}")
             failures += not unmerged
 
-            console.rule("[bold]5. Prometheus scrape (excerpt)")
+            console.rule("[bold]6. the OpenAI-compatible HTTP API, with the openai client")
+            failures += _openai_step(f"http://127.0.0.1:{http_port}/v1", keys["acme"], facts["atlas"][1])
+
+            console.rule("[bold]7. Prometheus scrape (excerpt)")
             scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
             wanted = ("mora_requests_total{", "mora_merge_transitions_total{", "mora_adapter_residency{adapter=\"atlas\"", "vllm:lora_requests_info{")
             for line in scrape.splitlines():
