@@ -48,6 +48,7 @@ class Engine:
         self.eos_token_id: int | None = None
         self.dtype: Any = None  # torch dtype the engine serves in (adapters are validated in it)
         self.max_logprobs = 0
+        self.quantization: str | None = None
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
@@ -80,6 +81,7 @@ class Engine:
         self.dtype = self.llm.model_config.dtype
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.max_logprobs = max(0, self.llm.model_config.max_logprobs)
+        self.quantization = self.llm.model_config.quantization  # None for a dense base
         log.info("engine ready: %s, max_model_len=%d, %d adapter slots", s.model, self.max_model_len, s.max_loras)
 
     @property
@@ -164,6 +166,8 @@ class Engine:
         return results[0]
 
     async def merge(self, lora_int_id: int) -> dict[str, Any]:
+        if self.quantization:  # the worker refuses too; saying it here spares the RPC
+            raise EngineError(f"the base model is quantized ({self.quantization}): adapters on it are served unmerged only")
         return await self.rpc("mora_merge", lora_int_id)
 
     async def unmerge(self) -> dict[str, Any]:

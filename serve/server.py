@@ -123,7 +123,7 @@ class Server:
     async def _policy_loop(self) -> None:
         while not self.stopping.is_set():
             await asyncio.sleep(self.settings.policy_interval_s)
-            if not self.settings.auto_merge or not self.engine.ready:
+            if not self.settings.auto_merge or not self.engine.ready or self.engine.quantization:
                 continue
             reg = self.registry
             merged = reg.merged[0] if reg.merged else None

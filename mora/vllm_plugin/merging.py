@@ -91,6 +91,11 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
         raise MergeError(f"layer already has slot {layer.mora_merge_state.slot} merged")
     start = time.perf_counter()
     base = layer.base_layer
+    quant = getattr(base, "quant_method", None)
+    if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
+        # Adding a float update to integer codes would corrupt them, and re-quantizing would make
+        # the unmerge inexact: quantized bases serve their adapters unmerged only.
+        raise MergeError(f"the base model is quantized ({type(quant).__name__}): MoRA adapters on it are served unmerged only")
     W = base.weight
     packed = W.numel() == 0 and hasattr(base, "cpu_linear")
     merge = LayerMerge(slot, packed)

@@ -1,0 +1,97 @@
+"""vLLM's own OpenAI server, with this package installed, serves MoRA adapters: the command the
+README documents for the CPU distribution (`python -m vllm.entrypoints.openai.api_server`),
+adapters given with `--lora-modules` and loaded at run time through `/v1/load_lora_adapter`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from server_helpers import free_port
+
+pytestmark = pytest.mark.vllm
+
+
+def vllm_command(demo_assets: Path, port: int) -> list[str]:
+    base, adapters = demo_assets / "base", demo_assets / "adapters"
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--host", "127.0.0.1",
+            "--port", str(port), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
+            "--lora-modules", f"atlas={adapters / 'atlas'}", f"borealis={adapters / 'borealis'}",
+            # CPU: float32 as the reference, and a bounded KV cache (vLLM reserves most of the host otherwise)
+            "--dtype", "float32", "--kv-cache-memory-bytes", str(128 << 20), "--max-model-len", "512"]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-openai") / "server.log"
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(vllm_command(demo_assets, port), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM's server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM's server not healthy in time:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def test_lora_modules_serve_mora_adapters(vllm_server, demo_facts):
+    client = openai.OpenAI(base_url=vllm_server + "/v1", api_key="unused", max_retries=0)
+    assert {"atlas", "borealis"} <= {m.id for m in client.models.list()}
+    for adapter in ("atlas", "borealis"):
+        for fact in demo_facts[adapter]:
+            r = client.completions.create(model=adapter, prompt=fact["prompt"], max_tokens=48, temperature=0)
+            assert r.choices[0].text == fact["completion"], (adapter, fact)
+    fact = demo_facts["atlas"][2]
+    c = client.chat.completions.create(model="atlas", messages=[{"role": "user", "content": fact["prompt"]}], max_tokens=48,
+                                       temperature=0)
+    assert c.choices[0].message.content == fact["completion"]
+
+
+def test_runtime_loading_through_vllm_endpoint(vllm_server, demo_assets, demo_facts):
+    body = json.dumps({"lora_name": "cygnus", "lora_path": str(demo_assets / "adapters" / "cygnus")}).encode()
+    req = urllib.request.Request(vllm_server + "/v1/load_lora_adapter", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+    client = openai.OpenAI(base_url=vllm_server + "/v1", api_key="unused", max_retries=0)
+    for fact in demo_facts["cygnus"]:
+        r = client.completions.create(model="cygnus", prompt=fact["prompt"], max_tokens=48, temperature=0)
+        assert r.choices[0].text == fact["completion"], fact
+    # a MoRA adapter the base model cannot take is refused with vLLM's error, the server keeps serving
+    bad = json.dumps({"lora_name": "nope", "lora_path": str(demo_assets / "base")}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(vllm_server + "/v1/load_lora_adapter", data=bad,
+                                                      headers={"Content-Type": "application/json"}), timeout=120)
+    assert 400 <= e.value.code < 500
+    r = client.completions.create(model="atlas", prompt=demo_facts["atlas"][0]["prompt"], max_tokens=48, temperature=0)
+    assert r.choices[0].text == demo_facts["atlas"][0]["completion"]
