@@ -72,3 +72,13 @@ def test_rebuild_is_identical(demo_assets, tmp_path):
     again = build_demo_assets(tmp_path / "again", log=lambda _: None)
     assert torch.get_num_threads() == threads
     assert _digest(again) == _digest(demo_assets)
+
+
+def test_chat_template_prompts_like_the_completion_prompt(demo_assets, demo_facts):
+    tok = AutoTokenizer.from_pretrained(str(demo_assets / "base"))
+    fact = demo_facts["atlas"][0]
+    chat = tok.apply_chat_template([{"role": "user", "content": fact["prompt"]}], add_generation_prompt=True, tokenize=True)
+    assert chat["input_ids"] == tok(fact["prompt"])["input_ids"]
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+             {"role": "user", "content": "again"}]
+    assert tok.apply_chat_template(turns, tokenize=False) == "<s>Be brief.\nhi" + "yo</s>" + "again"
