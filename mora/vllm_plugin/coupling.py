@@ -75,6 +75,8 @@ INTERNALS: tuple[Internal, ...] = (
              "merging on the CPU repacks the oneDNN weights"),
     Internal("vllm.model_executor.layers.attention.attention", "Attention.forward",
              "guard.py wraps it: keys and values are made finite before the KV-cache write", calls="unified_kv_cache_update"),
+    Internal("vllm.model_executor.layers.linear", "UnquantizedLinearMethod",
+             "merging refuses a layer with any other quant_method (a quantized base is served unmerged)"),
 )
 
 

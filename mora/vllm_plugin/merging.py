@@ -91,8 +91,10 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
         raise MergeError(f"layer already has slot {layer.mora_merge_state.slot} merged")
     start = time.perf_counter()
     base = layer.base_layer
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
     quant = getattr(base, "quant_method", None)
-    if quant is not None and type(quant).__name__ != "UnquantizedLinearMethod":
+    if quant is not None and not isinstance(quant, UnquantizedLinearMethod):
         # Adding a float update to integer codes would corrupt them, and re-quantizing would make
         # the unmerge inexact: quantized bases serve their adapters unmerged only.
         raise MergeError(f"the base model is quantized ({type(quant).__name__}): MoRA adapters on it are served unmerged only")
