@@ -224,6 +224,8 @@ class AdapterRegistry:
         """Why `entry` may not be merged (other tenants' results would leave the tolerance), or None."""
         if entry.version.kind != "mora":
             return "it is a LoRA adapter; only MoRA adapters are merged"
+        if self.engine.quantization:  # integer codes cannot take a float update (and be restored exactly)
+            return f"the base model is quantized ({self.engine.quantization}); adapters on it are served unmerged only"
         report = entry.version.report
         return None if report is None else report.merge_refusal(self.engine.dtype)
 

@@ -268,8 +268,14 @@ def test_admin_endpoints(server, oai, demo_facts):
     assert _http(server, "POST", "/unload_lora_adapter", ops, {"lora_name": "atlas3"})[0] == 200
 
 
-def test_http_requests_are_counted(server):
-    scrape = server.scrape()
-    assert metric_value(scrape, "mora_requests_total", method="ChatCompletions", code="OK") > 0
-    assert metric_value(scrape, "mora_requests_total", method="CompletionsStream", code="OK") > 0
-    assert metric_value(scrape, "mora_requests_total", method="Completions", code="UNAUTHENTICATED") > 0
+def test_http_requests_are_counted(server, oai, demo_facts):
+    fact = _fact(demo_facts, "atlas")
+    before = server.scrape()
+    list(oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=4, stream=True))
+    oai["acme"].chat.completions.create(model="atlas", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.http_url, api_key="nope", max_retries=0).models.list()
+    after = server.scrape()
+    for method in ("CompletionsStream", "ChatCompletions"):
+        labels = {"method": method, "code": "OK", "adapter": "atlas", "tenant": "acme"}
+        assert metric_value(after, "mora_requests_total", **labels) == metric_value(before, "mora_requests_total", **labels) + 1

@@ -167,6 +167,8 @@ class OpenAIRoutes:
                             yield f"data: {json.dumps(usage)}\n\n"
                         break
                     chunk = await anext(stream)
+                async for _ in stream:  # let the core finish (it counts the request as OK)
+                    pass
             except StopAsyncIteration:
                 pass
             except Exception as exc:  # noqa: BLE001 - the status line is sent: report it in the stream
