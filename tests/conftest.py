@@ -9,7 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO.parent / "shared" / "mora-reference" / "vectors.safetensors"
+# Vendored from the authors' reference implementation: see tests/data/mora-reference/README.md
+REFERENCE = REPO / "tests" / "data" / "mora-reference" / "vectors.safetensors"
 
 
 @pytest.fixture(scope="session")
