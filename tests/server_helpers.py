@@ -35,14 +35,20 @@ def write_tenants(path: Path, spec: dict[str, dict]) -> dict[str, str]:
 
 class ServerProcess:
     def __init__(self, model: Path, adapter_root: Path, log: Path, *, args: list[str] | None = None, env: dict | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
+                 tls: dict[str, Path] | None = None, holdable: bool = False) -> None:
         self.tls = tls  # {"ca": ..., "cert": ..., "key": ...} of a client the server accepts
         self.port = free_port()
         self.metrics_port = free_port()
         self.http_port = free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}/v1"
         self.target = f"127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "serve.server", "--model", str(model), "--adapter-root", str(adapter_root),
+        # holdable: the same server with a test-only hold on the engine (tests/held_server.py)
+        self.hold_dir = log.parent / f"{log.stem}.hold" if holdable else None
+        entry = [str(Path(__file__).with_name("held_server.py"))] if holdable else ["-m", "serve.server"]
+        if self.hold_dir is not None:
+            self.hold_dir.mkdir(exist_ok=True)
+            env = {**(env or {}), "MORA_TEST_HOLD_DIR": str(self.hold_dir)}
+        self.command = [sys.executable, *entry, "--model", str(model), "--adapter-root", str(adapter_root),
                         "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
                         "--kv-cache-bytes", str(128 << 20),
                         # vLLM's "auto" runs float32 checkpoints in bf16; tests compare against a float32 reference
@@ -84,6 +90,35 @@ class ServerProcess:
         if self.tls is not None and "tls_ca" not in kw:
             kw = {"tls_ca": self.tls["ca"], "tls_cert": self.tls["cert"], "tls_key": self.tls["key"], **kw}
         return MoraClient(self.target, api_key=key, **kw)
+
+    def hold(self) -> None:
+        """Freeze the engine when the next request produces output (before the client sees it)."""
+        assert self.hold_dir is not None, "start the server with holdable=True"
+        for name in ("paused", "release"):
+            (self.hold_dir / name).unlink(missing_ok=True)
+        (self.hold_dir / "armed").touch()
+
+    def wait_held(self, timeout: float = 120) -> None:
+        """Until the engine is frozen (an event, not a speed: the timeout only guards a broken server)."""
+        deadline = time.monotonic() + timeout
+        while not (self.hold_dir / "paused").exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"engine never paused:\n{self.log_path.read_text()[-4000:]}")
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Resume the engine (and disarm a hold that never triggered)."""
+        (self.hold_dir / "armed").unlink(missing_ok=True)
+        if (self.hold_dir / "paused").exists():
+            (self.hold_dir / "release").touch()
+            deadline = time.monotonic() + 120
+            while (self.hold_dir / "release").exists() and self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def aborts(self) -> int:
+        """Engine requests the server has aborted so far."""
+        f = self.hold_dir / "aborts"
+        return len(f.read_text().split()) if f.exists() else 0
 
     def scrape(self) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()

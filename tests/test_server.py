@@ -85,7 +85,7 @@ def server(demo_assets: Path, root: Path, tmp_path_factory: pytest.TempPathFacto
     srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--max-loras", "4", "--max-cpu-loras", "12",
         "--preload", *[f"{a}={a}" for a in DEMO],
-    ], env={"MORA_SERVE_UNLOAD_TIMEOUT_S": "3"})
+    ], env={"MORA_SERVE_UNLOAD_TIMEOUT_S": "3"}, holdable=True)
     srv.wait_serving()
     srv.keys = keys
     yield srv
@@ -285,13 +285,17 @@ def test_request_errors(server, clients):
     assert metric_value(scrape, "mora_adapter_operations_total", operation="load", result="invalid") >= 1
 
 
-def test_limits(clients):
+def test_limits(server, clients):
     limited, ops = clients["limited"], clients["ops"]
     ops.load_adapter("lim", "atlas")
-    stream = limited.stream("hello", "lim", max_tokens=300, ignore_eos=True)
-    next(stream)
-    assert _code(lambda: limited.generate("hello", "lim", max_tokens=2)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    stream.cancel()
+    server.hold()  # the engine freezes at the stream's first token: it stays in flight, whatever the speed
+    try:
+        stream = limited.stream("hello", "lim", max_tokens=300, ignore_eos=True)
+        next(stream)
+        assert _code(lambda: limited.generate("hello", "lim", max_tokens=2)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream.cancel()
+    finally:
+        server.release()
     assert _code(lambda: ops.load_adapter("lim2", "atlas", tenant="limited")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     ops.unload_adapter("lim")
 
@@ -309,30 +313,56 @@ def _wait_idle(server, timeout=15.0) -> bool:
     return False
 
 
+def _wait(predicate, timeout=60.0) -> bool:
+    deadline = time.monotonic() + timeout  # guards a broken server only: the events are deterministic
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_cancel_and_deadline_abort_the_engine_request(server, clients):
     acme = clients["acme"]
     assert _wait_idle(server)
     req = acme.request("hello", "atlas", max_tokens=400, ignore_eos=True)
-    with pytest.raises(grpc.RpcError) as e:
-        acme.inference.Generate(req, metadata=acme.metadata, timeout=0.8)
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Frozen at its first token, the request cannot finish before its deadline on any machine.
+    aborts = server.aborts()
+    server.hold()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            acme.inference.Generate(req, metadata=acme.metadata, timeout=0.8)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _wait(lambda: server.aborts() > aborts), "a request past its deadline must be aborted in the engine"
+    finally:
+        server.release()
     assert _wait_idle(server), "a request past its deadline must be aborted in the engine"
-    stream = acme.inference.GenerateStream(req, metadata=acme.metadata)
-    next(stream)
-    stream.cancel()
+    aborts = server.aborts()
+    server.hold()
+    try:
+        stream = acme.inference.GenerateStream(req, metadata=acme.metadata)
+        next(stream)
+        stream.cancel()
+        assert _wait(lambda: server.aborts() > aborts), "a cancelled stream must be aborted in the engine"
+    finally:
+        server.release()
     assert _wait_idle(server), "a cancelled stream must be aborted in the engine"
 
 
-def test_unload_waits_for_requests_or_refuses(clients):
+def test_unload_waits_for_requests_or_refuses(server, clients):
     ops, acme = clients["ops"], clients["acme"]
     ops.load_adapter("busy", "atlas", tenant="acme")
-    stream = acme.stream("hello", "busy", max_tokens=400, ignore_eos=True)
-    next(stream)
-    t = time.monotonic()
-    assert _code(lambda: ops.unload_adapter("busy")) == grpc.StatusCode.FAILED_PRECONDITION
-    assert time.monotonic() - t >= 2.5  # waited (bounded) before refusing
-    tokens = sum(len(p.token_ids) for p in stream)  # never broken
-    assert tokens > 300
+    server.hold()
+    try:
+        stream = acme.stream("hello", "busy", max_tokens=200, ignore_eos=True)
+        first = next(stream)  # the engine is frozen now: the request is in flight until release()
+        t = time.monotonic()
+        assert _code(lambda: ops.unload_adapter("busy")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert time.monotonic() - t >= 2.5  # waited (bounded) before refusing
+    finally:
+        server.release()
+    tokens = len(first.token_ids) + sum(len(p.token_ids) for p in stream)  # never broken
+    assert tokens == 200
     ops.unload_adapter("busy")  # nothing in flight now
     assert _code(lambda: acme.generate("hello", "busy")) == grpc.StatusCode.NOT_FOUND
 

@@ -76,7 +76,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
         "--snapshot-dir", str(snapshots), "--host", "127.0.0.1",
         # admits adapters whose activations overflow, to test the runtime guard (test_non_finite_request_fails_alone)
         "--max-update-ratio", "1e300",
-    ])
+    ], holdable=True)
     srv.wait_serving()
     srv.keys = keys
     yield {"server": srv, "top": top, "pki": pki, "rogue": rogue, "snapshots": snapshots}
@@ -296,6 +296,7 @@ def test_engine_death_is_loud(env, server):
     core = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
     assert core, [p.cmdline() for p in psutil.Process(server.proc.pid).children(recursive=True)]
     with server.client(server.keys["acme"]) as c:
+        server.hold()  # frozen at its first token: the request is unfinished when the engine dies, on any machine
         stream = c.stream("hello", "atlas", max_tokens=400, ignore_eos=True)
         next(stream)
         for p in core:

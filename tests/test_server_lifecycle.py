@@ -26,7 +26,7 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = ServerProcess(demo_assets / "base", top / "adapters", top / "server.log",
                         args=["--preload", "atlas=atlas", "borealis=borealis", "cygnus=cygnus", "--shutdown-grace-s", "30"],
                         env={"MORA_SERVE_MERGE_WINDOW_S": "3", "MORA_SERVE_MERGE_MIN_REQUESTS": "6",
-                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"})
+                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"}, holdable=True)
     srv.wait_serving()
     yield srv
     srv.stop()
@@ -104,16 +104,24 @@ def test_sigterm_drains_in_flight_requests(server):
             except grpc.RpcError as e:
                 errors.append(e.code())
 
+    # The engine freezes at the first token of the first stream: all three stay in flight until
+    # release(), however fast the machine.
+    server.hold()
     threads = [threading.Thread(target=long_stream) for _ in range(3)]
-    for t in threads:
-        t.start()
-    assert _wait(lambda: metric_value(server.scrape(), "mora_requests_in_flight") == 3, timeout=30)
-    server.proc.send_signal(signal.SIGTERM)
-    assert _wait(lambda: server.health() != health_pb2.HealthCheckResponse.SERVING, timeout=5)
-    with server.client() as c:
-        with pytest.raises(grpc.RpcError) as e:
-            c.generate("too late", "atlas", max_tokens=4)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    try:
+        for t in threads:
+            t.start()
+        assert _wait(lambda: metric_value(server.scrape(), "mora_requests_in_flight") == 3, timeout=120)
+        server.wait_held()
+        server.proc.send_signal(signal.SIGTERM)
+        assert _wait(lambda: server.health() != health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        with server.client() as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate("too late", "atlas", max_tokens=4)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert metric_value(server.scrape(), "mora_requests_in_flight") == 3, "draining: the three are still running"
+    finally:
+        server.release()
     for t in threads:
         t.join()
     assert not errors

@@ -1,0 +1,65 @@
+"""`mora-serve` with a test-only hold on the engine, so that tests keep requests in flight deterministically.
+
+Tests that need requests in flight (drain on SIGTERM, unload while busy, per-tenant limits, deadlines,
+engine death) must not race the engine's speed. This wrapper runs the real server (`serve.server.main`)
+with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
+
+* `armed`: the next request that produces output pauses the whole engine with vLLM's
+  `pause_generation(mode="keep")` *before* that output is passed on, so when a client sees its first
+  chunk every request in the engine is frozen, unfinished; `paused` is written then.
+* `release`: the engine resumes (`resume_generation`), `paused` and `release` are removed.
+* `aborts`: one line per engine request the server aborted (the server's abort path, observed).
+
+Nothing here is reachable in production: the product's entry point is `serve.server:main`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import serve.engine
+from serve.server import main
+
+HOLD_DIR = Path(os.environ["MORA_TEST_HOLD_DIR"])
+_generate = serve.engine.Engine.generate
+_abort = serve.engine.Engine.abort
+_poller: asyncio.Task | None = None
+
+
+async def _release_when_asked(engine: serve.engine.Engine) -> None:
+    while True:
+        if (HOLD_DIR / "release").exists():
+            if engine.llm is not None and not engine.llm.errored:
+                await engine.llm.resume_generation()
+            (HOLD_DIR / "paused").unlink(missing_ok=True)
+            (HOLD_DIR / "release").unlink()
+        await asyncio.sleep(0.05)
+
+
+async def generate(self: serve.engine.Engine, *args, **kwargs):
+    global _poller
+    if _poller is None:
+        _poller = asyncio.create_task(_release_when_asked(self))
+    async for out in _generate(self, *args, **kwargs):
+        armed = HOLD_DIR / "armed"
+        if armed.exists():
+            armed.unlink()
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            (HOLD_DIR / "paused").touch()
+        yield out
+
+
+async def abort(self: serve.engine.Engine, request_id: str) -> None:
+    with open(HOLD_DIR / "aborts", "a") as f:
+        f.write(request_id + "\n")
+    await _abort(self, request_id)
+
+
+serve.engine.Engine.generate = generate
+serve.engine.Engine.abort = abort
+
+if __name__ == "__main__":
+    sys.exit(main())
