@@ -23,28 +23,23 @@ RUN apt-get update \
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.12 -m venv /opt/venv
 
-# Layers from the slowest-changing to the fastest: vLLM and torch (~10 GB, change with a vLLM
-# upgrade), then the project's other dependencies (change with pyproject.toml), then our code.
-# Must equal the `gpu` extra in pyproject.toml (tests/test_deploy.py checks it).
-ARG VLLM_VERSION=0.32.0
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "vllm==${VLLM_VERSION}"
-
-COPY pyproject.toml README.md /src/
+# Every package exactly as locked: versions and sha256 hashes of vLLM 0.32.0, torch 2.13.0 (CUDA
+# 13.0 wheels) and the rest (requirements/gpu.txt, made by `make lock` from pyproject.toml for this
+# image's Python 3.12; tests/test_packaging.py checks it against the `gpu` extra). --no-deps: the
+# lock is complete, nothing is resolved at build time. Layers from the slowest-changing to the
+# fastest: the locked packages (change with the lock), then our code.
 WORKDIR /src
-# The dependencies declared in pyproject.toml (+ the gpu extra), without the project itself, so
-# that a code change does not reinstall them.
+COPY requirements/gpu.txt requirements/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+    pip install --no-deps --require-hashes -r requirements/gpu.txt
 
+COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY mora/ mora/
 COPY serve/ serve/
-# The gRPC stubs are generated from protos/ (never committed), then packaged with serve/;
-# --no-deps: everything is installed above, so this layer is only our code.
-RUN python -m serve.proto \
-    && pip install --no-cache-dir --no-deps . \
+# Building the package generates the gRPC stubs from protos/ (setup.py; never committed) into the
+# wheel, so the runtime needs no grpcio-tools; --no-deps: everything is installed above.
+RUN pip install --no-cache-dir --no-deps . \
     && python -c "import serve.proto, mora.vllm_plugin; from importlib.metadata import entry_points; assert 'mora' in {e.name for e in entry_points(group='vllm.general_plugins')}"
 
 ############################ runtime ############################
