@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 OVERLAYS = ("gpu", "cpu-demo", "multinode")
-COMPONENTS = ("routing-envoy-gateway", "routing-istio", "routing-inference-pool", "model-from-image")
+COMPONENTS = ("routing-envoy-gateway", "routing-istio", "routing-inference-pool", "model-from-image", "model-from-snapshot")
 # The oldest Kubernetes the manifests target: native gRPC probes (1.27), preStop `sleep` (1.30),
 # PodDisruptionBudget unhealthyPodEvictionPolicy (1.31) are all on by default there.
 K8S_VERSION = "1.33.0"
@@ -168,7 +168,8 @@ def test_component_renders_on_gpu_overlay(component: str, tmp_root: Path) -> Non
     objs = render(f"gpu+{component}", tmp_root)
     kinds = {o["kind"] for o in objs}
     extra = {"routing-envoy-gateway": {"GRPCRoute", "BackendTrafficPolicy"}, "routing-istio": {"DestinationRule"},
-             "routing-inference-pool": {"InferencePool", "HTTPRoute", "Role", "RoleBinding"}, "model-from-image": set()}
+             "routing-inference-pool": {"InferencePool", "HTTPRoute", "Role", "RoleBinding"}, "model-from-image": set(),
+             "model-from-snapshot": set()}
     assert extra[component] <= kinds
     assert all(o["metadata"].get("namespace") == "mora" for o in objs)
 
@@ -480,6 +481,178 @@ class PodSandbox:
             if value == mount or value.startswith(mount + "/"):
                 return str(self.mounts[mount]) + value[len(mount):]
         return value
+
+
+# ---------------------------------------------------------------------------------------------
+# operability rules, checked on the rendered manifests of every overlay and component
+
+
+def _quantity(q: str | int) -> float:
+    """A Kubernetes quantity in bytes (the suffixes the manifests use)."""
+    m = re.fullmatch(r"([0-9.]+)([KMGTP]i?)?", str(q))
+    assert m, q
+    powers = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, None: 1}
+    return float(m.group(1)) * powers[m.group(2)]
+
+
+def _scaled_targets(objs: list[dict]) -> set[tuple[str, str]]:
+    return {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"]) for h in objs if h["kind"] == "HorizontalPodAutoscaler"}
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_no_replicas_field_under_an_hpa(name: str, tmp_root: Path) -> None:
+    """`kubectl apply` of a replicas field resets what the HPA scaled to."""
+    objs = render(name, tmp_root)
+    for kind, target in _scaled_targets(objs):
+        assert "replicas" not in one(objs, kind, target)["spec"], f"{kind}/{target} is scaled by an HPA"
+
+
+def _server_pod_labels(objs: list[dict]) -> list[dict[str, str]]:
+    out = []
+    for o in objs:
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "mora-serve":
+            out.append(o["spec"]["template"]["metadata"]["labels"])
+        elif o["kind"] == "LeaderWorkerSet":
+            out.append(o["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"].get("labels", {}) | {"app.kubernetes.io/name": "mora-serve", "app.kubernetes.io/component": "server"})
+    return out
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_network_policy_admits_only_named_peers(name: str, tmp_root: Path) -> None:
+    """Plaintext gRPC and /metrics (tenant names) reach only the gateway/clients and Prometheus."""
+    objs = render(name, tmp_root)
+    policies = [p for p in objs if p["kind"] == "NetworkPolicy"]
+    admitted: dict[int, list[dict]] = {}
+    for labels in _server_pod_labels(objs):
+        for p in policies:
+            if not all(labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items()):
+                continue
+            assert "Ingress" in p["spec"]["policyTypes"]
+            for rule in p["spec"].get("ingress", []):
+                peers = rule.get("from")
+                assert peers, f"{p['metadata']['name']}: an ingress rule without `from` admits every pod"
+                for peer in peers:
+                    assert "ipBlock" not in peer, peer
+                    for key in ("namespaceSelector", "podSelector"):
+                        if key in peer:
+                            assert peer[key].get("matchLabels") or peer[key].get("matchExpressions"), \
+                                f"{p['metadata']['name']}: an empty {key} admits everything"
+                for port in rule.get("ports") or [{"port": "any"}]:
+                    admitted.setdefault(port["port"], []).extend(peers)
+    grpc_peers, metrics_peers = admitted.get(50051, []), admitted.get(9400, [])
+    assert grpc_peers and metrics_peers, admitted.keys()
+    namespaces = {peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
+                  for peer in metrics_peers if "namespaceSelector" in peer}
+    assert namespaces - {None}, "/metrics must be open to Prometheus' namespace"
+    for peer in metrics_peers:  # Prometheus (by namespace) or the endpoint picker / group members (by pod)
+        assert "namespaceSelector" in peer or peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name") in ("mora-serve-epp", "mora-serve"), peer
+    if name in ("gpu", "multinode"):  # production overlays name their namespaces explicitly
+        kust = (DEPLOY / "overlays" / name / "kustomization.yaml").read_text()
+        assert "kind: NetworkPolicy" in kust and "kubernetes.io~1metadata.name" in kust
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_engine_alert_waits_for_the_startup_budget(name: str, tmp_root: Path) -> None:
+    objs = render(name, tmp_root)
+    rules = [o for o in objs if o["kind"] == "PrometheusRule"]
+    if not rules:
+        return
+    alert = next(r for g in rules[0]["spec"]["groups"] for r in g["rules"] if r.get("alert") == "MoraEngineNotServing")
+    m = re.search(r"time\(\) - max by \(namespace, pod\) \(process_start_time_seconds[^)]*\)\)\s*>\s*(\d+)", alert["expr"])
+    assert m, "MoraEngineNotServing must ignore processes still within their startup budget"
+    for what, pod in server_workloads(objs):
+        probe = container(pod)["startupProbe"]
+        budget = probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
+        assert int(m.group(1)) >= budget, f"{what}: a cold start may take {budget}s"
+
+
+def test_dashboard_is_scoped_by_namespace_job_and_pod() -> None:
+    dashboard = json.loads((DEPLOY / "monitoring" / "dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for var in ("namespace", "job", "pod"):
+        assert var in variables and variables[var]["type"] == "query", var
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        for selector in re.findall(r"(?:mora_|vllm:)[A-Za-z0-9_:]+(\{[^}]*\})?", expr):
+            for var in ("namespace", "job", "pod"):
+                assert f'{var}=~"${var}"' in selector, (var, expr)
+
+
+def test_inference_pool_route_matches_what_the_client_sends(tmp_root: Path) -> None:
+    from serve.client import MODEL_HEADER, MoraClient
+
+    objs = render("gpu+routing-inference-pool", tmp_root)
+    route = one(objs, "HTTPRoute", "mora-serve-inference")
+    with MoraClient("127.0.0.1:1") as c:
+        for adapter in ("atlas", ""):
+            sent = dict(c.metadata_for(adapter))
+            for rule in route["spec"]["rules"]:
+                for match in rule["matches"]:
+                    headers = match.get("headers", [])
+                    assert headers, "the picker routes on a header: the route must require it"
+                    for h in headers:
+                        assert h["name"] in sent and re.fullmatch(h["value"], sent[h["name"]]), (h, sent)
+            assert sent[MODEL_HEADER] == (adapter or "base")
+    component = (DEPLOY / "components" / "routing-inference-pool" / "kustomization.yaml").read_text()
+    assert MODEL_HEADER in component and MODEL_HEADER in (REPO / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_ephemeral_storage_covers_the_pod_local_volumes(name: str, tmp_root: Path) -> None:
+    """emptyDirs on disk count against the pod's ephemeral storage: limits must hold them."""
+    objs = render(name, tmp_root)
+    for what, pod in server_workloads(objs):
+        disk = {v["name"]: v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        assert all("sizeLimit" in d for d in disk.values()), f"{what}: every disk emptyDir needs a sizeLimit"
+        total = sum(_quantity(d["sizeLimit"]) for d in disk.values())
+        limits = sum(_quantity(c["resources"]["limits"]["ephemeral-storage"]) for c in pod["containers"])
+        assert limits >= total + 2**30, f"{what}: emptyDirs {total / 2**30:.0f}Gi vs ephemeral-storage limits {limits / 2**30:.0f}Gi"
+        if "model" in disk:  # copied in before the server starts: the node must have the room
+            request = _quantity(container(pod)["resources"]["requests"]["ephemeral-storage"])
+            assert request >= _quantity(disk["model"]["sizeLimit"]), what
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_read_only_many_claims_are_only_mounted_read_only(name: str, tmp_root: Path) -> None:
+    objs = render(name, tmp_root)
+    rox = {o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim" and o["spec"]["accessModes"] == ["ReadOnlyMany"]}
+    for what, pod in server_workloads(objs):
+        for v in pod["volumes"]:
+            claim = v.get("persistentVolumeClaim") or {}
+            if claim.get("claimName") in rox:
+                assert claim.get("readOnly") is True, (what, v)
+                for c in pod["containers"] + pod.get("initContainers", []):
+                    for m in c.get("volumeMounts", []):
+                        if m["name"] == v["name"]:
+                            assert m.get("readOnly") is True, (what, c["name"], m)
+
+
+def test_documented_retry_policy_is_the_clients() -> None:
+    from serve.client import RETRY_SERVICE_CONFIG
+
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    block = re.search(r"\*\*Retries\.\*\*.*?```json\n(.*?)```", doc, re.S)
+    assert block and json.loads(block.group(1)) == RETRY_SERVICE_CONFIG
+
+
+def test_read_only_many_model_is_filled_through_a_snapshot(tmp_root: Path) -> None:
+    """The fill kit writes a ReadWriteOnce staging claim; the ReadOnlyMany claim is made from its snapshot."""
+    fill = kustomize(DEPLOY / "model-fill")
+    staging = one(fill, "PersistentVolumeClaim")
+    assert staging["spec"]["accessModes"] == ["ReadWriteOnce"]
+    job = one(fill, "Job")["spec"]["template"]["spec"]
+    (vol,) = job["volumes"]
+    assert vol["persistentVolumeClaim"]["claimName"] == staging["metadata"]["name"]
+    assert not any(m.get("readOnly") for c in job["containers"] for m in c["volumeMounts"])
+    snapshot = yaml.safe_load((DEPLOY / "model-fill" / "snapshot.yaml").read_text())
+    assert snapshot["spec"]["source"]["persistentVolumeClaimName"] == staging["metadata"]["name"]
+    model = one(render("gpu+model-from-snapshot", tmp_root), "PersistentVolumeClaim", "mora-serve-model")
+    assert model["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert model["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                                           "name": snapshot["metadata"]["name"]}
+    assert _quantity(model["spec"]["resources"]["requests"]["storage"]) >= _quantity(staging["spec"]["resources"]["requests"]["storage"])
+    assert "deploy/model-fill" in (REPO / "docs" / "deploy.md").read_text()
 
 
 @pytest.mark.vllm
