@@ -26,23 +26,59 @@ from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
 from serve.proto import inference_pb2 as ipb
 from serve.tenants import hash_key
 
-__all__ = ["MoraClient"]
+__all__ = ["ADAPTER_HEADER", "MODEL_HEADER", "RETRY_SERVICE_CONFIG", "MoraClient"]
+
+# Routing metadata sent with every call that concerns an adapter (deploy/components/routing-*):
+# adapter-affinity routers hash on ADAPTER_HEADER (Envoy Gateway, Istio); the Gateway API Inference
+# Extension's endpoint picker cannot parse mora.v1 protobuf bodies and reads the model to route for
+# from MODEL_HEADER (its HTTPRoute matches only calls that carry it). Value: the adapter id, which is
+# the LoRA name the server reports in vllm:lora_requests_info, or "base" for the base model.
+ADAPTER_HEADER = "x-mora-adapter"
+MODEL_HEADER = "x-llm-d-model-name-rewrite"
+BASE_ROUTE = "base"
+
+# gRPC's own retry policy (the channel's service config, gRFC A6): UNAVAILABLE means the call was
+# refused before any work (a replica draining or starting, a connection lost), so generation and
+# the read-only adapter calls are retried with exponential backoff on another attempt (possibly
+# another replica). Load/Unload/Merge/Unmerge are not: they change state. Streams are retried only
+# until their first message arrives (gRPC commits a call then). Clients in other languages use the
+# same JSON as their channel's service config (docs/deploy.md, "Retries").
+RETRY_SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [{
+        "name": [
+            {"service": "mora.v1.Inference"},
+            {"service": "mora.v1.Adapters", "method": "ListAdapters"},
+            {"service": "mora.v1.Adapters", "method": "GetAdapter"},
+        ],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.2s",
+            "maxBackoff": "5s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+}
 
 
 class MoraClient:
     """A synchronous client; one channel, reused by every call."""
 
     def __init__(self, target: str, *, api_key: str | None = None, tls_ca: str | Path | None = None,
-                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None, timeout: float | None = 120.0) -> None:
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None, timeout: float | None = 120.0,
+                 retry: bool = True) -> None:
+        options = [("grpc.enable_retries", 1 if retry else 0)]
+        if retry:
+            options.append(("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)))
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes(),
                 private_key=Path(tls_key).read_bytes() if tls_key else None,
                 certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
             )
-            self.channel = grpc.secure_channel(target, creds)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
         self.inference = inference_pb2_grpc.InferenceStub(self.channel)
@@ -58,12 +94,12 @@ class MoraClient:
         self.channel.close()
 
     def metadata_for(self, adapter_id: str) -> tuple[tuple[str, str], ...]:
-        """Call metadata: the API key and `x-mora-adapter`, which adapter-affinity routers hash on
-        (deploy/components/routing-*); "base" for the base model so those calls hash together."""
-        route = adapter_id or "base"
+        """Call metadata: the API key and the routing headers (ADAPTER_HEADER, MODEL_HEADER) that
+        adapter-affinity routers read; "base" for the base model so those calls route together."""
+        route = adapter_id or BASE_ROUTE
         if not (route.isascii() and route.isprintable()):  # metadata values must be printable ASCII
             return self.metadata
-        return (*self.metadata, ("x-mora-adapter", route))
+        return (*self.metadata, (ADAPTER_HEADER, route), (MODEL_HEADER, route))
 
     @staticmethod
     def request(prompt: str | Sequence[int] | Sequence[dict[str, str]], adapter_id: str = "", request_id: str = "",

@@ -58,6 +58,7 @@ class Engine:
         s = self.settings
         args = AsyncEngineArgs(
             model=str(s.model),
+            served_model_name=s.model_name,  # metrics' model_name label: a name, not the path
             dtype=s.dtype,
             enable_lora=True,
             max_loras=s.max_loras,

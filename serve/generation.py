@@ -312,8 +312,7 @@ class GenerationService:
                 code = grpc.StatusCode.CANCELLED
             a, t = self.metrics.labels(adapter_label, tenant_name)
             self.metrics.requests.labels(a, t, method, code.name).inc()
-            if code == grpc.StatusCode.OK:
-                self.metrics.request_duration.labels(a, t).observe(time.perf_counter() - arrival)
+            self.metrics.request_duration.labels(a, t, code.name).observe(time.perf_counter() - arrival)
 
     async def abort_all(self) -> int:
         """Shutdown: abort every request still running; they end with UNAVAILABLE."""
@@ -344,6 +343,7 @@ class GenerationService:
         want_logprobs = call.sampling.logprobs is not None  # the engine always returns the sampled token's
         top_k = call.sampling.logprobs or 0
         last_token_at: float | None = None
+        first_token_at = 0.0
         completion = 0
         finished = False
         self._live.add(engine_rid)
@@ -359,10 +359,11 @@ class GenerationService:
                         m = out.metrics
                         if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
                             self.metrics.queue_wait.labels(a, t).observe(max(0.0, m.scheduled_ts - m.queued_ts))
+                        first_token_at = now
                     else:
                         gap = (now - last_token_at) / new_total
                         for _ in range(new_total):
-                            self.metrics.tpot.labels(a, t).observe(gap)
+                            self.metrics.itl.labels(a, t).observe(gap)
                     last_token_at = now
                 for c in out.outputs:
                     if c.logprobs and not all(math.isfinite(lp.logprob) for step in c.logprobs for lp in step.values()):
@@ -394,6 +395,9 @@ class GenerationService:
                     last.completion_tokens = completion
                     self.metrics.prompt_tokens.labels(a, t).inc(len(ids))
                     self.metrics.generation_tokens.labels(a, t).inc(completion)
+                    per_sequence = completion / max(1, getattr(params, "n", 1) or 1)  # n > 1: tokens of each sequence
+                    if per_sequence > 1 and last_token_at is not None:
+                        self.metrics.tpot.labels(a, t).observe((last_token_at - first_token_at) / (per_sequence - 1))
                 for chunk in chunks:
                     yield chunk
             if engine_rid in self._shutdown_aborted:

@@ -7,9 +7,13 @@ values are reported as `other`, so a flood of adapter ids cannot blow up the ser
 Histogram buckets are chosen for LLM serving, from sub-millisecond token gaps to minutes-long
 generations:
 
-* request duration: 5 ms .. 5 min (end to end, including queueing);
-* time to first token: 1 ms .. 60 s (prefill plus queueing);
-* time per output token: 0.5 ms .. 2.5 s (decode step latency seen by one request);
+* request duration: 5 ms .. 1 h (end to end, including queueing; every outcome, by status code, so
+  that failures and cancellations are seen with their latency too);
+* time to first token: 1 ms .. 10 min (prefill plus queueing: long prompts behind a full batch);
+* inter-token latency: 0.5 ms .. 10 s, one observation per generated token after the first (the gap
+  a streaming client sees; vLLM's `vllm:inter_token_latency_seconds`);
+* time per output token: 0.5 ms .. 10 s, one observation per request, (last token - first token) /
+  (tokens - 1) (vLLM's `vllm:request_time_per_output_token_seconds`);
 * queue wait: 0.5 ms .. 60 s;
 * adapter operations: 1 ms .. 2 min (a merge of a large model takes seconds).
 
@@ -27,9 +31,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 __all__ = ["LabelLimiter", "ServerMetrics"]
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300)
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60)
-TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.25, 2.5)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300, 600, 1200, 1800, 3600)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300, 600)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.25, 2.5, 5, 10)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OPERATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RESIDENCY_STATES = ("device_slot", "host_cache", "disk_only", "merged")
@@ -64,9 +68,10 @@ class ServerMetrics:
         per_request = ["adapter", "tenant"]
         r = registry
         self.requests = Counter("mora_requests", "Generate requests by final status code.", [*per_request, "method", "code"], registry=r)
-        self.request_duration = Histogram("mora_request_duration_seconds", "End-to-end latency of a generate request.", per_request, buckets=DURATION_BUCKETS, registry=r)
+        self.request_duration = Histogram("mora_request_duration_seconds", "End-to-end latency of a generate request, by final status code.", [*per_request, "code"], buckets=DURATION_BUCKETS, registry=r)
         self.ttft = Histogram("mora_time_to_first_token_seconds", "Time from arrival to the first generated token.", per_request, buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("mora_time_per_output_token_seconds", "Gap between consecutive output tokens of one request.", per_request, buckets=TPOT_BUCKETS, registry=r)
+        self.itl = Histogram("mora_inter_token_latency_seconds", "Gap between consecutive output tokens (one observation per token).", per_request, buckets=TPOT_BUCKETS, registry=r)
+        self.tpot = Histogram("mora_time_per_output_token_seconds", "Mean decode time per output token of one request (one observation per request).", per_request, buckets=TPOT_BUCKETS, registry=r)
         self.queue_wait = Histogram("mora_queue_wait_seconds", "Time a request waited in the engine queue before its first schedule.", per_request, buckets=QUEUE_BUCKETS, registry=r)
         self.prompt_tokens = Counter("mora_prompt_tokens", "Prompt tokens processed.", per_request, registry=r)
         self.generation_tokens = Counter("mora_generation_tokens", "Tokens generated.", per_request, registry=r)

@@ -171,7 +171,7 @@ class AdapterRegistry:
         self.tenants = tenants
         self.entries: dict[str, Entry] = {}
         self._ids = itertools.count(1)
-        self._versions = itertools.count(1)
+        self._versions: dict[str, int] = {}  # the last version number of each adapter id (kept after unload)
         self._manage = asyncio.Lock()  # one load/unload/merge transition at a time
         self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
         self.merge_backup_bytes = 0
@@ -229,7 +229,8 @@ class AdapterRegistry:
         report = entry.version.report
         return None if report is None else report.merge_refusal(self.engine.dtype)
 
-    def _validate(self, adapter_id: str, directory: Path, allowed: Path) -> tuple[MoraAdapter | LoraAdapter, UpdateReport]:
+    def _validate(self, adapter_id: str, directory: Path, allowed: Path, *,
+                  in_dtype: bool = True) -> tuple[MoraAdapter | LoraAdapter, UpdateReport | None]:
         adapter = load_adapter(directory, adapter_id, allowed=allowed, base_shapes=self.base_shapes())
         bound = bind_adapter(adapter, self.base_shapes())
         max_rank = self.settings.max_lora_rank
@@ -240,6 +241,8 @@ class AdapterRegistry:
                                          expected=f"r <= {max_rank}", found=r)
         if isinstance(adapter, LoraAdapter) and "lora_alpha" not in adapter.config.model_fields_set:
             raise InvalidRequest(f"adapter {adapter_id!r}: a LoRA adapter_config.json needs lora_alpha")
+        if not in_dtype:  # before the engine starts: its dtype is not known yet
+            return adapter, None
         modules = list(adapter.weights if isinstance(adapter, MoraAdapter) else adapter.lora_a)
         specs = bound.specs if isinstance(bound, BoundMora) else None
         report = check_update(adapter, specs, self.base_norms(modules), self.engine.dtype, self.settings.max_update_ratio)
@@ -261,6 +264,19 @@ class AdapterRegistry:
         with contextlib.suppress(OSError):
             os.chmod(path, stat.S_IRWXU)
         shutil.rmtree(path, ignore_errors=True)
+
+    def prevalidate(self, adapter_id: str, path: str) -> None:
+        """Check a preload entry (id, path under the root, config, shapes against the model's
+        config.json, rank) without the engine: bad preloads fail before the engine starts."""
+        check_adapter_id(adapter_id)
+        root = self.settings.adapter_root
+        directory = resolve_under_root(root, path)
+        try:
+            self._validate(adapter_id, directory, root, in_dtype=False)  # the dtype bound is checked at load
+        except AdapterError as e:
+            raise InvalidRequest(str(e)) from None
+        except OSError as e:
+            raise InvalidRequest(f"cannot read its files ({e.strerror})") from None
 
     # -- load / replace / unload ----------------------------------------------------------
 
@@ -336,7 +352,8 @@ class AdapterRegistry:
             except OSError as e:
                 self._on_event("load", "io_error", time.perf_counter() - started)
                 raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
-            number = next(self._versions)
+            number = self._versions.get(adapter_id, 0) + 1  # `version` counts per adapter id (protos)
+            self._versions[adapter_id] = number
             try:
                 snapshot = await asyncio.to_thread(self._snapshot, adapter, number)
             except OSError as e:

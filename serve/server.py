@@ -44,6 +44,10 @@ EXIT_ENGINE_DIED = 3
 EXIT_STARTUP_FAILED = 2
 
 
+class PreloadError(ValueError):
+    """Preloaded adapters that cannot be served; raised before the engine starts."""
+
+
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -85,8 +89,21 @@ class Server:
         ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
+    async def _prevalidate_preloads(self) -> None:
+        """Every preload checked (id, path, config, shapes vs config.json) before the engine starts:
+        a bad entry fails start-up in seconds, naming every bad item, instead of after the model load."""
+        problems = []
+        for adapter_id, path in self.settings.preload_map.items():
+            try:
+                await asyncio.to_thread(self.registry.prevalidate, adapter_id, path)
+            except ServeError as e:
+                problems.append(f"preload {adapter_id}={path}: {e}")
+        if problems:
+            raise PreloadError("\n".join(problems))
+
     async def start(self) -> None:
         s = self.settings
+        await self._prevalidate_preloads()
         if s.metrics_port:
             self.metrics.serve(s.metrics_port, s.host)
         self.grpc = grpc.aio.server(

@@ -153,3 +153,35 @@ def test_serve_main_rejects_a_malformed_preload_before_starting(capsys, tmp_path
 
     rc = serve_main(["--model", str(tmp_path), "--adapter-root", str(tmp_path), "--preload", "good=x", "--preload", "bad"])
     assert rc == 2 and "'bad': expected ID=PATH" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_preloads_before_starting_the_engine(demo_assets, tmp_path):
+    """Every bad preload (id, path, config, shapes) is named, and the engine never starts."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import tiny_llama
+
+    root = tmp_path / "adapters"
+    shutil.copytree(demo_assets / "adapters" / "atlas", root / "atlas")
+    shutil.copytree(demo_assets / "adapters" / "atlas", root / "broken")
+    (root / "broken" / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"], "use_mora": True, "mora_type": 5}))
+    # shapes that do not match the base model: one M with an extra row
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(demo_assets / "adapters" / "atlas", root / "misfit")
+    weights = load_file(str(root / "misfit" / "adapter_model.safetensors"))
+    name = next(k for k in weights if "lora_A" in k)
+    weights[name] = torch.cat([weights[name], weights[name][:1]])
+    save_file(weights, str(root / "misfit" / "adapter_model.safetensors"))
+    argv = ["--model", str(demo_assets / "base"), "--adapter-root", str(root), "--port", "0", "--metrics-port", "0",
+            "--preload", "good=atlas", "bad/id=atlas", "escape=../outside", "missing=nowhere", "broken=broken", "misfit=misfit"]
+    proc = subprocess.run([sys.executable, "-m", "serve.server", *argv], capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log
+    for item in ("bad/id=atlas", "escape=../outside", "missing=nowhere", "broken=broken", "misfit=misfit"):
+        assert f"preload {item}:" in log, (item, log)
+    assert "preload good=atlas" not in log
+    assert "mora_type" in log and "leaves the adapter root" in log and "does not exist" in log
+    assert "engine ready" not in log and "vllm" not in log.lower().replace("vllm's", ""), "the engine must not start"

@@ -59,15 +59,39 @@ def test_counts_per_adapter_equal_what_was_sent(server, traffic):
     assert metric_value(s, "mora_requests_total", adapter="borealis", method="GenerateStream", code="OK") == 2
     assert metric_value(s, "mora_requests_total", adapter="atlas", code="INVALID_ARGUMENT") == 1
     for adapter, n in (("atlas", 3), ("borealis", 2)):
-        for hist in ("mora_request_duration_seconds", "mora_time_to_first_token_seconds", "mora_queue_wait_seconds"):
+        assert metric_value(s, "mora_request_duration_seconds_count", adapter=adapter, code="OK") == n, adapter
+        for hist in ("mora_time_to_first_token_seconds", "mora_queue_wait_seconds"):
             assert metric_value(s, f"{hist}_count", adapter=adapter) == n, (hist, adapter)
         gen = sum(r.usage.completion_tokens for r in traffic[adapter])
         prompt = sum(r.usage.prompt_tokens for r in traffic[adapter])
         assert metric_value(s, "mora_generation_tokens_total", adapter=adapter) == gen
         assert metric_value(s, "mora_prompt_tokens_total", adapter=adapter) == prompt
-        assert metric_value(s, "mora_time_per_output_token_seconds_count", adapter=adapter) == gen - n
+        # inter-token latency: one per token after each request's first; time per output token: one per request
+        assert metric_value(s, "mora_inter_token_latency_seconds_count", adapter=adapter) == gen - n
+        assert metric_value(s, "mora_time_per_output_token_seconds_count", adapter=adapter) == n
     failed = sum(metric_value(s, "mora_requests_total", code="NOT_FOUND", adapter=a) for a in ("nope", "other"))
     assert failed == 1
+    # end-to-end latency for every outcome, labelled by its code, as many as the requests counted
+    assert metric_value(s, "mora_request_duration_seconds_count", adapter="atlas", code="INVALID_ARGUMENT") == 1
+    for line in s.splitlines():
+        m = re.match(r'mora_requests_total\{([^}]*)\} (\S+)', line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            assert metric_value(s, "mora_request_duration_seconds_count", adapter=labels["adapter"], tenant=labels["tenant"],
+                                code=labels["code"]) >= float(m.group(2)) > 0, labels
+
+
+def test_buckets_reach_long_requests_and_model_name_is_a_name(server, traffic):
+    s = server.scrape()
+
+    def top(name: str) -> float:
+        return max(float(v) for v in re.findall(rf'^{name}_bucket{{[^}}]*le="([0-9.e+]+)"', s, flags=re.M))
+
+    assert top("mora_time_to_first_token_seconds") >= 600  # long prompts behind a full batch
+    assert top("mora_request_duration_seconds") >= 3600  # long generations
+    assert top("mora_inter_token_latency_seconds") >= 10
+    names = set(re.findall(r'^vllm:[a-z_:]+\{[^}]*model_name="([^"]*)"', s, flags=re.M))
+    assert names == {"base"}, names  # the served name (the model directory's name), never its path
 
 
 def test_lifecycle_is_counted(server, traffic):
@@ -97,7 +121,7 @@ def test_router_metric_is_exported(server, traffic):
 
 
 def _names(expr: str) -> set[str]:
-    words = set(re.findall(r"(?<![\w:\"$])((?:mora_|vllm:)[A-Za-z0-9_:]+)", expr))
+    words = set(re.findall(r"(?<![\w:\"$])((?:mora_|vllm:|process_)[A-Za-z0-9_:]+)", expr))
     return words
 
 

@@ -149,6 +149,6 @@ def test_client_sends_the_routing_header():
     from serve.client import MoraClient
 
     with MoraClient("127.0.0.1:1", api_key="k") as c:
-        assert c.metadata_for("atlas") == (("authorization", "Bearer k"), ("x-mora-adapter", "atlas"))
-        assert c.metadata_for("") == (("authorization", "Bearer k"), ("x-mora-adapter", "base"))
+        assert c.metadata_for("atlas") == (("authorization", "Bearer k"), ("x-mora-adapter", "atlas"), ("x-llm-d-model-name-rewrite", "atlas"))
+        assert c.metadata_for("") == (("authorization", "Bearer k"), ("x-mora-adapter", "base"), ("x-llm-d-model-name-rewrite", "base"))
         assert c.metadata_for("ünï\n") == (("authorization", "Bearer k"),)  # not a valid header value: no routing

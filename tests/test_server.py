@@ -158,11 +158,14 @@ def test_adapter_rpcs(clients, demo_facts):
     un = ops.unmerge_adapter("borealis", automatic=True)
     assert not un.adapter.merged and un.adapter.merge_control == apb.MERGE_CONTROL_AUTOMATIC
     loaded = ops.load_adapter("extra", "cygnus", tenant="initech")
-    assert loaded.tenant == "initech" and loaded.version > 0
+    assert loaded.tenant == "initech" and loaded.version == 1  # versions count per adapter id
+    assert ops.get_adapter("borealis").version == 1  # other ids' loads do not move it
     assert clients["initech"].generate(demo_facts["cygnus"][0]["prompt"], "extra", max_tokens=48, temperature=0).text == demo_facts["cygnus"][0]["completion"]
     gone = ops.unload_adapter("extra")
     assert gone.adapter_id == "extra"
     assert _code(lambda: ops.get_adapter("extra")) == grpc.StatusCode.NOT_FOUND
+    assert ops.load_adapter("extra", "cygnus", tenant="initech").version == 2  # never reused for the same id
+    ops.unload_adapter("extra")
 
 
 def test_lifecycle_during_traffic_never_fails_or_lies(clients, demo_facts):
@@ -215,7 +218,7 @@ def test_replace_serves_new_weights_and_finishes_old_streams(clients, demo_asset
     old_stream = acme.stream("hello world", "hot", max_tokens=12, temperature=0, ignore_eos=True)
     first = next(old_stream)  # admitted on version A
     reply = ops.load_adapter("hot", "hot-b", replace=True)
-    assert reply.version > 0
+    assert reply.version == 2  # the second version of the id "hot"
     new = list(acme.generate("hello world", "hot", max_tokens=8, temperature=0, ignore_eos=True).token_ids)
     old = list(first.token_ids) + [t for p in old_stream for t in p.token_ids]
     ref = hf_greedy_scored(demo_assets / "base", {"a": root / "hot-a", "b": root / "hot-b"}, [("hello world", "a"), ("hello world", "b")], 12)

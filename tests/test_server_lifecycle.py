@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from server_helpers import ServerProcess, metric_value
 
+from serve.client import RETRY_SERVICE_CONFIG
 from serve.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
@@ -115,10 +116,14 @@ def test_sigterm_drains_in_flight_requests(server):
         server.wait_held()
         server.proc.send_signal(signal.SIGTERM)
         assert _wait(lambda: server.health() != health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        refused = metric_value(server.scrape(), "mora_requests_total", code="UNAVAILABLE")
         with server.client() as c:
             with pytest.raises(grpc.RpcError) as e:
                 c.generate("too late", "atlas", max_tokens=4)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the client's gRPC retry policy (service config) tried again, with backoff, before giving up
+        attempts = RETRY_SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["maxAttempts"]
+        assert metric_value(server.scrape(), "mora_requests_total", code="UNAVAILABLE") - refused == attempts
         assert metric_value(server.scrape(), "mora_requests_in_flight") == 3, "draining: the three are still running"
     finally:
         server.release()
