@@ -161,7 +161,6 @@ def test_serve_refuses_bad_preloads_before_starting_the_engine(demo_assets, tmp_
     import subprocess
     import sys
 
-    from conftest import tiny_llama
 
     root = tmp_path / "adapters"
     shutil.copytree(demo_assets / "adapters" / "atlas", root / "atlas")
@@ -185,3 +184,20 @@ def test_serve_refuses_bad_preloads_before_starting_the_engine(demo_assets, tmp_
     assert "preload good=atlas" not in log
     assert "mora_type" in log and "leaves the adapter root" in log and "does not exist" in log
     assert "engine ready" not in log and "vllm" not in log.lower().replace("vllm's", ""), "the engine must not start"
+
+
+def test_byo_walkthrough_commands_parse():
+    """docs/byo.md: its mora-serve command is valid for the generated CLI and covers what it promises."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from serve.config import load_settings, parse_args
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "byo.md").read_text()
+    cmd = re.search(r"\.venv/bin/mora-serve (.*?)\n```", doc, re.S).group(1).replace("\\\n", " ")
+    cli, config = parse_args(shlex.split(cmd))
+    s = load_settings(cli, config)
+    assert s.preload_map == {"support": "support-v3"} and s.dtype == "bfloat16" and s.max_lora_rank == 16
+    for topic in ("config.json", "peft", "mora inspect", "grpcurl", "curl", "MoraClient", "max_lora_rank", "dtype"):
+        assert topic in doc, topic
