@@ -9,6 +9,8 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
   chunk every request in the engine is frozen, unfinished; `paused` is written then.
 * `release`: the engine resumes (`resume_generation`), `paused` and `release` are removed.
 * `aborts`: one line per engine request the server aborted (the server's abort path, observed).
+* `hold-start` (present at launch): the engine's start waits until it is removed, so the server
+  stays up and NOT_SERVING for as long as a test needs.
 
 Nothing here is reachable in production: the product's entry point is `serve.server:main`.
 """
@@ -24,6 +26,7 @@ import serve.engine
 from serve.server import main
 
 HOLD_DIR = Path(os.environ["MORA_TEST_HOLD_DIR"])
+_start = serve.engine.Engine.start
 _generate = serve.engine.Engine.generate
 _abort = serve.engine.Engine.abort
 _poller: asyncio.Task | None = None
@@ -52,12 +55,19 @@ async def generate(self: serve.engine.Engine, *args, **kwargs):
         yield out
 
 
+async def start(self: serve.engine.Engine) -> None:
+    while (HOLD_DIR / "hold-start").exists():
+        await asyncio.sleep(0.05)
+    await _start(self)
+
+
 async def abort(self: serve.engine.Engine, request_id: str) -> None:
     with open(HOLD_DIR / "aborts", "a") as f:
         f.write(request_id + "\n")
     await _abort(self, request_id)
 
 
+serve.engine.Engine.start = start
 serve.engine.Engine.generate = generate
 serve.engine.Engine.abort = abort
 

@@ -35,7 +35,7 @@ def write_tenants(path: Path, spec: dict[str, dict]) -> dict[str, str]:
 
 class ServerProcess:
     def __init__(self, model: Path, adapter_root: Path, log: Path, *, args: list[str] | None = None, env: dict | None = None,
-                 tls: dict[str, Path] | None = None, holdable: bool = False) -> None:
+                 tls: dict[str, Path] | None = None, holdable: bool = False, hold_start: bool = False) -> None:
         self.tls = tls  # {"ca": ..., "cert": ..., "key": ...} of a client the server accepts
         self.port = free_port()
         self.metrics_port = free_port()
@@ -47,6 +47,8 @@ class ServerProcess:
         entry = [str(Path(__file__).with_name("held_server.py"))] if holdable else ["-m", "serve.server"]
         if self.hold_dir is not None:
             self.hold_dir.mkdir(exist_ok=True)
+            if hold_start:  # the engine does not start until release_start()
+                (self.hold_dir / "hold-start").touch()
             env = {**(env or {}), "MORA_TEST_HOLD_DIR": str(self.hold_dir)}
         self.command = [sys.executable, *entry, "--model", str(model), "--adapter-root", str(adapter_root),
                         "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
@@ -72,6 +74,22 @@ class ServerProcess:
                 return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
         except grpc.RpcError:
             return None
+
+    def wait_health(self, status: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mora-serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            seen = self.health()
+            if seen is not None:
+                self.health_seen.append(seen)
+            if seen == status:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"health never {status}:\n{self.log_path.read_text()[-4000:]}")
+
+    def release_start(self) -> None:
+        (self.hold_dir / "hold-start").unlink(missing_ok=True)
 
     def wait_serving(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout

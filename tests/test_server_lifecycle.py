@@ -27,7 +27,17 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = ServerProcess(demo_assets / "base", top / "adapters", top / "server.log",
                         args=["--preload", "atlas=atlas", "borealis=borealis", "cygnus=cygnus", "--shutdown-grace-s", "30"],
                         env={"MORA_SERVE_MERGE_WINDOW_S": "3", "MORA_SERVE_MERGE_MIN_REQUESTS": "6",
-                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"}, holdable=True)
+                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"}, holdable=True,
+                        hold_start=True)
+    # The engine's start is held (tests/held_server.py): the server is up and NOT_SERVING, whatever
+    # the machine's speed. A base-model call then is refused with UNAVAILABLE; the client's gRPC retry
+    # policy must have tried it maxAttempts times, each counted by the server.
+    srv.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    with srv.client() as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("hello", "", max_tokens=2)
+    srv.refused_while_starting = (e.value.code(), metric_value(srv.scrape(), "mora_requests_total", code="UNAVAILABLE"))
+    srv.release_start()
     srv.wait_serving()
     yield srv
     srv.stop()
@@ -35,6 +45,9 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_not_serving_until_the_engine_is_warm(server):
     assert server.health_seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+    code, attempts = server.refused_while_starting
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert attempts == RETRY_SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["maxAttempts"], "the client retries UNAVAILABLE"
     assert server.health_seen[-1] == health_pb2.HealthCheckResponse.SERVING
     assert metric_value(server.scrape(), "mora_engine_up") == 1
 
@@ -116,14 +129,10 @@ def test_sigterm_drains_in_flight_requests(server):
         server.wait_held()
         server.proc.send_signal(signal.SIGTERM)
         assert _wait(lambda: server.health() != health_pb2.HealthCheckResponse.SERVING, timeout=30)
-        refused = metric_value(server.scrape(), "mora_requests_total", code="UNAVAILABLE")
         with server.client() as c:
             with pytest.raises(grpc.RpcError) as e:
                 c.generate("too late", "atlas", max_tokens=4)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        # the client's gRPC retry policy (service config) tried again, with backoff, before giving up
-        attempts = RETRY_SERVICE_CONFIG["methodConfig"][0]["retryPolicy"]["maxAttempts"]
-        assert metric_value(server.scrape(), "mora_requests_total", code="UNAVAILABLE") - refused == attempts
         assert metric_value(server.scrape(), "mora_requests_in_flight") == 3, "draining: the three are still running"
     finally:
         server.release()
