@@ -90,7 +90,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--snapshot-dir", str(snapshots),
         "--preload", "atlas=acme/good", "borealis=globex/secret", "--max-cpu-loras", "12",
-    ])
+    ], holdable=True)
     srv.wait_serving()
     srv.keys = keys
     yield {"server": srv, "root": root, "snapshots": snapshots}
@@ -216,10 +216,15 @@ def test_limits(srv):
         # RE2 runs a nested-quantifier pattern in linear time (Python's re backtracks polynomially deep)
         e = _fail(lambda: acme.load_adapter("backtrack", "backtrack"))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
-        # a stream the client cancels is counted as CANCELLED
-        stream = acme.stream("hello", "atlas", max_tokens=200, ignore_eos=True)
-        next(stream)
-        stream.cancel()
+        # a stream the client cancels is counted as CANCELLED (held at its first token: it cannot
+        # finish before the cancel, whatever the machine's speed)
+        srv.hold()
+        try:
+            stream = acme.stream("hello", "atlas", max_tokens=200, ignore_eos=True)
+            next(stream)
+            stream.cancel()
+        finally:
+            srv.release()
     deadline = time.monotonic() + 60
     while metric_value(srv.scrape(), "mora_requests_total", code="CANCELLED") < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
