@@ -47,8 +47,6 @@ class ServerSettings(BaseSettings):
 
     model: Path = Field(description="base model directory (Hugging Face layout)")
     adapter_root: Path = Field(description="directory adapters are loaded from (paths are confined to it)")
-    served_model_name: str | None = Field(
-        None, description="the base model's name in vLLM's metrics (model_name label) and APIs; none: the model directory's name")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP API port; 0 disables it")
@@ -157,8 +155,12 @@ class ServerSettings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The served model name: never a filesystem path (it is a metric label and an API value)."""
-        return self.served_model_name or self.model.resolve().name or "model"
+        """The base model's served name (vLLM's metrics label `model_name`, the OpenAI API's `model`):
+        `--engine-arg served_model_name=NAME`, else the model directory's name, never its path."""
+        served = self.engine.get("served_model_name")
+        if isinstance(served, list | tuple):
+            served = served[0] if served else None
+        return str(served) if served else (self.model.resolve().name or "model")
 
     @property
     def preload_map(self) -> dict[str, str]:

@@ -58,7 +58,6 @@ class Engine:
         s = self.settings
         args = AsyncEngineArgs(
             model=str(s.model),
-            served_model_name=s.model_name,  # metrics' model_name label: a name, not the path
             dtype=s.dtype,
             enable_lora=True,
             max_loras=s.max_loras,
@@ -73,7 +72,9 @@ class Engine:
             distributed_executor_backend=s.distributed_executor_backend,
             worker_extension_cls=EXTENSION,
             disable_log_stats=False,
-            **{"seed": 0, **s.engine},  # anything else of vLLM's EngineArgs, validated in the settings
+            # anything else of vLLM's EngineArgs, validated in the settings; the served name (metrics'
+            # model_name label) defaults to the model directory's name, never its path
+            **{"seed": 0, "served_model_name": s.model_name, **s.engine},
         )
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.tokenizer = self.llm.get_tokenizer()

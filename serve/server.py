@@ -70,10 +70,10 @@ class Server:
     @property
     def base_model_names(self) -> list[str]:
         """The base model's names in the OpenAI API's `model` field: vLLM's served_model_name if set,
-        else the --model value (as vLLM's own server names it)."""
+        else the model directory's name (the same name vLLM's metrics carry; never a path)."""
         served = self.settings.engine.get("served_model_name")
         names = [served] if isinstance(served, str) else list(served or [])
-        return names or [str(self.settings.model)]
+        return names or [self.settings.model_name]
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
