@@ -75,7 +75,7 @@ USER 10001:10001
 WORKDIR /home/mora
 # gRPC, Prometheus /metrics. The server binds 127.0.0.1 unless told otherwise: the pod's config
 # sets host 0.0.0.0 (deploy/base/config.yaml).
-EXPOSE 50051 9400
+EXPOSE 50051 9400 8000
 ENTRYPOINT ["tini", "--", "mora-serve"]
 CMD ["--config", "/etc/mora/config.yaml"]
 

@@ -298,7 +298,7 @@ def test_images_pin_the_projects_vllm_and_run_the_server() -> None:
         s = df["stages"][stage]
         assert s["entrypoint"] == ["tini", "--", "mora-serve"]
         assert s["cmd"] == ["--config", "/etc/mora/config.yaml"]
-        assert set(s["expose"]) == {base["port"], base["metrics_port"]}
+        assert set(s["expose"]) == {base["port"], base["metrics_port"], base["http_port"]}
         assert s["user"] == "10001:10001"
         assert s["env"]["HOME"] == "/home/mora" and s["env"]["HF_HUB_OFFLINE"] == "1"
     for name in ("Dockerfile", "Dockerfile.cpu"):  # Kubernetes probes the server, not the runtime
@@ -382,6 +382,7 @@ def test_ports_probes_and_drain_match_server_settings(name: str, tmp_root: Path,
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert s.host == "0.0.0.0", f"{what}: kubelet probes and the Service need the pod IP"
         assert ports["grpc"] == s.port and ports["metrics"] == s.metrics_port, what
+        assert s.http_port and ports["http"] == s.http_port, f"{what}: the OpenAI HTTP API is served and exposed"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == s.port, f"{what} {probe}"
             assert c[probe]["grpc"].get("service", "") == "", f"{what} {probe}: the server reports the overall status on ''"
@@ -414,9 +415,11 @@ def test_ports_probes_and_drain_match_server_settings(name: str, tmp_root: Path,
                 and o["spec"]["selector"].get("app.kubernetes.io/name") == "mora-serve"):
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in ports, f"{svc['metadata']['name']}: {p['targetPort']}"
-            assert p["appProtocol"] == {"grpc": "grpc", "metrics": "http"}[p["targetPort"]]
+            assert p["appProtocol"] == {"grpc": "grpc", "metrics": "http", "http": "http"}[p["targetPort"]]
             if p["targetPort"] == "grpc":
                 assert p["port"] == s.port
+            if p["targetPort"] == "http":
+                assert p["port"] == s.http_port
     for pm in (o for o in objs if o["kind"] == "PodMonitor"):
         assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
     for pool in (o for o in objs if o["kind"] == "InferencePool"):
@@ -541,6 +544,8 @@ def test_network_policy_admits_only_named_peers(name: str, tmp_root: Path) -> No
                     admitted.setdefault(port["port"], []).extend(peers)
     grpc_peers, metrics_peers = admitted.get(50051, []), admitted.get(9400, [])
     assert grpc_peers and metrics_peers, admitted.keys()
+    # the OpenAI HTTP API carries the same requests as gRPC: exactly the same peers, no more
+    assert admitted.get(8000) == grpc_peers, "HTTP (8000) must admit exactly gRPC's clients"
     namespaces = {peer["namespaceSelector"]["matchLabels"].get("kubernetes.io/metadata.name")
                   for peer in metrics_peers if "namespaceSelector" in peer}
     assert namespaces - {None}, "/metrics must be open to Prometheus' namespace"
@@ -713,6 +718,12 @@ def test_cpu_demo_container_serves_on_loopback(demo_assets: Path, demo_facts: di
         with srv.client("demo-key-acme") as client:
             r = client.generate(fact["prompt"], "atlas", max_tokens=48, temperature=0)
         assert r.text == fact["completion"]
+        # The same tenant through the pod's OpenAI-compatible HTTP port, with the official client.
+        import openai
+
+        http = openai.OpenAI(base_url=srv.http_url, api_key="demo-key-acme", max_retries=0)
+        out = http.completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0)
+        assert out.choices[0].text == fact["completion"]
         # vLLM reports adapter residency once an adapter request has run (the endpoint picker's
         # lora-affinity input), at its next stats interval.
         deadline = time.monotonic() + 30
