@@ -11,6 +11,8 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
 * `aborts`: one line per engine request the server aborted (the server's abort path, observed).
 * `hold-start` (present at launch): the engine's start waits until it is removed, so the server
   stays up and NOT_SERVING for as long as a test needs.
+* `hold-tokenize`: while it exists, tokenizing a prompt blocks the thread that does it (`tokenizing`
+  is written then). The server must tokenize off the event loop, so it keeps answering meanwhile.
 
 Nothing here is reachable in production: the product's entry point is `serve.server:main`.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 import serve.engine
@@ -29,6 +32,7 @@ HOLD_DIR = Path(os.environ["MORA_TEST_HOLD_DIR"])
 _start = serve.engine.Engine.start
 _generate = serve.engine.Engine.generate
 _abort = serve.engine.Engine.abort
+_tokenize = serve.engine.Engine.tokenize
 _poller: asyncio.Task | None = None
 
 
@@ -67,7 +71,16 @@ async def abort(self: serve.engine.Engine, request_id: str) -> None:
     await _abort(self, request_id)
 
 
+def tokenize(self: serve.engine.Engine, text: str) -> list[int]:
+    if (HOLD_DIR / "hold-tokenize").exists():
+        (HOLD_DIR / "tokenizing").touch()
+        while (HOLD_DIR / "hold-tokenize").exists():  # blocks this thread, as a huge prompt would
+            time.sleep(0.05)
+    return _tokenize(self, text)
+
+
 serve.engine.Engine.start = start
+serve.engine.Engine.tokenize = tokenize
 serve.engine.Engine.generate = generate
 serve.engine.Engine.abort = abort
 

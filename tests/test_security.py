@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ import psutil
 import pytest
 import torch
 from engine_helpers import random_lora
+from grpc_health.v1 import health_pb2
 from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
@@ -229,6 +231,32 @@ def test_limits(srv):
     while metric_value(srv.scrape(), "mora_requests_total", code="CANCELLED") < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert metric_value(srv.scrape(), "mora_requests_total", code="CANCELLED") >= 1
+
+
+def test_tokenizing_runs_off_the_event_loop(srv, demo_facts):
+    """A prompt whose tokenization never ends (held by the test) must not stall anyone else."""
+    hold, started = srv.hold_dir / "hold-tokenize", srv.hold_dir / "tokenizing"
+    started.unlink(missing_ok=True)
+    hold.touch()
+    result: dict = {}
+    with srv.client(srv.keys["acme"]) as acme:
+        worker = threading.Thread(target=lambda: result.setdefault("r", acme.generate("hello", "atlas", max_tokens=2)))
+        try:
+            worker.start()
+            deadline = time.monotonic() + 60
+            while not started.exists():
+                assert time.monotonic() < deadline and worker.is_alive(), "the request never reached tokenization"
+                time.sleep(0.05)
+            # The tokenizing thread stays blocked until the test lets go, so a server that tokenized
+            # on its event loop could never answer this (the retries only absorb a slow machine).
+            deadline = time.monotonic() + 60
+            while srv.health() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "the event loop is blocked while a prompt is tokenized"
+            assert worker.is_alive()
+        finally:
+            hold.unlink(missing_ok=True)
+            worker.join(60)
+    assert not worker.is_alive() and len(result["r"].token_ids) == 2
 
 
 def test_sigkill_leaves_no_orphans_and_stale_snapshots_are_cleaned(env):
