@@ -10,7 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Vendored from the authors' reference implementation: see tests/data/mora-reference/README.md
-REFERENCE = REPO / "tests" / "data" / "mora-reference" / "vectors.safetensors"
+# (split by case into shards under 5 MiB; together they hold all 75 cases in order).
+REFERENCE = REPO / "tests" / "data" / "mora-reference"
+REFERENCE_SHARDS = ("vectors-0.safetensors", "vectors-1.safetensors")
 
 
 @pytest.fixture(scope="session")
@@ -18,15 +20,19 @@ def reference_cases() -> list[dict]:
     """The 75 cases produced by the authors' reference implementation."""
     from safetensors import safe_open
 
-    if not REFERENCE.is_file():
-        pytest.fail(f"reference vectors missing at {REFERENCE}")
-    with safe_open(str(REFERENCE), framework="pt") as f:
-        index = json.loads(f.metadata()["index"])
-        for case in index:
-            for key in ("M", "x", "y", "delta_weight"):
-                name = f"{case['case']}.{key}"
-                if key != "delta_weight" or case["has_delta_weight"]:
-                    case[key] = f.get_tensor(name)
+    index: list[dict] = []
+    for shard in REFERENCE_SHARDS:
+        path = REFERENCE / shard
+        if not path.is_file():
+            pytest.fail(f"reference vectors missing at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            cases = json.loads(f.metadata()["index"])
+            for case in cases:
+                for key in ("M", "x", "y", "delta_weight"):
+                    name = f"{case['case']}.{key}"
+                    if key != "delta_weight" or case["has_delta_weight"]:
+                        case[key] = f.get_tensor(name)
+            index.extend(cases)
     return index
 
 
