@@ -208,7 +208,7 @@ class GenerationService:
         self.policy = policy
         self.pending = 0
         self.per_tenant: dict[str, int] = {}
-        self.draining = asyncio.Event()  # set when the shutdown grace period runs out
+        self.draining = asyncio.Event()  # set at shutdown: new calls are refused UNAVAILABLE
         self._live: set[str] = set()
         self._shutdown_aborted: set[str] = set()
 

@@ -190,14 +190,17 @@ class Server:
         if self.http is not None:
             self.http.refuse_new()  # stops accepting; requests in flight are in generation.pending
         if self.grpc is not None:
-            stop = asyncio.create_task(self.grpc.stop(grace + 2.0))
+            # The gRPC listener stays open while calls drain, and new calls get our own UNAVAILABLE
+            # ("shutting down"), which clients retry on another replica. Stopping gRPC's server first
+            # would answer them from gRPC core instead: CANCELLED or a reset, depending on timing.
+            self.generation.draining.set()
             deadline = time.monotonic() + grace
             while self.generation.pending and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             aborted = await self.generation.abort_all()
             if aborted:
                 log.warning("%d requests did not finish within the grace period: returned UNAVAILABLE", aborted)
-            await stop
+            await self.grpc.stop(2.0)
         if self.http is not None:
             await self.http.stop()
         self.engine.shutdown()

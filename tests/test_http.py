@@ -41,7 +41,7 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--max-loras", "4",
         "--preload", *[f"{a}={a}" for a in (*DEMO, "rand")], "--engine-arg", "max_logprobs=8",
-    ])
+    ], holdable=True)
     srv.wait_serving()
     srv.keys = keys
     srv.root = root
@@ -222,15 +222,19 @@ def test_errors_map_like_grpc(server, oai):
 
 
 def test_quota_is_429_and_shared_with_grpc(server, oai):
-    held = oai["initech"].completions.create(model="cygnus", prompt="hello", max_tokens=480, stream=True,
-                                             extra_body={"ignore_eos": True})
-    next(iter(held))  # one request of initech's one in flight
+    # The engine freezes at the stream's first token: initech's one request stays in flight until
+    # release(), however fast the machine.
+    server.hold()
     try:
+        held = oai["initech"].completions.create(model="cygnus", prompt="hello", max_tokens=480, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        next(iter(held))
         with pytest.raises(openai.RateLimitError):
             oai["initech"].completions.create(model="cygnus", prompt="hello", max_tokens=2)
         assert _grpc_code(server, server.keys["initech"], "cygnus", max_tokens=2) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
         held.close()
+    finally:
+        server.release()
 
 
 def _http(server, method: str, path: str, key: str, body: dict | None = None) -> tuple[int, dict | str]:
