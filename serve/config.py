@@ -69,6 +69,15 @@ class ServerSettings(BaseSettings):
         default_factory=dict, json_schema_extra={"flag": "--engine-arg", "metavar": "KEY=VALUE"},
         description="any other vLLM EngineArgs setting (repeatable: enable_prefix_caching=true, max_num_batched_tokens=2048...), "
         "checked against vLLM's EngineArgs before the engine starts")
+    # adapter tiers: snapshots on disk -> vLLM's host cache (max_cpu_loras) -> device slots (max_loras)
+    max_adapters: int = Field(10000, ge=1, description="adapters registered at once (each is a snapshot on disk; "
+                              "host memory holds only max_cpu_loras of them)")
+    adapter_disk_bytes: int | None = Field(None, ge=1 << 20, description="disk budget of the validated adapter "
+                                           "snapshots in bytes; none: bounded by max_adapters only")
+    adapter_load_timeout_s: float = Field(60.0, gt=0, description="seconds a request waits for its adapter to be "
+                                          "read from disk or, registered lazily, validated")
+    pin_preloaded: bool = Field(True, description="keep preloaded adapters in the host cache for good "
+                                "(at most max_cpu_loras - max_loras of them)")
     preload: list[str] = Field(default_factory=list, description="adapters loaded (and validated) before serving",
                                json_schema_extra={"metavar": "ID=PATH"})
     tenants: Path | None = Field(None, description="tenants file (API key hashes, adapters, limits); none: an open server")

@@ -277,7 +277,7 @@ class GenerationService:
                 raise Unavailable("the server is shutting down")
             if adapter_id is not None:
                 check_adapter_id(adapter_id)
-                self.registry.get(adapter_id, tenant)
+                await self.registry.resolve(adapter_id, tenant)  # registers it on first use for lazy tenants
                 adapter_label = adapter_id
             else:
                 self.tenants.check_base(tenant)

@@ -15,7 +15,8 @@ generations:
 * time per output token: 0.5 ms .. 10 s, one observation per request, (last token - first token) /
   (tokens - 1) (vLLM's `vllm:request_time_per_output_token_seconds`);
 * queue wait: 0.5 ms .. 60 s;
-* adapter operations: 1 ms .. 2 min (a merge of a large model takes seconds).
+* adapter operations: 1 ms .. 2 min (a merge of a large model takes seconds);
+* adapter loads between tiers: 0.1 ms (host -> device copy) .. 60 s (a large snapshot from disk).
 
 vLLM's metrics (`vllm:*`, e.g. `vllm:num_requests_running`, `vllm:num_requests_waiting`,
 `vllm:kv_cache_usage_perc` and `vllm:lora_requests_info` with `running_lora_adapters`,
@@ -35,6 +36,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20,
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300, 600)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.25, 2.5, 5, 10)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOAD_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OPERATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RESIDENCY_STATES = ("device_slot", "host_cache", "disk_only", "merged")
 OTHER = "other"
@@ -86,12 +88,39 @@ class ServerMetrics:
         self.merge_backup_bytes = Gauge("mora_merge_backup_bytes", "Host memory kept to unmerge the merged adapter exactly.", registry=r)
         self.engine_up = Gauge("mora_engine_up", "1 while the engine serves, 0 while starting or after it died.", registry=r)
         self._residency_series: set[str] = set()
+        # tiers: snapshot on disk -> vLLM's host cache -> device slot
+        self.adapter_load = Histogram("mora_adapter_load_seconds", "Time to bring an adapter up one tier, by the tier it came from "
+                                      "(source: validated from the adapter folder on first use; disk: snapshot read into the host "
+                                      "cache; host: host cache copied into a device slot).", ["tier"], buckets=LOAD_BUCKETS, registry=r)
+        self.cache_hits = Counter("mora_adapter_cache_hits", "Adapter look-ups of engine steps found in the cache.", ["cache"], registry=r)
+        self.cache_misses = Counter("mora_adapter_cache_misses", "Adapter look-ups of engine steps that had to load the adapter.", ["cache"], registry=r)
+        self.evictions = Counter("mora_adapter_evictions", "Adapters evicted from a cache (they stay on disk).", ["cache"], registry=r)
+        self.merge_stall = Gauge("mora_merge_step_stall_seconds", "How long the last merge or unmerge kept the engine from "
+                                 "stepping (the swap between two steps).", registry=r)
+        self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
+        self._tier_counts: dict[str, int] = {}
+
+    def record_tiers(self, stats: dict) -> None:
+        """The engine's cumulative cache counters (exported as deltas) and its recent load durations."""
+        for name, value in stats.get("counts", {}).items():
+            delta = int(value) - self._tier_counts.get(name, 0)
+            self._tier_counts[name] = int(value)
+            if delta <= 0:
+                continue
+            cache, _, what = name.partition("_")
+            metric = {"hits": self.cache_hits, "misses": self.cache_misses, "evictions": self.evictions}.get(what)
+            if metric is not None:
+                metric.labels(cache).inc(delta)
+        for tier, seconds in stats.get("loads", []):
+            self.adapter_load.labels(str(tier)).observe(float(seconds))
 
     def labels(self, adapter_id: str | None, tenant: str) -> tuple[str, str]:
         return self.adapter_label(adapter_id or "base"), self.tenant_label(tenant)
 
     def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None) -> None:
         self.operations.labels(operation, result).inc()
+        if operation == "lazy_load" and result == "ok":
+            self.adapter_load.labels("source").observe(seconds)
         self.operation_duration.labels(operation).observe(seconds)
         if operation in ("merge", "unmerge") and result == "ok" and adapter is not None:
             self.merge_transitions.labels(self.adapter_label(adapter), operation, trigger or "manual").inc()

@@ -9,6 +9,17 @@ Each load of an id is a *version* with its own engine adapter id. Requests lease
 version when they are admitted; replacing an adapter switches the current version atomically
 (requests admitted afterwards use the new weights, leases in flight finish on the old ones,
 which are unregistered when their last lease ends). Unloading waits for leases (bounded).
+
+Tiers: the number of registered adapters is bounded by `max_adapters` and the snapshots'
+`adapter_disk_bytes`, not by memory. Each version keeps only its metadata in this process (the
+tensors live in its snapshot); vLLM keeps an LRU host cache of `max_cpu_loras` and `max_loras`
+device slots above the snapshots. A request for an adapter that is not in the host cache asks
+the engine to read it in the background (`page_in`) and waits for it before it is queued, so
+the read never runs inside another tenant's step. Pinned adapters (preloaded) never leave the
+host cache; an adapter with leases in flight never loses its snapshot.
+
+Lazy registration: a tenant with `lazy_adapters` may use any adapter folder directly under its
+own folder by id; the first request validates and registers it (and waits, bounded).
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +61,19 @@ from serve.errors import (
 from serve.tenants import Tenant, TenantDirectory
 
 __all__ = ["AdapterRegistry", "Entry", "Version"]
+
+
+def _tensor_bytes(adapter: MoraAdapter | LoraAdapter) -> int:
+    tensors = adapter.weights.values() if isinstance(adapter, MoraAdapter) else [*adapter.lora_a.values(), *adapter.lora_b.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _hollow(adapter: MoraAdapter | LoraAdapter) -> MoraAdapter | LoraAdapter:
+    """`adapter` with its tensors on the meta device: shapes and counts, no memory."""
+    if isinstance(adapter, MoraAdapter):
+        return replace(adapter, weights={k: v.to("meta") for k, v in adapter.weights.items()})
+    return replace(adapter, lora_a={k: v.to("meta") for k, v in adapter.lora_a.items()},
+                   lora_b={k: v.to("meta") for k, v in adapter.lora_b.items()})
 
 log = logging.getLogger(__name__)
 ADAPTER_ID_MAX = 128  # bytes (UTF-8): ids name snapshot folders, and file names have a byte limit
@@ -139,6 +163,8 @@ class Version:
     source: str
     lora_request: Any
     report: UpdateReport | None = None  # update/base ratios: decides whether it may be merged
+    nbytes: int = 0  # the snapshot's tensor bytes (the disk budget counts them)
+    pinned: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -189,13 +215,23 @@ class AdapterRegistry:
         self._lock_fd = _lock_snapshot_dir(self._snapshots)
         self._on_event = on_event or (lambda *a, **k: None)
         self._background: set[asyncio.Task] = set()
+        self.host_view: set[int] = set()  # engine ids in vLLM's host cache (last status, plus page-ins since)
+        self._paging: dict[int, asyncio.Task] = {}
+        self._lazy: dict[tuple[str, str], asyncio.Task] = {}
+        self.pinned_count = 0
+        self.max_pinned = max(0, settings.max_cpu_loras - settings.max_loras)
 
     # -- helpers --------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        # vLLM evicts from its host cache beyond max_cpu_loras; one place stays free for a replace.
-        return max(1, self.settings.max_cpu_loras - 1)
+        """Registered adapters at most (vLLM's host cache pages them from their snapshots)."""
+        return self.settings.max_adapters
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of every snapshot kept (current and retiring versions)."""
+        return sum(v.nbytes for e in self.entries.values() for v in (e.version, *e.retiring))
 
     def base_shapes(self) -> dict[str, tuple[int, int]]:
         if self._base_shapes is None:
@@ -288,7 +324,8 @@ class AdapterRegistry:
         return root / caller.name
 
     async def load(self, adapter_id: str, *, path: str | None = None, source_name: str | None = None,
-                   caller: Tenant | None = None, owner: str | None = None, replace: bool = False) -> Entry:
+                   caller: Tenant | None = None, owner: str | None = None, replace: bool = False,
+                   lazy: bool = False, pin: bool = False) -> Entry:
         """Validate, snapshot and register an adapter (or new weights for an existing id).
 
         `caller`: the authenticated tenant (None: the server itself, for --preload). Who owns the
@@ -296,7 +333,7 @@ class AdapterRegistry:
         over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`.
         """
         check_adapter_id(adapter_id)
-        if caller is not None:
+        if caller is not None and not lazy:  # lazy: the tenant's own folder, allowed by its lazy_adapters
             self.tenants.check_manage(caller)
         if source_name is not None:
             if source_name not in self.settings.sources:
@@ -352,6 +389,13 @@ class AdapterRegistry:
             except OSError as e:
                 self._on_event("load", "io_error", time.perf_counter() - started)
                 raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
+            nbytes = _tensor_bytes(adapter)
+            budget = self.settings.adapter_disk_bytes
+            held = self.disk_bytes
+            if budget is not None and held + nbytes > budget:
+                self._on_event("load", "rejected", time.perf_counter() - started)
+                raise ResourceExhausted(f"adapter {short(adapter_id)} needs {nbytes} bytes of snapshot; the server's adapter "
+                                        f"disk budget has {max(0, budget - held)} of {budget} left")
             number = self._versions.get(adapter_id, 0) + 1  # `version` counts per adapter id (protos)
             self._versions[adapter_id] = number
             try:
@@ -381,7 +425,12 @@ class AdapterRegistry:
                 self._remove_snapshot(snapshot)
                 self._on_event("load", "rejected", time.perf_counter() - started)
                 raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
-            version = Version(number, engine_id, snapshot, adapter, source, request, report)
+            # Only the metadata stays in this process: the weights are in the snapshot (and in
+            # vLLM's host cache while it holds the adapter), so registered adapters cost no host memory.
+            version = Version(number, engine_id, snapshot, _hollow(adapter), source, request, report, nbytes)
+            self.host_view.add(engine_id)
+            if pin or (existing is not None and existing.version.pinned):
+                await self._pin(version)
             if existing is None:
                 entry = Entry(adapter_id, owner, version)
                 self.entries[adapter_id] = entry
@@ -397,10 +446,31 @@ class AdapterRegistry:
         log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, engine_id, source)
         return entry
 
+    async def _pin(self, version: Version) -> None:
+        """Keep `version` in vLLM's host cache for good; beyond the pins it allows, a warning."""
+        if self.pinned_count >= self.max_pinned:
+            log.warning("adapter %s is not pinned: %d adapters are pinned, the most max_cpu_loras - max_loras allows",
+                        version.lora_request.lora_name, self.pinned_count)
+            return
+        try:
+            await self.engine.rpc("mora_pin", version.engine_id)
+        except EngineError as e:
+            log.warning("adapter %s is not pinned: %s", version.lora_request.lora_name, e)
+            return
+        version.pinned = True
+        self.pinned_count += 1
+
+    def _forget(self, version: Version) -> None:
+        self.host_view.discard(version.engine_id)
+        if version.pinned:
+            version.pinned = False
+            self.pinned_count -= 1
+
     def _retire(self, entry: Entry, version: Version) -> None:
         async def drain() -> None:
             await version.idle.wait()
             await self.engine.remove_lora(version.engine_id)
+            self._forget(version)
             self._remove_snapshot(version.snapshot)
             if version in entry.retiring:
                 entry.retiring.remove(version)
@@ -435,6 +505,7 @@ class AdapterRegistry:
                 await self._unmerge_locked("unloaded")
             for v in versions:
                 await self.engine.remove_lora(v.engine_id)
+                self._forget(v)
                 self._remove_snapshot(v.snapshot)
             del self.entries[adapter_id]
         self._on_event("unload", "ok", time.perf_counter() - started)
@@ -455,11 +526,91 @@ class AdapterRegistry:
         version.idle.clear()
         entry.requests_total += 1
         try:
+            await self.page_in(version)
             yield version
         finally:
             version.in_flight -= 1
             if version.in_flight == 0:
                 version.idle.set()
+
+    # -- tiers ----------------------------------------------------------------------------
+
+    async def page_in(self, version: Version) -> None:
+        """Have the engine read `version` into its host cache off the step loop, if it is not
+        there; waits (bounded by `adapter_load_timeout_s`). Concurrent requests share one read."""
+        if version.kind != "mora" or version.engine_id in self.host_view:
+            return  # LoRA adapters: vLLM reads them in the step, as stock vLLM does
+        task = self._paging.get(version.engine_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._page_in(version))
+            self._paging[version.engine_id] = task
+            task.add_done_callback(lambda _t, i=version.engine_id: self._paging.pop(i, None))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settings.adapter_load_timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"adapter {version.lora_request.lora_name!r} is still being read from disk after "
+                              f"{self.settings.adapter_load_timeout_s:g}s; retry") from None
+
+    async def _page_in(self, version: Version) -> None:
+        r = version.lora_request
+        delay = 0.005
+        while True:
+            try:
+                states = await self.engine.rpc("mora_prefetch", [(r.lora_int_id, r.lora_name, r.lora_path)])
+            except EngineError as e:
+                raise Unavailable(f"adapter {r.lora_name!r} cannot be read from disk: {e}") from None
+            state = str(states.get(r.lora_int_id, states.get(str(r.lora_int_id), "")))
+            if state in ("device", "host", "staged", "step"):
+                self.host_view.add(version.engine_id)
+                return
+            if state.startswith("error"):
+                raise Unavailable(f"adapter {r.lora_name!r} cannot be read from its snapshot: {state[7:]}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def set_host_view(self, registered: list[int]) -> None:
+        """vLLM's host cache as the engine's status reports it (ids paged in since are kept)."""
+        self.host_view = set(registered) | {i for i in self.host_view if i in self._paging}
+
+    # -- lazy registration ----------------------------------------------------------------
+
+    async def resolve(self, adapter_id: str, caller: Tenant) -> Entry:
+        """The entry `caller` may use, registering it on first use if `caller` has lazy_adapters
+        and `<adapter-root>/<tenant>/<adapter_id>` exists (the first request waits, bounded)."""
+        try:
+            return self.get(adapter_id, caller)
+        except AdapterNotFound:
+            if caller.is_admin or not getattr(caller, "lazy_adapters", False):
+                raise
+            folder = self.adapter_folder(caller)
+            if not (folder / adapter_id).is_dir() and not (folder / adapter_id).is_symlink():
+                raise
+        key = (caller.name, adapter_id)
+        task = self._lazy.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lazy_load(adapter_id, caller))
+            self._lazy[key] = task
+            task.add_done_callback(lambda _t, k=key: self._lazy.pop(k, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.settings.adapter_load_timeout_s)
+        except TimeoutError:
+            raise Unavailable(f"adapter {short(adapter_id)} is still being validated after "
+                              f"{self.settings.adapter_load_timeout_s:g}s; retry") from None
+
+    async def _lazy_load(self, adapter_id: str, caller: Tenant) -> Entry:
+        started = time.perf_counter()
+        try:
+            entry = await self.load(adapter_id, path=adapter_id, caller=caller, lazy=True)
+        except AdapterExists:
+            return self.get(adapter_id, caller)  # registered meanwhile (by this tenant, or hidden: NOT_FOUND)
+        except PermissionDenied:
+            # Another tenant's id: answered like an absent one, so nobody learns which ids others hold.
+            raise AdapterNotFound(f"adapter {short(adapter_id)} is not loaded") from None
+        except (InvalidRequest, PathNotAllowed, ResourceExhausted) as e:
+            raise type(e)(f"lazy registration of adapter {short(adapter_id)} refused: {e}") from None
+        self._on_event("lazy_load", "ok", time.perf_counter() - started)
+        log.info("adapter %s registered on first use by tenant %s", adapter_id, caller.name)
+        return entry
 
     # -- merging --------------------------------------------------------------------------
 

@@ -129,10 +129,12 @@ class Server:
                  "TLS" + (" + client certificates" if s.tls_client_ca else "") if creds else "plaintext", s.metrics_port)
         await self.engine.start()
         for adapter_id, path in s.preload_map.items():
-            await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id))  # caller None: the root
+            await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id),  # caller None: the root
+                                     pin=s.pin_preloaded)
         self.metrics.slots_capacity.set(s.max_loras)
         self.metrics.adapters_loaded.set_function(lambda: len(self.registry.entries))
         self.metrics.merge_backup_bytes.set_function(lambda: self.registry.merge_backup_bytes)
+        self.metrics.snapshot_bytes.set_function(lambda: self.registry.disk_bytes)
         await self._set_health(True)
         self._tasks = [asyncio.create_task(self._policy_loop()), asyncio.create_task(self._monitor_loop())]
         log.info("serving %s with %d adapters", s.model, len(self.registry.entries))
@@ -179,6 +181,8 @@ class Server:
                     states[a] = "merged" if reg.merged and reg.merged[0] == a else location_of(e, status)
                 self.metrics.set_residency(states)
                 self.metrics.slots_in_use.set(len(status.get("slots", {})))
+                reg.set_host_view(list(status.get("registered", [])))
+                self.metrics.record_tiers(await self.engine.rpc("mora_tier_stats"))
             await asyncio.sleep(1.0)
 
     async def shutdown(self) -> None:

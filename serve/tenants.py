@@ -9,6 +9,7 @@ A tenants file (YAML or JSON):
         allow_base_model: true
         max_concurrent_requests: 8
         max_resident_adapters: 4
+        lazy_adapters: true            # serve <adapter-root>/acme/<id>/ by id on first use
       - name: ops
         key_sha256: ...
         role: admin                    # may load/unload/merge any adapter and use them all
@@ -54,6 +55,9 @@ class Tenant(BaseModel):
     manage_adapters: bool = False
     max_concurrent_requests: int = Field(16, ge=1)
     max_resident_adapters: int = Field(8, ge=0)
+    # Serve any adapter folder directly under <adapter-root>/<name>/ by its folder name on first
+    # use (validated then; the first request waits). Counted against max_resident_adapters.
+    lazy_adapters: bool = False
 
     @property
     def is_admin(self) -> bool:

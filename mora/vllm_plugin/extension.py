@@ -30,6 +30,23 @@ class MoraWorkerExtension:
             raise MergeError("MoRA is not active in this engine (enable_lora=True and the mora plugin are required)")
         return manager
 
+    def _mora_worker_manager(self):
+        self._mora_manager()  # raises unless MoRA is active
+        return self.model_runner.lora_manager
+
+    def mora_prefetch(self, items: list) -> dict[int, str]:
+        """Start reading cold MoRA adapters `[(lora_int_id, name, path)]` off the step loop;
+        answers where each one is (see `MoraWorkerLoRAManager.mora_prefetch`)."""
+        return self._mora_worker_manager().mora_prefetch([tuple(i) for i in items])
+
+    def mora_pin(self, lora_int_id: int) -> dict[str, object]:
+        """Keep an adapter in the host cache for good (preloaded or hot adapters)."""
+        return self._mora_manager().mora_pin(int(lora_int_id))
+
+    def mora_tier_stats(self) -> dict[str, object]:
+        """Cumulative cache hits/misses/evictions and the load durations since the last call."""
+        return self._mora_manager().mora_tiers.drain()
+
     def mora_merge(self, lora_int_id: int) -> dict[str, object]:
         """Merge resident MoRA adapter `lora_int_id` into the base weights."""
         return self._mora_manager().mora_merge(int(lora_int_id))

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from mora.validate import bind_mora
 from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import merge_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
+from mora.vllm_plugin.tiers import Stager, TierStats
 
 __all__ = ["FIXED", "MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "compact_slots", "stage_local"]
 
@@ -107,6 +109,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_runtime = MoraRuntime(self.lora_slots, self.device, max_tokens=self.max_num_batched_tokens)
         self.mora_merged_id: int | None = None
         self._mora_pinned_by_merge = False
+        self.mora_tiers = TierStats()
         for name, module in self.mora_layers():
             module.mora_runtime = self.mora_runtime
             module.mora_children = self.packed_modules.get(name, [name])
@@ -154,13 +157,49 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         super()._add_adapter(lora)
 
     def activate_adapter(self, lora_id: int) -> bool:
+        resident = lora_id in self.lora_index_to_id
+        if not resident and lora_id in self._registered_adapters:
+            self.mora_tiers.count("device_misses")
+            if len(self._active_adapters) >= self.lora_slots:
+                self.mora_tiers.count("device_evictions")
+        elif resident:
+            self.mora_tiers.count("device_hits")
+        started = time.perf_counter()
         activated = super().activate_adapter(lora_id)
         model = self._registered_adapters.get(lora_id)
         if activated and isinstance(model, MoraLoRAModel):
             index = self.lora_index_to_id.index(lora_id)
             for _, module in self.mora_layers():
                 module.set_mora(index, [model.mora.get(child) for child in module.mora_children])
+        if activated and not resident:
+            self.mora_tiers.loaded("host", time.perf_counter() - started)
         return activated
+
+    def remove_oldest_adapter(self) -> bool:
+        # vLLM's host-cache eviction (LRU, pinned adapters skipped): the adapter stays on disk.
+        removed = super().remove_oldest_adapter()
+        if removed:
+            self.mora_tiers.count("host_evictions")
+        return removed
+
+    @property
+    def mora_max_pinned(self) -> int:
+        """Pins leave room for one step's adapters, which vLLM must be able to load."""
+        return max(0, self.capacity - self.lora_slots)
+
+    def mora_pin(self, lora_id: int) -> dict[str, object]:
+        """Keep registered adapter `lora_id` in the host cache for good (never evicted).
+
+        Only the host cache: vLLM's own `pin_adapter` would also take a device slot forever.
+        """
+        cache = self._registered_adapters
+        if lora_id not in cache:
+            raise MergeError(f"adapter {lora_id} is not in the host cache; add it before pinning")
+        if lora_id not in cache.pinned_items and len(cache.pinned_items) >= self.mora_max_pinned:
+            raise MergeError(f"{len(cache.pinned_items)} adapters are pinned already, the most the host cache "
+                             f"allows (max_cpu_loras - max_loras = {self.mora_max_pinned})")
+        cache.pin(lora_id)
+        return {"pinned": sorted(cache.pinned_items)}
 
     def mora_compact(self) -> int:
         """Apply `compact_slots` to the resident adapters; returns how many moved.
@@ -288,6 +327,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             "pinned": sorted(self._registered_adapters.pinned_items),
             "capacity": self.capacity,
             "lora_slots": self.lora_slots,
+            "max_pinned": self.mora_max_pinned,
         }
 
 
@@ -304,13 +344,81 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     """vLLM's worker-side LoRA manager, loading MoRA checkpoints through the mora library."""
 
     _manager_cls = MoraLoRAModelManager
+    _mora_stager: Stager | None = None
+
+    @property
+    def mora_requests(self) -> dict[int, object]:
+        """The LoRARequest of every adapter id seen, to read it again from disk after an eviction."""
+        if "_mora_requests" not in self.__dict__:
+            self._mora_requests: dict[int, object] = {}
+        return self._mora_requests
+
+    @property
+    def mora_stager(self) -> Stager:
+        if self._mora_stager is None:
+            manager = self._adapter_manager
+            self._mora_stager = Stager(self._read_mora, manager.mora_tiers, manager.capacity)
+        return self._mora_stager
+
+    def _read_mora(self, lora_request) -> MoraLoRAModel:  # noqa: ANN001
+        path = Path(get_adapter_absolute_path(lora_request.lora_path))
+        adapter = load_mora_adapter(path, lora_request.lora_name)
+        return self._adapter_manager.load_mora(adapter, lora_request.lora_int_id)
 
     def _load_adapter(self, lora_request) -> LoRAModel:  # noqa: ANN001
+        self.mora_requests[lora_request.lora_int_id] = lora_request
         path = Path(get_adapter_absolute_path(lora_request.lora_path))
         if not _declares_mora(path):
             return super()._load_adapter(lora_request)
-        adapter = load_mora_adapter(path, lora_request.lora_name)
-        return self._adapter_manager.load_mora(adapter, lora_request.lora_int_id)
+        staged = self.mora_stager.take(lora_request.lora_int_id) if self._mora_stager is not None else None
+        if staged is not None:
+            return staged  # read off the step loop by `mora_prefetch`
+        started = time.perf_counter()
+        model = self._read_mora(lora_request)
+        self._adapter_manager.mora_tiers.loaded("disk", time.perf_counter() - started)
+        return model
+
+    def add_adapter(self, lora_request) -> bool:  # noqa: ANN001
+        hit = lora_request.lora_int_id in self._adapter_manager._registered_adapters
+        self._adapter_manager.mora_tiers.count("host_hits" if hit else "host_misses")
+        return super().add_adapter(lora_request)
+
+    def remove_adapter(self, adapter_id: int) -> bool:
+        self.mora_requests.pop(adapter_id, None)
+        if self._mora_stager is not None:
+            self._mora_stager.drop(adapter_id)
+        return super().remove_adapter(adapter_id)
+
+    def _apply_adapters(self, lora_requests: set) -> None:
+        # Touch the step's adapters first, so that loading one of them never evicts another
+        # that the same step needs (vLLM adds them one by one, evicting the LRU as it goes).
+        cache = self._adapter_manager._registered_adapters
+        for r in lora_requests:
+            if r and r.lora_int_id in cache:
+                cache.touch(r.lora_int_id)
+        super()._apply_adapters(lora_requests)
+
+    def mora_prefetch(self, items: list[tuple[int, str, str]]) -> dict[int, str]:
+        """Where each `(lora_int_id, name, path)` is: "device", "host", "staged", "loading",
+        "step" (a LoRA adapter: vLLM reads it in the step) or "error: <why>"; a cold MoRA
+        adapter starts loading in the background."""
+        from vllm.lora.request import LoRARequest
+
+        manager = self._adapter_manager
+        out: dict[int, str] = {}
+        for lora_id, name, path in items:
+            lora_id = int(lora_id)
+            if lora_id in manager.lora_index_to_id:
+                out[lora_id] = "device"
+            elif lora_id in manager._registered_adapters:
+                out[lora_id] = "host"
+            elif not _declares_mora(Path(path)):
+                out[lora_id] = "step"
+            else:
+                request = LoRARequest(name, lora_id, path)
+                self.mora_requests[lora_id] = request
+                out[lora_id] = self.mora_stager.start(request)
+        return out
 
     def set_active_adapters(self, requests: set, mapping: object) -> None:
         # vLLM hands over the step's adapters as a set of LoRARequests, which compare by *name*:
@@ -321,6 +429,8 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
             wanted = {int(i) for i in (*mapping.index_mapping, *mapping.prompt_mapping) if i > 0}
             missing = wanted - {r.lora_int_id for r in requests if r}
             for lora_id in sorted(missing):
+                if self._adapter_manager.get_adapter(lora_id) is None and lora_id in self.mora_requests:
+                    self.add_adapter(self.mora_requests[lora_id])  # evicted from the host cache: read it again
                 if self._adapter_manager.get_adapter(lora_id) is not None:
                     self._adapter_manager.activate_adapter(lora_id)
             manager = self._adapter_manager

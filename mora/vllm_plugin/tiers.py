@@ -1,0 +1,126 @@
+"""Adapter tiers inside a vLLM worker: disk snapshot -> host cache -> device slot.
+
+vLLM 0.32 already pages LoRA adapters: `LRUCacheWorkerLoRAManager.add_adapter` loads an
+adapter that is not in its host cache (`max_cpu_loras`, an LRU `_registered_adapters`) from
+`lora_path` when a step needs it, evicting the least recently used unpinned one, and
+`LRUCacheLoRAModelManager.activate_adapter` moves it into one of `max_loras` device slots
+(another LRU, `_active_adapters`). That disk read happens *inside* the engine step, so every
+other tenant's step waits for it.
+
+`Stager` moves that read off the step loop: the server asks for a cold adapter when its
+request arrives (`mora_prefetch`), a background thread reads and validates the snapshot, and
+the step that first needs the adapter finds it staged in host memory. `TierStats` counts what
+the caches did (hits, misses, evictions) and how long loads took, by the tier they came from.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats"]
+
+MAX_LOAD_EVENTS = 4096  # load durations kept between two drains (the server drains every second)
+
+
+class TierStats:
+    """Cumulative cache counters and recent load durations of one worker (thread-safe)."""
+
+    COUNTERS = ("host_hits", "host_misses", "device_hits", "device_misses", "host_evictions", "device_evictions")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.COUNTERS, 0)
+        self._loads: list[tuple[str, float]] = []
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def loaded(self, tier: str, seconds: float) -> None:
+        """An adapter came from `tier` ("disk": snapshot -> host; "host": host -> device slot)."""
+        with self._lock:
+            if len(self._loads) < MAX_LOAD_EVENTS:
+                self._loads.append((tier, seconds))
+
+    def drain(self) -> dict[str, Any]:
+        with self._lock:
+            loads, self._loads = self._loads, []
+            return {"counts": dict(self.counts), "loads": loads}
+
+
+class Stager:
+    """Adapters read from disk off the step loop, held until a step takes them.
+
+    `load(request)` runs in one background thread (reads are I/O bound; one at a time keeps
+    the step loop's CPU share). At most `capacity` staged adapters are kept: they are host
+    memory on top of the cache, so the oldest is dropped (and read again if ever needed).
+    """
+
+    def __init__(self, load: Callable[[Any], Any], stats: TierStats, capacity: int) -> None:
+        self._load = load
+        self._stats = stats
+        self.capacity = max(1, capacity)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-stage")
+        self._lock = threading.Lock()
+        self._staged: OrderedDict[int, Any] = OrderedDict()
+        self._pending: dict[int, Future] = {}
+        self._errors: dict[int, str] = {}
+        self._dropped: set[int] = set()  # removed while loading: discarded when the load ends
+
+    def state(self, lora_id: int) -> str | None:
+        """"staged", "loading", "error: <why>" or None (never asked)."""
+        with self._lock:
+            if lora_id in self._staged:
+                return "staged"
+            if lora_id in self._pending:
+                return "loading"
+            if lora_id in self._errors:
+                return "error: " + self._errors[lora_id]
+        return None
+
+    def start(self, request: Any) -> str:
+        lora_id = request.lora_int_id
+        current = self.state(lora_id)
+        if current in ("staged", "loading"):
+            return current
+        with self._lock:
+            self._errors.pop(lora_id, None)
+            self._pending[lora_id] = self._pool.submit(self._run, request)
+        return "loading"
+
+    def _run(self, request: Any) -> None:
+        lora_id = request.lora_int_id
+        started = time.perf_counter()
+        try:
+            model = self._load(request)
+        except Exception as e:  # noqa: BLE001 - reported to whoever asked, and read again by the step
+            with self._lock:
+                self._pending.pop(lora_id, None)
+                self._errors[lora_id] = f"{e.__class__.__name__}: {e}"[:500]
+            return
+        self._stats.loaded("disk", time.perf_counter() - started)
+        with self._lock:
+            self._pending.pop(lora_id, None)
+            if lora_id in self._dropped:
+                self._dropped.discard(lora_id)
+                return
+            self._staged[lora_id] = model
+            while len(self._staged) > self.capacity:
+                self._staged.popitem(last=False)
+
+    def take(self, lora_id: int) -> Any | None:
+        with self._lock:
+            return self._staged.pop(lora_id, None)
+
+    def drop(self, lora_id: int) -> None:
+        """The adapter was removed: forget it (a load still running is discarded when done)."""
+        with self._lock:
+            self._staged.pop(lora_id, None)
+            self._errors.pop(lora_id, None)
+            if lora_id in self._pending:
+                self._dropped.add(lora_id)
