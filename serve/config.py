@@ -72,7 +72,7 @@ class ServerSettings(BaseSettings):
     # adapter tiers: snapshots on disk -> vLLM's host cache (max_cpu_loras) -> device slots (max_loras)
     max_adapters: int = Field(10000, ge=1, description="adapters registered at once (each is a snapshot on disk; "
                               "host memory holds only max_cpu_loras of them)")
-    adapter_disk_bytes: int | None = Field(None, ge=1 << 20, description="disk budget of the validated adapter "
+    adapter_disk_bytes: int | None = Field(None, ge=1, description="disk budget of the validated adapter "
                                            "snapshots in bytes; none: bounded by max_adapters only")
     adapter_load_timeout_s: float = Field(60.0, gt=0, description="seconds a request waits for its adapter to be "
                                           "read from disk or, registered lazily, validated")

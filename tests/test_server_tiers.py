@@ -35,6 +35,13 @@ def _details(fn) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
+def _bytes(folder: Path) -> int:
+    """The tensor bytes the server's disk budget counts for the adapter in `folder`."""
+    from mora.checkpoint import load_mora_adapter
+
+    return sum(w.numel() * w.element_size() for w in load_mora_adapter(folder, folder.name).weights.values())
+
+
 def _wait(cond, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,7 +62,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i in range(MANY):  # tiny MoRA adapters of types 1 and 6, each its own weights
         random_mora(base, root / "many" / f"m{i}", mora_type=(1, 6)[i % 2], r=1 if i % 2 else 4, seed=1000 + i, scale=0.3,
                     targets=("q_proj",))
-    size = sum(f.stat().st_size for f in (root / "many" / "m0").iterdir()) + sum(f.stat().st_size for f in (root / "many" / "m1").iterdir())
+    size = _bytes(root / "many" / "m0") + _bytes(root / "many" / "m1")
     (root / "acme").mkdir()
     (root / "beta").mkdir()
     random_mora(base, root / "acme" / "lazy-ok", mora_type=6, r=4, seed=77, scale=0.1)
@@ -73,7 +80,8 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "beta": {"max_resident_adapters": MANY + 200},
     })
     # a disk budget the MANY fill nearly: SPARE more fit, then loads are refused
-    budget = (MANY // 2 + SPARE // 2) * size + (4 << 20)
+    others = [root / "atlas", root / "borealis", *(root / "acme" / n for n in ("lazy-ok", "lazy-two", "lazy-three"))]
+    budget = (MANY // 2 + SPARE // 2) * size + sum(_bytes(d) for d in others)
     srv = ServerProcess(base, root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS),
         "--max-adapters", str(MANY + 200), "--adapter-disk-bytes", str(budget), "--preload", "atlas=atlas",
@@ -110,7 +118,7 @@ def test_thousands_registered_adapters_served_from_disk(env, clients, demo_facts
     # the registry keeps metadata only: far from MANY copies of the weights
     assert _wait(lambda: _location(ops, "m0") == apb.ADAPTER_LOCATION_DISK_ONLY, 10), "evicted long ago: on disk only"
     # a sample, including adapters that sit on disk only, against the transformers reference
-    sample = sorted({0, 1, 2, 3, MANY // 3, MANY // 2 + 1, MANY - 2, MANY - 1, 17, 42, 101, 555 % MANY})
+    sample = sorted({x % MANY for x in (0, 1, 2, 3, MANY // 3, MANY // 2 + 1, MANY - 2, MANY - 1, 17, 42, 101, 555)})
     prompt = "the tiers of adapters"
     beta = clients["beta"]
     with ThreadPoolExecutor(6) as pool:
@@ -133,7 +141,7 @@ def test_thousands_registered_adapters_served_from_disk(env, clients, demo_facts
 def test_disk_budget_refuses_with_the_reason(clients):
     ops = clients["ops"]
     refused = None
-    for i in range(SPARE + 20):
+    for i in range(SPARE * 4):
         try:
             ops.load_adapter(f"spare{i}", f"many/m{i % 2}", tenant="beta")
         except grpc.RpcError as e:
@@ -152,7 +160,7 @@ def test_eviction_under_use_never_breaks_requests_in_flight(env, clients):
     prompt = "hold this adapter"
     stream = beta.stream(prompt, "busy", max_tokens=120, ignore_eos=True, temperature=0)
     tokens = list(next(stream).token_ids)
-    others = [f"m{i}" for i in range(100, 100 + 3 * MAX_CPU_LORAS)]
+    others = [f"m{i % MANY}" for i in range(20, 20 + 3 * MAX_CPU_LORAS)]
     evictions_before = metric_value(env["srv"].scrape(), "mora_adapter_evictions_total", cache="host")
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda a: beta.generate("churn", a, max_tokens=4), others))
