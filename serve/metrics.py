@@ -96,7 +96,7 @@ class ServerMetrics:
         self.cache_misses = Counter("mora_adapter_cache_misses", "Adapter look-ups of engine steps that had to load the adapter.", ["cache"], registry=r)
         self.evictions = Counter("mora_adapter_evictions", "Adapters evicted from a cache (they stay on disk).", ["cache"], registry=r)
         self.merge_stall = Gauge("mora_merge_step_stall_seconds", "How long the last merge or unmerge kept the engine from "
-                                 "stepping (the swap between two steps).", registry=r)
+                                 "stepping (it runs between two steps; every tenant's next step waits for it).", registry=r)
         self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
         self._tier_counts: dict[str, int] = {}
 
@@ -119,6 +119,9 @@ class ServerMetrics:
 
     def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None) -> None:
         self.operations.labels(operation, result).inc()
+        if operation in ("merge", "unmerge") and result == "ok":
+            # The merge RPC runs in the engine loop between two steps: no step runs meanwhile.
+            self.merge_stall.set(seconds)
         if operation == "lazy_load" and result == "ok":
             self.adapter_load.labels("source").observe(seconds)
         self.operation_duration.labels(operation).observe(seconds)

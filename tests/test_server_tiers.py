@@ -211,3 +211,31 @@ def test_cache_hit_metrics(env, clients):
     scrape = env["srv"].scrape()
     assert metric_value(scrape, "mora_adapter_cache_hits_total", cache="host") > 0
     assert metric_value(scrape, "mora_adapter_load_seconds_count", tier="host") > 0
+
+
+def test_merge_under_traffic_records_other_tenants_step_times(env, clients):
+    """A manual merge and unmerge of one tenant's adapter while another tenant streams: the other
+    tenant's answer stays exact; its token gaps during the transition and the stall gauge are
+    recorded (printed, not asserted: they depend on the machine)."""
+    ops, beta = clients["ops"], clients["beta"]
+    prompt = "steady while merging"
+    stream = beta.stream(prompt, "m3", max_tokens=96, ignore_eos=True, temperature=0)
+    stamps, tokens = [], []
+    first = next(stream)
+    tokens.extend(first.token_ids)
+    stamps.append(time.monotonic())
+    merge = ThreadPoolExecutor(1).submit(lambda: (ops.merge_adapter("atlas"), ops.unmerge_adapter("atlas")))
+    for piece in stream:
+        tokens.extend(piece.token_ids)
+        stamps.append(time.monotonic())
+    merge.result()
+    want = hf_greedy_scored(env["base"], {"m3": env["root"] / "many" / "m3"}, [(prompt, "m3")], 96)
+    assert_greedy_matches([tokens], want)
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    scrape = env["srv"].scrape()
+    stall = metric_value(scrape, "mora_merge_step_stall_seconds")
+    print(f"other tenant's token gaps: median {gaps[len(gaps) // 2] * 1e3:.1f} ms, max {gaps[-1] * 1e3:.1f} ms; "
+          f"last merge stall {stall * 1e3:.1f} ms")
+    assert stall > 0
+    assert metric_value(scrape, "mora_merge_transitions_total", adapter="atlas", direction="merge", trigger="manual") >= 1
+    assert not ops.get_adapter("atlas").merged

@@ -1,0 +1,249 @@
+"""Thousands of adapters on one real `mora-serve`: disk -> host cache -> device slots under load.
+
+Registers >= 1,000 MoRA adapters (types 1 and 6) on a small Llama-shaped model, serves zipf(1.0)
+traffic from 64 clients with `max_loras=16`, `max_cpu_loras=64`, and measures side by side in
+one run:
+
+* `tput_vs_16`: requests per second over all the adapters, relative to the same traffic folded
+  onto the 16 hottest adapters only (nothing to page);
+* `p50_ttft_warm_ms` (adapter requested before) and `p99_ttft_cold_ms` (first request of an
+  adapter: read from its snapshot on disk);
+* `wrong`: answers that differ from the transformers reference (`mora.hf`), on every request
+  whose (adapter, prompt) is in a reference sample of >= 200 pairs (hot and cold adapters);
+* `rss_mb` of the server and its engine processes, against `rss_bound_mb`: the RSS before any
+  adapter was registered plus the host cache's bound (`max_cpu_loras` adapters, twice: the
+  cache and the background stager) plus a constant;
+* `merge_stall_p99_vs_normal`: p99 of one stream's token gaps while another adapter is merged
+  and unmerged by the manual RPCs, over its p99 without merges.
+
+    python -m bench.scale --quick   # the demo model, < 15 minutes on 2 CPU cores
+    python -m bench.scale           # the 100M model of bench.serving
+
+Ends with one line: adapters= requests= failed= wrong= p50_ttft_warm_ms= p99_ttft_cold_ms=
+tput_vs_16= rss_mb= rss_bound_mb= merge_stall_p99_vs_normal=
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the loopback server harness shared with the tests
+
+TOKENS = 8
+PROMPTS = ["hello world", "MoRA serves", "tenant traffic"]
+MAX_LORAS, MAX_CPU_LORAS, CLIENTS = 16, 64, 64
+TIE_MARGIN = 1e-3
+RSS_CONSTANT_MB = 256  # allocator slack, gRPC buffers, Python objects of the registry
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def _rss(pid: int) -> int:
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _prepare(cache: Path, quick: bool, n: int) -> tuple[Path, Path, list[str]]:
+    from engine_helpers import random_mora
+
+    from mora.demo import build_demo_assets
+
+    if quick:
+        demo = cache / "demo"
+        if not (demo / "demo.json").is_file():
+            build_demo_assets(demo, log=lambda _: None)
+        base = demo / "base"
+    else:
+        from bench.serving import _larger_model
+
+        base = _larger_model(cache / "model-100m")
+    root = cache / f"scale-adapters-{'quick' if quick else 'full'}"
+    names = [f"s{i:04d}" for i in range(n)]
+    if not (root / names[-1] / "adapter_config.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        for i, name in enumerate(names):
+            random_mora(base, root / name, mora_type=(1, 6)[i % 2], r=(4, 8)[i % 2], seed=10_000 + i, scale=0.08,
+                        targets=("q_proj", "v_proj"))
+    return base, root, names
+
+
+def _references(base: Path, root: Path, sample: list[str]) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+    from engine_helpers import hf_greedy_scored
+
+    jobs = [(p, a) for a in sample for p in PROMPTS]
+    out = hf_greedy_scored(base, {a: root / a for a in sample}, jobs, TOKENS)
+    return {(a, p): ref for (p, a), ref in zip(jobs, out, strict=True)}
+
+
+def _is_wrong(got: list[int], ref: tuple[list[int], list[float]]) -> bool:
+    want, margins = ref
+    if len(got) != len(want):
+        return True
+    first = next((k for k, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+    return first is not None and margins[first] >= TIE_MARGIN  # a flip only at a reference near-tie
+
+
+class Traffic:
+    """64 clients, zipf(1.0) over `names` (rank 1 the hottest), streaming greedy requests."""
+
+    def __init__(self, srv, names: list[str], refs: dict, seconds: float, fold_to: int | None = None) -> None:
+        self.srv, self.names, self.refs, self.seconds, self.fold_to = srv, names, refs, seconds, fold_to
+        self.lock = threading.Lock()
+        self.records: list[tuple[str, str, float | None, bool, str]] = []  # adapter, code, ttft, cold, wrong?
+        self.seen: set[str] = set()
+        self.checked = 0
+        self.wrong = 0
+
+    def _client(self, seed: int, stop: threading.Event) -> None:
+        rng = random.Random(seed)
+        weights = [1.0 / (k + 1) for k in range(len(self.names))]
+        with self.srv.client(timeout=300) as c:
+            while not stop.is_set():
+                rank = rng.choices(range(len(self.names)), weights)[0]
+                if self.fold_to is not None:
+                    rank %= self.fold_to
+                adapter, prompt = self.names[rank], rng.choice(PROMPTS)
+                with self.lock:
+                    cold = adapter not in self.seen
+                    self.seen.add(adapter)
+                started, ttft, tokens, code = time.monotonic(), None, [], "OK"
+                try:
+                    for piece in c.stream(prompt, adapter, max_tokens=TOKENS, temperature=0, ignore_eos=True):
+                        if ttft is None and piece.token_ids:
+                            ttft = time.monotonic() - started
+                        tokens.extend(piece.token_ids)
+                except grpc.RpcError as e:
+                    code = e.code().name
+                ref = self.refs.get((adapter, prompt))
+                with self.lock:
+                    self.records.append((adapter, code, ttft, cold, ""))
+                    if code == "OK" and ref is not None:
+                        self.checked += 1
+                        self.wrong += _is_wrong(tokens, ref)
+
+    def run(self) -> float:
+        stop = threading.Event()
+        threads = [threading.Thread(target=self._client, args=(i, stop), daemon=True) for i in range(CLIENTS)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(self.seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        return sum(r[1] == "OK" for r in self.records) / elapsed
+
+
+def _token_gaps(srv, adapter: str, seconds: float, merging: str | None) -> list[float]:
+    """Gaps between one stream's tokens for `seconds`, while `merging` is merged and unmerged."""
+    stop = threading.Event()
+    gaps: list[float] = []
+
+    def probe() -> None:
+        with srv.client(timeout=300) as c:
+            while not stop.is_set():
+                last = None
+                for piece in c.stream("steady stream", adapter, max_tokens=64, temperature=0, ignore_eos=True):
+                    now = time.monotonic()
+                    if last is not None and piece.token_ids:
+                        gaps.append((now - last) / len(piece.token_ids))
+                    last = now
+
+    def churn() -> None:
+        with srv.client(timeout=300) as c:
+            while not stop.is_set():
+                c.merge_adapter(merging)
+                time.sleep(0.5)
+                c.unmerge_adapter(merging)
+                time.sleep(0.5)
+
+    threads = [threading.Thread(target=probe, daemon=True)]
+    if merging is not None:
+        threads.append(threading.Thread(target=churn, daemon=True))
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return gaps
+
+
+def main(argv: list[str] | None = None) -> int:
+    from server_helpers import ServerProcess
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the demo model and shorter phases (< 15 min on 2 cores)")
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--seconds", type=float, default=None, help="length of each traffic phase")
+    p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
+    args = p.parse_args(argv)
+    seconds = args.seconds or (40.0 if args.quick else 120.0)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    base, root, names = _prepare(args.cache, args.quick, args.adapters)
+    rng = random.Random(0)
+    # reference sample: the 70 hottest adapters and 30 cold ones, 3 prompts each (>= 200 pairs)
+    sample = names[:70] + rng.sample(names[70:], min(30, max(0, len(names) - 70)))
+    refs = _references(base, root, sample)
+    adapter_bytes = max(sum(f.stat().st_size for f in (root / a).iterdir()) for a in names[:2])
+
+    srv = ServerProcess(base, root, args.cache / "scale-server.log", args=[
+        "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS), "--max-adapters", str(len(names) + 16),
+        "--max-num-seqs", str(CLIENTS), "--max-pending-requests", str(4 * CLIENTS), "--no-auto-merge", "--max-lora-rank", "8"])
+    try:
+        srv.wait_serving()
+        rss_before = _rss(srv.proc.pid)
+        with srv.client(timeout=300) as c, ThreadPoolExecutor(4) as pool:
+            t = time.monotonic()
+            list(pool.map(lambda a: c.load_adapter(a, a), names))
+            register_s = time.monotonic() - t
+        spread = Traffic(srv, names, refs, seconds)
+        tput_all = spread.run()
+        hot = Traffic(srv, names, refs, seconds, fold_to=16)
+        tput_16 = hot.run()
+        rss = _rss(srv.proc.pid)
+        normal = _token_gaps(srv, names[0], seconds / 2, None)
+        merging = _token_gaps(srv, names[0], seconds / 2, names[1])
+    finally:
+        srv.stop()
+
+    records = spread.records + hot.records
+    failed = sum(r[1] != "OK" for r in records)
+    warm = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and not r[3]]
+    cold = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and r[3]]
+    bound = rss_before + 2 * MAX_CPU_LORAS * adapter_bytes + (RSS_CONSTANT_MB << 20)
+    print(f"registered {len(names)} adapters in {register_s:.1f}s; checked {spread.checked + hot.checked} answers against "
+          f"the reference; {len(cold)} cold first requests; rss before registering {rss_before >> 20} MB", flush=True)
+    print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={spread.wrong + hot.wrong} "
+          f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
+          f"tput_vs_16={tput_all / tput_16:.2f} rss_mb={rss >> 20} rss_bound_mb={bound >> 20} "
+          f"merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
+    return 0 if failed == 0 and spread.wrong + hot.wrong == 0 and spread.checked + hot.checked >= 200 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
