@@ -91,6 +91,8 @@ class ServerSettings(BaseSettings):
     unmerge_share: float = Field(0.6, ge=0, lt=1, description="share below which a merged adapter is unmerged")
     merge_min_requests: int = Field(8, ge=1, description="requests in the window before the policy acts")
     merge_min_dwell_s: float = Field(5.0, ge=0, description="seconds between two merge/unmerge transitions")
+    merge_memory_bytes: int | None = Field(None, ge=1, description="memory a merge may use beside the serving weights "
+                                           "(merged weights are prepared beside the steps); more: refused with the reason; none: no limit")
     policy_interval_s: float = Field(0.5, gt=0, description="seconds between two merge policy decisions")
     # lifecycle and load shedding
     shutdown_grace_s: float = Field(30.0, ge=0, description="seconds calls in flight get to finish after SIGTERM")

@@ -170,7 +170,18 @@ class Engine:
     async def merge(self, lora_int_id: int) -> dict[str, Any]:
         if self.quantization:  # the worker refuses too; saying it here spares the RPC
             raise EngineError(f"the base model is quantized ({self.quantization}): adapters on it are served unmerged only")
-        return await self.rpc("mora_merge", lora_int_id)
+        # The merged weights are prepared beside the engine's steps, then swapped in between two
+        # of them; `stall_seconds` is the longest one call kept the engine from stepping.
+        loop = asyncio.get_running_loop()
+        stall, delay = 0.0, 0.005
+        while True:
+            started = loop.time()
+            status = await self.rpc("mora_merge", lora_int_id, True, self.settings.merge_memory_bytes)
+            stall = max(stall, loop.time() - started)
+            if status.get("state") != "preparing":
+                return {**status, "stall_seconds": stall}
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def unmerge(self) -> dict[str, Any]:
         return await self.rpc("mora_unmerge")

@@ -95,8 +95,8 @@ class ServerMetrics:
         self.cache_hits = Counter("mora_adapter_cache_hits", "Adapter look-ups of engine steps found in the cache.", ["cache"], registry=r)
         self.cache_misses = Counter("mora_adapter_cache_misses", "Adapter look-ups of engine steps that had to load the adapter.", ["cache"], registry=r)
         self.evictions = Counter("mora_adapter_evictions", "Adapters evicted from a cache (they stay on disk).", ["cache"], registry=r)
-        self.merge_stall = Gauge("mora_merge_step_stall_seconds", "How long the last merge or unmerge kept the engine from "
-                                 "stepping (it runs between two steps; every tenant's next step waits for it).", registry=r)
+        self.merge_stall = Gauge("mora_merge_step_stall_seconds", "Longest time one call of the last merge or unmerge kept "
+                                 "the engine from stepping (merged weights are prepared beside the steps, swapped in between two).", registry=r)
         self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
         self._tier_counts: dict[str, int] = {}
 
@@ -117,11 +117,11 @@ class ServerMetrics:
     def labels(self, adapter_id: str | None, tenant: str) -> tuple[str, str]:
         return self.adapter_label(adapter_id or "base"), self.tenant_label(tenant)
 
-    def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None) -> None:
+    def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None,
+                         stall: float | None = None) -> None:
         self.operations.labels(operation, result).inc()
-        if operation in ("merge", "unmerge") and result == "ok":
-            # The merge RPC runs in the engine loop between two steps: no step runs meanwhile.
-            self.merge_stall.set(seconds)
+        if stall is not None:
+            self.merge_stall.set(stall)
         if operation == "lazy_load" and result == "ok":
             self.adapter_load.labels("source").observe(seconds)
         self.operation_duration.labels(operation).observe(seconds)

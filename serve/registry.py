@@ -637,7 +637,7 @@ class AdapterRegistry:
             self.merged = (adapter_id, entry.version.engine_id)
             self.merge_backup_bytes = int(status.get("backup_bytes", 0))
         seconds = time.perf_counter() - started
-        self._on_event("merge", "ok", seconds, trigger=trigger, adapter=adapter_id)
+        self._on_event("merge", "ok", seconds, trigger=trigger, adapter=adapter_id, stall=float(status.get("stall_seconds", seconds)))
         log.info("merged adapter %s (%s) in %.3fs", adapter_id, trigger, seconds)
         return {"seconds": seconds, **status}
 
@@ -665,7 +665,8 @@ class AdapterRegistry:
             raise FailedPrecondition(f"cannot unmerge {adapter_id!r}: {e}") from None
         self.merged = None
         self.merge_backup_bytes = 0
-        self._on_event("unmerge", "ok", time.perf_counter() - started, trigger=trigger, adapter=adapter_id)
+        unmerge_seconds = time.perf_counter() - started  # the unmerge swaps the original kernels back in one call
+        self._on_event("unmerge", "ok", unmerge_seconds, trigger=trigger, adapter=adapter_id, stall=unmerge_seconds)
         log.info("unmerged adapter %s (%s)", adapter_id, trigger)
 
     # -- shutdown -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def _digest(llm) -> dict:
     return llm.collective_rpc("mora_weight_digest")[0]
 
 
-def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets):
+@pytest.mark.parametrize("background", [False, True], ids=["in-step", "prepared-beside-steps"])
+def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background):
     names = list(demo_facts)
     target = names[1]  # a type-6 adapter
     jobs = [(f["prompt"], n) for n in names for f in demo_facts[n][:2]] + [(demo_facts[target][0]["prompt"], None)]
@@ -105,7 +107,16 @@ def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets):
     loras = [demo_requests[n] if n else None for _, n in jobs]
     before = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
     digest = _digest(llm)
-    status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id,))[0]
+    if background:
+        # prepared in a thread while steps run (their answers unchanged), swapped in by a later call
+        status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
+        assert status == {"state": "preparing"}
+        assert _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False)) == before
+        while status.get("state") == "preparing":
+            time.sleep(0.01)
+            status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
+    else:
+        status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id,))[0]
     assert status["merged_id"] == demo_requests[target].lora_int_id and status["layers"] > 0
     assert demo_requests[target].lora_int_id in status["pinned"]
     assert _digest(llm) != digest, "merging must change the base weights"
@@ -120,6 +131,16 @@ def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets):
     assert _digest(llm) == digest, "unmerge must restore every base weight bit for bit"
     after = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
     assert after == before
+
+
+def test_merge_refused_beyond_its_memory_budget(llm, demo_requests):
+    """A merge whose prepared weights need more memory than allowed is refused with the figures,
+    and leaves nothing behind (not merged, not pinned)."""
+    lora_id = demo_requests["atlas"].lora_int_id
+    with pytest.raises(Exception, match=r"needs \d+ bytes beside the serving weights .*; merge_memory_bytes allows 1"):
+        llm.collective_rpc("mora_merge", args=(lora_id, True, 1))
+    status = llm.collective_rpc("mora_status")[0]
+    assert status["merged_id"] is None and lora_id not in status["pinned"]
 
 
 def test_lora_beside_mora_matches_stock_vllm(llm, demo_assets, demo_requests, demo_facts, tmp_path):

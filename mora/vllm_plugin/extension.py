@@ -47,9 +47,10 @@ class MoraWorkerExtension:
         """Cumulative cache hits/misses/evictions and the load durations since the last call."""
         return self._mora_manager().mora_tiers.drain()
 
-    def mora_merge(self, lora_int_id: int) -> dict[str, object]:
-        """Merge resident MoRA adapter `lora_int_id` into the base weights."""
-        return self._mora_manager().mora_merge(int(lora_int_id))
+    def mora_merge(self, lora_int_id: int, background: bool = False, max_bytes: int | None = None) -> dict[str, object]:
+        """Merge resident MoRA adapter `lora_int_id` into the base weights; `background`: prepare
+        the merged weights beside the steps (answers {"state": "preparing"} until swapped in)."""
+        return self._mora_manager().mora_merge(int(lora_int_id), bool(background), None if max_bytes is None else int(max_bytes))
 
     def mora_unmerge(self, lora_int_id: int | None = None) -> dict[str, object]:
         """Restore the base weights bit for bit."""

@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from mora.errors import MergeError, ShapeMismatchError
 from mora.spec import MoraSpec
 from mora.validate import bind_mora
 from mora.vllm_plugin.layers import MoraLayerMixin
-from mora.vllm_plugin.merging import merge_layer, unmerge_layer
+from mora.vllm_plugin.merging import install_prepared, merge_layer, prepare_packed_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
 from mora.vllm_plugin.tiers import Stager, TierStats
 
@@ -110,6 +111,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_merged_id: int | None = None
         self._mora_pinned_by_merge = False
         self.mora_tiers = TierStats()
+        self._mora_preparing: tuple[int, Future] | None = None  # a merge being prepared off the step loop
+        self._mora_pool: ThreadPoolExecutor | None = None
         for name, module in self.mora_layers():
             module.mora_runtime = self.mora_runtime
             module.mora_children = self.packed_modules.get(name, [name])
@@ -242,8 +245,17 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     # -- merging --------------------------------------------------------------------------
 
-    def mora_merge(self, lora_id: int) -> dict[str, object]:
-        """Merge resident MoRA adapter `lora_id` into the base weights (one at a time)."""
+    def mora_merge(self, lora_id: int, background: bool = False, max_bytes: int | None = None) -> dict[str, object]:
+        """Merge resident MoRA adapter `lora_id` into the base weights (one at a time).
+
+        `background`: the first call starts preparing the merged weights of packed (CPU) layers
+        in a thread, beside the engine's steps, and answers `{"state": "preparing"}`; call again
+        (between two steps) until the prepared weights are swapped in and the status comes back.
+        `max_bytes`: refuse (MergeError, with the figures) a merge whose preparation needs more
+        memory beside the serving weights.
+        """
+        if background and self._mora_preparing is not None:
+            return self._mora_merge_poll(lora_id)
         if self.mora_merged_id is not None:
             if self.mora_merged_id == lora_id:
                 return self.mora_status()
@@ -253,10 +265,26 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             raise MergeError(f"adapter {lora_id} is not loaded")
         if not isinstance(model, MoraLoRAModel):
             raise MergeError(f"adapter {lora_id} is a LoRA adapter; only MoRA adapters are merged on demand")
+        if background and max_bytes is not None:
+            # The merged rows are not written yet: size what the adapter's specs would touch.
+            need = sum(prepare_bytes_for(module, model) for _, module in self.mora_layers())
+            if need > max_bytes:
+                raise MergeError(f"merging adapter {lora_id} needs {need} bytes beside the serving weights (a dense copy "
+                                 f"and a packed kernel per layer); merge_memory_bytes allows {max_bytes}")
         # Keep it registered while merged (it need not hold a slot: its M goes to the reserved row).
         self._mora_pinned_by_merge = lora_id not in self._registered_adapters.pinned_items
         self._registered_adapters.pin(lora_id)
         row = self.mora_runtime.merged_row
+        if background:
+            # The reserved row is read by steps only once `set_merged` says so: safe to fill now.
+            for _, module in self.mora_layers():
+                module.set_merged_row([model.mora.get(child) for child in module.mora_children])
+            layers = self.mora_layers()
+            if self._mora_pool is None:
+                self._mora_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-merge")
+            future = self._mora_pool.submit(lambda: {name: prepare_packed_layer(m, row) for name, m in layers})
+            self._mora_preparing = (lora_id, future)
+            return {"state": "preparing"}
         done = []
         try:
             for _, module in self.mora_layers():
@@ -275,6 +303,36 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         status = self.mora_status()
         log.info("merged MoRA adapter %d into %d layers (%.3fs, %d bytes kept for exact unmerge)",
                  lora_id, status["layers"], status["seconds"], status["backup_bytes"])
+        return status
+
+    def _mora_merge_poll(self, lora_id: int) -> dict[str, object]:
+        preparing, future = self._mora_preparing
+        if preparing != lora_id:
+            raise MergeError(f"adapter {preparing} is being prepared for a merge; wait for it")
+        if not future.done():
+            return {"state": "preparing"}
+        self._mora_preparing = None
+        row = self.mora_runtime.merged_row
+        done = []
+        try:
+            prepared = future.result()
+            for name, module in self.mora_layers():
+                if prepared.get(name) is not None:
+                    install_prepared(module, prepared[name])
+                    done.append(module)
+                elif merge_layer(module, row) is not None:  # dense layers: in place, now
+                    done.append(module)
+        except Exception:
+            for module in done:
+                unmerge_layer(module)
+            for _, module in self.mora_layers():
+                module.set_merged_row(None)
+            self._unpin_after_merge(lora_id)
+            raise
+        self.mora_merged_id = lora_id
+        self.mora_runtime.set_merged(row)
+        status = self.mora_status()
+        log.info("merged MoRA adapter %d into %d layers (prepared off the step loop in %.3fs)", lora_id, status["layers"], status["seconds"])
         return status
 
     def mora_unmerge(self, lora_id: int | None = None) -> dict[str, object]:
@@ -333,6 +391,16 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             "lora_slots": self.lora_slots,
             "max_pinned": self.mora_max_pinned,
         }
+
+
+def prepare_bytes_for(module: MoraLayerMixin, model: MoraLoRAModel) -> int:
+    """`prepare_bytes` of `module` for `model` before its M's are in the merged row."""
+    if not any(model.mora.get(child) is not None for child in module.mora_children):
+        return 0
+    base = module.base_layer
+    if not (base.weight.numel() == 0 and hasattr(base, "cpu_linear")):
+        return 0
+    return 2 * module.input_size * module._mora_offsets[-1] * base.weight.element_size()
 
 
 def _declares_mora(path: Path) -> bool:

@@ -25,7 +25,7 @@ from mora.errors import MergeError
 from mora.merge import MergeRecord, merge_, unmerge_
 from mora.vllm_plugin.layers import MoraLayerMixin
 
-__all__ = ["LayerMerge", "merge_layer", "unmerge_layer"]
+__all__ = ["LayerMerge", "install_prepared", "merge_layer", "prepare_packed_layer", "unmerge_layer"]
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _undo_dense(W: torch.Tensor, merge: LayerMerge) -> None:
 
 def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
     """Fold slot `slot`'s MoRA update into `layer`'s base weights; `None` if it holds none."""
-    tables = [(rows, t) for rows, t in zip(_slices(layer), layer.mora_tables, strict=True) if t.specs[slot] is not None]
+    tables = _merge_tables(layer, slot)
     if not tables:
         return None
     if layer.mora_merge_state is not None:
@@ -110,19 +110,68 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
                 _undo_dense(W.data, merge)
                 raise
         else:
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-            k = layer.input_size  # this rank's input features
-            # x @ W.T with x = I gives W.T exactly: every output is one weight times 1.0.
-            dense = base.cpu_linear(torch.eye(k, dtype=W.dtype), W, None).t().contiguous()
-            for rows, table in tables:
-                _add_slice(dense, rows, table, slot, merge, exact=False)
-            merge.records.clear()
-            merge.saved_kernel = base.cpu_linear
-            base.weight = torch.nn.Parameter(dense, requires_grad=False)
-            dispatch_cpu_unquantized_gemm(base, remove_weight=True)
-            merge.merged_copy_bytes = dense.numel() * dense.element_size()
+            _install_packed(base, merge, _packed_kernel(layer, tables, slot, merge))
     merge.seconds = time.perf_counter() - start
+    layer.mora_merge_state = merge
+    return merge
+
+
+def _merge_tables(layer: MoraLayerMixin, slot: int) -> list:
+    return [(rows, t) for rows, t in zip(_slices(layer), layer.mora_tables, strict=True) if t.specs[slot] is not None]
+
+
+def _packed_kernel(layer: MoraLayerMixin, tables: list, slot: int, merge: LayerMerge) -> torch.nn.Module:
+    """A stand-in module holding the merged weights packed by vLLM's own dispatch; `layer` is
+    only read (so this may run beside engine steps)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    base = layer.base_layer
+    W = base.weight
+    with torch.no_grad():
+        # x @ W.T with x = I gives W.T exactly: every output is one weight times 1.0.
+        dense = base.cpu_linear(torch.eye(layer.input_size, dtype=W.dtype), W, None).t().contiguous()
+        for rows, table in tables:
+            _add_slice(dense, rows, table, slot, merge, exact=False)
+    merge.records.clear()
+    stub = torch.nn.Module()
+    stub.weight = torch.nn.Parameter(dense, requires_grad=False)
+    stub.bias = getattr(base, "bias", None)
+    dispatch_cpu_unquantized_gemm(stub, remove_weight=True)
+    merge.merged_copy_bytes = dense.numel() * dense.element_size()
+    return stub
+
+
+def _install_packed(base: torch.nn.Module, merge: LayerMerge, stub: torch.nn.Module) -> None:
+    merge.saved_kernel = base.cpu_linear
+    base.weight = stub.weight
+    base.cpu_linear = stub.cpu_linear
+
+
+def prepare_packed_layer(layer: MoraLayerMixin, slot: int) -> tuple[LayerMerge, torch.nn.Module] | None:
+    """The merged kernel of a packed (CPU) layer, computed without touching `layer` (off the
+    step loop); None when the layer is dense or holds no update. `install_prepared` swaps it in."""
+    tables = _merge_tables(layer, slot)
+    base = layer.base_layer
+    if not tables or not (base.weight.numel() == 0 and hasattr(base, "cpu_linear")):
+        return None
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    quant = getattr(base, "quant_method", None)
+    if quant is not None and not isinstance(quant, UnquantizedLinearMethod):
+        raise MergeError(f"the base model is quantized ({type(quant).__name__}): MoRA adapters on it are served unmerged only")
+    start = time.perf_counter()
+    merge = LayerMerge(slot, True)
+    stub = _packed_kernel(layer, tables, slot, merge)
+    merge.seconds = time.perf_counter() - start
+    return merge, stub
+
+
+def install_prepared(layer: MoraLayerMixin, prepared: tuple[LayerMerge, torch.nn.Module]) -> LayerMerge:
+    """Swap a prepared merged kernel in (between two steps: a few attribute writes)."""
+    if layer.mora_merge_state is not None:
+        raise MergeError(f"layer already has slot {layer.mora_merge_state.slot} merged")
+    merge, stub = prepared
+    _install_packed(layer.base_layer, merge, stub)
     layer.mora_merge_state = merge
     return merge
 
