@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from engine_helpers import (
     random_lora,
     random_mora,
 )
+
+import mora.vllm_plugin.manager
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 8
@@ -99,7 +100,7 @@ def _digest(llm) -> dict:
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["in-step", "prepared-beside-steps"])
-def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background):
+def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background, monkeypatch):
     names = list(demo_facts)
     target = names[1]  # a type-6 adapter
     jobs = [(f["prompt"], n) for n in names for f in demo_facts[n][:2]] + [(demo_facts[target][0]["prompt"], None)]
@@ -108,13 +109,20 @@ def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background
     before = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
     digest = _digest(llm)
     if background:
-        # prepared in a thread while steps run (their answers unchanged), swapped in by a later call
+        # Prepared one layer per call (a zero time slice), with full generations between calls:
+        # their answers are unchanged until the last call swaps every layer in at once.
+        monkeypatch.setattr(mora.vllm_plugin.manager, "MERGE_SLICE_S", 0.0)
         status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
-        assert status == {"state": "preparing"}
-        assert _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False)) == before
+        assert status["state"] == "preparing" and status["layers_prepared"] == 0 and status["layers"] > 1
+        calls = 0
         while status.get("state") == "preparing":
-            time.sleep(0.01)
+            assert status["layers_prepared"] == calls
+            assert _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False)) == before
+            with pytest.raises(Exception, match="being prepared"):
+                llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id,))  # no second path meanwhile
             status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
+            calls += 1
+        assert calls > 1
     else:
         status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id,))[0]
     assert status["merged_id"] == demo_requests[target].lora_int_id and status["layers"] > 0

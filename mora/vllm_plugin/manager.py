@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from mora.validate import bind_mora
 from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import install_prepared, merge_layer, prepare_packed_layer, unmerge_layer
 from mora.vllm_plugin.runtime import MoraRuntime
-from mora.vllm_plugin.tiers import Stager, TierStats
+from mora.vllm_plugin.tiers import Stager, TierStats, read_snapshot
 
 __all__ = ["FIXED", "MoraLoRAModel", "MoraLoRAModelManager", "MoraWorkerLoRAManager", "compact_slots", "stage_local"]
 
@@ -111,8 +110,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_merged_id: int | None = None
         self._mora_pinned_by_merge = False
         self.mora_tiers = TierStats()
-        self._mora_preparing: tuple[int, Future] | None = None  # a merge being prepared off the step loop
-        self._mora_pool: ThreadPoolExecutor | None = None
+        self._mora_preparing: _Preparation | None = None  # a merge being prepared in slices between steps
         for name, module in self.mora_layers():
             module.mora_runtime = self.mora_runtime
             module.mora_children = self.packed_modules.get(name, [name])
@@ -241,6 +239,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     def remove_adapter(self, adapter_id: int) -> bool:
         if adapter_id == self.mora_merged_id:
             raise MergeError(f"adapter {adapter_id} is merged into the base weights; unmerge it first")
+        if self._mora_preparing is not None and self._mora_preparing.lora_id == adapter_id:
+            raise MergeError(f"adapter {adapter_id} is being prepared for a merge; wait for it")
         return super().remove_adapter(adapter_id)
 
     # -- merging --------------------------------------------------------------------------
@@ -248,13 +248,18 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     def mora_merge(self, lora_id: int, background: bool = False, max_bytes: int | None = None) -> dict[str, object]:
         """Merge resident MoRA adapter `lora_id` into the base weights (one at a time).
 
-        `background`: the first call starts preparing the merged weights of packed (CPU) layers
-        in a thread, beside the engine's steps, and answers `{"state": "preparing"}`; call again
-        (between two steps) until the prepared weights are swapped in and the status comes back.
+        `background`: the first call sets the merge up; each later call prepares the merged
+        weights of packed (CPU) layers for about `MERGE_SLICE_S` (at least one layer) and
+        answers `{"state": "preparing", ...}`; the engine steps between two calls. The call that finishes swaps them all in and returns the status.
+        Why slices and not a thread: vLLM's CPU kernels (oneDNN) share process-wide state, so
+        running them on a second thread while the engine steps corrupts the heap (measured:
+        glibc aborts in the worker). Engine RPCs run on the step thread, between two steps.
         `max_bytes`: refuse (MergeError, with the figures) a merge whose preparation needs more
         memory beside the serving weights.
         """
-        if background and self._mora_preparing is not None:
+        if self._mora_preparing is not None:
+            if not background:
+                raise MergeError(f"adapter {self._mora_preparing.lora_id} is being prepared for a merge; wait for it")
             return self._mora_merge_poll(lora_id)
         if self.mora_merged_id is not None:
             if self.mora_merged_id == lora_id:
@@ -279,12 +284,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             # The reserved row is read by steps only once `set_merged` says so: safe to fill now.
             for _, module in self.mora_layers():
                 module.set_merged_row([model.mora.get(child) for child in module.mora_children])
-            layers = self.mora_layers()
-            if self._mora_pool is None:
-                self._mora_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-merge")
-            future = self._mora_pool.submit(lambda: {name: prepare_packed_layer(m, row) for name, m in layers})
-            self._mora_preparing = (lora_id, future)
-            return {"state": "preparing"}
+            job = self._mora_preparing = _Preparation(lora_id, list(self.mora_layers()))
+            return {"state": "preparing", "layers_prepared": 0, "layers": job.total}  # the work starts next call
         done = []
         try:
             for _, module in self.mora_layers():
@@ -306,16 +307,24 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         return status
 
     def _mora_merge_poll(self, lora_id: int) -> dict[str, object]:
-        preparing, future = self._mora_preparing
-        if preparing != lora_id:
-            raise MergeError(f"adapter {preparing} is being prepared for a merge; wait for it")
-        if not future.done():
-            return {"state": "preparing"}
-        self._mora_preparing = None
+        job = self._mora_preparing
+        if job.lora_id != lora_id:
+            raise MergeError(f"adapter {job.lora_id} is being prepared for a merge; wait for it")
         row = self.mora_runtime.merged_row
         done = []
         try:
-            prepared = future.result()
+            deadline = time.perf_counter() + MERGE_SLICE_S
+            while job.todo:
+                name, module = job.todo.pop(0)
+                started = time.perf_counter()
+                job.prepared[name] = prepare_packed_layer(module, row)
+                job.seconds += time.perf_counter() - started
+                if time.perf_counter() >= deadline:
+                    break
+            if job.todo:
+                return {"state": "preparing", "layers_prepared": len(job.prepared), "layers": job.total}
+            self._mora_preparing = None
+            prepared = job.prepared
             for name, module in self.mora_layers():
                 if prepared.get(name) is not None:
                     install_prepared(module, prepared[name])
@@ -323,6 +332,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
                 elif merge_layer(module, row) is not None:  # dense layers: in place, now
                     done.append(module)
         except Exception:
+            self._mora_preparing = None
             for module in done:
                 unmerge_layer(module)
             for _, module in self.mora_layers():
@@ -332,7 +342,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_merged_id = lora_id
         self.mora_runtime.set_merged(row)
         status = self.mora_status()
-        log.info("merged MoRA adapter %d into %d layers (prepared off the step loop in %.3fs)", lora_id, status["layers"], status["seconds"])
+        log.info("merged MoRA adapter %d into %d layers (prepared in slices between steps, %.3fs in all)",
+                 lora_id, status["layers"], job.seconds)
         return status
 
     def mora_unmerge(self, lora_id: int | None = None) -> dict[str, object]:
@@ -393,6 +404,22 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         }
 
 
+MERGE_SLICE_S = 0.02  # preparation time per call between two steps (at least one layer)
+
+
+@dataclasses.dataclass
+class _Preparation:
+    """A merge whose packed layers are being prepared, a slice per call."""
+
+    lora_id: int
+    todo: list  # [(name, layer)] still to prepare
+    prepared: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.total = len(self.todo)
+
+
 def prepare_bytes_for(module: MoraLayerMixin, model: MoraLoRAModel) -> int:
     """`prepare_bytes` of `module` for `model` before its M's are in the merged row."""
     if not any(model.mora.get(child) is not None for child in module.mora_children):
@@ -429,7 +456,8 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     def mora_stager(self) -> Stager:
         if self._mora_stager is None:
             manager = self._adapter_manager
-            self._mora_stager = Stager(self._read_mora, manager.mora_tiers, manager.capacity)
+            self._mora_stager = Stager(lambda r: read_snapshot(get_adapter_absolute_path(r.lora_path)),
+                                       manager.mora_tiers, manager.capacity)
         return self._mora_stager
 
     def _read_mora(self, lora_request) -> MoraLoRAModel:  # noqa: ANN001
@@ -443,11 +471,10 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         if not _declares_mora(path):
             return super()._load_adapter(lora_request)
         staged = self.mora_stager.take(lora_request.lora_int_id) if self._mora_stager is not None else None
-        if staged is not None:
-            return staged  # read off the step loop by `mora_prefetch`
         started = time.perf_counter()
-        model = self._read_mora(lora_request)
-        self._adapter_manager.mora_tiers.loaded("disk", time.perf_counter() - started)
+        model = self._read_mora(lora_request)  # from the page cache when `mora_prefetch` staged it
+        if staged is None:  # a staged read was counted when the stager did it
+            self._adapter_manager.mora_tiers.loaded("disk", time.perf_counter() - started)
         return model
 
     def add_adapter(self, lora_request) -> bool:  # noqa: ANN001

@@ -8,13 +8,16 @@ adapter that is not in its host cache (`max_cpu_loras`, an LRU `_registered_adap
 other tenant's step waits for it.
 
 `Stager` moves that read off the step loop: the server asks for a cold adapter when its
-request arrives (`mora_prefetch`), a background thread reads and validates the snapshot, and
-the step that first needs the adapter finds it staged in host memory. `TierStats` counts what
+request arrives (`mora_prefetch`), a background thread reads the snapshot's files into the OS
+page cache, and the step that first needs the adapter parses it from memory. The thread does
+file I/O only, never torch: vLLM's CPU kernels (oneDNN) share process-wide state, and native
+work on a second thread while the engine steps corrupted the worker's heap (measured). `TierStats` counts what
 the caches did (hits, misses, evictions) and how long loads took, by the tier they came from.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,9 +25,24 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats"]
+__all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats", "read_snapshot"]
 
 MAX_LOAD_EVENTS = 4096  # load durations kept between two drains (the server drains every second)
+_CHUNK = 1 << 20
+
+
+def read_snapshot(path: str | os.PathLike) -> int:
+    """Read every file of the adapter folder `path` once (into the OS page cache); returns the
+    bytes read. Plain file I/O, safe beside engine steps; the parse happens in the step."""
+    total = 0
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            with open(entry.path, "rb", buffering=0) as f:
+                while chunk := f.read(_CHUNK):
+                    total += len(chunk)
+    return total
 
 
 class TierStats:
@@ -54,11 +72,11 @@ class TierStats:
 
 
 class Stager:
-    """Adapters read from disk off the step loop, held until a step takes them.
+    """Adapters read from disk off the step loop, until a step takes them.
 
     `load(request)` runs in one background thread (reads are I/O bound; one at a time keeps
-    the step loop's CPU share). At most `capacity` staged adapters are kept: they are host
-    memory on top of the cache, so the oldest is dropped (and read again if ever needed).
+    the step loop's CPU share) and must do file I/O only (see the module docstring). At most
+    `capacity` staged adapters are remembered; the oldest is forgotten (read again if needed).
     """
 
     def __init__(self, load: Callable[[Any], Any], stats: TierStats, capacity: int) -> None:
