@@ -128,8 +128,9 @@ class MoraClient:
         return self.inference.GenerateStream(self.request(prompt, adapter_id, **sampling), metadata=self.metadata_for(adapter_id),
                                              timeout=self.timeout)
 
-    def load_adapter(self, adapter_id: str, path: str | None = None, *, source: str | None = None, replace: bool = False, tenant: str = "") -> Any:
-        req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant)
+    def load_adapter(self, adapter_id: str, path: str | None = None, *, source: str | None = None, replace: bool = False,
+                     tenant: str = "", pinned: bool = False) -> Any:
+        req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant, pinned=pinned)
         if source is not None:
             req.registered_source = source
         else:

@@ -325,16 +325,25 @@ class AdapterRegistry:
 
     async def load(self, adapter_id: str, *, path: str | None = None, source_name: str | None = None,
                    caller: Tenant | None = None, owner: str | None = None, replace: bool = False,
-                   lazy: bool = False, pin: bool = False) -> Entry:
+                   lazy: bool = False, pin: bool = False, strict_pin: bool = False) -> Entry:
         """Validate, snapshot and register an adapter (or new weights for an existing id).
 
         `caller`: the authenticated tenant (None: the server itself, for --preload). Who owns the
         adapter is decided, and checked, inside the registry lock, so a racing load cannot take
         over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`.
+        `pin`: keep it in the host cache for good; `strict_pin` (a caller asked): refuse the load
+        when no pin is left, instead of loading it unpinned with a warning (--preload).
         """
         check_adapter_id(adapter_id)
         if caller is not None and not lazy:  # lazy: the tenant's own folder, allowed by its lazy_adapters
             self.tenants.check_manage(caller)
+        if pin and strict_pin:
+            # Pins are host memory taken from everyone's cache: an operator's decision.
+            if caller is not None and not caller.is_admin:
+                raise PermissionDenied("only admins pin (mark hot) adapters")
+            if self.pinned_count >= self.max_pinned and not replace:
+                raise ResourceExhausted(f"{self.pinned_count} adapters are pinned, the most the host cache allows "
+                                        f"(max_cpu_loras - max_loras = {self.max_pinned}); unload or load one unpinned")
         if source_name is not None:
             if source_name not in self.settings.sources:
                 raise InvalidRequest(f"no registered source named {short(source_name)}")
@@ -430,7 +439,14 @@ class AdapterRegistry:
             version = Version(number, engine_id, snapshot, _hollow(adapter), source, request, report, nbytes)
             self.host_view.add(engine_id)
             if pin or (existing is not None and existing.version.pinned):
-                await self._pin(version)
+                try:
+                    await self._pin(version, strict=strict_pin and pin)
+                except ResourceExhausted:
+                    await self.engine.remove_lora(engine_id)
+                    self._forget(version)
+                    self._remove_snapshot(snapshot)
+                    self._on_event("load", "rejected", time.perf_counter() - started)
+                    raise
             if existing is None:
                 entry = Entry(adapter_id, owner, version)
                 self.entries[adapter_id] = entry
@@ -446,15 +462,20 @@ class AdapterRegistry:
         log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, engine_id, source)
         return entry
 
-    async def _pin(self, version: Version) -> None:
-        """Keep `version` in vLLM's host cache for good; beyond the pins it allows, a warning."""
+    async def _pin(self, version: Version, strict: bool = False) -> None:
+        """Keep `version` in vLLM's host cache for good; beyond the pins it allows, a warning
+        (`strict`: ResourceExhausted, as the engine's refusal says)."""
         if self.pinned_count >= self.max_pinned:
-            log.warning("adapter %s is not pinned: %d adapters are pinned, the most max_cpu_loras - max_loras allows",
-                        version.lora_request.lora_name, self.pinned_count)
+            why = f"{self.pinned_count} adapters are pinned, the most max_cpu_loras - max_loras allows"
+            if strict:
+                raise ResourceExhausted(why)
+            log.warning("adapter %s is not pinned: %s", version.lora_request.lora_name, why)
             return
         try:
             await self.engine.rpc("mora_pin", version.engine_id)
         except EngineError as e:
+            if strict:
+                raise ResourceExhausted(f"adapter {version.lora_request.lora_name!r} cannot be pinned: {e}") from None
             log.warning("adapter %s is not pinned: %s", version.lora_request.lora_name, e)
             return
         version.pinned = True

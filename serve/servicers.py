@@ -124,6 +124,7 @@ def adapter_info(entry: Entry, registry: AdapterRegistry, status: dict[str, Any]
         source=entry.version.source,
         requests_total=entry.requests_total,
         merge_backup_bytes=registry.merge_backup_bytes if merged else 0,
+        pinned=entry.version.pinned,
     )
     return info
 
@@ -155,6 +156,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             caller=caller,
             owner=request.tenant or None,
             replace=request.replace,
+            pin=request.pinned,
+            strict_pin=True,
         )
         return apb.LoadAdapterResponse(adapter=await self._info(entry))
 

@@ -239,3 +239,25 @@ def test_merge_under_traffic_records_other_tenants_step_times(env, clients):
     assert stall > 0
     assert metric_value(scrape, "mora_merge_transitions_total", adapter="atlas", direction="merge", trigger="manual") >= 1
     assert not ops.get_adapter("atlas").merged
+
+
+def test_marked_hot_adapters_are_never_evicted(env, clients):
+    """LoadAdapter(pinned=True): admins only, bounded by max_cpu_loras - max_loras, and a pinned
+    adapter stays in the host cache while many others page through it."""
+    ops, beta = clients["ops"], clients["beta"]
+    assert _code(lambda: beta.load_adapter("hot-own", "beta-own", pinned=True)) == grpc.StatusCode.PERMISSION_DENIED
+    info = ops.load_adapter("hot1", "borealis", tenant="beta", pinned=True)
+    assert info.pinned and ops.get_adapter("atlas").pinned  # --preload pins too
+    # atlas and hot1 hold the two pins a 4-adapter host cache with 2 device slots allows
+    code, details = _details(lambda: ops.load_adapter("hot2", "borealis", tenant="beta", pinned=True))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in details, details
+    assert _code(lambda: ops.get_adapter("hot2")) == grpc.StatusCode.NOT_FOUND  # refused: nothing left behind
+    evictions = metric_value(env["srv"].scrape(), "mora_adapter_evictions_total", cache="host")
+    for name in (f"m{i % MANY}" for i in range(100, 100 + 3 * MAX_CPU_LORAS)):
+        beta.generate("churn", name, max_tokens=2)
+        assert _location(ops, "hot1") != apb.ADAPTER_LOCATION_DISK_ONLY
+    assert _wait(lambda: metric_value(env["srv"].scrape(), "mora_adapter_evictions_total", cache="host") > evictions, 10)
+    assert not ops.get_adapter("m100").pinned
+    ops.unload_adapter("hot1")  # its pin is free again
+    assert ops.load_adapter("hot2", "borealis", tenant="beta", pinned=True).pinned
+    ops.unload_adapter("hot2")

@@ -270,12 +270,13 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             raise MergeError(f"adapter {lora_id} is not loaded")
         if not isinstance(model, MoraLoRAModel):
             raise MergeError(f"adapter {lora_id} is a LoRA adapter; only MoRA adapters are merged on demand")
-        if background and max_bytes is not None:
-            # The merged rows are not written yet: size what the adapter's specs would touch.
+        if max_bytes is not None:
+            # Sized from the adapter's specs before anything is written (CPU and GPU layers alike).
             need = sum(prepare_bytes_for(module, model) for _, module in self.mora_layers())
             if need > max_bytes:
-                raise MergeError(f"merging adapter {lora_id} needs {need} bytes beside the serving weights (a dense copy "
-                                 f"and a packed kernel per layer); merge_memory_bytes allows {max_bytes}")
+                raise MergeError(f"merging adapter {lora_id} needs {need} bytes beside the serving weights (packed "
+                                 f"layers: a dense copy and a new kernel; dense layers: the rows kept for exact "
+                                 f"unmerge); merge_memory_bytes allows {max_bytes}")
         # Keep it registered while merged (it need not hold a slot: its M goes to the reserved row).
         self._mora_pinned_by_merge = lora_id not in self._registered_adapters.pinned_items
         self._registered_adapters.pin(lora_id)
@@ -421,13 +422,20 @@ class _Preparation:
 
 
 def prepare_bytes_for(module: MoraLayerMixin, model: MoraLoRAModel) -> int:
-    """`prepare_bytes` of `module` for `model` before its M's are in the merged row."""
-    if not any(model.mora.get(child) is not None for child in module.mora_children):
+    """Memory a merge of `model` needs in `module` beside the serving weights (an upper bound).
+
+    Packed (CPU) layers: the dense weights recovered from the kernel plus the new packed kernel,
+    whole. Dense (GPU) layers are merged in place, keeping what exact unmerge needs: a copy of
+    every row slice the adapter touches (the backup, or the spare of a storage swap).
+    """
+    touched = [i for i, child in enumerate(module.mora_children) if model.mora.get(child) is not None]
+    if not touched:
         return 0
     base = module.base_layer
-    if not (base.weight.numel() == 0 and hasattr(base, "cpu_linear")):
-        return 0
-    return 2 * module.input_size * module._mora_offsets[-1] * base.weight.element_size()
+    size, offs = base.weight.element_size(), module._mora_offsets
+    if base.weight.numel() == 0 and hasattr(base, "cpu_linear"):
+        return 2 * module.input_size * offs[-1] * size
+    return sum(offs[i + 1] - offs[i] for i in touched) * module.input_size * size
 
 
 def _declares_mora(path: Path) -> bool:

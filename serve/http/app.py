@@ -244,7 +244,7 @@ def build_app(generation: GenerationService, adapters: AdaptersServicer, base_na
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request, body: AdapterLoad) -> Response:
-        req = apb.LoadAdapterRequest(adapter_id=body.adapter_id, replace=body.replace, tenant=body.tenant)
+        req = apb.LoadAdapterRequest(adapter_id=body.adapter_id, replace=body.replace, tenant=body.tenant, pinned=body.pinned)
         if body.source is not None:
             req.registered_source = body.source
         else:

@@ -124,6 +124,7 @@ class AdapterLoad(_Body):
     source: str | None = Field(None, description="a source registered in the server config")
     replace: bool = False
     tenant: str = ""
+    pinned: bool = Field(False, description="mark it hot (admins only): never evicted from the host cache")
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterLoad:
