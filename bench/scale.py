@@ -10,9 +10,10 @@ one run:
   adapter: read from its snapshot on disk);
 * `wrong`: answers that differ from the transformers reference (`mora.hf`), on every request
   whose (adapter, prompt) is in a reference sample of >= 200 pairs (hot and cold adapters);
-* `rss_mb` of the server and its engine processes, against `rss_bound_mb`: the RSS before any
-  adapter was registered plus the host cache's bound (`max_cpu_loras` adapters, twice: the
-  cache and the background stager) plus a constant;
+* `rss_mb` of the server and its engine processes after the spread traffic, against
+  `rss_bound_mb`: the RSS after the same traffic folded onto 16 adapters (every buffer and
+  kernel a batch needs is allocated then, nothing paged) plus the host cache's bound
+  (`max_cpu_loras` adapters) plus a constant;
 * `merge_stall_p99_vs_normal`: p99 of one stream's token gaps while another adapter is merged
   and unmerged by the manual RPCs, over its p99 without merges.
 
@@ -158,6 +159,56 @@ class Traffic:
         return sum(r[1] == "OK" for r in self.records) / elapsed
 
 
+class Sampler:
+    """The mean of vLLM's running batch (`vllm:num_requests_running`), sampled from /metrics."""
+
+    def __init__(self, srv, every: float = 0.25) -> None:
+        from server_helpers import metric_value
+
+        self.values: list[float] = []
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(every):
+                try:
+                    self.values.append(metric_value(srv.scrape(), "vllm:num_requests_running"))
+                except Exception:  # noqa: BLE001 - a missed sample
+                    pass
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+
+def slot_bound(n: int, best: bool = False, trials: int = 2000) -> float:
+    """The fraction of CLIENTS concurrent zipf(1.0) requests over `n` adapters that one step with
+    MAX_LORAS adapter slots can hold (1.0 for the traffic folded onto MAX_LORAS adapters):
+    admitted in arrival order while a slot is free or their adapter has one, or (`best`) the
+    MAX_LORAS adapters with the most requests."""
+    from collections import Counter
+
+    rng = random.Random(1)
+    weights = [1.0 / (k + 1) for k in range(n)]
+    held = 0
+    for _ in range(trials):
+        ranks = rng.choices(range(n), weights, k=CLIENTS)
+        if best:
+            held += sum(c for _, c in Counter(ranks).most_common(MAX_LORAS))
+            continue
+        slots: set[int] = set()
+        for r in ranks:
+            if r in slots or len(slots) < MAX_LORAS:
+                slots.add(r)
+                held += 1
+    return held / (trials * CLIENTS)
+
+
 def _token_gaps(srv, adapter: str, seconds: float, merging: str | None) -> list[float]:
     """Gaps between one stream's tokens for `seconds`, while `merging` is merged and unmerged."""
     stop = threading.Event()
@@ -193,6 +244,39 @@ def _token_gaps(srv, adapter: str, seconds: float, merging: str | None) -> list[
     return gaps
 
 
+def _cdf(seconds: list[float], points: int = 300) -> tuple[list[float], list[float]]:
+    """An empirical CDF in milliseconds, at most `points` points (keeps the SVG small)."""
+    xs = sorted(x * 1e3 for x in seconds)
+    idx = sorted({min(len(xs) - 1, round(k * (len(xs) - 1) / (points - 1))) for k in range(points)})
+    return [xs[i] for i in idx], [(i + 1) / len(xs) for i in idx]
+
+
+def _plot(path: Path, warm: list[float], cold: list[float], hot: list[float], tput_all: float, tput_16: float,
+          normal: list[float], merging: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ttft, gaps, tput) = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2, 2, 1]})
+    for xs, label in ((hot, "16 hottest only"), (warm, "1,000: adapter seen before"), (cold, "1,000: first request (disk)")):
+        if xs:
+            ttft.plot(*_cdf(xs), label=f"{label} (n={len(xs)})")
+    ttft.set(xscale="log", xlabel="time to first token (ms)", ylabel="fraction of requests", title="TTFT")
+    ttft.legend(fontsize=8)
+    for xs, label in ((normal, "no merge"), (merging, "merge/unmerge every 0.5 s")):
+        if xs:
+            gaps.plot(*_cdf(xs), label=label)
+    gaps.set(xlabel="gap between a stream's tokens (ms)", title="another tenant's stream during merges")
+    gaps.legend(fontsize=8)
+    tput.bar(["16 hottest", "1,000"], [tput_16, tput_all], color=["tab:gray", "tab:blue"])
+    tput.set(ylabel="requests / s", title="throughput")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="svg")
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     from server_helpers import ServerProcess
 
@@ -201,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=None, help="length of each traffic phase")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
+    p.add_argument("--plot", type=Path, default=None, help="write an SVG: TTFT distributions and throughput per phase")
     args = p.parse_args(argv)
     seconds = args.seconds or (40.0 if args.quick else 120.0)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -221,10 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             list(pool.map(lambda a: c.load_adapter(a, a), names))
             register_s = time.monotonic() - t
-        spread = Traffic(srv, names, refs, seconds)
-        tput_all = spread.run()
         hot = Traffic(srv, names, refs, seconds, fold_to=16)
+        hot_batch = Sampler(srv)
         tput_16 = hot.run()
+        hot_batch.stop()
+        rss_warm = _rss(srv.proc.pid)
+        spread = Traffic(srv, names, refs, seconds)
+        spread_batch = Sampler(srv)
+        tput_all = spread.run()
+        spread_batch.stop()
         rss = _rss(srv.proc.pid)
         normal = _token_gaps(srv, names[0], seconds / 2, None)
         merging = _token_gaps(srv, names[0], seconds / 2, names[1])
@@ -235,13 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(r[1] != "OK" for r in records)
     warm = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and not r[3]]
     cold = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and r[3]]
-    bound = rss_before + 2 * MAX_CPU_LORAS * adapter_bytes + (RSS_CONSTANT_MB << 20)
+    bound = rss_warm + MAX_CPU_LORAS * adapter_bytes + (RSS_CONSTANT_MB << 20)
     print(f"registered {len(names)} adapters in {register_s:.1f}s; checked {spread.checked + hot.checked} answers against "
-          f"the reference; {len(cold)} cold first requests; rss before registering {rss_before >> 20} MB", flush=True)
+          f"the reference; {len(cold)} cold first requests; rss {rss_before >> 20} MB before registering, "
+          f"{rss_warm >> 20} MB after the 16-adapter traffic", flush=True)
+    # With max_loras slots a step holds requests of at most 16 adapters: on a model whose step
+    # time hardly grows with the batch, throughput follows the running batch, and the batch a
+    # 16-slot step can hold of this traffic bounds tput_vs_16.
+    print(f"running batch: {spread_batch.mean():.1f} spread, {hot_batch.mean():.1f} hot "
+          f"(ratio {spread_batch.mean() / max(hot_batch.mean(), 1e-9):.2f}); the {MAX_LORAS}-slot bound of this traffic: "
+          f"{slot_bound(len(names)):.2f} (greedy FCFS), {slot_bound(len(names), best=True):.2f} (best 16 adapters per step)",
+          flush=True)
     print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={spread.wrong + hot.wrong} "
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
           f"tput_vs_16={tput_all / tput_16:.2f} rss_mb={rss >> 20} rss_bound_mb={bound >> 20} "
           f"merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
+    if args.plot is not None:
+        _plot(args.plot, warm, cold, [r[2] for r in hot.records if r[1] == "OK" and r[2] is not None],
+              tput_all, tput_16, normal, merging)
     return 0 if failed == 0 and spread.wrong + hot.wrong == 0 and spread.checked + hot.checked >= 200 else 1
 
 
