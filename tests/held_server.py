@@ -13,6 +13,9 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
   stays up and NOT_SERVING for as long as a test needs.
 * `hold-tokenize`: while it exists, tokenizing a prompt blocks the thread that does it (`tokenizing`
   is written then). The server must tokenize off the event loop, so it keeps answering meanwhile.
+* `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with "loading" (a disk
+  read that never ends; `paging` is written then), so a cold adapter's request stays waiting for
+  its page-in for as long as a test needs.
 
 Nothing here is reachable in production: the product's entry point is `serve.server:main`.
 """
@@ -33,6 +36,7 @@ _start = serve.engine.Engine.start
 _generate = serve.engine.Engine.generate
 _abort = serve.engine.Engine.abort
 _tokenize = serve.engine.Engine.tokenize
+_rpc = serve.engine.Engine.rpc
 _poller: asyncio.Task | None = None
 
 
@@ -79,6 +83,14 @@ def tokenize(self: serve.engine.Engine, text: str) -> list[int]:
     return _tokenize(self, text)
 
 
+async def rpc(self: serve.engine.Engine, method: str, *args, **kwargs):
+    if method == "mora_prefetch" and (HOLD_DIR / "hold-pagein").exists():
+        (HOLD_DIR / "paging").touch()
+        return {int(item[0]): "loading" for item in args[0]}
+    return await _rpc(self, method, *args, **kwargs)
+
+
+serve.engine.Engine.rpc = rpc
 serve.engine.Engine.start = start
 serve.engine.Engine.tokenize = tokenize
 serve.engine.Engine.generate = generate

@@ -85,7 +85,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     srv = ServerProcess(base, root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS),
         "--max-adapters", str(MANY + 200), "--adapter-disk-bytes", str(budget), "--preload", "atlas=atlas",
-        "--no-auto-merge"])
+        "--no-auto-merge"], holdable=True)
     try:
         srv.wait_serving()
         yield {"srv": srv, "root": root, "base": base, "keys": keys}
@@ -261,3 +261,27 @@ def test_marked_hot_adapters_are_never_evicted(env, clients):
     ops.unload_adapter("hot1")  # its pin is free again
     assert ops.load_adapter("hot2", "borealis", tenant="beta", pinned=True).pinned
     ops.unload_adapter("hot2")
+
+
+def test_cold_adapter_never_blocks_warm_ones(env, clients, demo_facts):
+    """A request whose adapter is still being read from disk waits outside the engine (the test
+    holds the read: it never ends until released), while requests for warm adapters are served;
+    the cold one is exact once its read ends."""
+    srv, ops, beta = env["srv"], clients["ops"], clients["beta"]
+    cold, prompt = "m777", "a cold adapter"
+    assert _location(ops, cold) == apb.ADAPTER_LOCATION_DISK_ONLY
+    hold = srv.hold_dir / "hold-pagein"
+    hold.touch()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(lambda: list(beta.generate(prompt, cold, max_tokens=10, temperature=0, ignore_eos=True).token_ids))
+            assert _wait(lambda: (srv.hold_dir / "paging").exists(), 60), "the cold request never asked for its page-in"
+            for fact in demo_facts["atlas"][:2]:  # another tenant's warm adapter, served meanwhile
+                assert clients["acme"].generate(fact["prompt"], "atlas", max_tokens=48, temperature=0).text == fact["completion"]
+            assert not pending.done(), "the cold request must still be waiting for its read"
+            hold.unlink()
+            got = pending.result(timeout=300)
+    finally:
+        hold.unlink(missing_ok=True)
+    want = hf_greedy_scored(env["base"], {cold: env["root"] / "many" / cold}, [(prompt, cold)], 10)
+    assert_greedy_matches([got], want)
