@@ -27,8 +27,9 @@ from serve.engine import Engine
 from serve.errors import InvalidRequest, NonFiniteOutput, ResourceExhausted, Unavailable, status_for
 from serve.metrics import ServerMetrics
 from serve.policy import MergePolicy
-from serve.registry import AdapterRegistry, check_adapter_id
+from serve.registry import AdapterRegistry
 from serve.tenants import Tenant, TenantDirectory
+from serve.validation import check_adapter_id
 
 __all__ = ["ChatMessage", "Choice", "Chunk", "GenerateCall", "GenerationService", "Sampling", "TokenLogprob", "collect"]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
 from serve.proto import inference_pb2 as ipb
-from serve.registry import clean_stale_snapshots
+from serve.snapshots import clean_stale_snapshots
 
 pytestmark = pytest.mark.vllm
 

@@ -30,8 +30,9 @@ from mora.errors import (
 from mora.spec import MoraSpec
 from serve.errors import Unauthenticated
 from serve.policy import MAX_EVENTS, MergePolicy
-from serve.registry import _lock_snapshot_dir, check_adapter_id, clean_stale_snapshots
+from serve.snapshots import _lock_snapshot_dir, clean_stale_snapshots
 from serve.tenants import Tenant, TenantDirectory, hash_key
+from serve.validation import check_adapter_id
 
 MODULE = "model.layers.0.self_attn.q_proj"
 SHAPES = {MODULE: (8, 8)}

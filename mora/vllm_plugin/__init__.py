@@ -40,7 +40,7 @@ def register() -> None:
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
 
     from mora.vllm_plugin.layers import MORA_LAYER_CLASSES
-    from mora.vllm_plugin.manager import MoraWorkerLoRAManager
+    from mora.vllm_plugin.worker_manager import MoraWorkerLoRAManager
 
     # `from_layer` walks this ordered tuple and takes the first class that can replace a
     # layer; ours subclass the stock wrappers, so putting them first is all it takes.
