@@ -76,6 +76,8 @@ class ServerSettings(BaseSettings):
                                            "snapshots in bytes; none: bounded by max_adapters only")
     adapter_load_timeout_s: float = Field(60.0, gt=0, description="seconds a request waits for its adapter to be "
                                           "read from disk or, registered lazily, validated")
+    page_ins_per_tenant: int = Field(2, ge=1, description="adapters of one tenant read from disk at once; its "
+                                     "other cold adapters wait their turn, so no tenant's flood delays another's")
     pin_preloaded: bool = Field(True, description="keep preloaded adapters in the host cache for good "
                                 "(at most max_cpu_loras - max_loras of them)")
     preload: list[str] = Field(default_factory=list, description="adapters loaded (and validated) before serving",

@@ -97,6 +97,8 @@ class ServerMetrics:
         self.evictions = Counter("mora_adapter_evictions", "Adapters evicted from a cache (they stay on disk).", ["cache"], registry=r)
         self.merge_stall = Gauge("mora_merge_step_stall_seconds", "Longest time one call of the last merge or unmerge kept "
                                  "the engine from stepping (merged weights are prepared beside the steps, swapped in between two).", registry=r)
+        self.page_ins = Gauge("mora_adapter_page_ins", "Adapters of a tenant being read from disk (state=reading) or "
+                              "waiting for one of the tenant's page_ins_per_tenant turns (state=waiting).", ["tenant", "state"], registry=r)
         self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
         self._tier_counts: dict[str, int] = {}
 
@@ -127,6 +129,12 @@ class ServerMetrics:
         self.operation_duration.labels(operation).observe(seconds)
         if operation in ("merge", "unmerge") and result == "ok" and adapter is not None:
             self.merge_transitions.labels(self.adapter_label(adapter), operation, trigger or "manual").inc()
+
+    def set_page_ins(self, counts: dict[str, list[int]]) -> None:
+        """`{tenant: [reading, waiting]}` from the registry."""
+        for tenant, (reading, waiting) in counts.items():
+            self.page_ins.labels(tenant, "reading").set(reading)
+            self.page_ins.labels(tenant, "waiting").set(waiting)
 
     def set_residency(self, states: dict[str, str]) -> None:
         """`{adapter id: state}` for every loaded adapter; removed adapters lose their series."""

@@ -8,6 +8,11 @@ device slots above the snapshots. A request for an adapter that is not in the ho
 the engine to read it in the background (`page_in`) and waits for it before it is queued, so
 the read never runs inside another tenant's step. Pinned adapters (preloaded) never leave the
 host cache; an adapter with leases in flight never loses its snapshot.
+
+Fairness: each tenant has at most `page_ins_per_tenant` adapters being read at once (the
+engine reads one at a time, in order), so a tenant that floods the server with cold adapters
+queues behind itself, and another tenant's cold adapter waits for at most that many reads per
+tenant.
 """
 
 from __future__ import annotations
@@ -37,15 +42,18 @@ class AdapterPaging:
     _paging: dict[int, asyncio.Task]
     pinned_count: int
     max_pinned: int
+    _page_slots: dict[str, asyncio.Semaphore]
+    page_in_counts: dict[str, list[int]]  # tenant -> [being read, waiting for a turn]
 
-    async def page_in(self, version: Version) -> None:
-        """Have the engine read `version` into its host cache off the step loop, if it is not
-        there; waits (bounded by `adapter_load_timeout_s`). Concurrent requests share one read."""
+    async def page_in(self, version: Version, tenant: str = "") -> None:
+        """Have the engine read `version` (owned by `tenant`) into its host cache off the step
+        loop, if it is not there; waits (bounded by `adapter_load_timeout_s`). Concurrent
+        requests share one read."""
         if version.kind != "mora" or version.engine_id in self.host_view:
             return  # LoRA adapters: vLLM reads them in the step, as stock vLLM does
         task = self._paging.get(version.engine_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._page_in(version))
+            task = asyncio.get_running_loop().create_task(self._page_in(version, tenant))
             self._paging[version.engine_id] = task
             task.add_done_callback(lambda _t, i=version.engine_id: self._paging.pop(i, None))
         try:
@@ -54,7 +62,24 @@ class AdapterPaging:
             raise Unavailable(f"adapter {version.lora_request.lora_name!r} is still being read from disk after "
                               f"{self.settings.adapter_load_timeout_s:g}s; retry") from None
 
-    async def _page_in(self, version: Version) -> None:
+    async def _page_in(self, version: Version, tenant: str) -> None:
+        slots = self._page_slots.get(tenant)
+        if slots is None:
+            slots = self._page_slots[tenant] = asyncio.Semaphore(self.settings.page_ins_per_tenant)
+        counts = self.page_in_counts.setdefault(tenant, [0, 0])
+        counts[1] += 1
+        try:
+            await slots.acquire()
+        finally:
+            counts[1] -= 1
+        counts[0] += 1
+        try:
+            await self._read_in(version)
+        finally:
+            counts[0] -= 1
+            slots.release()
+
+    async def _read_in(self, version: Version) -> None:
         r = version.lora_request
         delay = 0.005
         while True:

@@ -110,6 +110,8 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         self.host_view: set[int] = set()  # engine ids in vLLM's host cache (last status, plus page-ins since)
         self._paging: dict[int, asyncio.Task] = {}
         self._lazy: dict[tuple[str, str], asyncio.Task] = {}
+        self._page_slots: dict[str, asyncio.Semaphore] = {}
+        self.page_in_counts: dict[str, list[int]] = {}
         self.pinned_count = 0
         self.max_pinned = max(0, settings.max_cpu_loras - settings.max_loras)
 
@@ -356,7 +358,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         version.idle.clear()
         entry.requests_total += 1
         try:
-            await self.page_in(version)
+            await self.page_in(version, entry.tenant or "")
             yield version
         finally:
             version.in_flight -= 1

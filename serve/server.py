@@ -180,6 +180,7 @@ class Server:
                 for a, e in reg.entries.items():
                     states[a] = "merged" if reg.merged and reg.merged[0] == a else location_of(e, status)
                 self.metrics.set_residency(states)
+                self.metrics.set_page_ins(reg.page_in_counts)
                 self.metrics.slots_in_use.set(len(status.get("slots", {})))
                 reg.set_host_view(list(status.get("registered", [])))
                 self.metrics.record_tiers(await self.engine.rpc("mora_tier_stats"))

@@ -14,8 +14,8 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
 * `hold-tokenize`: while it exists, tokenizing a prompt blocks the thread that does it (`tokenizing`
   is written then). The server must tokenize off the event loop, so it keeps answering meanwhile.
 * `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with "loading" (a disk
-  read that never ends; `paging` is written then), so a cold adapter's request stays waiting for
-  its page-in for as long as a test needs.
+  read that never ends; `paging` is written then, and `prefetched` gets the adapter's name), so
+  a cold adapter's request stays waiting for its page-in for as long as a test needs.
 
 Nothing here is reachable in production: the product's entry point is `serve.server:main`.
 """
@@ -85,6 +85,8 @@ def tokenize(self: serve.engine.Engine, text: str) -> list[int]:
 
 async def rpc(self: serve.engine.Engine, method: str, *args, **kwargs):
     if method == "mora_prefetch" and (HOLD_DIR / "hold-pagein").exists():
+        with open(HOLD_DIR / "prefetched", "a") as f:  # which adapters the engine was asked to read
+            f.writelines(f"{item[1]}\n" for item in args[0])
         (HOLD_DIR / "paging").touch()
         return {int(item[0]): "loading" for item in args[0]}
     return await _rpc(self, method, *args, **kwargs)

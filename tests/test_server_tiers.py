@@ -78,6 +78,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "ops": {"role": "admin"},
         "acme": {"adapters": ["atlas"], "lazy_adapters": True, "max_resident_adapters": 4},
         "beta": {"max_resident_adapters": MANY + 200},
+        "gamma": {},
     })
     # a disk budget the MANY fill nearly: SPARE more fit, then loads are refused
     others = [root / "atlas", root / "borealis", *(root / "acme" / n for n in ("lazy-ok", "lazy-two", "lazy-three"))]
@@ -285,3 +286,41 @@ def test_cold_adapter_never_blocks_warm_ones(env, clients, demo_facts):
         hold.unlink(missing_ok=True)
     want = hf_greedy_scored(env["base"], {cold: env["root"] / "many" / cold}, [(prompt, cold)], 10)
     assert_greedy_matches([got], want)
+
+
+def test_page_ins_are_fair_across_tenants(env, clients):
+    """A tenant flooding the server with cold adapters has page_ins_per_tenant (2) read at a time;
+    another tenant's cold adapter is read beside them, not after the flood. Reads are held by the
+    test (they never end until released), so this is about order, not speed."""
+    srv, ops, beta, gamma = env["srv"], clients["ops"], clients["beta"], clients["gamma"]
+    ops.load_adapter("gamma-cold", "many/m888", tenant="gamma")
+    for i in range(200, 200 + MAX_CPU_LORAS + 1):  # push it out of the 4-adapter host cache
+        beta.generate("churn", f"m{i}", max_tokens=2)
+    assert _wait(lambda: _location(ops, "gamma-cold") == apb.ADAPTER_LOCATION_DISK_ONLY, 10)
+    flood = [f"m{i}" for i in range(300, 306)]
+    hold = srv.hold_dir / "hold-pagein"
+    (srv.hold_dir / "prefetched").unlink(missing_ok=True)
+    hold.touch()
+
+    def prefetched() -> set[str]:
+        f = srv.hold_dir / "prefetched"
+        return set(f.read_text().split()) if f.exists() else set()
+
+    def page_ins(state: str, tenant: str) -> float:
+        return metric_value(srv.scrape(), "mora_adapter_page_ins", tenant=tenant, state=state)
+
+    try:
+        with ThreadPoolExecutor(len(flood) + 1) as pool:
+            floods = [pool.submit(beta.generate, "flood", a, max_tokens=4) for a in flood]
+            assert _wait(lambda: page_ins("reading", "beta") == 2 and page_ins("waiting", "beta") == len(flood) - 2, 60)
+            assert len(prefetched() & set(flood)) == 2, prefetched()
+            mine = pool.submit(gamma.generate, "mine", "gamma-cold", max_tokens=4)
+            assert _wait(lambda: "gamma-cold" in prefetched(), 60), "gamma's read must not wait for beta's flood"
+            assert len(prefetched() & set(flood)) == 2, "beta still reads two at a time"
+            hold.unlink()
+            assert mine.result(timeout=300).text
+            assert all(f.result(timeout=300).text is not None for f in floods)
+    finally:
+        hold.unlink(missing_ok=True)
+    assert _wait(lambda: page_ins("reading", "beta") == 0 and page_ins("waiting", "beta") == 0, 10)
+    ops.unload_adapter("gamma-cold")
