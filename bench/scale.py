@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             list(pool.map(lambda a: c.load_adapter(a, a), names))
             register_s = time.monotonic() - t
+        rss_registered = _rss(srv.proc.pid)
         hot = Traffic(srv, names, refs, seconds, fold_to=16)
         hot_batch = Sampler(srv)
         tput_16 = hot.run()
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     bound = rss_warm + MAX_CPU_LORAS * adapter_bytes + (RSS_CONSTANT_MB << 20)
     print(f"registered {len(names)} adapters in {register_s:.1f}s; checked {spread.checked + hot.checked} answers against "
           f"the reference; {len(cold)} cold first requests; rss {rss_before >> 20} MB before registering, "
-          f"{rss_warm >> 20} MB after the 16-adapter traffic", flush=True)
+          f"{rss_registered >> 20} MB after ({(rss_registered - rss_before) / len(names) / 1024:.0f} KB per registered "
+          f"adapter), {rss_warm >> 20} MB after the 16-adapter traffic", flush=True)
     # With max_loras slots a step holds requests of at most 16 adapters: on a model whose step
     # time hardly grows with the batch, throughput follows the running batch, and the batch a
     # 16-slot step can hold of this traffic bounds tput_vs_16.

@@ -49,7 +49,7 @@ from serve.merging import AdapterMerging
 from serve.paging import AdapterPaging
 from serve.snapshots import SnapshotDir, hollow, tensor_bytes
 from serve.tenants import Tenant, TenantDirectory
-from serve.validation import AdapterValidator, check_adapter_id, resolve_under_root
+from serve.validation import AdapterValidator, check_adapter_id, resolve_under_root, trim_heap
 
 __all__ = ["AdapterRegistry", "Entry", "Version"]
 
@@ -294,6 +294,8 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
                 entry.version = version  # new requests get the new weights from here on
                 entry.retiring.append(old)
                 self._retire(entry, old)
+        del adapter  # the weights live in the snapshot (and vLLM's cache) from here on
+        await asyncio.to_thread(trim_heap)
         self._on_event("load", "ok", time.perf_counter() - started)
         log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, engine_id, source)
         return entry
