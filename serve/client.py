@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--path", help="relative to the server's adapter root (default: the id)")
     ld.add_argument("--source", help="a source registered in the server config")
     ld.add_argument("--replace", action="store_true")
+    ld.add_argument("--pinned", action="store_true", help="mark it hot (admins): never evicted from the host cache")
     ld.add_argument("--tenant", default="")
     hk = sub.add_parser("hash-key", help="print the sha256 to put in a tenants file")
     hk.add_argument("key")
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.op == "get":
                 _print(c.get_adapter(args.adapter_id))
             elif args.op == "load":
-                _print(c.load_adapter(args.adapter_id, args.path, source=args.source, replace=args.replace, tenant=args.tenant))
+                _print(c.load_adapter(args.adapter_id, args.path, source=args.source, replace=args.replace, tenant=args.tenant,
+                                      pinned=args.pinned))
             elif args.op == "unload":
                 _print(c.unload_adapter(args.adapter_id))
             elif args.op == "merge":
