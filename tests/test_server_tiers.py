@@ -259,8 +259,12 @@ def test_marked_hot_adapters_are_never_evicted(env, clients):
         assert _location(ops, "hot1") != apb.ADAPTER_LOCATION_DISK_ONLY
     assert _wait(lambda: metric_value(env["srv"].scrape(), "mora_adapter_evictions_total", cache="host") > evictions, 10)
     assert not ops.get_adapter("m100").pinned
-    ops.unload_adapter("hot1")  # its pin is free again
-    assert ops.load_adapter("hot2", "borealis", tenant="beta", pinned=True).pinned
+    ops.unload_adapter("hot1")  # its pin is free again: marked hot through the CLI this time
+    from serve.client import main as client_main
+
+    assert client_main(["--target", env["srv"].target, "--api-key", env["keys"]["ops"], "adapters", "load", "hot2",
+                        "--path", "borealis", "--tenant", "beta", "--pinned"]) == 0
+    assert ops.get_adapter("hot2").pinned
     ops.unload_adapter("hot2")
 
 
