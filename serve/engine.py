@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from serve.config import ServerSettings
@@ -170,16 +170,24 @@ class Engine:
     async def merge(self, lora_int_id: int) -> dict[str, Any]:
         if self.quantization:  # the worker refuses too; saying it here spares the RPC
             raise EngineError(f"the base model is quantized ({self.quantization}): adapters on it are served unmerged only")
-        # The merged weights are prepared beside the engine's steps, then swapped in between two
-        # of them; `stall_seconds` is the longest one call kept the engine from stepping.
+        # The merged weights are prepared a slice per call between the engine's steps, then
+        # swapped in between two of them; `stall_seconds` is the longest one call kept the
+        # engine from stepping.
+        status, stall = await self.rpc_until(lambda s: s.get("state") != "preparing",
+                                             "mora_merge", lora_int_id, True, self.settings.merge_memory_bytes)
+        return {**status, "stall_seconds": stall}
+
+    async def rpc_until(self, done: Callable[[dict[str, Any]], bool], method: str, *args: Any) -> tuple[dict[str, Any], float]:
+        """Call `rpc(method, *args)` until `done(answer)`, 5 ms apart at first and 50 ms at most
+        (each call runs between two engine steps); the last answer and the longest call."""
         loop = asyncio.get_running_loop()
-        stall, delay = 0.0, 0.005
+        longest, delay = 0.0, 0.005
         while True:
             started = loop.time()
-            status = await self.rpc("mora_merge", lora_int_id, True, self.settings.merge_memory_bytes)
-            stall = max(stall, loop.time() - started)
-            if status.get("state") != "preparing":
-                return {**status, "stall_seconds": stall}
+            answer = await self.rpc(method, *args)
+            longest = max(longest, loop.time() - started)
+            if done(answer):
+                return answer, longest
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 

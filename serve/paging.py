@@ -81,20 +81,18 @@ class AdapterPaging:
 
     async def _read_in(self, version: Version) -> None:
         r = version.lora_request
-        delay = 0.005
-        while True:
-            try:
-                states = await self.engine.rpc("mora_prefetch", [(r.lora_int_id, r.lora_name, r.lora_path)])
-            except EngineError as e:
-                raise Unavailable(f"adapter {r.lora_name!r} cannot be read from disk: {e}") from None
-            state = str(states.get(r.lora_int_id, states.get(str(r.lora_int_id), "")))
-            if state in ("device", "host", "staged", "step"):
-                self.host_view.add(version.engine_id)
-                return
-            if state.startswith("error"):
-                raise Unavailable(f"adapter {r.lora_name!r} cannot be read from its snapshot: {state[7:]}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+
+        def state(states: dict) -> str:
+            return str(states.get(r.lora_int_id, states.get(str(r.lora_int_id), "")))
+
+        try:
+            states, _ = await self.engine.rpc_until(lambda s: state(s) not in ("loading", ""),
+                                                    "mora_prefetch", [(r.lora_int_id, r.lora_name, r.lora_path)])
+        except EngineError as e:
+            raise Unavailable(f"adapter {r.lora_name!r} cannot be read from disk: {e}") from None
+        if state(states).startswith("error"):
+            raise Unavailable(f"adapter {r.lora_name!r} cannot be read from its snapshot: {state(states)[7:]}")
+        self.host_view.add(version.engine_id)  # "device", "host", "staged" or "step"
 
     def set_host_view(self, registered: list[int]) -> None:
         """vLLM's host cache as the engine's status reports it (ids paged in since are kept)."""

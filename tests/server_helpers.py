@@ -92,17 +92,7 @@ class ServerProcess:
         (self.hold_dir / "hold-start").unlink(missing_ok=True)
 
     def wait_serving(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mora-serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            status = self.health()
-            if status is not None:
-                self.health_seen.append(status)
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout)
 
     def client(self, key: str | None = None, **kw: object) -> MoraClient:
         if self.tls is not None and "tls_ca" not in kw:

@@ -291,18 +291,26 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
                 if merge_layer(module, row) is not None:
                     done.append(module)
         except Exception:
-            for module in done:
-                unmerge_layer(module)
-            for _, module in self.mora_layers():
-                module.set_merged_row(None)
-            self._unpin_after_merge(lora_id)
+            self._merge_failed(lora_id, done)
             raise
-        self.mora_merged_id = lora_id
-        self.mora_runtime.set_merged(row)
-        status = self.mora_status()
+        status = self._merge_done(lora_id, row)
         log.info("merged MoRA adapter %d into %d layers (%.3fs, %d bytes kept for exact unmerge)",
                  lora_id, status["layers"], status["seconds"], status["backup_bytes"])
         return status
+
+    def _merge_failed(self, lora_id: int, done: list[MoraLayerMixin]) -> None:
+        """Undo a merge that failed part way: the layers merged so far, the merged row, the pin."""
+        for module in done:
+            unmerge_layer(module)
+        for _, module in self.mora_layers():
+            module.set_merged_row(None)
+        self._unpin_after_merge(lora_id)
+
+    def _merge_done(self, lora_id: int, row: int) -> dict[str, object]:
+        """Every layer is merged: steps read the merged row from now on."""
+        self.mora_merged_id = lora_id
+        self.mora_runtime.set_merged(row)
+        return self.mora_status()
 
     def _mora_merge_poll(self, lora_id: int) -> dict[str, object]:
         job = self._mora_preparing
@@ -331,15 +339,9 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
                     done.append(module)
         except Exception:
             self._mora_preparing = None
-            for module in done:
-                unmerge_layer(module)
-            for _, module in self.mora_layers():
-                module.set_merged_row(None)
-            self._unpin_after_merge(lora_id)
+            self._merge_failed(lora_id, done)
             raise
-        self.mora_merged_id = lora_id
-        self.mora_runtime.set_merged(row)
-        status = self.mora_status()
+        status = self._merge_done(lora_id, row)
         log.info("merged MoRA adapter %d into %d layers (prepared in slices between steps, %.3fs in all)",
                  lora_id, status["layers"], job.seconds)
         return status
