@@ -22,7 +22,9 @@ from mora.ops import mora_forward
 from mora.spec import MoraSpec, MoraType
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference", "torch", "triton"]
+# torch-blas: the torch backend with torch's BLAS products instead of the native CPU kernel
+# (`MORA_CPU_KERNEL=blas`; float32 tables otherwise use `mora.kernels.native`).
+BACKENDS = ["reference", "torch", "torch-blas", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # max |backend - reference| / max(1, max |reference|): the reference computes in the table's
 # dtype, the fused backends accumulate in float32, so half-precision cases differ by roundings.
@@ -41,6 +43,9 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
             monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if request.param == "torch-blas":
+        monkeypatch.setenv("MORA_CPU_KERNEL", "blas")
+        return "torch"
     return request.param
 
 
@@ -374,7 +379,7 @@ def test_selector_defaults_by_device(fresh_selector, caplog):
     assert select_backend("cuda") == ("triton" if has_triton else "torch")
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", list(kernels.BACKENDS))
 def test_selector_env_override(fresh_selector, caplog, name):
     fresh_selector.setenv(kernels.ENV_BACKEND, f" {name.upper()} ")
     with caplog.at_level(logging.INFO, logger="mora.kernels"):

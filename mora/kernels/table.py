@@ -111,12 +111,12 @@ class SlotTable:
         self.layout = layout
         self.max_slots = max_slots
         self.n_max = n_max
-        # The layout each backend's GEMM reads fastest. A GPU tile reads consecutive output
-        # columns of `Mt[s] = M[s].T` from consecutive addresses; the CPU's batched products
-        # read `M[s]` row-major, as `M[s] @ v.T` or as `v @ M[s].T` (BLAS's transposed operand,
-        # no copy) depending on the rows per adapter (`torch_cpu._ROWS_MAJOR`).
-        self.transposed = torch.device(device).type != "cpu"
-        self._storage = torch.zeros(max_slots, n_max, n_max, dtype=dtype, device=device)
+        # Stored as `Mt[s] = M[s].T` on every device: a GPU tile and the native CPU kernel
+        # (`mora.kernels.native`) read consecutive output columns of `Mt[s]` from consecutive
+        # addresses; BLAS (the CPU fallback) reads either orientation without a copy. On the
+        # CPU each row is padded to whole 64-byte lines, so that a 16-column panel is one line.
+        row = -(-n_max // 16) * 16 if torch.device(device).type == "cpu" else n_max
+        self._storage = torch.zeros(max_slots, n_max, row, dtype=dtype, device=device)[:, :, :n_max]
         self._views: dict[object, torch.Tensor] = {}  # views of the storage, which is only updated in place
         self.types = torch.zeros(max_slots, dtype=torch.int32, device=device)
         self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
@@ -126,13 +126,13 @@ class SlotTable:
 
     @property
     def M(self) -> torch.Tensor:
-        """`[S, n_max, n_max]`, slot `s`'s `M` zero-padded (contiguous on the CPU)."""
-        return self._storage.transpose(1, 2) if self.transposed else self._storage
+        """`[S, n_max, n_max]`, slot `s`'s `M` zero-padded (a transposed view of the storage)."""
+        return self._storage.transpose(1, 2)
 
     @property
     def Mt(self) -> torch.Tensor:
-        """`[S, n_max, n_max]`, `M[s].T` (contiguous on a GPU)."""
-        return self._storage if self.transposed else self._storage.transpose(1, 2)
+        """`[S, n_max, n_max]`, `M[s].T` (rows contiguous; on the CPU padded to 64-byte lines)."""
+        return self._storage
 
     def weights(self, n: int) -> torch.Tensor:
         """`M[:, :n, :n]`, the view every slot of size `n` is read through (kept: the storage

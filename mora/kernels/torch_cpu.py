@@ -28,12 +28,14 @@ the page faults of fresh allocations cost about as much as the arithmetic here.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from mora.kernels.native import grouped_mm, native_enabled
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable
 from mora.kernels.torch_plan import Pass, Plan, plan_module
 from mora.ops import compress, rope_tables
@@ -122,6 +124,15 @@ def _bind_transform(p: Pass, X: torch.Tensor, meta: BatchMeta) -> tuple[list[Op]
 def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta) -> tuple[list[Op], TableOp, list[Op]]:
     """`out_c[item] = sign * V[item] @ M[slot].T` for every item: (ops before, the product, ops after)."""
     n = p.spec.n
+    if V.dtype == torch.float32 and native_enabled():  # one call for every item, whatever their rows
+        slots = torch.tensor([s for s, _, _ in p.items], dtype=torch.int64)
+        offsets = torch.tensor([0, *itertools.accumulate(p.sizes)], dtype=torch.int64)
+        sign = float(p.sign)
+
+        def native(table: SlotTable) -> None:
+            grouped_mm(V, offsets, slots, table.Mt, n, sign, out_c)
+
+        return [], native, []
     if p.m_view is None and p.m_gather is None:
         pairs = list(zip([s for s, _, _ in p.items], V.split(p.sizes), out_c.split(p.sizes), strict=True))
         if p.sign > 0:

@@ -1,0 +1,141 @@
+"""The native CPU product of the torch backend: `grouped_mm` (`grouped_mm.cpp`, AVX-512F).
+
+The fused operator's CPU time is its per-adapter products `V @ M.T` with a handful of rows per
+adapter, where one sgemm call per adapter packs a whole `M` for those rows (see the .cpp). This
+C++ op reads every `M` straight from the slot table and is registered as the custom op
+`torch.ops.mora_native.grouped_mm`.
+
+It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
+into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
+folder named by a hash of the source, the flags and the torch version, so a stale library is
+never loaded; an existing build is loaded without writing anything (read-only images). Build
+ahead of time with `python -m mora.kernels.native` (the CPU image and `make install` do).
+
+`MORA_CPU_KERNEL` (read when first needed) chooses:
+
+* `auto` (default) - native on CPUs with AVX-512F, where it builds; otherwise torch's BLAS,
+  with one warning saying why;
+* `native` - native or an error (`NativeKernelError`) naming what is missing;
+* `blas` - torch's BLAS (`bmm`/`mm`), never native.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_KERNEL", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_status"]
+
+log = logging.getLogger(__name__)
+ENV_KERNEL = "MORA_CPU_KERNEL"
+ENV_DIR = "MORA_NATIVE_DIR"
+MODES = ("auto", "native", "blas")
+SOURCE = Path(__file__).with_name("grouped_mm.cpp")
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)  # torch ships libgomp.so.1 and loads it first: the op joins torch's thread pool
+
+
+class NativeKernelError(RuntimeError):
+    """The native CPU kernel was required (`MORA_CPU_KERNEL=native`) and cannot be used."""
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise NativeKernelError(f"{ENV_KERNEL}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def build_dir() -> Path:
+    """Where the library of this source, these flags and this torch lives."""
+    root = os.environ.get(ENV_DIR)
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "mora", "native")
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS, torch.__version__)).encode()).hexdigest()[:16]
+    return Path(root) / f"grouped_mm-{digest}"
+
+
+def _library_name() -> str:
+    return "mora_native_" + build_dir().name.removeprefix("grouped_mm-")
+
+
+def build(verbose: bool = False) -> Path:
+    """Build the library (if it is not built yet) and load it; its path."""
+    target = build_dir()
+    library = target / f"{_library_name()}.so"
+    # A library being written by another process's build sits beside cpp_extension's lock file:
+    # then `load` waits for that build instead of loading half a file.
+    if not library.exists() or (target / "lock").exists():
+        from torch.utils.cpp_extension import load  # imported here: it pulls in setuptools
+
+        target.mkdir(parents=True, exist_ok=True)
+        load(name=_library_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+             build_directory=str(target), is_python_module=False, verbose=verbose)
+    if not _loaded():
+        torch.ops.load_library(str(library))
+    return library
+
+
+def _loaded() -> bool:
+    try:
+        torch.ops.mora_native.grouped_mm  # noqa: B018 (the lookup is the check)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def native_status() -> tuple[bool, str]:
+    """(whether `grouped_mm` is used, why), for the current `MORA_CPU_KERNEL`: decided once per
+    process and mode (a backend binds its programs once per batch, so this is read rarely)."""
+    return _status(_mode())
+
+
+@functools.lru_cache(maxsize=len(MODES))
+def _status(mode: str) -> tuple[bool, str]:
+    if mode == "blas":
+        return False, f"{ENV_KERNEL}=blas"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        reason = f"this CPU has no AVX-512F (torch reports {capability})"
+    else:
+        try:
+            path = build()
+        except Exception as exc:  # noqa: BLE001 (a compiler's failure has no one type; reported below)
+            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}"
+        else:
+            return True, f"native grouped_mm ({path})"
+    if mode == "native":
+        raise NativeKernelError(f"{ENV_KERNEL}=native, but {reason}")
+    log.warning("MoRA CPU products use torch's BLAS, not the native kernel: %s", reason)
+    return False, reason
+
+
+def native_enabled() -> bool:
+    return native_status()[0]
+
+
+def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor, n: int, alpha: float,
+               out: torch.Tensor) -> None:
+    """Every group's rows times its slot's `M`, in one call (float32, CPU, AVX-512F).
+
+    Semantics::
+
+        # V [R, >= n], out [R, >= n] (rows contiguous); Mt [S, >= n, >= n] with Mt[s] = M[s].T;
+        # offsets int64 [G + 1], slots int64 [G]
+        for g in range(G):
+            a, b = offsets[g], offsets[g + 1]
+            out[a:b, :n] = alpha * (V[a:b, :n] @ Mt[slots[g], :n, :n])
+
+    Rows outside every group and columns past `n` of `out` are not written. Each output is a
+    sum over `k` in order with one FMA per term, whatever the other rows of the batch are.
+    """
+    enabled, why = native_status()
+    if not enabled:
+        raise NativeKernelError(f"the native CPU kernel is not in use: {why}")
+    torch.ops.mora_native.grouped_mm(V, offsets, slots, Mt, n, alpha, out)

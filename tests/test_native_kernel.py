@@ -1,0 +1,212 @@
+"""The native CPU product (`mora.kernels.native.grouped_mm`) against its semantics, and how it
+is chosen, built and loaded.
+
+The fused operator's own tests (test_kernels.py) run the torch backend with this kernel
+(float32) and with torch's BLAS (`torch-blas`); the engine tests serve through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mora.kernels.native as native
+from mora.kernels import ShardLayout, SlotTable
+from mora.kernels.native import NativeKernelError, grouped_mm, native_status
+
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="the native kernel needs AVX-512F")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_status(monkeypatch: pytest.MonkeyPatch):
+    """The mode decision re-made (it is cached per process) and forgotten afterwards."""
+    native._status.cache_clear()
+    yield
+    native._status.cache_clear()
+
+
+def reference(V, offsets, slots, Mt, n, alpha, out):
+    """The docstring's semantics, in float64."""
+    ref = out.clone()
+    for g in range(len(slots)):
+        a, b = int(offsets[g]), int(offsets[g + 1])
+        ref[a:b, :n] = (alpha * (V[a:b, :n].double() @ Mt[int(slots[g]), :n, :n].double())).float()
+    return ref
+
+
+def problem(n: int, sizes: list[int], slots: list[int], S: int, n_max: int, seed: int = 0, spare_rows: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    Mt = torch.randn(S, n_max, n_max + 5, generator=g)[:, :, :n_max]  # rows padded, as a CPU table's
+    R = sum(sizes) + spare_rows  # rows past the groups: never written
+    V = torch.randn(R, n + 7, generator=g)
+    out = torch.full((R, n + 3), 7.0)
+    offsets = torch.tensor([0, *torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
+    return V, offsets, torch.tensor(slots, dtype=torch.int64), Mt, out
+
+
+def zipf_sizes(groups: int, total: int, gen: torch.Generator) -> list[int]:
+    weights = 1.0 / torch.arange(1, groups + 1, dtype=torch.float64)
+    draws = torch.multinomial(weights, total, replacement=True, generator=gen)
+    return torch.bincount(draws, minlength=groups).tolist()
+
+
+@needs_avx512
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 37, 100, 348])
+@pytest.mark.parametrize("sizes", [[1], [16], [17], [3, 0, 40, 1], [12] * 5, list(range(1, 20)), "zipf"])
+@pytest.mark.parametrize("alpha", [1.0, -1.0])
+def test_matches_semantics(n, sizes, alpha):
+    gen = torch.Generator().manual_seed(n)
+    if sizes == "zipf":  # skewed popularity: one adapter has most rows, many have one or none
+        sizes = zipf_sizes(16, 97, gen)
+    S = 24
+    slots = torch.randint(0, S, (len(sizes),), generator=gen).tolist()
+    V, offsets, slots_t, Mt, out = problem(n, sizes, slots, S, n_max=n + n % 4)
+    want = reference(V, offsets, slots_t, Mt, n, alpha, out)
+    grouped_mm(V, offsets, slots_t, Mt, n, alpha, out)
+    scale = max(1.0, want.abs().max().item())
+    assert (out - want).abs().max().item() / scale < 2e-6 * n**0.5
+    rows = int(offsets[-1])
+    assert torch.equal(out[rows:], torch.full_like(out[rows:], 7.0)), "rows past the groups were written"
+    assert torch.equal(out[:, n:], torch.full_like(out[:, n:], 7.0)), "columns past n were written"
+
+
+@needs_avx512
+def test_negation_is_exact():
+    V, offsets, slots, Mt, out = problem(37, [5, 20], [1, 0], 2, 40)
+    plus, minus = out.clone(), out.clone()
+    grouped_mm(V, offsets, slots, Mt, 37, 1.0, plus)
+    grouped_mm(V, offsets, slots, Mt, 37, -1.0, minus)
+    assert torch.equal(plus[:25, :37], -minus[:25, :37])
+
+
+@needs_avx512
+def test_a_row_does_not_depend_on_the_batch():
+    """The same row times the same M gives the same bits alone, among other rows and groups,
+    at any row position in its block and with any thread count (no batch-dependent summation)."""
+    n, S = 348, 4
+    V, offsets, slots, Mt, out = problem(n, [13, 40, 1, 7], [2, 0, 2, 3], S, 352)
+    grouped_mm(V, offsets, slots, Mt, n, 1.0, out)
+    threads = torch.get_num_threads()
+    try:
+        for row, slot in [(0, 2), (12, 2), (13, 0), (30, 0), (53, 2), (60, 3)]:
+            torch.set_num_threads(1 if row % 2 else max(2, threads))
+            alone = torch.zeros(1, n)
+            grouped_mm(V[row : row + 1], torch.tensor([0, 1]), torch.tensor([slot]), Mt, n, 1.0, alone)
+            assert torch.equal(alone[0], out[row, :n]), row
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_avx512
+def test_reads_a_slot_table_in_place():
+    """The table's storage (rows padded to 64-byte lines on the CPU) is what the kernel reads."""
+    table = SlotTable(ShardLayout(348, 700), 3, n_max=348)
+    assert table.Mt.stride(1) == 352 and table.Mt.stride(2) == 1
+    from mora.spec import MoraSpec
+
+    spec = MoraSpec.from_rank(348, 700, 8, 6)
+    M = torch.randn(spec.n, spec.n)
+    table.set_slot(1, M, spec)
+    assert torch.equal(table.M[1, : spec.n, : spec.n], M)
+    V = torch.randn(4, spec.n)
+    out = torch.zeros(4, spec.n)
+    grouped_mm(V, torch.tensor([0, 4]), torch.tensor([1]), table.Mt, spec.n, 1.0, out)
+    torch.testing.assert_close(out, V @ M.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update(V=a["V"].double()), "float32 only"),
+        (lambda a: a.update(offsets=torch.tensor([0, 99])), "offsets out of range"),
+        (lambda a: a.update(offsets=torch.tensor([3, 1])), "offsets out of range"),
+        (lambda a: a.update(slots=torch.tensor([5])), "slot out of range"),
+        (lambda a: a.update(slots=torch.tensor([0, 0])), "offsets [G+1] and slots [G]"),
+        (lambda a: a.update(n=17), "n exceeds an operand"),
+        (lambda a: a.update(V=a["V"].t().contiguous().t()), "rows must be contiguous"),
+    ],
+)
+def test_bad_operands_are_refused(change, message):
+    args = dict(V=torch.randn(4, 16), offsets=torch.tensor([0, 4]), slots=torch.tensor([0]),
+                Mt=torch.randn(2, 16, 16), n=16, alpha=1.0, out=torch.zeros(4, 16))
+    change(args)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        grouped_mm(**args)
+
+
+def test_mode_is_validated(monkeypatch, fresh_status):
+    monkeypatch.setenv(native.ENV_KERNEL, "fast")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL='fast': expected one of auto, native, blas"):
+        native_status()
+
+
+def test_blas_mode_never_uses_native(monkeypatch, fresh_status):
+    monkeypatch.setenv(native.ENV_KERNEL, "blas")
+    assert native_status() == (False, "MORA_CPU_KERNEL=blas")
+    with pytest.raises(NativeKernelError, match="not in use: MORA_CPU_KERNEL=blas"):
+        grouped_mm(torch.zeros(1, 1), torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1, 1, 1), 1, 1.0,
+                   torch.zeros(1, 1))
+
+
+def test_cpu_without_avx512(monkeypatch, fresh_status, caplog):
+    """`auto` falls back to BLAS and says why, once; `native` refuses, naming what is missing."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv(native.ENV_KERNEL, "native")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL=native, but this CPU has no AVX-512F"):
+        native_status()
+    monkeypatch.setenv(native.ENV_KERNEL, "auto")
+    with caplog.at_level(logging.WARNING, logger="mora.kernels.native"):
+        assert native_status() == (False, "this CPU has no AVX-512F (torch reports AVX2)")
+        native_status()
+    assert [r.getMessage() for r in caplog.records] == [
+        "MoRA CPU products use torch's BLAS, not the native kernel: this CPU has no AVX-512F (torch reports AVX2)"
+    ]
+
+
+@needs_avx512
+def test_failed_build_is_reported(monkeypatch, fresh_status, tmp_path):
+    broken = tmp_path / "grouped_mm.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path / "build"))
+    monkeypatch.setenv(native.ENV_KERNEL, "native")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL=native, but building grouped_mm.cpp failed"):
+        native_status()
+
+
+@needs_avx512
+def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
+    """An image builds the kernel ahead of time (`python -m mora.kernels.native`); a pod with a
+    read-only root filesystem loads it without writing anything."""
+    env = {**os.environ, native.ENV_DIR: str(tmp_path / "native"), native.ENV_KERNEL: "native",
+           "PYTHONPATH": str(ROOT)}
+    built = subprocess.run([sys.executable, "-m", "mora.kernels.native"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stderr
+    library = Path(built.stdout.strip().splitlines()[-1])
+    assert library.is_file() and library.parent.parent == tmp_path / "native"
+    for path in [tmp_path / "native", *sorted((tmp_path / "native").rglob("*"))]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        check = ("import torch; from mora.kernels.native import grouped_mm, native_status; print(native_status()[1]);"
+                 "o = torch.zeros(1, 2); grouped_mm(torch.ones(1, 2), torch.tensor([0, 1]), torch.tensor([0]),"
+                 " torch.eye(2)[None] * 3, 2, 1.0, o); print(o.tolist())")
+        loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout.splitlines() == [f"native grouped_mm ({library})", "[[3.0, 3.0]]"]
+    finally:
+        for path in [tmp_path / "native", *(tmp_path / "native").rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+        shutil.rmtree(tmp_path / "native", ignore_errors=True)
