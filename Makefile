@@ -42,6 +42,8 @@ $(STAMP): pyproject.toml setup.py Makefile $(LOCK) protos/mora/v1/inference.prot
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) protos/generate.py
+	@# the native CPU kernel (mora/kernels/native), built now rather than by the first engine
+	$(PY) -m mora.kernels.native --if-supported
 	$(PY) -c "import torch, transformers, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 

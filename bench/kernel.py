@@ -29,6 +29,7 @@ timed with events, and achieved TFLOP/s and GB/s are printed against the GPU's p
     python -m bench.kernel                  # ends with: speedup_vs_loop_a16=X vs_bound=Y vs_roofline=Z vs_roofline_t16=...
     python -m bench.kernel --device cuda    # X: smallest loop/fused at A >= 16; Y: largest fused/bound;
                                             # Z: largest fused/roofline (per T: vs_roofline_tT)
+    MORA_CPU_KERNEL=blas python -m bench.kernel   # CPU products by torch's BLAS, not the native kernel
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from mora.kernels import ShardLayout, SlotTable, mora_apply, prepare_batch, select_backend
+from mora.kernels.native import native_status
 from mora.ops import mora_forward, rope_chunks
 from mora.spec import MoraSpec
 
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     peak = None
     where = f"{torch.get_num_threads()} torch threads"
+    if device == "cpu":  # which product the torch backend runs (MORA_CPU_KERNEL=blas: torch's BLAS)
+        where += ", products: " + ("native grouped_mm" if native_status()[0] else f"torch BLAS ({native_status()[1]})")
     if device == "cuda":
         gpu = torch.cuda.get_device_name()
         peak = gpu_peak(gpu)

@@ -173,3 +173,4 @@ def test_a_built_wheel_carries_the_stubs(tmp_path):
     for m in ("inference_pb2", "inference_pb2_grpc", "adapters_pb2", "adapters_pb2_grpc"):
         assert f"serve/_proto/mora/v1/{m}.py" in names
     assert not any(n.startswith("protos/") for n in names)
+    assert "mora/kernels/native/grouped_mm.cpp" in names  # the native CPU kernel is built where it runs
