@@ -37,6 +37,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -692,6 +693,15 @@ def test_cpu_demo_container_serves_on_loopback(demo_assets: Path, demo_facts: di
         assert "value" in e, "cpu-demo env must be literal (no valueFrom on loopback)"
         env[e["name"]] = box.local(e["value"])
     assert env["HOME"] != "/home/mora"  # HOME is the `home` emptyDir
+    # The image builds the native CPU kernel into MORA_NATIVE_DIR (its RUN step); here into the
+    # sandbox, made read-only afterwards as the pod's root filesystem is.
+    assert image["env"]["MORA_NATIVE_DIR"] == "/opt/mora-native"
+    native_dir = tmp_path / "image" / "mora-native"
+    env["MORA_NATIVE_DIR"] = str(native_dir)
+    subprocess.run([sys.executable, "-m", "mora.kernels.native"], env={**os.environ, "MORA_NATIVE_DIR": str(native_dir)},
+                   check=True, capture_output=True, timeout=600)
+    for path in [native_dir, *native_dir.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
     # The config file: its paths moved too, and host 127.0.0.1 instead of the pod IP (0.0.0.0).
     config_path = Path(argv[argv.index("--config") + 1])
     config = yaml.safe_load(config_path.read_text())
@@ -735,4 +745,9 @@ def test_cpu_demo_container_serves_on_loopback(demo_assets: Path, demo_facts: di
         assert any(t["key_sha256"] == hashlib.sha256(b"demo-key-acme").hexdigest() and "atlas" in t["adapters"] for t in tenants)
     finally:
         code = srv.stop()
-    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for path in [native_dir, *native_dir.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    log = (tmp_path / "server.log").read_text()
+    assert code == 0, log[-3000:]
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # the image's build was loaded, read-only
+        assert "not the native kernel" not in log, log[-3000:]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mora.kernels.native import grouped_mm, native_enabled
+from mora.kernels.native import native_enabled
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable
 from mora.kernels.torch_plan import Pass, Plan, plan_module
 from mora.ops import compress, rope_tables
@@ -127,10 +127,10 @@ def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMet
     if V.dtype == torch.float32 and native_enabled():  # one call for every item, whatever their rows
         slots = torch.tensor([s for s, _, _ in p.items], dtype=torch.int64)
         offsets = torch.tensor([0, *itertools.accumulate(p.sizes)], dtype=torch.int64)
-        sign = float(p.sign)
+        sign, op = float(p.sign), torch.ops.mora_native.grouped_mm  # `grouped_mm`'s op, without its mode check
 
         def native(table: SlotTable) -> None:
-            grouped_mm(V, offsets, slots, table.Mt, n, sign, out_c)
+            op(V, offsets, slots, table.Mt, n, sign, out_c)
 
         return [], native, []
     if p.m_view is None and p.m_gather is None:
