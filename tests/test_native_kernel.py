@@ -210,3 +210,116 @@ def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
         for path in [tmp_path / "native", *(tmp_path / "native").rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
         shutil.rmtree(tmp_path / "native", ignore_errors=True)
+
+
+# --- rope_apply: type 6 from x straight into y ----------------------------------------------
+
+
+def rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, alpha, y):
+    """The docstring's semantics, in float64, one loop per token and chunk."""
+    ref = y.double().clone()
+    n, chunks = cos.shape[1], cos.shape[0]
+    xp = torch.cat([x, x], 1).double()
+    cols = (out_start + torch.arange(y.shape[1])) % period
+    for g in range(len(slots)):
+        for t in tokens[offsets[g] : offsets[g + 1]].tolist():
+            for i in range(chunks):
+                c = k_lo + i
+                u = xp[t, c * n : (c + 1) * n]
+                v = u * cos[i].double() + torch.cat([u[n // 2 :], u[: n // 2]]) * ssin[i].double()
+                o = alpha * (v @ Mt[int(slots[g]), :n, :n].double())
+                hit = (cols >= c * n) & (cols < (c + 1) * n)
+                ref[t, hit] += o[cols[hit] - c * n]
+    return ref.float()
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("in_f", "n", "k_lo", "chunks", "out_start", "width"),
+    [
+        (40, 12, 0, 4, 0, 72),      # input padded (wraps), outputs tiled past c*n
+        (72, 16, 0, 3, 0, 40),      # fewer outputs than c*n: only the first chunks are used
+        (64, 16, 1, 2, 20, 24),     # a column shard inside one period, chunks 1-2
+        (96, 32, 0, 3, 50, 100),    # a shard crossing a period boundary
+        (348, 348, 0, 1, 0, 1000),  # one chunk, n not a multiple of 16
+        (4096, 256, 0, 16, 0, 512),
+    ],
+)
+def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width):
+    from mora.kernels.native import rope_apply
+    from mora.ops import rope_tables
+
+    gen = torch.Generator().manual_seed(in_f + n)
+    period = -(-in_f // n) * n
+    cos, sin = rope_tables(n, period // n, torch.float32)
+    cos = cos[k_lo : k_lo + chunks].contiguous()
+    ssin = torch.cat([-sin[k_lo : k_lo + chunks, : n // 2], sin[k_lo : k_lo + chunks, n // 2 :]], 1).contiguous()
+    T, S = 23, 6
+    sizes = zipf_sizes(4, 19, gen)  # skewed popularity; 4 of 23 rows have no adapter
+    tokens = torch.randperm(T, generator=gen)[: sum(sizes)].contiguous()
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+    slots = torch.randint(0, S, (len(sizes),), generator=gen)
+    Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1)[:, :, :n]
+    x = torch.randn(T, in_f, generator=gen)
+    y = torch.randn(T, width, generator=gen)
+    want = rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
+    before = y.clone()
+    rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=2e-5 * n**0.5)
+    others = torch.ones(T, dtype=torch.bool)
+    others[tokens] = False
+    assert torch.equal(y[others], before[others]), "rows without an adapter changed"
+
+
+@needs_avx512
+def test_rope_apply_refuses_bad_operands():
+    from mora.kernels.native import rope_apply
+
+    cos = torch.ones(2, 8)
+    base = dict(x=torch.randn(3, 16), tokens=torch.tensor([0, 2]), offsets=torch.tensor([0, 2]), slots=torch.tensor([0]),
+                Mt=torch.randn(1, 8, 8), cos=cos, ssin=cos, k_lo=0, period=16, out_start=0, alpha=1.0,
+                y=torch.zeros(3, 16))
+    for change, message in [
+        (dict(tokens=torch.tensor([0, 3])), "token row out of range"),
+        (dict(k_lo=3), "chunks out of range"),
+        (dict(cos=torch.ones(2, 7), ssin=torch.ones(2, 7)), "n must be even"),
+        (dict(y=torch.zeros(3, 16, dtype=torch.float64)), "float32 CPU tensors only"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            rope_apply(**{**base, **change})
+
+
+@needs_avx512
+@pytest.mark.parametrize("merged", [-1, 0])
+def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
+    """A float32 slice whose only work is type 6 runs as one rope_apply (no gathered input, no
+    scatter); with a merged adapter to subtract it takes the general path. Both equal the
+    reference backend and the BLAS path, and rows without an adapter keep their bits."""
+    from mora.kernels import mora_apply, prepare_batch
+    from mora.kernels.torch_plan import plan_module
+    from mora.spec import MoraSpec, MoraType
+
+    gen = torch.Generator().manual_seed(5)
+    lay = ShardLayout(40, 72)
+    table = SlotTable(lay, 4, n_max=16)
+    for s in range(3):  # one (type, n): one pass
+        table.set_slot(s, torch.randn(12, 12, generator=gen) * 0.1, MoraSpec(40, 72, 12, MoraType.ROPE))
+    slot = torch.tensor([2, 0, -1, 1, 0, 2, 2, -1, 1, 0, 0])
+    x = torch.randn(len(slot), 40, generator=gen)
+    y0 = torch.randn(len(slot), 72, generator=gen)
+    meta = prepare_batch(slot, 4, merged_slot=merged) if merged >= 0 else prepare_batch(slot, 4)
+    want = y0.clone()
+    mora_apply(want, x, table, meta, backend="reference")
+    outs = {}
+    for mode in ("native", "blas"):
+        monkeypatch.setenv(native.ENV_KERNEL, mode)
+        meta = prepare_batch(slot, 4, merged_slot=merged) if merged >= 0 else prepare_batch(slot, 4)
+        y = y0.clone()
+        mora_apply(y, x, table, meta, backend="torch")
+        outs[mode] = y
+        (program,) = plan_module([table], meta, len(slot)).programs.values()
+        assert (program.gather is None) == (mode == "native" and merged < 0)
+        torch.testing.assert_close(y, want, rtol=2e-5, atol=2e-5)
+        if merged < 0:
+            assert torch.equal(y[slot == -1], y0[slot == -1])
+    torch.testing.assert_close(outs["native"], outs["blas"], rtol=2e-5, atol=2e-5)

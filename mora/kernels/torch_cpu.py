@@ -28,15 +28,14 @@ the page faults of fresh allocations cost about as much as the arithmetic here.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mora.kernels.native import native_enabled
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable
+from mora.kernels.torch_native import DirectOp, bind_direct, bind_product
 from mora.kernels.torch_plan import Pass, Plan, plan_module
 from mora.ops import compress, rope_tables
 from mora.spec import MoraSpec, MoraType, group_sizes
@@ -124,14 +123,8 @@ def _bind_transform(p: Pass, X: torch.Tensor, meta: BatchMeta) -> tuple[list[Op]
 def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta) -> tuple[list[Op], TableOp, list[Op]]:
     """`out_c[item] = sign * V[item] @ M[slot].T` for every item: (ops before, the product, ops after)."""
     n = p.spec.n
-    if V.dtype == torch.float32 and native_enabled():  # one call for every item, whatever their rows
-        slots = torch.tensor([s for s, _, _ in p.items], dtype=torch.int64)
-        offsets = torch.tensor([0, *itertools.accumulate(p.sizes)], dtype=torch.int64)
-        sign, op = float(p.sign), torch.ops.mora_native.grouped_mm  # `grouped_mm`'s op, without its mode check
-
-        def native(table: SlotTable) -> None:
-            op(V, offsets, slots, table.Mt, n, sign, out_c)
-
+    native = bind_product(p, V, out_c)  # one call for every item, whatever their rows
+    if native is not None:
         return [], native, []
     if p.m_view is None and p.m_gather is None:
         pairs = list(zip([s for s, _, _ in p.items], V.split(p.sizes), out_c.split(p.sizes), strict=True))
@@ -249,12 +242,14 @@ def _bind_expand(p: Pass, lay: ShardLayout, out_c: torch.Tensor, dst: torch.Tens
 @dataclass(frozen=True)
 class _Program:
     """A plan bound to one batch's buffers: a layer runs `gather(x)`, `fill`, every slice's
-    ops (each pass's product reading that slice's table), then `scatter(y)`."""
+    ops (each pass's product reading that slice's table), then `scatter(y)`; direct slices
+    (`torch_native.bind_direct`) read `x` and add into `y` themselves."""
 
-    gather: Callable[[torch.Tensor], object]
+    gather: Callable[[torch.Tensor], object] | None  # None: every slice is direct
     fill: list[Op]
     slices: list[tuple[int, list[Op | tuple[TableOp]]]]  # (table index, ops; a 1-tuple: the product)
     scatter: list[Callable[[torch.Tensor], object]]
+    direct: list[tuple[int, DirectOp]]  # (table index, one native call from x into y)
 
 
 def _bind_scatter(part: torch.Tensor, lo: int, hi: int, width: int, plan: Plan, meta: BatchMeta) -> Callable[[torch.Tensor], object]:
@@ -275,6 +270,14 @@ def _bind_scatter(part: torch.Tensor, lo: int, hi: int, width: int, plan: Plan, 
 
 
 def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: torch.Tensor, offsets: Sequence[int], meta: BatchMeta) -> _Program:
+    direct: list[tuple[int, DirectOp]] = []
+    for i, table in enumerate(tables):
+        op = bind_direct(plan.passes[i], plan, table, x, y, offsets[i], offsets[i + 1]) if table is not None else None
+        if op is not None:
+            direct.append((i, op))
+    if len(direct) == sum(1 for i, t in enumerate(tables) if t is not None and plan.passes[i]):
+        return _Program(None, [], [], [], direct)
+    done = {i for i, _ in direct}
     live = [t for t in tables if t is not None]
     lay0 = live[0].layout
     in_f, device = lay0.in_features, x.device
@@ -308,7 +311,7 @@ def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: to
     spans: list[tuple[int, int]] = []  # column ranges of D written, merged where adjacent
     for i, table in enumerate(tables):
         passes = plan.passes[i]
-        if table is None or not passes:
+        if table is None or not passes or i in done:
             continue
         lo, hi = offsets[i], offsets[i + 1]
         dst = D[:, lo:hi]
@@ -332,7 +335,7 @@ def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: to
             spans.append((lo, hi))
 
     scatter = [_bind_scatter(D[:, lo:hi], lo, hi, y.shape[1], plan, meta) for lo, hi in spans]
-    return _Program(gather, fill, slices, scatter)
+    return _Program(gather, fill, slices, scatter, direct)
 
 
 def mora_apply_torch_slices(
@@ -346,18 +349,21 @@ def mora_apply_torch_slices(
     prog = plan.programs.get(key)
     if prog is None:
         prog = plan.programs[key] = _bind(plan, tables, x, y, offsets, meta)
-    prog.gather(x)
-    for op in prog.fill:
-        op()
-    for i, ops in prog.slices:
-        table = tables[i]
-        for op in ops:
-            if type(op) is tuple:
-                op[0](table)
-            else:
-                op()
-    for add in prog.scatter:
-        add(y)
+    if prog.gather is not None:
+        prog.gather(x)
+        for op in prog.fill:
+            op()
+        for i, ops in prog.slices:
+            table = tables[i]
+            for op in ops:
+                if type(op) is tuple:
+                    op[0](table)
+                else:
+                    op()
+        for add in prog.scatter:
+            add(y)
+    for i, run in prog.direct:
+        run(tables[i], x, y)
 
 
 def mora_apply_torch(y: torch.Tensor, x: torch.Tensor, table: SlotTable, meta: BatchMeta) -> None:

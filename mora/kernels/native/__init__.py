@@ -1,9 +1,11 @@
-"""The native CPU product of the torch backend: `grouped_mm` (`grouped_mm.cpp`, AVX-512F).
+"""The native CPU kernels of the torch backend (`grouped_mm.cpp`, AVX-512F).
 
 The fused operator's CPU time is its per-adapter products `V @ M.T` with a handful of rows per
-adapter, where one sgemm call per adapter packs a whole `M` for those rows (see the .cpp). This
-C++ op reads every `M` straight from the slot table and is registered as the custom op
-`torch.ops.mora_native.grouped_mm`.
+adapter, where one sgemm call per adapter packs a whole `M` for those rows (see the .cpp). These
+C++ ops read every `M` straight from the slot table, registered as custom ops:
+
+* `torch.ops.mora_native.grouped_mm` - every adapter's rows times its `M`;
+* `torch.ops.mora_native.rope_apply` - type-6 adapters from `x` straight into `y`.
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_KERNEL", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_status"]
+__all__ = ["ENV_KERNEL", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_status", "rope_apply"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
@@ -135,7 +137,41 @@ def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: 
     Rows outside every group and columns past `n` of `out` are not written. Each output is a
     sum over `k` in order with one FMA per term, whatever the other rows of the batch are.
     """
+    _require()
+    torch.ops.mora_native.grouped_mm(V, offsets, slots, Mt, n, alpha, out)
+
+
+def _require() -> None:
     enabled, why = native_status()
     if not enabled:
         raise NativeKernelError(f"the native CPU kernel is not in use: {why}")
-    torch.ops.mora_native.grouped_mm(V, offsets, slots, Mt, n, alpha, out)
+
+
+def rope_apply(x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor,
+               cos: torch.Tensor, ssin: torch.Tensor, k_lo: int, period: int, out_start: int, alpha: float,
+               y: torch.Tensor) -> None:
+    """Type-6 (RoPE) adapters' updates added into `y`, read from `x`, in one call (float32).
+
+    Semantics::
+
+        # x [T, in_f], y [T, width] (rows contiguous); Mt [S, >= n, >= n] with Mt[s] = M[s].T;
+        # cos, ssin [chunks, n]: rows k_lo.. of rope_tables(n, c), ssin = cat(-sin[:, :n/2], sin[:, n/2:]);
+        # tokens int64 [N] (rows of x and y), offsets int64 [G + 1] (into tokens), slots int64 [G]
+        xp = cat(x, x[:, :in_f], dim=1)                                   # the padded input
+        for g in range(G):
+            for t in tokens[offsets[g]:offsets[g + 1]]:
+                for i in range(chunks):
+                    c = k_lo + i
+                    u = xp[t, c * n:(c + 1) * n]
+                    v = u * cos[i] + cat(u[n // 2:], u[:n // 2]) * ssin[i]   # rope_chunks' rotation
+                    o = alpha * (v @ Mt[slots[g], :n, :n])                    # [n]
+                    for j in range(width):                                   # y's columns
+                        col = (out_start + j) % period                       # the output tiles
+                        if c * n <= col < (c + 1) * n:
+                            y[t, j] += o[col - c * n]
+
+    Each column of `y` gets one addition per token (its chunk's product); rows of `y` not in
+    `tokens` and columns of chunks outside `k_lo..k_lo + chunks - 1` are not touched.
+    """
+    _require()
+    torch.ops.mora_native.rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, alpha, y)

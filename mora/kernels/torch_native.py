@@ -1,0 +1,77 @@
+"""The torch backend's calls into the native CPU kernels (`mora.kernels.native`), bound per plan.
+
+* `bind_product`: a pass's per-adapter products, one `grouped_mm` call for all its adapters;
+* `bind_direct`: a slice whose only work is one type-6 pass runs as one `rope_apply` call from
+  `x` straight into `y` (rotation, product and periodic expansion in the kernel): no gathered
+  input, rotated rows, products or expanded rows are written to memory and read back, which at
+  decode sizes costs as much as the products themselves. Every output column still gets one
+  addition of one product, as on the general path.
+
+Both apply only to float32 tables where the native kernel is in use (`native_enabled`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from mora.kernels.native import native_enabled
+from mora.kernels.table import SlotTable
+from mora.kernels.torch_plan import Pass, Plan
+from mora.ops import rope_tables
+from mora.spec import MoraType
+
+__all__ = ["DirectOp", "bind_direct", "bind_product"]
+
+DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
+
+
+def _slots(p: Pass) -> torch.Tensor:
+    return torch.tensor([s for s, _, _ in p.items], dtype=torch.int64)
+
+
+def _offsets(sizes: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64)
+
+
+def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[SlotTable], None] | None:
+    """`out_c[item] = sign * V[item] @ M[slot].T` for every item in one call, or None (not native)."""
+    if V.dtype != torch.float32 or not native_enabled():
+        return None
+    offsets, slots = _offsets(p.sizes), _slots(p)  # rows of V (the chunk domain)
+    n, sign, op = p.spec.n, float(p.sign), torch.ops.mora_native.grouped_mm
+
+    def product(table: SlotTable) -> None:
+        op(V, offsets, slots, table.Mt, n, sign, out_c)
+
+    return product
+
+
+def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
+                hi: int) -> DirectOp | None:
+    """The slice `y[:, lo:hi]` as one `rope_apply` call, or None where the general path is needed:
+    other types, a merged adapter to subtract, several passes, a row-parallel shard, not float32."""
+    if len(passes) != 1 or not native_enabled():
+        return None
+    (p,) = passes
+    lay, spec = table.layout, p.spec
+    if (spec.mora_type is not MoraType.ROPE or p.sign < 0 or lay.local_in != lay.in_features
+            or not x.dtype == y.dtype == table.dtype == torch.float32):
+        return None
+    n, half = spec.n, spec.n // 2
+    cos, sin = rope_tables(n, spec.num_chunks, torch.float32, x.device)
+    cos = cos[p.k_lo : p.k_lo + p.chunks].contiguous()
+    ssin = torch.cat([-sin[p.k_lo : p.k_lo + p.chunks, :half], sin[p.k_lo : p.k_lo + p.chunks, half:]], 1).contiguous()
+    offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
+    tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
+    period, out_start, op = spec.num_chunks * n, lay.out_start, torch.ops.mora_native.rope_apply
+    whole = lo == 0 and hi == y.shape[1]
+
+    def direct(table: SlotTable, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        op(x, tokens, offsets, slots, table.Mt, cos, ssin, p.k_lo, period, out_start, 1.0, y if whole else y[:, lo:hi])
+
+    return direct
