@@ -292,7 +292,7 @@ def test_rope_apply_refuses_bad_operands():
 @needs_avx512
 @pytest.mark.parametrize("merged", [-1, 0])
 def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
-    """A float32 slice whose only work is type 6 runs as one rope_apply (no gathered input, no
+    """A float32 slice whose only work is type 6 runs as rope_apply calls (no gathered input, no
     scatter); with a merged adapter to subtract it takes the general path. Both equal the
     reference backend and the BLAS path, and rows without an adapter keep their bits."""
     from mora.kernels import mora_apply, prepare_batch
@@ -302,8 +302,8 @@ def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
     gen = torch.Generator().manual_seed(5)
     lay = ShardLayout(40, 72)
     table = SlotTable(lay, 4, n_max=16)
-    for s in range(3):  # one (type, n): one pass
-        table.set_slot(s, torch.randn(12, 12, generator=gen) * 0.1, MoraSpec(40, 72, 12, MoraType.ROPE))
+    for s, n in enumerate([12, 8, 12]):  # two (type, n): two passes, one rope_apply each
+        table.set_slot(s, torch.randn(n, n, generator=gen) * 0.1, MoraSpec(40, 72, n, MoraType.ROPE))
     slot = torch.tensor([2, 0, -1, 1, 0, 2, 2, -1, 1, 0, 0])
     x = torch.randn(len(slot), 40, generator=gen)
     y0 = torch.randn(len(slot), 72, generator=gen)

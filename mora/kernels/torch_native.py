@@ -1,11 +1,11 @@
 """The torch backend's calls into the native CPU kernels (`mora.kernels.native`), bound per plan.
 
 * `bind_product`: a pass's per-adapter products, one `grouped_mm` call for all its adapters;
-* `bind_direct`: a slice whose only work is one type-6 pass runs as one `rope_apply` call from
-  `x` straight into `y` (rotation, product and periodic expansion in the kernel): no gathered
-  input, rotated rows, products or expanded rows are written to memory and read back, which at
-  decode sizes costs as much as the products themselves. Every output column still gets one
-  addition of one product, as on the general path.
+* `bind_direct`: a slice whose only work is type-6 passes runs as one `rope_apply` call per
+  pass, from `x` straight into `y` (rotation, product and periodic expansion in the kernel): no
+  gathered input, rotated rows, products or expanded rows are written to memory and read back,
+  which at decode sizes costs as much as the products themselves. Every output column still
+  gets one addition of one product per token, as on the general path.
 
 Both apply only to float32 tables where the native kernel is in use (`native_enabled`).
 """
@@ -51,27 +51,34 @@ def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[Slo
 
 def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
                 hi: int) -> DirectOp | None:
-    """The slice `y[:, lo:hi]` as one `rope_apply` call, or None where the general path is needed:
-    other types, a merged adapter to subtract, several passes, a row-parallel shard, not float32."""
-    if len(passes) != 1 or not native_enabled():
+    """The slice `y[:, lo:hi]` as one `rope_apply` call per pass, or None where the general path
+    is needed: other types, a merged adapter to subtract, a row-parallel shard, not float32.
+    Passes cover disjoint rows, so each column of `y` still gets one addition per token."""
+    lay = table.layout
+    if (not passes or not native_enabled() or lay.local_in != lay.in_features
+            or not x.dtype == y.dtype == table.dtype == torch.float32
+            or any(p.spec.mora_type is not MoraType.ROPE or p.sign < 0 for p in passes)):
         return None
-    (p,) = passes
-    lay, spec = table.layout, p.spec
-    if (spec.mora_type is not MoraType.ROPE or p.sign < 0 or lay.local_in != lay.in_features
-            or not x.dtype == y.dtype == table.dtype == torch.float32):
-        return None
-    n, half = spec.n, spec.n // 2
-    cos, sin = rope_tables(n, spec.num_chunks, torch.float32, x.device)
-    cos = cos[p.k_lo : p.k_lo + p.chunks].contiguous()
-    ssin = torch.cat([-sin[p.k_lo : p.k_lo + p.chunks, :half], sin[p.k_lo : p.k_lo + p.chunks, half:]], 1).contiguous()
-    offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
-    tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
-    period, out_start, op = spec.num_chunks * n, lay.out_start, torch.ops.mora_native.rope_apply
+    calls = [_rope_call(p, plan, lay.out_start) for p in passes]
     whole = lo == 0 and hi == y.shape[1]
+    op = torch.ops.mora_native.rope_apply
 
     def direct(table: SlotTable, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.stride(1) != 1:
             x = x.contiguous()
-        op(x, tokens, offsets, slots, table.Mt, cos, ssin, p.k_lo, period, out_start, 1.0, y if whole else y[:, lo:hi])
+        dst = y if whole else y[:, lo:hi]
+        for tokens, offsets, slots, cos, ssin, k_lo, period, out_start in calls:
+            op(x, tokens, offsets, slots, table.Mt, cos, ssin, k_lo, period, out_start, 1.0, dst)
 
     return direct
+
+
+def _rope_call(p: Pass, plan: Plan, out_start: int) -> tuple:
+    """`rope_apply`'s operands for pass `p` (all but x, Mt, alpha and y)."""
+    spec = p.spec
+    n, half, k_lo, k_hi = spec.n, spec.n // 2, p.k_lo, p.k_lo + p.chunks
+    cos, sin = rope_tables(n, spec.num_chunks, torch.float32)
+    ssin = torch.cat([-sin[k_lo:k_hi, :half], sin[k_lo:k_hi, half:]], 1).contiguous()
+    offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
+    tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
+    return tokens, offsets, slots, cos[k_lo:k_hi].contiguous(), ssin, k_lo, spec.num_chunks * n, out_start

@@ -55,7 +55,7 @@ struct Rope {
   float* y;
   int64_t ldy;
 
-  // The rotated chunk of row r: v[k] = u[k] * cos[k] + u[k ^ half] * ssin[k] (u = the chunk).
+  // The rotated chunk of row r: v[k] = u[k] * cos[k] + u[(k + n/2) % n] * ssin[k] (u = the chunk).
   __attribute__((target("avx512f"))) void load(int64_t r, float* v, int64_t stride) const {
     const int64_t c = r % chunks, half = n / 2;
     const float* xr = x + tokens[r / chunks] * ldx;
