@@ -4,10 +4,14 @@ Work is planned once per batch and module (all slices of a packed q/k/v or gate/
 per token (`torch_plan`), and the plan is shared by every layer whose tables hold the same
 adapters. Rows with work are gathered once into a work order where each pass, one (type, n)
 spec on one slice, owns contiguous rows: it compresses them (or rotates them, type 6) in a few
-batched ops, multiplies each adapter's rows by its `M` (one batched GEMM when the adapters'
-slots form an arithmetic progression or their `M`s are gathered, else one `mm` each), and
-writes the decompressed result with whole output periods broadcast into one buffer that is
-added to `y` with one scatter.
+batched ops, multiplies each adapter's rows by its `M`, and writes the decompressed result
+with whole output periods broadcast into one buffer that is added to `y` with one scatter.
+
+The products of float32 tables run in the native kernel (`torch_native`, `mora.kernels.native`):
+one call per pass, and a slice whose only work is type 6 runs from `x` straight into `y` with
+none of the buffers above. Otherwise (other dtypes, `MORA_CPU_KERNEL=blas`, CPUs without
+AVX-512F) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
+progression or their `M`s are gathered, else one `mm` each.
 
 A plan is bound once into a program: every op with its operands already sliced out of the
 batch's scratch buffers, so that a layer runs a flat list of torch calls and reads only its
@@ -187,8 +191,8 @@ def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMet
     return before, product, after
 
 
-# Rows per adapter (chunk domain) for which the batched product is computed as `v @ M.T`: on
-# this CPU's BLAS about twice as fast as `M @ v.T` for 6-12 rows, no slower up to 32. With 1-4
+# Rows per adapter (chunk domain) for which the batched BLAS product is computed as `v @ M.T`:
+# on this CPU's BLAS about twice as fast as `M @ v.T` for 6-12 rows, no slower up to 32. With 1-4
 # rows (a type 1-4 adapter's decode tokens) `M @ v.T` wins when the `M`s come from memory, as
 # they do in a model's forward; beyond 32 it is a little faster.
 _ROWS_MAJOR = (4, 32)
