@@ -65,20 +65,26 @@ def zipf_sizes(groups: int, total: int, gen: torch.Generator) -> list[int]:
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 37, 100, 348])
 @pytest.mark.parametrize("sizes", [[1], [16], [17], [3, 0, 40, 1], [12] * 5, list(range(1, 20)), "zipf"])
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
-def test_matches_semantics(n, sizes, alpha):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_semantics(n, sizes, alpha, dtype):
     gen = torch.Generator().manual_seed(n)
     if sizes == "zipf":  # skewed popularity: one adapter has most rows, many have one or none
         sizes = zipf_sizes(16, 97, gen)
     S = 24
     slots = torch.randint(0, S, (len(sizes),), generator=gen).tolist()
-    V, offsets, slots_t, Mt, out = problem(n, sizes, slots, S, n_max=n + n % 4)
-    want = reference(V, offsets, slots_t, Mt, n, alpha, out)
+    V, offsets, slots_t, Mt, out = (t.to(dtype) if t.is_floating_point() else t
+                                    for t in problem(n, sizes, slots, S, n_max=n + n % 4))
+    want = reference(V.float(), offsets, slots_t, Mt.float(), n, alpha, out.float())
     grouped_mm(V, offsets, slots_t, Mt, n, alpha, out)
     scale = max(1.0, want.abs().max().item())
-    assert (out - want).abs().max().item() / scale < 2e-6 * n**0.5
+    if dtype == torch.float32:
+        assert (out - want).abs().max().item() / scale < 2e-6 * n**0.5
+    else:  # float32 sums rounded once: within half a bf16 ulp (2**-9 relative) of the exact result
+        rows = int(offsets[-1])
+        assert ((out[:rows, :n].float() - want[:rows, :n]).abs() <= want[:rows, :n].abs() * 2**-8 + 1e-5 * scale).all()
     rows = int(offsets[-1])
-    assert torch.equal(out[rows:], torch.full_like(out[rows:], 7.0)), "rows past the groups were written"
-    assert torch.equal(out[:, n:], torch.full_like(out[:, n:], 7.0)), "columns past n were written"
+    assert torch.equal(out[rows:].float(), torch.full_like(out[rows:].float(), 7.0)), "rows past the groups were written"
+    assert torch.equal(out[:, n:].float(), torch.full_like(out[:, n:].float(), 7.0)), "columns past n were written"
 
 
 @needs_avx512
@@ -129,7 +135,8 @@ def test_reads_a_slot_table_in_place():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda a: a.update(V=a["V"].double()), "float32 only"),
+        (lambda a: a.update(V=a["V"].double()), "CPU tensors of one dtype, float32 or bfloat16"),
+        (lambda a: a.update(V=a["V"].bfloat16()), "CPU tensors of one dtype, float32 or bfloat16"),
         (lambda a: a.update(offsets=torch.tensor([0, 99])), "offsets out of range"),
         (lambda a: a.update(offsets=torch.tensor([3, 1])), "offsets out of range"),
         (lambda a: a.update(slots=torch.tensor([5])), "slot out of range"),
@@ -245,13 +252,14 @@ def rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_s
         (4096, 256, 0, 16, 0, 512),
     ],
 )
-def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width, dtype):
     from mora.kernels.native import rope_apply
     from mora.ops import rope_tables
 
     gen = torch.Generator().manual_seed(in_f + n)
     period = -(-in_f // n) * n
-    cos, sin = rope_tables(n, period // n, torch.float32)
+    cos, sin = rope_tables(n, period // n, dtype)
     cos = cos[k_lo : k_lo + chunks].contiguous()
     ssin = torch.cat([-sin[k_lo : k_lo + chunks, : n // 2], sin[k_lo : k_lo + chunks, n // 2 :]], 1).contiguous()
     T, S = 23, 6
@@ -259,13 +267,16 @@ def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width):
     tokens = torch.randperm(T, generator=gen)[: sum(sizes)].contiguous()
     offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
     slots = torch.randint(0, S, (len(sizes),), generator=gen)
-    Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1)[:, :, :n]
-    x = torch.randn(T, in_f, generator=gen)
-    y = torch.randn(T, width, generator=gen)
+    Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1).to(dtype)[:, :, :n]
+    x = torch.randn(T, in_f, generator=gen).to(dtype)
+    y = torch.randn(T, width, generator=gen).to(dtype)
     want = rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
     before = y.clone()
     rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=2e-5 * n**0.5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=2e-5 * n**0.5)
+    else:  # bf16 roundings of the rotation, the product and the sum
+        torch.testing.assert_close(y.float(), want, rtol=3e-2, atol=3e-2 * max(1.0, want.abs().max().item()))
     others = torch.ones(T, dtype=torch.bool)
     others[tokens] = False
     assert torch.equal(y[others], before[others]), "rows without an adapter changed"
@@ -283,7 +294,7 @@ def test_rope_apply_refuses_bad_operands():
         (dict(tokens=torch.tensor([0, 3])), "token row out of range"),
         (dict(k_lo=3), "chunks out of range"),
         (dict(cos=torch.ones(2, 7), ssin=torch.ones(2, 7)), "n must be even"),
-        (dict(y=torch.zeros(3, 16, dtype=torch.float64)), "float32 CPU tensors only"),
+        (dict(y=torch.zeros(3, 16, dtype=torch.float64)), "CPU tensors of one dtype, float32 or bfloat16"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             rope_apply(**{**base, **change})
@@ -291,7 +302,8 @@ def test_rope_apply_refuses_bad_operands():
 
 @needs_avx512
 @pytest.mark.parametrize("merged", [-1, 0])
-def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged, dtype):
     """A float32 slice whose only work is type 6 runs as rope_apply calls (no gathered input, no
     scatter); with a merged adapter to subtract it takes the general path. Both equal the
     reference backend and the BLAS path, and rows without an adapter keep their bits."""
@@ -301,12 +313,13 @@ def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
 
     gen = torch.Generator().manual_seed(5)
     lay = ShardLayout(40, 72)
-    table = SlotTable(lay, 4, n_max=16)
+    table = SlotTable(lay, 4, n_max=16, dtype=dtype)
     for s, n in enumerate([12, 8, 12]):  # two (type, n): two passes, one rope_apply each
-        table.set_slot(s, torch.randn(n, n, generator=gen) * 0.1, MoraSpec(40, 72, n, MoraType.ROPE))
+        table.set_slot(s, (torch.randn(n, n, generator=gen) * 0.1).to(dtype), MoraSpec(40, 72, n, MoraType.ROPE))
     slot = torch.tensor([2, 0, -1, 1, 0, 2, 2, -1, 1, 0, 0])
-    x = torch.randn(len(slot), 40, generator=gen)
-    y0 = torch.randn(len(slot), 72, generator=gen)
+    x = torch.randn(len(slot), 40, generator=gen).to(dtype)
+    y0 = torch.randn(len(slot), 72, generator=gen).to(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     meta = prepare_batch(slot, 4, merged_slot=merged) if merged >= 0 else prepare_batch(slot, 4)
     want = y0.clone()
     mora_apply(want, x, table, meta, backend="reference")
@@ -319,7 +332,11 @@ def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged):
         outs[mode] = y
         (program,) = plan_module([table], meta, len(slot)).programs.values()
         assert (program.gather is None) == (mode == "native" and merged < 0)
-        torch.testing.assert_close(y, want, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(y, want, **tol)
         if merged < 0:
             assert torch.equal(y[slot == -1], y0[slot == -1])
-    torch.testing.assert_close(outs["native"], outs["blas"], rtol=2e-5, atol=2e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(outs["native"], outs["blas"], **tol)
+    else:  # the same roundings at the same steps; float32 sums in another order: at most 1 bf16 ulp apart
+        diff = (outs["native"].float() - outs["blas"].float()).abs()
+        assert (diff <= outs["blas"].float().abs() * 2**-7 + 1e-6).all(), diff.max()

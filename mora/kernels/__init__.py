@@ -3,8 +3,8 @@
 One documented face, `mora_apply`, several backends with the same signature:
 
 * `reference` - plain torch, a loop over slots (`reference.py`); the definition;
-* `torch`     - vectorized torch, the CPU path (`torch_cpu.py`), its float32 products in a
-                C++ kernel (`native/`, `torch_native.py`);
+* `torch`     - vectorized torch, the CPU path (`torch_cpu.py`), its float32/bfloat16 products
+                in a C++ kernel (`native/`, `torch_native.py`);
 * `triton`    - Punica/SGMV-style Triton kernels, the GPU path (`triton_gpu.py`).
 
 Compiled and CUDA-graph-captured forwards call it as the custom op `torch.ops.mora.fused_apply`

@@ -7,10 +7,10 @@ spec on one slice, owns contiguous rows: it compresses them (or rotates them, ty
 batched ops, multiplies each adapter's rows by its `M`, and writes the decompressed result
 with whole output periods broadcast into one buffer that is added to `y` with one scatter.
 
-The products of float32 tables run in the native kernel (`torch_native`, `mora.kernels.native`):
-one call per pass, and a slice whose only work is type 6 runs from `x` straight into `y` with
-none of the buffers above. Otherwise (other dtypes, `MORA_CPU_KERNEL=blas`, CPUs without
-AVX-512F) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
+The products of float32 and bfloat16 tables run in the native kernel (`torch_native`,
+`mora.kernels.native`): one call per pass, and a slice whose only work is type 6 runs from `x`
+straight into `y` with none of the buffers above. Otherwise (float16, `MORA_CPU_KERNEL=blas`,
+CPUs without AVX-512F) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
 progression or their `M`s are gathered, else one `mm` each.
 
 A plan is bound once into a program: every op with its operands already sliced out of the

@@ -7,7 +7,7 @@
   which at decode sizes costs as much as the products themselves. Every output column still
   gets one addition of one product per token, as on the general path.
 
-Both apply only to float32 tables where the native kernel is in use (`native_enabled`).
+Both apply to float32 and bfloat16 tables where the native kernel is in use (`native_enabled`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mora.spec import MoraType
 __all__ = ["DirectOp", "bind_direct", "bind_product"]
 
 DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
 
 
 def _slots(p: Pass) -> torch.Tensor:
@@ -38,7 +39,7 @@ def _offsets(sizes: list[int]) -> torch.Tensor:
 
 def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[SlotTable], None] | None:
     """`out_c[item] = sign * V[item] @ M[slot].T` for every item in one call, or None (not native)."""
-    if V.dtype != torch.float32 or not native_enabled():
+    if V.dtype not in NATIVE_DTYPES or not native_enabled():
         return None
     offsets, slots = _offsets(p.sizes), _slots(p)  # rows of V (the chunk domain)
     n, sign, op = p.spec.n, float(p.sign), torch.ops.mora_native.grouped_mm
@@ -52,14 +53,14 @@ def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[Slo
 def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
                 hi: int) -> DirectOp | None:
     """The slice `y[:, lo:hi]` as one `rope_apply` call per pass, or None where the general path
-    is needed: other types, a merged adapter to subtract, a row-parallel shard, not float32.
+    is needed: other types, a merged adapter to subtract, a row-parallel shard, mixed dtypes.
     Passes cover disjoint rows, so each column of `y` still gets one addition per token."""
     lay = table.layout
     if (not passes or not native_enabled() or lay.local_in != lay.in_features
-            or not x.dtype == y.dtype == table.dtype == torch.float32
+            or not x.dtype == y.dtype == table.dtype or x.dtype not in NATIVE_DTYPES
             or any(p.spec.mora_type is not MoraType.ROPE or p.sign < 0 for p in passes)):
         return None
-    calls = [_rope_call(p, plan, lay.out_start) for p in passes]
+    calls = [_rope_call(p, plan, lay.out_start, x.dtype) for p in passes]
     whole = lo == 0 and hi == y.shape[1]
     op = torch.ops.mora_native.rope_apply
 
@@ -73,11 +74,12 @@ def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tenso
     return direct
 
 
-def _rope_call(p: Pass, plan: Plan, out_start: int) -> tuple:
-    """`rope_apply`'s operands for pass `p` (all but x, Mt, alpha and y)."""
+def _rope_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tuple:
+    """`rope_apply`'s operands for pass `p` (all but x, Mt, alpha and y); the tables in `dtype`,
+    as the general path rounds them."""
     spec = p.spec
     n, half, k_lo, k_hi = spec.n, spec.n // 2, p.k_lo, p.k_lo + p.chunks
-    cos, sin = rope_tables(n, spec.num_chunks, torch.float32)
+    cos, sin = rope_tables(n, spec.num_chunks, dtype)
     ssin = torch.cat([-sin[k_lo:k_hi, :half], sin[k_lo:k_hi, half:]], 1).contiguous()
     offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
     tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()

@@ -124,7 +124,9 @@ def native_enabled() -> bool:
 
 def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor, n: int, alpha: float,
                out: torch.Tensor) -> None:
-    """Every group's rows times its slot's `M`, in one call (float32, CPU, AVX-512F).
+    """Every group's rows times its slot's `M`, in one call (CPU, AVX-512F; float32 or bfloat16,
+    one dtype for `V`, `Mt` and `out`; bfloat16 is multiplied and summed in float32 and each
+    output rounded once).
 
     Semantics::
 
@@ -150,7 +152,9 @@ def _require() -> None:
 def rope_apply(x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor,
                cos: torch.Tensor, ssin: torch.Tensor, k_lo: int, period: int, out_start: int, alpha: float,
                y: torch.Tensor) -> None:
-    """Type-6 (RoPE) adapters' updates added into `y`, read from `x`, in one call (float32).
+    """Type-6 (RoPE) adapters' updates added into `y`, read from `x`, in one call (float32 or
+    bfloat16, one dtype for every tensor; in bfloat16 each step rounds where the torch ops of
+    the general path round: the rotation's product and sum, the product `o`, the addition).
 
     Semantics::
 

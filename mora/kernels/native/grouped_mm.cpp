@@ -11,7 +11,9 @@
 // handful of V rows (contiguous broadcasts). Each output is summed over k in order, one FMA per
 // term: the result of a row never depends on the other rows of the batch.
 //
-// AVX-512F only; the Python side checks the CPU before loading this library.
+// float32 and bfloat16 (bf16 operands are widened to float32, products and sums are float32 and
+// rounded to bf16 where torch's own ops would round them). AVX-512F/BW/VL: the Python side checks
+// the CPU (torch's AVX512 capability) before loading this library.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -19,67 +21,122 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 constexpr int kPanel = 16;  // output columns per zmm register
 constexpr int kMaxRows = 16;
 constexpr int PF = 16;  // rows of Mt prefetched ahead: a row stride of 1-2 KB defeats the hardware prefetcher
 
+using bf16 = uint16_t;  // at::BFloat16's bits
+
+// How a storage type becomes float32 lanes and back. `round` is the value the type holds.
+template <typename T>
+struct Io;
+
+template <>
+struct Io<float> {
+  KERNEL static __m512 load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  KERNEL static void store(__mmask16 m, float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+  KERNEL static __m512 round(__m512 v) { return v; }
+  static float get(float v) { return v; }
+  static float round(float v) { return v; }
+};
+
+template <>
+struct Io<bf16> {
+  KERNEL static __m512 load(__mmask16 m, const bf16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion.
+  KERNEL static __m512i bits(__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  }
+  KERNEL static void store(__mmask16 m, bf16* p, __m512 v) { _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits(v))); }
+  KERNEL static __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits(v), 16)); }
+  static float get(bf16 v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static float round(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u = f != f ? 0x7FC00000u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+template <typename T>
 struct Rope;
 
+template <typename T>
 struct Problem {
-  const float* V;
+  const T* V;
   int64_t ldv;
-  const float* Mt;  // this group's Mt[slot]
-  int64_t ldm;      // its row stride
+  const T* Mt;  // this group's Mt[slot]
+  int64_t ldm;  // its row stride
   int64_t n;
-  float* out;
+  T* out;
   int64_t ldo;
   float alpha;
-  const Rope* rope = nullptr;  // set: rows are (token, chunk) pairs read from x and added into y
+  const Rope<T>* rope = nullptr;  // set: rows are (token, chunk) pairs read from x and added into y
 };
 
 // Type 6 straight from x to y (rope_apply): row r of a group is chunk k_lo + r % chunks of the
 // group's token r / chunks. Its V row is that chunk of the padded input, rotated; its product's
 // column q is output column (c * n + q) of every period `period`, added into y's columns
-// [out_start, out_start + width).
+// [out_start, out_start + width). Roundings follow the general path's torch ops.
+template <typename T>
 struct Rope {
-  const float* x;
+  const T* x;
   int64_t ldx, in_f;
   const int64_t* tokens;  // y/x row of each of the group's tokens (already offset to the group)
-  const float* cos;       // [chunks, n]: the rows of chunks k_lo..
-  const float* ssin;      // [chunks, n]: cat(-sin[:, :n/2], sin[:, n/2:])
+  const T* cos;           // [chunks, n]: the rows of chunks k_lo..
+  const T* ssin;          // [chunks, n]: cat(-sin[:, :n/2], sin[:, n/2:])
   int64_t n, chunks, k_lo, period, out_start, width;
-  float* y;
+  T* y;
   int64_t ldy;
 
-  // The rotated chunk of row r: v[k] = u[k] * cos[k] + u[(k + n/2) % n] * ssin[k] (u = the chunk).
-  __attribute__((target("avx512f"))) void load(int64_t r, float* v, int64_t stride) const {
+  // The rotated chunk of row r: v[k] = u[(k + n/2) % n] * ssin[k] + u[k] * cos[k] (u = the chunk),
+  // rounded as torch's mul then addcmul_ round it.
+  KERNEL void load(int64_t r, float* v, int64_t stride) const {
     const int64_t c = r % chunks, half = n / 2;
-    const float* xr = x + tokens[r / chunks] * ldx;
-    const float* cr = cos + c * n;
-    const float* sr = ssin + c * n;
+    const T* xr = x + tokens[r / chunks] * ldx;
+    const T* cr = cos + c * n;
+    const T* sr = ssin + c * n;
     const int64_t base = (k_lo + c) * n;
-    const float* u = xr + base;
-    thread_local std::vector<float> wrapped;
-    if (base + n > in_f) {  // the last chunk reads the padding: the input's first features again
-      wrapped.resize(n);
-      for (int64_t k = 0; k < n; ++k) wrapped[k] = xr[base + k < in_f ? base + k : base + k - in_f];
-      u = wrapped.data();
+    thread_local std::vector<float> buf;
+    buf.resize(2 * n);
+    const float* u;
+    if (std::is_same_v<T, float> && base + n <= in_f) {
+      u = reinterpret_cast<const float*>(xr + base);
+    } else {  // widened, and the last chunk may read the padding: the first features again
+      for (int64_t k = 0; k < n; ++k) buf[k] = Io<T>::get(xr[base + k < in_f ? base + k : base + k - in_f]);
+      u = buf.data();
     }
-    thread_local std::vector<float> row;
-    row.resize(n);
-    float* o = row.data();
-    for (int64_t k = 0; k < half; ++k) o[k] = u[k] * cr[k] + u[k + half] * sr[k];  // contiguous: vectorized
-    for (int64_t k = half; k < n; ++k) o[k] = u[k] * cr[k] + u[k - half] * sr[k];
+    float* o = buf.data() + n;
+    for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
+      o[k] = Io<T>::round(Io<T>::round(u[k + half] * Io<T>::get(sr[k])) + u[k] * Io<T>::get(cr[k]));
+    for (int64_t k = half; k < n; ++k)
+      o[k] = Io<T>::round(Io<T>::round(u[k - half] * Io<T>::get(sr[k])) + u[k] * Io<T>::get(cr[k]));
     for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
   }
 
-  // y[token, j] += v[lane] for every output column j of chunk column q0 + lane.
-  __attribute__((target("avx512f"))) void add(int64_t r, int64_t q0, __mmask16 valid, __m512 v) const {
-    float* yr = y + tokens[r / chunks] * ldy;
+  // y[token, j] += v[lane] for every output column j of chunk column q0 + lane (v already
+  // rounded to T, as the general path's product buffer holds it).
+  KERNEL void add(int64_t r, int64_t q0, __mmask16 valid, __m512 v) const {
+    T* yr = y + tokens[r / chunks] * ldy;
     const int64_t d = (k_lo + r % chunks) * n + q0 - out_start;  // column of lane 0 in period 0
     const int64_t first = -floor_div(d + kPanel - 1, period);   // the first period reaching column 0
     for (int64_t m = first;; ++m) {
@@ -88,8 +145,8 @@ struct Rope {
       __mmask16 in = valid;
       if (j < 0) in &= static_cast<__mmask16>(0xFFFF << (-j));
       if (j + kPanel > width) in &= static_cast<__mmask16>((1u << (width - j)) - 1);
-      float* dst = yr + j;
-      _mm512_mask_storeu_ps(dst, in, _mm512_add_ps(_mm512_maskz_loadu_ps(in, dst), v));
+      T* dst = yr + j;
+      Io<T>::store(in, dst, _mm512_add_ps(Io<T>::load(in, dst), v));
     }
   }
 
@@ -103,8 +160,8 @@ constexpr int panels_for() {
   return RB >= 9 ? 1 : RB >= 5 ? 2 : RB >= 3 ? 4 : 8;
 }
 
-template <int RB, int NP, bool ROPE>
-__attribute__((target("avx512f"))) void block(const Problem& p, const float* Vp, int64_t row0, int64_t p0, const float* next) {
+template <int RB, int NP, bool ROPE, typename T>
+KERNEL void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
   __m512 acc[RB][NP];
   __mmask16 mask[NP];
   for (int j = 0; j < NP; ++j) {
@@ -113,17 +170,17 @@ __attribute__((target("avx512f"))) void block(const Problem& p, const float* Vp,
                              : static_cast<__mmask16>(left > 0 ? (1u << left) - 1 : 0);
     for (int i = 0; i < RB; ++i) acc[i][j] = _mm512_setzero_ps();
   }
-  const float* base = p.Mt + p0 * kPanel;
+  const T* base = p.Mt + p0 * kPanel;
   for (int64_t k = 0; k < p.n; ++k) {
     __m512 b[NP];
-    const float* row = base + k * p.ldm;
+    const T* row = base + k * p.ldm;
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(row + PF * p.ldm + j * kPanel), _MM_HINT_T0);
       // The same line of the next unit's Mt, into L2: a unit makes one step per line of Mt,
       // so the next adapter's M arrives from memory while this one is multiplied.
       if (next) _mm_prefetch(reinterpret_cast<const char*>(next + (p0 + j) * kPanel + k * p.ldm), _MM_HINT_T1);
-      b[j] = _mm512_maskz_loadu_ps(mask[j], row + j * kPanel);  // masked: never reads past n
+      b[j] = Io<T>::load(mask[j], row + j * kPanel);  // masked: never reads past n
     }
     const float* a = Vp + k * RB;
 #pragma GCC unroll 16
@@ -138,7 +195,7 @@ __attribute__((target("avx512f"))) void block(const Problem& p, const float* Vp,
     alignas(64) float tile[RB][NP][kPanel];
     for (int j = 0; j < NP; ++j)
       for (int i = 0; i < RB; ++i)
-        _mm512_store_ps(tile[i][j], p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha));
+        _mm512_store_ps(tile[i][j], Io<T>::round(p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha)));
     for (int j = 0; j < NP && mask[j]; ++j)
       for (int i = 0; i < RB; ++i) p.rope->add(row0 + i, (p0 + j) * kPanel, mask[j], _mm512_load_ps(tile[i][j]));
     return;
@@ -147,14 +204,14 @@ __attribute__((target("avx512f"))) void block(const Problem& p, const float* Vp,
     if (!mask[j]) break;
     for (int i = 0; i < RB; ++i) {
       const __m512 v = p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha);
-      _mm512_mask_storeu_ps(p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel, mask[j], v);
+      Io<T>::store(mask[j], p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel, v);
     }
   }
 }
 
-// Rows [row0, row0 + RB) of one group: pack them k-major, then every column panel.
-template <int RB, bool ROPE>
-__attribute__((target("avx512f"))) void rows(const Problem& p, int64_t row0, std::vector<float>& pack, const float* next) {
+// Rows [row0, row0 + RB) of one group: pack them k-major (as float32), then every column panel.
+template <int RB, bool ROPE, typename T>
+KERNEL void rows(const Problem<T>& p, int64_t row0, std::vector<float>& pack, const T* next) {
   constexpr int NP = panels_for<RB>();
   if (static_cast<int64_t>(pack.size()) < p.n * RB) pack.resize(p.n * RB);
   float* Vp = pack.data();
@@ -163,28 +220,70 @@ __attribute__((target("avx512f"))) void rows(const Problem& p, int64_t row0, std
       p.rope->load(row0 + i, Vp + i, RB);
       continue;
     }
-    const float* src = p.V + (row0 + i) * p.ldv;
-    for (int64_t k = 0; k < p.n; ++k) Vp[k * RB + i] = src[k];
+    const T* src = p.V + (row0 + i) * p.ldv;
+    for (int64_t k = 0; k < p.n; ++k) Vp[k * RB + i] = Io<T>::get(src[k]);
   }
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
   int64_t q = 0;
-  for (; q + NP <= panels; q += NP) block<RB, NP, ROPE>(p, Vp, row0, q, next);
-  for (; q < panels; ++q) block<RB, 1, ROPE>(p, Vp, row0, q, next);
+  for (; q + NP <= panels; q += NP) block<RB, NP, ROPE, T>(p, Vp, row0, q, next);
+  for (; q < panels; ++q) block<RB, 1, ROPE, T>(p, Vp, row0, q, next);
 }
 
-using RowsFn = void (*)(const Problem&, int64_t, std::vector<float>&, const float*);
-template <bool ROPE>
-constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,
-                                        rows<1, ROPE>,  rows<2, ROPE>,  rows<3, ROPE>,  rows<4, ROPE>,
-                                        rows<5, ROPE>,  rows<6, ROPE>,  rows<7, ROPE>,  rows<8, ROPE>,
-                                        rows<9, ROPE>,  rows<10, ROPE>, rows<11, ROPE>, rows<12, ROPE>,
-                                        rows<13, ROPE>, rows<14, ROPE>, rows<15, ROPE>, rows<16, ROPE>};
+template <bool ROPE, typename T>
+using RowsFn = void (*)(const Problem<T>&, int64_t, std::vector<float>&, const T*);
+
+template <bool ROPE, typename T>
+constexpr RowsFn<ROPE, T> kRows[kMaxRows + 1] = {
+    nullptr,           rows<1, ROPE, T>,  rows<2, ROPE, T>,  rows<3, ROPE, T>,  rows<4, ROPE, T>,  rows<5, ROPE, T>,
+    rows<6, ROPE, T>,  rows<7, ROPE, T>,  rows<8, ROPE, T>,  rows<9, ROPE, T>,  rows<10, ROPE, T>, rows<11, ROPE, T>,
+    rows<12, ROPE, T>, rows<13, ROPE, T>, rows<14, ROPE, T>, rows<15, ROPE, T>, rows<16, ROPE, T>};
+
+// Units per task of the thread pool: all of them (no fork/join) when the whole call is a few
+// microseconds of work, as a small model's decode step is; one otherwise.
+int64_t grain(const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, int64_t n) {
+  return rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, static_cast<int64_t>(units.size())) : 1;
+}
+
+// Where torch's bf16 lives as bits.
+template <typename T>
+const T* data(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mutable_data(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+void check_dtypes(const char* op, std::initializer_list<const at::Tensor*> tensors) {
+  const auto dtype = (*tensors.begin())->scalar_type();
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16),
+                op, ": CPU tensors of one dtype, float32 or bfloat16");
+}
+
+template <typename T>
+void grouped_mm_impl(const at::Tensor& V, const int64_t* off, const int64_t* slot,
+                     const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, const at::Tensor& Mt,
+                     int64_t n, float a, at::Tensor& out) {
+  const T* v = data<T>(V);
+  const T* m = data<T>(Mt);
+  T* o = mutable_data<T>(out);
+  const int64_t ldv = V.stride(0), ldo = out.stride(0), lds = Mt.stride(0), ldm = Mt.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), grain(units, rows, n), [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> pack;
+    for (int64_t u = lo; u < hi; ++u) {
+      const auto [g, r] = units[u];
+      const Problem<T> p{v, ldv, m + slot[g] * lds, ldm, n, o, ldo, a};
+      // The next unit of this thread reads another M only when it starts another group.
+      const T* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
+      kRows<false, T>[std::min<int64_t>(kMaxRows, off[g + 1] - r)](p, r, pack, next);
+    }
+  });
+}
 
 void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor& slots, const at::Tensor& Mt,
                 int64_t n, double alpha, at::Tensor& out) {
-  TORCH_CHECK(V.device().is_cpu() && out.device().is_cpu() && Mt.device().is_cpu(), "grouped_mm: CPU tensors only");
-  TORCH_CHECK(V.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && Mt.scalar_type() == at::kFloat,
-              "grouped_mm: float32 only");
+  check_dtypes("grouped_mm", {&V, &Mt, &out});
   TORCH_CHECK(V.dim() == 2 && out.dim() == 2 && Mt.dim() == 3, "grouped_mm: V [R, >=n], out [R, >=n], Mt [S, >=n, >=n]");
   TORCH_CHECK(V.stride(1) == 1 && out.stride(1) == 1 && Mt.stride(2) == 1, "grouped_mm: rows must be contiguous");
   TORCH_CHECK(n > 0 && V.size(1) >= n && out.size(1) >= n && Mt.size(1) >= n && Mt.size(2) >= n,
@@ -197,25 +296,41 @@ void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor
   const int64_t* slot = slots.data_ptr<int64_t>();
   // Units of work: (group, first row) of each block of at most 16 rows.
   std::vector<std::pair<int64_t, int64_t>> units;
+  int64_t rows = 0;
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= std::min(V.size(0), out.size(0)),
                 "grouped_mm: offsets out of range");
     TORCH_CHECK(0 <= slot[g] && slot[g] < Mt.size(0), "grouped_mm: slot out of range");
     for (int64_t r = off[g]; r < off[g + 1]; r += kMaxRows) units.emplace_back(g, r);
+    rows += off[g + 1] - off[g];
   }
-  const float* v = V.data_ptr<float>();
-  const float* m = Mt.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t ldv = V.stride(0), ldo = out.stride(0), lds = Mt.stride(0), ldm = Mt.stride(1);
   const float a = static_cast<float>(alpha);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t lo, int64_t hi) {
+  if (V.scalar_type() == at::kFloat) {
+    grouped_mm_impl<float>(V, off, slot, units, rows, Mt, n, a, out);
+  } else {
+    grouped_mm_impl<bf16>(V, off, slot, units, rows, Mt, n, a, out);
+  }
+}
+
+template <typename T>
+void rope_apply_impl(const at::Tensor& x, const int64_t* tok, const int64_t* off, const int64_t* slot,
+                     const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, const at::Tensor& Mt,
+                     const at::Tensor& cos, const at::Tensor& ssin, int64_t k_lo, int64_t period, int64_t out_start,
+                     float a, at::Tensor& y) {
+  const int64_t chunks = cos.size(0), n = cos.size(1);
+  const Rope<T> base{data<T>(x), x.stride(0), x.size(1), tok, data<T>(cos), data<T>(ssin),
+                     n, chunks, k_lo, period, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
+  const T* m = data<T>(Mt);
+  const int64_t lds = Mt.stride(0), ldm = Mt.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), grain(units, rows, n), [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> pack;
     for (int64_t u = lo; u < hi; ++u) {
       const auto [g, r] = units[u];
-      const Problem p{v, ldv, m + slot[g] * lds, ldm, n, o, ldo, a};
-      // The next unit of this thread reads another M only when it starts another group.
-      const float* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
-      kRows<false>[std::min<int64_t>(kMaxRows, off[g + 1] - r)](p, r, pack, next);
+      Rope<T> rope = base;
+      rope.tokens = tok + off[g];
+      const Problem<T> p{nullptr, 0, m + slot[g] * lds, ldm, n, nullptr, 0, a, &rope};
+      const T* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
+      kRows<true, T>[std::min<int64_t>(kMaxRows, (off[g + 1] - off[g]) * chunks - r)](p, r, pack, next);
     }
   });
 }
@@ -223,8 +338,7 @@ void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor
 void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& slots,
                 const at::Tensor& Mt, const at::Tensor& cos, const at::Tensor& ssin, int64_t k_lo, int64_t period,
                 int64_t out_start, double alpha, at::Tensor& y) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &Mt, &cos, &ssin, &y})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "rope_apply: float32 CPU tensors only");
+  check_dtypes("rope_apply", {&x, &Mt, &cos, &ssin, &y});
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && Mt.dim() == 3 && cos.dim() == 2 && cos.sizes() == ssin.sizes(),
               "rope_apply: x [T, in_f], y [T, width], Mt [S, >=n, >=n], cos and ssin [chunks, n]");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && Mt.stride(2) == 1 && cos.is_contiguous() && ssin.is_contiguous(),
@@ -244,29 +358,21 @@ void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor&
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t rows_x = std::min(x.size(0), y.size(0));
   std::vector<std::pair<int64_t, int64_t>> units;  // (group, first row of the group's chunk rows)
+  int64_t rows = 0;
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= tokens.numel(), "rope_apply: offsets out of range");
     TORCH_CHECK(0 <= slot[g] && slot[g] < Mt.size(0), "rope_apply: slot out of range");
     for (int64_t t = off[g]; t < off[g + 1]; ++t)
       TORCH_CHECK(0 <= tok[t] && tok[t] < rows_x, "rope_apply: token row out of range");
     for (int64_t r = 0; r < (off[g + 1] - off[g]) * chunks; r += kMaxRows) units.emplace_back(g, r);
+    rows += (off[g + 1] - off[g]) * chunks;
   }
-  const Rope base{x.data_ptr<float>(), x.stride(0), in_f, tok, cos.data_ptr<float>(), ssin.data_ptr<float>(),
-                  n, chunks, k_lo, period, out_start, y.size(1), y.data_ptr<float>(), y.stride(0)};
-  const float* m = Mt.data_ptr<float>();
-  const int64_t lds = Mt.stride(0), ldm = Mt.stride(1);
   const float a = static_cast<float>(alpha);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> pack;
-    for (int64_t u = lo; u < hi; ++u) {
-      const auto [g, r] = units[u];
-      Rope rope = base;
-      rope.tokens = tok + off[g];
-      Problem p{nullptr, 0, m + slot[g] * lds, ldm, n, nullptr, 0, a, &rope};
-      const float* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
-      kRows<true>[std::min<int64_t>(kMaxRows, (off[g + 1] - off[g]) * chunks - r)](p, r, pack, next);
-    }
-  });
+  if (x.scalar_type() == at::kFloat) {
+    rope_apply_impl<float>(x, tok, off, slot, units, rows, Mt, cos, ssin, k_lo, period, out_start, a, y);
+  } else {
+    rope_apply_impl<bf16>(x, tok, off, slot, units, rows, Mt, cos, ssin, k_lo, period, out_start, a, y);
+  }
 }
 
 }  // namespace
