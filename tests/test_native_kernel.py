@@ -340,3 +340,25 @@ def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged, dtype):
     else:  # the same roundings at the same steps; float32 sums in another order: at most 1 bf16 ulp apart
         diff = (outs["native"].float() - outs["blas"].float()).abs()
         assert (diff <= outs["blas"].float().abs() * 2**-7 + 1e-6).all(), diff.max()
+
+
+@needs_avx512
+@pytest.mark.parametrize(("dtype", "tokens", "native_path"), [
+    (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])
+def test_bfloat16_prefill_keeps_blas(dtype, tokens, native_path):
+    """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM, which uses the
+    CPU's bf16 dot products; float32 and decode-sized bfloat16 take the native kernel."""
+    from mora.kernels import mora_apply, prepare_batch
+    from mora.kernels.torch_native import BF16_MAX_ROWS
+    from mora.kernels.torch_plan import plan_module
+    from mora.spec import MoraSpec, MoraType
+
+    table = SlotTable(ShardLayout(40, 72), 2, n_max=16, dtype=dtype)
+    table.set_slot(0, torch.randn(12, 12).to(dtype), MoraSpec(40, 72, 12, MoraType.ROPE))
+    assert (tokens * 4 <= BF16_MAX_ROWS) == (tokens == 4)  # 4 chunks per token
+    slot = torch.zeros(tokens, dtype=torch.int64)
+    meta = prepare_batch(slot, 2)
+    x, y = torch.randn(tokens, 40).to(dtype), torch.zeros(tokens, 72, dtype=dtype)
+    mora_apply(y, x, table, meta, backend="torch")
+    (program,) = plan_module([table], meta, tokens).programs.values()
+    assert (program.gather is None) == native_path

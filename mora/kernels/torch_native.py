@@ -7,7 +7,8 @@
   which at decode sizes costs as much as the products themselves. Every output column still
   gets one addition of one product per token, as on the general path.
 
-Both apply to float32 and bfloat16 tables where the native kernel is in use (`native_enabled`).
+Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`), where the
+native kernel is in use (`native_enabled`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ __all__ = ["DirectOp", "bind_direct", "bind_product"]
 
 DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
+# bfloat16 rows are multiplied in float32 lanes, while oneDNN's bf16 GEMM uses the CPU's bf16
+# dot products: with more rows per adapter than one token's chunks (prefill, or two decode
+# tokens of one adapter) BLAS is as fast or 5-15% faster; with up to this many (decode, one
+# token per adapter) the native kernel is up to 1.9x faster (bench.kernel --dtype bfloat16).
+BF16_MAX_ROWS = 16
+
+
+def _native_for(p: Pass, dtype: torch.dtype) -> bool:
+    if dtype not in NATIVE_DTYPES or not native_enabled():
+        return False
+    return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS
 
 
 def _slots(p: Pass) -> torch.Tensor:
@@ -39,7 +51,7 @@ def _offsets(sizes: list[int]) -> torch.Tensor:
 
 def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[SlotTable], None] | None:
     """`out_c[item] = sign * V[item] @ M[slot].T` for every item in one call, or None (not native)."""
-    if V.dtype not in NATIVE_DTYPES or not native_enabled():
+    if not _native_for(p, V.dtype):
         return None
     offsets, slots = _offsets(p.sizes), _slots(p)  # rows of V (the chunk domain)
     n, sign, op = p.spec.n, float(p.sign), torch.ops.mora_native.grouped_mm
@@ -56,9 +68,8 @@ def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tenso
     is needed: other types, a merged adapter to subtract, a row-parallel shard, mixed dtypes.
     Passes cover disjoint rows, so each column of `y` still gets one addition per token."""
     lay = table.layout
-    if (not passes or not native_enabled() or lay.local_in != lay.in_features
-            or not x.dtype == y.dtype == table.dtype or x.dtype not in NATIVE_DTYPES
-            or any(p.spec.mora_type is not MoraType.ROPE or p.sign < 0 for p in passes)):
+    if (not passes or lay.local_in != lay.in_features or not x.dtype == y.dtype == table.dtype
+            or any(p.spec.mora_type is not MoraType.ROPE or p.sign < 0 or not _native_for(p, x.dtype) for p in passes)):
         return None
     calls = [_rope_call(p, plan, lay.out_start, x.dtype) for p in passes]
     whole = lo == 0 and hi == y.shape[1]
