@@ -21,6 +21,7 @@ __all__ = [
     "decompress",
     "mora_forward",
     "rope_chunks",
+    "rope_signed_tables",
     "rope_tables",
 ]
 
@@ -59,6 +60,25 @@ def rope_tables(n: int, c: int, dtype: torch.dtype, device: torch.device | str =
     """
     cos, sin = _rope_tables_f32(n, c, torch.device(device))
     return cos.to(dtype), sin.to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def rope_signed_tables(
+    n: int, c: int, k_lo: int, k_hi: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks `k_lo..k_hi-1` of the type-6 tables with the sine signed for a swap of halves
+    (`rotate_half(u) * sin == swap_halves(u) * signed_sin`), what the fused kernels read.
+
+    Semantics::
+
+        cos, sin = rope_tables(n, c, dtype, device)
+        signed_sin = torch.cat((-sin[:, :n // 2], sin[:, n // 2:]), -1)
+        return cos[k_lo:k_hi].contiguous(), signed_sin[k_lo:k_hi].contiguous()
+    """
+    cos, sin = rope_tables(n, c, dtype, device)
+    half = n // 2
+    signed = torch.cat((-sin[k_lo:k_hi, :half], sin[k_lo:k_hi, half:]), -1)
+    return cos[k_lo:k_hi].contiguous(), signed.contiguous()
 
 
 def _pad_chunks(x: torch.Tensor, spec: MoraSpec) -> torch.Tensor:

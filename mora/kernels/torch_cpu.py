@@ -41,7 +41,7 @@ import torch
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable
 from mora.kernels.torch_native import DirectOp, bind_direct, bind_product
 from mora.kernels.torch_plan import Pass, Plan, plan_module
-from mora.ops import compress, rope_tables
+from mora.ops import compress, rope_signed_tables
 from mora.spec import MoraSpec, MoraType, group_sizes
 
 __all__ = ["mora_apply_torch", "mora_apply_torch_slices"]
@@ -54,13 +54,11 @@ TableOp = Callable[[SlotTable], object]  # the product: reads the layer's table
 def _rope_factors(
     n: int, c: int, k_lo: int, k_hi: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunks `k_lo..k_hi-1`'s `(cos, signed_sin[:, :n/2], signed_sin[:, n/2:])`, contiguous,
-    where `signed_sin = cat(-sin[:, :n/2], sin[:, n/2:])` (`rotate_half(u) * sin ==
-    swap_halves(u) * signed_sin`)."""
-    cos, sin = rope_tables(n, c, dtype, device)
+    """Chunks `k_lo..k_hi-1`'s `(cos, signed_sin[:, :n/2], signed_sin[:, n/2:])`, contiguous
+    (`mora.ops.rope_signed_tables`, its halves apart)."""
+    cos, signed = rope_signed_tables(n, c, k_lo, k_hi, dtype, device)
     half = n // 2
-    cos, sin = cos[k_lo:k_hi], sin[k_lo:k_hi]
-    return cos.contiguous(), (-sin[:, :half]).contiguous(), sin[:, half:].contiguous()
+    return cos, signed[:, :half].contiguous(), signed[:, half:].contiguous()
 
 
 @functools.lru_cache(maxsize=512)

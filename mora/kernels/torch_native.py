@@ -21,7 +21,7 @@ import torch
 from mora.kernels.native import native_enabled
 from mora.kernels.table import SlotTable
 from mora.kernels.torch_plan import Pass, Plan
-from mora.ops import rope_tables
+from mora.ops import rope_signed_tables
 from mora.spec import MoraType
 
 __all__ = ["DirectOp", "bind_direct", "bind_product"]
@@ -89,9 +89,7 @@ def _rope_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tuple
     """`rope_apply`'s operands for pass `p` (all but x, Mt, alpha and y); the tables in `dtype`,
     as the general path rounds them."""
     spec = p.spec
-    n, half, k_lo, k_hi = spec.n, spec.n // 2, p.k_lo, p.k_lo + p.chunks
-    cos, sin = rope_tables(n, spec.num_chunks, dtype)
-    ssin = torch.cat([-sin[k_lo:k_hi, :half], sin[k_lo:k_hi, half:]], 1).contiguous()
+    cos, ssin = rope_signed_tables(spec.n, spec.num_chunks, p.k_lo, p.k_lo + p.chunks, dtype, torch.device("cpu"))
     offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
     tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
-    return tokens, offsets, slots, cos[k_lo:k_hi].contiguous(), ssin, k_lo, spec.num_chunks * n, out_start
+    return tokens, offsets, slots, cos, ssin, p.k_lo, spec.num_chunks * spec.n, out_start

@@ -63,21 +63,18 @@ def build_dir() -> Path:
     return Path(root) / f"grouped_mm-{digest}"
 
 
-def _library_name() -> str:
-    return "mora_native_" + build_dir().name.removeprefix("grouped_mm-")
-
-
 def build(verbose: bool = False) -> Path:
     """Build the library (if it is not built yet) and load it; its path."""
     target = build_dir()
-    library = target / f"{_library_name()}.so"
+    name = "mora_native_" + target.name.removeprefix("grouped_mm-")
+    library = target / f"{name}.so"
     # A library being written by another process's build sits beside cpp_extension's lock file:
     # then `load` waits for that build instead of loading half a file.
     if not library.exists() or (target / "lock").exists():
         from torch.utils.cpp_extension import load  # imported here: it pulls in setuptools
 
         target.mkdir(parents=True, exist_ok=True)
-        load(name=_library_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
              build_directory=str(target), is_python_module=False, verbose=verbose)
     if not _loaded():
         torch.ops.load_library(str(library))

@@ -77,21 +77,6 @@ struct Io<bf16> {
   }
 };
 
-template <typename T>
-struct Rope;
-
-template <typename T>
-struct Problem {
-  const T* V;
-  int64_t ldv;
-  const T* Mt;  // this group's Mt[slot]
-  int64_t ldm;  // its row stride
-  int64_t n;
-  T* out;
-  int64_t ldo;
-  float alpha;
-  const Rope<T>* rope = nullptr;  // set: rows are (token, chunk) pairs read from x and added into y
-};
 
 // Type 6 straight from x to y (rope_apply): row r of a group is chunk k_lo + r % chunks of the
 // group's token r / chunks. Its V row is that chunk of the padded input, rotated; its product's
@@ -153,6 +138,19 @@ struct Rope {
   static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 };
 
+template <typename T>
+struct Problem {
+  const T* V;
+  int64_t ldv;
+  const T* Mt;  // this group's Mt[slot]
+  int64_t ldm;  // its row stride
+  int64_t n;
+  T* out;
+  int64_t ldo;
+  float alpha;
+  Rope<T> rope{};  // rope_apply: rows are (token, chunk) pairs read from x and added into y
+};
+
 // Accumulator blocks: RB rows x NP panels, as many of the 32 zmm registers as fit beside the
 // NP panel loads and one broadcast.
 template <int RB>
@@ -197,7 +195,7 @@ KERNEL void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0
       for (int i = 0; i < RB; ++i)
         _mm512_store_ps(tile[i][j], Io<T>::round(p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha)));
     for (int j = 0; j < NP && mask[j]; ++j)
-      for (int i = 0; i < RB; ++i) p.rope->add(row0 + i, (p0 + j) * kPanel, mask[j], _mm512_load_ps(tile[i][j]));
+      for (int i = 0; i < RB; ++i) p.rope.add(row0 + i, (p0 + j) * kPanel, mask[j], _mm512_load_ps(tile[i][j]));
     return;
   }
   for (int j = 0; j < NP; ++j) {
@@ -217,7 +215,7 @@ KERNEL void rows(const Problem<T>& p, int64_t row0, std::vector<float>& pack, co
   float* Vp = pack.data();
   for (int i = 0; i < RB; ++i) {
     if constexpr (ROPE) {
-      p.rope->load(row0 + i, Vp + i, RB);
+      p.rope.load(row0 + i, Vp + i, RB);
       continue;
     }
     const T* src = p.V + (row0 + i) * p.ldv;
@@ -238,12 +236,6 @@ constexpr RowsFn<ROPE, T> kRows[kMaxRows + 1] = {
     rows<6, ROPE, T>,  rows<7, ROPE, T>,  rows<8, ROPE, T>,  rows<9, ROPE, T>,  rows<10, ROPE, T>, rows<11, ROPE, T>,
     rows<12, ROPE, T>, rows<13, ROPE, T>, rows<14, ROPE, T>, rows<15, ROPE, T>, rows<16, ROPE, T>};
 
-// Units per task of the thread pool: all of them (no fork/join) when the whole call is a few
-// microseconds of work, as a small model's decode step is; one otherwise.
-int64_t grain(const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, int64_t n) {
-  return rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, static_cast<int64_t>(units.size())) : 1;
-}
-
 // Where torch's bf16 lives as bits.
 template <typename T>
 const T* data(const at::Tensor& t) {
@@ -261,22 +253,51 @@ void check_dtypes(const char* op, std::initializer_list<const at::Tensor*> tenso
                 op, ": CPU tensors of one dtype, float32 or bfloat16");
 }
 
-template <typename T>
-void grouped_mm_impl(const at::Tensor& V, const int64_t* off, const int64_t* slot,
-                     const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, const at::Tensor& Mt,
-                     int64_t n, float a, at::Tensor& out) {
-  const T* v = data<T>(V);
+// A call's groups (offsets [G+1] into its items, slots [G]), each item `per` rows, cut into units
+// of at most 16 rows: (group, first row within the group).
+struct Groups {
+  const int64_t* off;
+  const int64_t* slot;
+  int64_t per;
+  std::vector<std::pair<int64_t, int64_t>> units;
+  int64_t rows = 0;
+
+  Groups(const char* op, const at::Tensor& offsets, const at::Tensor& slots, int64_t items, int64_t num_slots,
+         int64_t per_item)
+      : per(per_item) {
+    TORCH_CHECK(offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && offsets.is_contiguous() &&
+                    slots.is_contiguous() && offsets.numel() == slots.numel() + 1,
+                op, ": offsets [G+1] and slots [G], int64");
+    off = offsets.data_ptr<int64_t>();
+    slot = slots.data_ptr<int64_t>();
+    for (int64_t g = 0; g < slots.numel(); ++g) {
+      TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= items, op, ": offsets out of range");
+      TORCH_CHECK(0 <= slot[g] && slot[g] < num_slots, op, ": slot out of range");
+      for (int64_t r = 0; r < size(g); r += kMaxRows) units.emplace_back(g, r);
+      rows += size(g);
+    }
+  }
+
+  int64_t size(int64_t g) const { return (off[g + 1] - off[g]) * per; }
+};
+
+// Every unit, on torch's thread pool: `problem(g)` is group g's problem. A call of a few
+// microseconds of work (a small model's decode step) runs without a fork/join.
+template <bool ROPE, typename T, typename MakeProblem>
+void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem problem) {
   const T* m = data<T>(Mt);
-  T* o = mutable_data<T>(out);
-  const int64_t ldv = V.stride(0), ldo = out.stride(0), lds = Mt.stride(0), ldm = Mt.stride(1);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), grain(units, rows, n), [&](int64_t lo, int64_t hi) {
+  const int64_t lds = Mt.stride(0);
+  const auto& units = groups.units;
+  const int64_t count = static_cast<int64_t>(units.size());
+  const int64_t grain = groups.rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, count) : 1;
+  at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> pack;
     for (int64_t u = lo; u < hi; ++u) {
       const auto [g, r] = units[u];
-      const Problem<T> p{v, ldv, m + slot[g] * lds, ldm, n, o, ldo, a};
+      const Problem<T> p = problem(g, m + groups.slot[g] * lds);
       // The next unit of this thread reads another M only when it starts another group.
-      const T* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
-      kRows<false, T>[std::min<int64_t>(kMaxRows, off[g + 1] - r)](p, r, pack, next);
+      const T* next = u + 1 < hi && units[u + 1].first != g ? m + groups.slot[units[u + 1].first] * lds : nullptr;
+      kRows<ROPE, T>[std::min<int64_t>(kMaxRows, groups.size(g) - r)](p, r, pack, next);
     }
   });
 }
@@ -288,51 +309,18 @@ void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor
   TORCH_CHECK(V.stride(1) == 1 && out.stride(1) == 1 && Mt.stride(2) == 1, "grouped_mm: rows must be contiguous");
   TORCH_CHECK(n > 0 && V.size(1) >= n && out.size(1) >= n && Mt.size(1) >= n && Mt.size(2) >= n,
               "grouped_mm: n exceeds an operand");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && offsets.is_contiguous() &&
-                  slots.is_contiguous() && offsets.numel() == slots.numel() + 1,
-              "grouped_mm: offsets [G+1] and slots [G], int64");
-  const int64_t groups = slots.numel();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  // Units of work: (group, first row) of each block of at most 16 rows.
-  std::vector<std::pair<int64_t, int64_t>> units;
-  int64_t rows = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= std::min(V.size(0), out.size(0)),
-                "grouped_mm: offsets out of range");
-    TORCH_CHECK(0 <= slot[g] && slot[g] < Mt.size(0), "grouped_mm: slot out of range");
-    for (int64_t r = off[g]; r < off[g + 1]; r += kMaxRows) units.emplace_back(g, r);
-    rows += off[g + 1] - off[g];
-  }
+  const Groups groups("grouped_mm", offsets, slots, std::min(V.size(0), out.size(0)), Mt.size(0), 1);
   const float a = static_cast<float>(alpha);
-  if (V.scalar_type() == at::kFloat) {
-    grouped_mm_impl<float>(V, off, slot, units, rows, Mt, n, a, out);
-  } else {
-    grouped_mm_impl<bf16>(V, off, slot, units, rows, Mt, n, a, out);
-  }
-}
-
-template <typename T>
-void rope_apply_impl(const at::Tensor& x, const int64_t* tok, const int64_t* off, const int64_t* slot,
-                     const std::vector<std::pair<int64_t, int64_t>>& units, int64_t rows, const at::Tensor& Mt,
-                     const at::Tensor& cos, const at::Tensor& ssin, int64_t k_lo, int64_t period, int64_t out_start,
-                     float a, at::Tensor& y) {
-  const int64_t chunks = cos.size(0), n = cos.size(1);
-  const Rope<T> base{data<T>(x), x.stride(0), x.size(1), tok, data<T>(cos), data<T>(ssin),
-                     n, chunks, k_lo, period, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
-  const T* m = data<T>(Mt);
-  const int64_t lds = Mt.stride(0), ldm = Mt.stride(1);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), grain(units, rows, n), [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> pack;
-    for (int64_t u = lo; u < hi; ++u) {
-      const auto [g, r] = units[u];
-      Rope<T> rope = base;
-      rope.tokens = tok + off[g];
-      const Problem<T> p{nullptr, 0, m + slot[g] * lds, ldm, n, nullptr, 0, a, &rope};
-      const T* next = u + 1 < hi && units[u + 1].first != g ? m + slot[units[u + 1].first] * lds : nullptr;
-      kRows<true, T>[std::min<int64_t>(kMaxRows, (off[g + 1] - off[g]) * chunks - r)](p, r, pack, next);
-    }
-  });
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const T* v = data<T>(V);
+    T* o = mutable_data<T>(out);
+    const int64_t ldv = V.stride(0), ldo = out.stride(0), ldm = Mt.stride(1);
+    run<false, T>(groups, Mt, n, [&](int64_t g, const T* M) {
+      return Problem<T>{v + groups.off[g] * ldv, ldv, M, ldm, n, o + groups.off[g] * ldo, ldo, a};
+    });
+  };
+  V.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
 }
 
 void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& slots,
@@ -348,31 +336,25 @@ void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor&
   TORCH_CHECK(k_lo >= 0 && chunks > 0 && (k_lo + chunks) * n <= 2 * in_f && period >= (k_lo + chunks) * n,
               "rope_apply: chunks out of range");
   TORCH_CHECK(out_start >= 0, "rope_apply: out_start must be >= 0");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
-                  tokens.is_contiguous() && offsets.is_contiguous() && slots.is_contiguous() &&
-                  offsets.numel() == slots.numel() + 1,
-              "rope_apply: tokens, offsets [G+1] and slots [G], int64");
-  const int64_t groups = slots.numel();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), "rope_apply: tokens must be int64");
+  const Groups groups("rope_apply", offsets, slots, tokens.numel(), Mt.size(0), chunks);
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t rows_x = std::min(x.size(0), y.size(0));
-  std::vector<std::pair<int64_t, int64_t>> units;  // (group, first row of the group's chunk rows)
-  int64_t rows = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= tokens.numel(), "rope_apply: offsets out of range");
-    TORCH_CHECK(0 <= slot[g] && slot[g] < Mt.size(0), "rope_apply: slot out of range");
-    for (int64_t t = off[g]; t < off[g + 1]; ++t)
-      TORCH_CHECK(0 <= tok[t] && tok[t] < rows_x, "rope_apply: token row out of range");
-    for (int64_t r = 0; r < (off[g + 1] - off[g]) * chunks; r += kMaxRows) units.emplace_back(g, r);
-    rows += (off[g + 1] - off[g]) * chunks;
-  }
+  for (int64_t t = groups.off[0]; t < groups.off[slots.numel()]; ++t)
+    TORCH_CHECK(0 <= tok[t] && tok[t] < rows_x, "rope_apply: token row out of range");
   const float a = static_cast<float>(alpha);
-  if (x.scalar_type() == at::kFloat) {
-    rope_apply_impl<float>(x, tok, off, slot, units, rows, Mt, cos, ssin, k_lo, period, out_start, a, y);
-  } else {
-    rope_apply_impl<bf16>(x, tok, off, slot, units, rows, Mt, cos, ssin, k_lo, period, out_start, a, y);
-  }
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const Rope<T> base{data<T>(x), x.stride(0), in_f, tok, data<T>(cos), data<T>(ssin),
+                       n, chunks, k_lo, period, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
+    const int64_t ldm = Mt.stride(1);
+    run<true, T>(groups, Mt, n, [&](int64_t g, const T* M) {
+      Problem<T> p{nullptr, 0, M, ldm, n, nullptr, 0, a, base};
+      p.rope.tokens = tok + groups.off[g];
+      return p;
+    });
+  };
+  x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
 }
 
 }  // namespace
