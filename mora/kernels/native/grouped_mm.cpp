@@ -265,12 +265,14 @@ void check_dtypes(const char* op, std::initializer_list<const at::Tensor*> tenso
 }
 
 // A call's groups (offsets [G+1] into its items, slots [G]), each item `per` rows, cut into units
-// of at most 16 rows: (group, first row within the group).
+// (group, first row within the group) of at most 16 rows and of equal size within a group: 24
+// rows run as 12 + 12, not 16 + 8, whose 8-row blocks ran a 24-row group 30% slower.
 struct Groups {
   const int64_t* off;
   const int64_t* slot;
   int64_t per;
   std::vector<std::pair<int64_t, int64_t>> units;
+  std::vector<int64_t> step;  // rows per unit of each group (its last unit may have fewer)
   int64_t rows = 0;
 
   Groups(const char* op, const at::Tensor& offsets, const at::Tensor& slots, int64_t items, int64_t num_slots,
@@ -284,7 +286,9 @@ struct Groups {
     for (int64_t g = 0; g < slots.numel(); ++g) {
       TORCH_CHECK(0 <= off[g] && off[g] <= off[g + 1] && off[g + 1] <= items, op, ": offsets out of range");
       TORCH_CHECK(0 <= slot[g] && slot[g] < num_slots, op, ": slot out of range");
-      for (int64_t r = 0; r < size(g); r += kMaxRows) units.emplace_back(g, r);
+      const int64_t parts = std::max<int64_t>(1, (size(g) + kMaxRows - 1) / kMaxRows);
+      step.push_back((size(g) + parts - 1) / parts);
+      for (int64_t r = 0; r < size(g); r += step[g]) units.emplace_back(g, r);
       rows += size(g);
     }
   }
@@ -308,7 +312,7 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
       const Problem<T> p = problem(g, m + groups.slot[g] * lds);
       // The next unit of this thread reads another M only when it starts another group.
       const T* next = u + 1 < hi && units[u + 1].first != g ? m + groups.slot[units[u + 1].first] * lds : nullptr;
-      kRows<ROPE, T>[std::min<int64_t>(kMaxRows, groups.size(g) - r)](p, r, pack, next);
+      kRows<ROPE, T>[std::min<int64_t>(groups.step[g], groups.size(g) - r)](p, r, pack, next);
     }
   });
 }
