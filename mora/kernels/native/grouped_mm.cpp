@@ -36,7 +36,7 @@ constexpr int PF = 16;  // rows of Mt prefetched ahead: a row stride of 1-2 KB d
 // at n = 348: microseconds ahead, while a line from memory takes a tenth of one). Prefetching
 // the whole next M a whole M ahead instead needs two Ms (~1 MB) of L2 at once, and lines were
 // evicted before use: with every M coming from memory, that cost twice the time over the
-// L2-resident case that this distance costs (about 0.25 vs 0.12 ms for 16 Ms of 348 x 348).
+// L2-resident case that this distance costs (0.23 vs 0.12 ms for 16 Ms of 348 x 348, 12 rows each).
 constexpr int kAhead = 4;
 
 using bf16 = uint16_t;  // at::BFloat16's bits
