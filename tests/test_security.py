@@ -44,7 +44,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
         (root / tenant).mkdir(parents=True)
     shutil.copytree(atlas, root / "acme" / "good")
     shutil.copytree(atlas, root / "globex" / "secret")
-    shutil.copytree(atlas, root / "shared-by-admin")
+    shutil.copytree(atlas, root / "root-level-adapter")
     # float64 beyond the float32 range: finite on disk, not in the serving dtype
     _scaled(atlas, root / "acme" / "f64", 1.0, torch.float64)
     f = root / "acme" / "f64" / "adapter_model.safetensors"
@@ -155,7 +155,7 @@ def test_tenant_folders_and_symlinks(srv, env):
     with srv.client(srv.keys["acme"]) as acme, srv.client(srv.keys["ops"]) as ops:
         acme.load_adapter("mine", "good")  # <root>/acme/good
         acme.unload_adapter("mine")
-        for path in ("../globex/secret", "/etc", "../shared-by-admin"):
+        for path in ("../globex/secret", "/etc", "../root-level-adapter"):
             assert _fail(lambda path=path: acme.load_adapter("stolen", path)).code() == grpc.StatusCode.PERMISSION_DENIED
         e = _fail(lambda: acme.load_adapter("stolen", "links"))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the folder" in e.details()
@@ -166,7 +166,7 @@ def test_tenant_folders_and_symlinks(srv, env):
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot belong to this module" in e.details()
         acme.load_adapter("tail", "tail")  # 8 GiB file: only header and tensor bytes are read
         acme.unload_adapter("tail")
-        ops.load_adapter("shared", "shared-by-admin", tenant="acme")  # admins load from the root
+        ops.load_adapter("shared", "root-level-adapter", tenant="acme")  # admins load from the root
         ops.unload_adapter("shared")
     assert srv.health() == 1
 
