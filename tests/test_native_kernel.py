@@ -304,9 +304,10 @@ def test_rope_apply_refuses_bad_operands():
 @pytest.mark.parametrize("merged", [-1, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged, dtype):
-    """A float32 slice whose only work is type 6 runs as rope_apply calls (no gathered input, no
-    scatter); with a merged adapter to subtract it takes the general path. Both equal the
-    reference backend and the BLAS path, and rows without an adapter keep their bits."""
+    """A float32 (or decode-sized bfloat16) slice whose only work is type 6 runs as rope_apply
+    calls (no gathered input, no scatter); with a merged adapter to subtract it takes the general
+    path. Both equal the reference backend and the BLAS path, and rows without an adapter keep
+    their bits."""
     from mora.kernels import mora_apply, prepare_batch
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
