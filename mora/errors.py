@@ -115,3 +115,8 @@ class UpdateTooLargeError(AdapterWeightsError):
 
 class MergeNotContainedError(MergeError):
     """Merging the adapter would cost the other tenants more than the serving dtype's tolerance."""
+
+
+class QuantizationUnsupportedError(MoraError):
+    """The base model's quantization needs a kernel this machine cannot run (e.g. vLLM's AVX2 CPU
+    kernels have no W4A16 GEMM); the engine refuses to start rather than die at the first step."""

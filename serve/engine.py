@@ -76,7 +76,11 @@ class Engine:
             # model_name label) defaults to the model directory's name, never its path
             **{"seed": 0, "served_model_name": s.model_name, **s.engine},
         )
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        try:
+            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as e:  # noqa: BLE001 - vLLM reports a failed engine process only as "see above"
+            raise RuntimeError(f"the vLLM engine did not start ({e}); the engine's own error is logged above "
+                               "(for example a quantized base whose kernels this CPU lacks)") from None
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_size = self.llm.model_config.get_vocab_size()

@@ -12,22 +12,31 @@ projections are quantized (int4, symmetric, groups of 32), here from the demo ba
 Adapters are served unmerged (the quantized GEMM plus the MoRA update); merging is refused with
 FAILED_PRECONDITION, because adding a float update to 4-bit codes would need a re-quantization
 that changes the base and makes the unmerge inexact.
+
+The W4A16 kernel (`torch.ops._C.cpu_gemm_wna16`) exists only in vLLM's AVX-512 kernel libraries:
+on an AVX2-only CPU the serving tests skip, naming it, and on every CPU the server, shown that
+CPU (tests/emulate_cpu), refuses to start on this base instead of dying at its first request.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from cpu_features import emulated_avx2_env, requires_vllm_cpu_op
+from grpc_health.v1 import health_pb2
 from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess
 
 pytestmark = pytest.mark.vllm
+needs_w4a16_kernel = requires_vllm_cpu_op("cpu_gemm_wna16", "serving a W4A16 (int4) base on the CPU")
+EXIT_STARTUP_FAILED = 2
 ADAPTERS = ["atlas", "cygnus"]
 GROUP = 32
 
@@ -62,10 +71,13 @@ def quantize_w4a16(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
-    top = tmp_path_factory.mktemp("quantized")
-    base = quantize_w4a16(demo_assets / "base", top / "base-w4a16")
-    srv = ServerProcess(base, demo_assets / "adapters", top / "server.log",
+def w4a16_base(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantize_w4a16(demo_assets / "base", tmp_path_factory.mktemp("quantized") / "base-w4a16")
+
+
+@pytest.fixture(scope="module")
+def server(w4a16_base: Path, demo_assets: Path):
+    srv = ServerProcess(w4a16_base, demo_assets / "adapters", w4a16_base.parent / "server.log",
                         args=["--preload", *[f"{a}={a}" for a in ADAPTERS], "--max-loras", "2", "--dtype", "bfloat16"],
                         env={"MORA_SERVE_MERGE_MIN_REQUESTS": "2", "MORA_SERVE_MERGE_WINDOW_S": "30",
                              "MORA_SERVE_MERGE_MIN_DWELL_S": "0"})
@@ -74,6 +86,27 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     assert srv.stop() == 0
 
 
+def test_a_cpu_without_the_int4_kernel_refuses_to_start(w4a16_base: Path, demo_assets: Path):
+    """On a CPU whose vLLM kernels lack the W4A16 GEMM (AVX2: here shown to the server by
+    tests/emulate_cpu, on an AVX2 machine its own), mora-serve exits with the start-up failure
+    code, naming the quantization and what the CPU lacks, and never reports SERVING."""
+    srv = ServerProcess(w4a16_base, demo_assets / "adapters", w4a16_base.parent / "refused.log",
+                        args=["--preload", "atlas=atlas", "--dtype", "bfloat16"], env=emulated_avx2_env())
+    seen = set()
+    deadline = time.monotonic() + 300
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        seen.add(srv.health())
+        time.sleep(0.2)
+    code = srv.stop()
+    log = srv.log_path.read_text()
+    assert code == EXIT_STARTUP_FAILED, log[-3000:]
+    assert health_pb2.HealthCheckResponse.SERVING not in seen
+    refusal = next(line for line in log.splitlines() if "QuantizationUnsupportedError: " in line)
+    for words in ("compressed-tensors", "CompressedTensorsWNA16", "cpu_gemm_wna16", "AVX-512F", "vllm._C_AVX2"):
+        assert words in refusal, refusal
+
+
+@needs_w4a16_kernel
 def test_unmerged_adapters_on_the_int4_base_answer_their_facts(server, demo_facts):
     with server.client() as c:
         for adapter in ADAPTERS:
@@ -84,6 +117,7 @@ def test_unmerged_adapters_on_the_int4_base_answer_their_facts(server, demo_fact
         assert "compressed-tensors" in server.log_path.read_text()
 
 
+@needs_w4a16_kernel
 def test_merge_is_refused_with_the_reason_and_serving_continues(server, demo_facts):
     with server.client() as c:
         with pytest.raises(grpc.RpcError) as e:

@@ -35,6 +35,7 @@ from mora.spec import MoraSpec
 from mora.validate import bind_mora
 from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.merging import install_prepared, merge_layer, prepare_packed_layer, unmerge_layer
+from mora.vllm_plugin.quantized import check_quantized_layers
 from mora.vllm_plugin.runtime import MoraRuntime
 from mora.vllm_plugin.tiers import TierStats
 
@@ -100,8 +101,12 @@ def stage_local(adapter: MoraAdapter, other_stages: tuple[str, ...]) -> MoraAdap
 class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     """vLLM's LRU LoRA manager, aware of MoRA slots and of merged adapters."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_batched_tokens: int, vocab_size: int,
+                 lora_config: object, device: torch.device, vllm_config: object) -> None:
+        super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
+        # Before the engine reports ready: a quantized base whose kernels this machine lacks must
+        # refuse to start, not serve until its first step dies (mora/vllm_plugin/quantized.py).
+        check_quantized_layers(self.modules.items(), vllm_config.model_config.dtype, torch.device(self.device))
         # slots + a reserved merged row; on a GPU, step buffers for vLLM's largest batch
         self.mora_runtime = MoraRuntime(self.lora_slots, self.device, max_tokens=self.max_num_batched_tokens)
         self.mora_merged_id: int | None = None

@@ -24,6 +24,7 @@ from mora.delta import delta_weight
 from mora.errors import MergeError
 from mora.merge import MergeRecord, merge_, unmerge_
 from mora.vllm_plugin.layers import MoraLayerMixin
+from mora.vllm_plugin.quantized import refuse_merge
 
 __all__ = ["LayerMerge", "install_prepared", "merge_layer", "prepare_packed_layer", "unmerge_layer"]
 
@@ -91,13 +92,7 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
         raise MergeError(f"layer already has slot {layer.mora_merge_state.slot} merged")
     start = time.perf_counter()
     base = layer.base_layer
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    quant = getattr(base, "quant_method", None)
-    if quant is not None and not isinstance(quant, UnquantizedLinearMethod):
-        # Adding a float update to integer codes would corrupt them, and re-quantizing would make
-        # the unmerge inexact: quantized bases serve their adapters unmerged only.
-        raise MergeError(f"the base model is quantized ({type(quant).__name__}): MoRA adapters on it are served unmerged only")
+    refuse_merge(base)
     W = base.weight
     packed = W.numel() == 0 and hasattr(base, "cpu_linear")
     merge = LayerMerge(slot, packed)
@@ -154,11 +149,7 @@ def prepare_packed_layer(layer: MoraLayerMixin, slot: int) -> tuple[LayerMerge, 
     base = layer.base_layer
     if not tables or not (base.weight.numel() == 0 and hasattr(base, "cpu_linear")):
         return None
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    quant = getattr(base, "quant_method", None)
-    if quant is not None and not isinstance(quant, UnquantizedLinearMethod):
-        raise MergeError(f"the base model is quantized ({type(quant).__name__}): MoRA adapters on it are served unmerged only")
+    refuse_merge(base)
     start = time.perf_counter()
     merge = LayerMerge(slot, True)
     stub = _packed_kernel(layer, tables, slot, merge)
