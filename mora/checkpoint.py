@@ -47,6 +47,7 @@ __all__ = [
     "AdapterConfig",
     "LoraAdapter",
     "MoraAdapter",
+    "ReadScope",
     "load_adapter",
     "load_mora_adapter",
     "read_config",
@@ -150,6 +151,23 @@ class AdapterConfig(BaseModel):
     @classmethod
     def _null_is_empty(cls, v: object) -> object:
         return {} if v is None else v
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _finite_alpha(cls, v: float) -> float:
+        # MoRA ignores lora_alpha (its scale is 1), LoRA multiplies by it: a non-finite value is
+        # refused for both kinds (a finite one too large for LoRA is the update bound's to refuse).
+        if not math.isfinite(v):
+            raise ValueError(f"lora_alpha is {v!r}, not finite; it must be a finite number")
+        return v
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _finite_alphas(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: a for k, a in v.items() if not math.isfinite(a)}
+        if bad:
+            raise ValueError(f"alpha_pattern values must be finite numbers: {dict(list(bad.items())[:3])}")
+        return v
 
     @field_validator("rank_pattern")
     @classmethod
@@ -272,9 +290,27 @@ def _directory(path: str | Path, name: str) -> Path:
     return p
 
 
-def _read_inside(path: Path, allowed: Path | None, name: str, limit: int, *, prefix: int | None = None) -> bytes:
+@dataclass(frozen=True)
+class ReadScope:
+    """Where an adapter's files may be read from (`allowed=` of the readers below; a plain path is
+    `ReadScope(path)`), and whether they must be the folder's own.
+
+    `exclusive` (a non-admin tenant's folder): each file must also have exactly one link and lie
+    on the folder's filesystem, checked on the open file. A name inside the folder can be a hard
+    link to another tenant's file, which no check of names or real paths can tell apart.
+    """
+
+    folder: Path
+    exclusive: bool = False
+
+
+def _scope(allowed: Path | ReadScope | None) -> ReadScope | None:
+    return allowed if isinstance(allowed, ReadScope) or allowed is None else ReadScope(Path(allowed))
+
+
+def _read_inside(path: Path, allowed: Path | ReadScope | None, name: str, limit: int, *, prefix: int | None = None) -> bytes:
     """The bytes of `path` (at most `limit`; only the first `prefix` if given), if it is a regular
-    file whose real path lies inside `allowed`.
+    file whose real path lies inside `allowed` (and, for an exclusive scope, the folder's own file).
 
     Refused: symlinks leading out of `allowed` (to another tenant's files, `/proc/...`), FIFOs,
     devices, directories. The file is opened without following a final symlink and re-checked
@@ -283,8 +319,9 @@ def _read_inside(path: Path, allowed: Path | None, name: str, limit: int, *, pre
     never echoed in errors.
     """
     real = Path(os.path.realpath(path))
-    if allowed is not None:
-        root = Path(os.path.realpath(allowed))
+    scope = _scope(allowed)
+    if scope is not None:
+        root = Path(os.path.realpath(scope.folder))
         if not real.is_relative_to(root):
             raise AdapterPathError(f"{path.name} resolves outside the folder adapters may be read from", adapter=name)
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -298,8 +335,14 @@ def _read_inside(path: Path, allowed: Path | None, name: str, limit: int, *, pre
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise AdapterPathError(f"{path.name} is not a regular file", adapter=name)
-        if allowed is not None and os.path.realpath(f"/proc/self/fd/{fd}") != str(real) and os.path.exists("/proc/self/fd"):
+        if scope is not None and os.path.realpath(f"/proc/self/fd/{fd}") != str(real) and os.path.exists("/proc/self/fd"):
             raise AdapterPathError(f"{path.name} changed while it was opened", adapter=name)
+        if scope is not None and scope.exclusive:
+            if st.st_nlink != 1:
+                raise AdapterPathError(f"{path.name} has {st.st_nlink} hard links; an adapter file must be the folder's "
+                                       f"own (one link)", adapter=name)
+            if st.st_dev != os.stat(root).st_dev:
+                raise AdapterPathError(f"{path.name} is on another filesystem than the adapter folder", adapter=name)
         if st.st_size > limit:
             raise AdapterWeightsError(f"{path.name} is larger than {limit} bytes", adapter=name)
         want = st.st_size if prefix is None else min(prefix, st.st_size)
@@ -315,7 +358,7 @@ def _read_inside(path: Path, allowed: Path | None, name: str, limit: int, *, pre
         os.close(fd)
 
 
-def read_config(path: str | Path, name: str | None = None, *, allowed: Path | None = None) -> AdapterConfig:
+def read_config(path: str | Path, name: str | None = None, *, allowed: Path | ReadScope | None = None) -> AdapterConfig:
     """Parse and type-check `adapter_config.json` in `path`."""
     name = name or Path(path).name
     file = _directory(path, name) / ADAPTER_CONFIG
@@ -379,7 +422,7 @@ def _tensor_limit(key: str, shape: list[int], base_shapes: Shapes | None, name: 
                                   expected=f"2 dimensions of at most {in_f + out_f}", found=list(shape)[:4])
 
 
-def _read_safetensors(file: Path, name: str, allowed: Path | None, base_shapes: Shapes | None) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, base_shapes: Shapes | None) -> dict[str, torch.Tensor]:
     """Header first: every tensor's dtype, shape and byte range are checked (against the base
     model when `base_shapes` is given) before any tensor data is read, so memory is bounded by
     what the base model allows, not by the file."""
@@ -425,7 +468,8 @@ def _read_safetensors(file: Path, name: str, allowed: Path | None, base_shapes: 
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {str(e)[:160]}", adapter=name) from None
 
 
-def _read_tensors(directory: Path, name: str, allowed: Path | None = None, base_shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: Path, name: str, allowed: Path | ReadScope | None = None,
+                  base_shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
     st, bn = directory / SAFETENSORS_WEIGHTS, directory / BIN_WEIGHTS
     if os.path.lexists(st):
         return _read_safetensors(st, name, allowed, base_shapes)
@@ -482,13 +526,14 @@ def _check_finite(name: str, module: str, t: torch.Tensor) -> None:
         raise NonFiniteWeightsError(f"{bad} non-finite values (NaN or inf)", adapter=name, module=module)
 
 
-def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | None = None,
+def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | ReadScope | None = None,
                  base_shapes: Shapes | None = None) -> MoraAdapter | LoraAdapter:
     """Read a MoRA or LoRA adapter directory into memory, checking everything that can be
     checked without the base model: config types, tensor keys, dtypes, ranks of 2, square
     MoRA matrices, identical `lora_B` copies, finite values.
 
-    `allowed`: every file read must be a regular file whose real path lies inside this folder.
+    `allowed`: every file read must be a regular file whose real path lies inside this folder
+    (a `ReadScope` that is `exclusive`: also the folder's own file, one link, same filesystem).
     `base_shapes`: the base model's `{module: (out, in)}`; tensor sizes are then checked against
     it from the safetensors header before any tensor data is read.
 
@@ -505,10 +550,13 @@ def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | N
     if not raw.a and not raw.b:
         raise AdapterWeightsError("the weights file holds no adapter tensors", adapter=name)
     if config.use_mora:
+        for module, m in raw.a.items():  # first: NaN != NaN would read as copies that differ
+            _check_finite(name, module, m)
         for module, b in raw.b.items():
             a = raw.a.get(module)
             if a is None:
                 raise AdapterWeightsError("lora_B without lora_A", adapter=name, module=module)
+            _check_finite(name, module, b)
             if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
                 raise TiedWeightMismatchError(
                     "the lora_B copy differs from lora_A (MoRA stores one matrix twice)", adapter=name, module=module
@@ -516,7 +564,6 @@ def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | N
         for module, m in raw.a.items():
             if m.shape[0] != m.shape[1]:
                 raise AdapterWeightsError("MoRA matrix is not square", adapter=name, module=module, expected="[n, n]", found=list(m.shape))
-            _check_finite(name, module, m)
         return MoraAdapter(name, config, dict(sorted(raw.a.items())), directory)
     if set(raw.a) != set(raw.b):
         module = sorted(set(raw.a) ^ set(raw.b))[0]

@@ -76,6 +76,8 @@ class ServerSettings(BaseSettings):
                                            "snapshots in bytes; none: bounded by max_adapters only")
     adapter_load_timeout_s: float = Field(60.0, gt=0, description="seconds a request waits for its adapter to be "
                                           "read from disk or, registered lazily, validated")
+    management_calls_per_tenant: int = Field(2, ge=1, description="adapter loads, unloads, merges and unmerges a "
+                                             "(non-admin) tenant may have in flight; more are refused RESOURCE_EXHAUSTED")
     page_ins_per_tenant: int = Field(2, ge=1, description="adapters of one tenant read from disk at once; its "
                                      "other cold adapters wait their turn, so no tenant's flood delays another's")
     pin_preloaded: bool = Field(True, description="keep preloaded adapters in the host cache for good "
@@ -89,18 +91,23 @@ class ServerSettings(BaseSettings):
     # automatic merge policy (dLoRA-style)
     auto_merge: bool = Field(True, description="merge an adapter that dominates the traffic into the base weights")
     merge_window_s: float = Field(10.0, gt=0, description="seconds of traffic the merge policy looks at")
-    merge_share: float = Field(0.9, gt=0, le=1, description="share of the window's requests that merges an adapter")
+    merge_share: float = Field(1.0, gt=0, le=1, description="share of the window's requests that merges an adapter "
+                               "(a merged adapter runs alone: any other request unmerges it, so below 1 it may flap)")
     unmerge_share: float = Field(0.6, ge=0, lt=1, description="share below which a merged adapter is unmerged")
     merge_min_requests: int = Field(8, ge=1, description="requests in the window before the policy acts")
     merge_min_dwell_s: float = Field(5.0, ge=0, description="seconds between two merge/unmerge transitions")
     merge_memory_bytes: int | None = Field(None, ge=1, description="memory a merge may use beside the serving weights "
                                            "(merged weights are prepared beside the steps); more: refused with the reason; none: no limit")
     policy_interval_s: float = Field(0.5, gt=0, description="seconds between two merge policy decisions")
+    merge_wait_s: float = Field(5.0, ge=0, description="seconds a merge waits for other adapters' requests in flight "
+                                "to finish before it gives up (a merged adapter serves only its own requests)")
     # lifecycle and load shedding
     shutdown_grace_s: float = Field(30.0, ge=0, description="seconds calls in flight get to finish after SIGTERM")
     unload_timeout_s: float = Field(30.0, ge=0, description="seconds an unload waits for the adapter's requests")
     max_pending_requests: int = Field(256, ge=1, description="requests admitted at once; more are shed")
     max_prompt_bytes: int = Field(1 << 20, ge=1, description="largest prompt accepted, in UTF-8 bytes")
+    http_max_body_bytes: int = Field(16 << 20, ge=1024, description="largest HTTP request body (as gRPC's message "
+                                     "limit); a larger one is refused with 413 as soon as the limit is crossed")
     max_update_ratio: float = Field(1024.0, gt=0, description="largest ||update||/||base weight|| of an adapter's module (docs/security.md)")
     # metrics
     metrics_label_limit: int = Field(100, ge=1, description="distinct adapter/tenant label values before 'other'")

@@ -171,15 +171,21 @@ class Engine:
             raise EngineError(_worker_message(e)) from None
         return results[0]
 
-    async def merge(self, lora_int_id: int) -> dict[str, Any]:
+    async def prepare_merge(self, lora_int_id: int) -> dict[str, Any]:
+        """Prepare a merge a slice per call between the engine's steps, without swapping it in
+        (`commit_merge` does; `cancel_merge` drops it); `stall_seconds` is the longest one call
+        kept the engine from stepping."""
         if self.quantization:  # the worker refuses too; saying it here spares the RPC
             raise EngineError(f"the base model is quantized ({self.quantization}): adapters on it are served unmerged only")
-        # The merged weights are prepared a slice per call between the engine's steps, then
-        # swapped in between two of them; `stall_seconds` is the longest one call kept the
-        # engine from stepping.
         status, stall = await self.rpc_until(lambda s: s.get("state") != "preparing",
-                                             "mora_merge", lora_int_id, True, self.settings.merge_memory_bytes)
+                                             "mora_merge", lora_int_id, True, self.settings.merge_memory_bytes, False)
         return {**status, "stall_seconds": stall}
+
+    async def commit_merge(self, lora_int_id: int) -> dict[str, Any]:
+        return await self.rpc("mora_merge_commit", lora_int_id)
+
+    async def cancel_merge(self, lora_int_id: int) -> dict[str, Any]:
+        return await self.rpc("mora_merge_cancel", lora_int_id)
 
     async def rpc_until(self, done: Callable[[dict[str, Any]], bool], method: str, *args: Any) -> tuple[dict[str, Any], float]:
         """Call `rpc(method, *args)` until `done(answer)`, 5 ms apart at first and 50 ms at most

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from mora import errors as mora_errors
+from serve.caller import CALLER
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ServeError(Exception):
     """Base of the errors the server reports to clients."""
 
     code = grpc.StatusCode.INTERNAL
+    http_status: int | None = None  # where HTTP has a more precise status than the code's
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -78,6 +80,20 @@ class FailedPrecondition(ServeError):
 
 class Unavailable(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class PayloadTooLarge(ServeError):
+    """An HTTP body over the server's limit (refused while it streams in)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class HeadersTooLarge(ServeError):
+    """More HTTP headers than the server reads."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 431
 
 
 class NonFiniteOutput(ServeError):
@@ -136,9 +152,10 @@ async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {type(request.error).__name__}")
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], caller: Any) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await _reject_undecodable(request, context)
+        token = CALLER.set(caller)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -148,13 +165,16 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
             await context.abort(code, message)
+        finally:
+            CALLER.reset(token)
 
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], caller: Any) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await _reject_undecodable(request, context)
+        token = CALLER.set(caller)
         try:
             async for item in behavior(request, context):
                 yield item
@@ -165,27 +185,65 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
             await context.abort(code, message)
+        finally:
+            CALLER.reset(token)
 
     return wrapper
 
 
+def _unread(data: bytes) -> None:
+    """The deserializer of a call refused before its request is read: the bytes are never parsed."""
+    return None
+
+
+def _refusal(handler: Any, error: ServeError) -> Any:
+    """A handler of the same shape as `handler` that answers `error` without parsing the request."""
+    code, message = status_for(error)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_unread,
+                                                   response_serializer=handler.response_serializer)
+    return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_unread,
+                                                response_serializer=handler.response_serializer)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by any servicer to status codes (`status_for`)."""
+    """The gRPC edge: authenticates calls to `protected` services from their metadata before the
+    request message is parsed (an unauthenticated call costs its bytes on the wire, nothing
+    proportional to what it asks for), hands the caller to the servicer (`CALLER`), and maps
+    exceptions raised by any servicer to status codes (`status_for`)."""
+
+    def __init__(self, authenticate: Callable[[Any], Any] | None = None, protected: tuple[str, ...] = ()) -> None:
+        self.authenticate = authenticate
+        self.protected = tuple(f"/{name}/" for name in protected)
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if handler.unary_unary is None and handler.unary_stream is None:
+            return handler
+        caller = None
+        if self.authenticate is not None and handler_call_details.method.startswith(self.protected):
+            try:
+                caller = self.authenticate(handler_call_details.invocation_metadata)
+            except ServeError as e:
+                return _refusal(handler, e)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
+                _wrap_unary(handler.unary_unary, caller),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream, caller),
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

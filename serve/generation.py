@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,23 +25,58 @@ import grpc
 from serve.config import ServerSettings
 from serve.engine import Engine
 from serve.errors import InvalidRequest, NonFiniteOutput, ResourceExhausted, Unavailable, status_for
-from serve.metrics import ServerMetrics
+from serve.metrics import UNKNOWN, ServerMetrics
 from serve.policy import MergePolicy
 from serve.registry import AdapterRegistry
 from serve.tenants import Tenant, TenantDirectory
 from serve.validation import check_adapter_id
 
-__all__ = ["ChatMessage", "Choice", "Chunk", "GenerateCall", "GenerationService", "Sampling", "TokenLogprob", "collect"]
+__all__ = ["ChatMessage", "Choice", "Chunk", "GenerateCall", "GenerationService", "Sampling", "TokenLogprob", "check_sizes",
+           "check_text", "collect"]
 
 log = logging.getLogger(__name__)
+# Sizes that scale a request's work or memory, checked by the transports before they copy
+# anything of that size out of a message (`check_sizes`) and again here.
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
 MAX_REQUEST_ID = 128
 MAX_N = 16
 MAX_MESSAGES = 256
+MAX_PROMPT_TOKENS = 1 << 20  # a static bound for transports; the engine's context is checked too
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 SEED_MAX = (1 << 63) - 1
-Metadata = Sequence[tuple[str, str | bytes]]
+
+
+def check_sizes(*, n: int = 1, stop: int = 0, stop_token_ids: int = 0, messages: int = 0, prompt_tokens: int = 0,
+                request_id: int = 0) -> None:
+    """Refuse a request whose sizes exceed the limits, from its counts alone (nothing copied yet)."""
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"n must be between 1 and {MAX_N}")
+    if stop > MAX_STOP:
+        raise InvalidRequest(f"stop: at most {MAX_STOP} strings")
+    if stop_token_ids > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} token ids")
+    if messages > MAX_MESSAGES:
+        raise InvalidRequest(f"messages: give 1 to {MAX_MESSAGES} chat messages")
+    if prompt_tokens > MAX_PROMPT_TOKENS:
+        raise InvalidRequest(f"prompt_token_ids: at most {MAX_PROMPT_TOKENS} token ids")
+    if request_id > MAX_REQUEST_ID:
+        raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID} characters")
+
+
+def check_text(name: str, text: str, max_bytes: int) -> None:
+    """`text` must be valid Unicode (no lone surrogates, which JSON's \\u escapes can carry) of at
+    most `max_bytes` UTF-8 bytes; the error names the problem and where."""
+    if len(text) > max_bytes:  # a character is at least one byte: no need to encode to refuse
+        raise InvalidRequest(f"{name} is longer than {max_bytes} bytes")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"{name} is not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) "
+                             f"at character {e.start}") from None
+    if size > max_bytes:
+        raise InvalidRequest(f"{name} is longer than {max_bytes} bytes")
 
 
 @dataclass
@@ -122,11 +157,16 @@ class Choice:
 
 async def collect(chunks: AsyncIterator[Chunk], n: int) -> tuple[list[Choice], Chunk]:
     """A whole answer from its stream: the `n` choices, and the final chunk (usage)."""
-    choices = [Choice(i) for i in range(n)]
-    text: list[list[str]] = [[] for _ in range(n)]
+    # Choices appear as the engine reports them (never `n` allocated up front: n is checked by
+    # the service, which this stream only runs after).
+    by_index: dict[int, Choice] = {}
+    text: dict[int, list[str]] = {}
     last: Chunk | None = None
     async for chunk in chunks:
-        c = choices[chunk.index]
+        c = by_index.get(chunk.index)
+        if c is None:
+            c = by_index[chunk.index] = Choice(chunk.index)
+            text[chunk.index] = []
         text[chunk.index].append(chunk.text)
         c.token_ids.extend(chunk.token_ids)
         if chunk.logprobs is not None:
@@ -136,14 +176,15 @@ async def collect(chunks: AsyncIterator[Chunk], n: int) -> tuple[list[Choice], C
         last = chunk
     if last is None or not last.final:
         raise Unavailable("the engine ended the request without an answer")
-    for c, t in zip(choices, text, strict=True):
-        c.text = "".join(t)
+    choices = [by_index.get(i) or Choice(i) for i in range(min(n, MAX_N))]
+    for c in choices:
+        c.text = "".join(text.get(c.index, []))
     return choices, last
 
 
 def _finite(name: str, value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
-        raise InvalidRequest(f"{name} must be a finite number")
+        raise InvalidRequest(f"{name} is {value!r} (NaN or infinite); give a finite number")
     return value
 
 
@@ -169,8 +210,11 @@ def sampling_params(sp: Sampling, max_tokens_left: int, max_logprobs: int) -> An
         if not 0 <= sp.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be between 0 and {SEED_MAX}")
         kw["seed"] = sp.seed
-    if len(sp.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS or not s for s in sp.stop):
+    check_sizes(n=sp.n, stop=len(sp.stop), stop_token_ids=len(sp.stop_token_ids))
+    if any(len(s) > MAX_STOP_CHARS or not s for s in sp.stop):
         raise InvalidRequest(f"stop: at most {MAX_STOP} non-empty strings of <= {MAX_STOP_CHARS} characters")
+    for s in sp.stop:
+        check_text("stop", s, 4 * MAX_STOP_CHARS)
     if sp.stop:
         kw["stop"] = list(sp.stop)
     if sp.stop_token_ids:
@@ -181,8 +225,6 @@ def sampling_params(sp: Sampling, max_tokens_left: int, max_logprobs: int) -> An
             raise InvalidRequest("min_tokens exceeds max_tokens (or the context left)")
         kw["min_tokens"] = sp.min_tokens
     kw["skip_special_tokens"] = sp.skip_special_tokens
-    if not 1 <= sp.n <= MAX_N:
-        raise InvalidRequest(f"n must be between 1 and {MAX_N}")
     kw["n"] = sp.n
     if sp.n > 1 and kw.get("temperature", 1.0) < 1e-5:
         # vLLM refuses n > 1 with greedy decoding; OpenAI's API answers n identical greedy
@@ -214,8 +256,7 @@ class GenerationService:
         self._shutdown_aborted: set[str] = set()
 
     def _check_text(self, name: str, text: str) -> None:
-        if len(text.encode("utf-8", "surrogatepass")) > self.settings.max_prompt_bytes:
-            raise InvalidRequest(f"{name} is longer than {self.settings.max_prompt_bytes} bytes")
+        check_text(name, text, self.settings.max_prompt_bytes)
 
     async def _prompt(self, call: GenerateCall) -> list[int]:
         given = [x for x in (call.prompt, call.prompt_token_ids, call.messages) if x is not None]
@@ -236,7 +277,11 @@ class GenerationService:
                 raise InvalidRequest(f"messages: give 1 to {MAX_MESSAGES} chat messages")
             for m in messages:
                 if m.role not in CHAT_ROLES:
-                    raise InvalidRequest(f"messages: unknown role {m.role!r} (one of {', '.join(CHAT_ROLES)})")
+                    raise InvalidRequest(f"messages: unknown role {m.role[:32]!r} (one of {', '.join(CHAT_ROLES)})")
+            if sum(len(m.content) for m in messages) > self.settings.max_prompt_bytes:
+                raise InvalidRequest(f"messages is longer than {self.settings.max_prompt_bytes} bytes")
+            for i, m in enumerate(messages):
+                self._check_text(f"messages[{i}].content", m.content)
             self._check_text("messages", "".join(m.content for m in messages))
             ids = await asyncio.to_thread(self.engine.render_chat, [{"role": m.role, "content": m.content} for m in messages])
         if not ids:
@@ -246,45 +291,50 @@ class GenerationService:
         return ids
 
     @contextlib.contextmanager
-    def _admit(self, tenant: Tenant) -> Any:
-        if self.pending >= self.settings.max_pending_requests:
-            raise ResourceExhausted(f"server overloaded: {self.pending} requests in progress; retry later")
+    def _admit(self, tenant: Tenant, sequences: int) -> Any:
+        """Hold `sequences` (a request's `n`) of the server's and the tenant's concurrency: quotas
+        count sequences, the unit of engine work, not requests."""
+        if self.pending + sequences > self.settings.max_pending_requests:
+            raise ResourceExhausted(f"server overloaded: {self.pending} sequences in progress; retry later")
         mine = self.per_tenant.get(tenant.name, 0)
-        if mine >= tenant.max_concurrent_requests:
-            raise ResourceExhausted(f"tenant {tenant.name!r} already has {mine} requests in progress (limit {tenant.max_concurrent_requests})")
-        self.pending += 1
-        self.per_tenant[tenant.name] = mine + 1
+        if mine + sequences > tenant.max_concurrent_requests:
+            raise ResourceExhausted(f"tenant {tenant.name!r} already has {mine} sequences in progress; {sequences} more "
+                                    f"would exceed its limit of {tenant.max_concurrent_requests} (each of n counts)")
+        self.pending += sequences
+        self.per_tenant[tenant.name] = mine + sequences
         self.metrics.in_flight.inc()
         try:
             yield
         finally:
-            self.pending -= 1
-            self.per_tenant[tenant.name] -= 1
+            self.pending -= sequences
+            self.per_tenant[tenant.name] -= sequences
             self.metrics.in_flight.dec()
 
-    async def run(self, call: GenerateCall, metadata: Metadata | None, method: str, context: Any = None) -> AsyncIterator[Chunk]:
-        """The answer's chunks; raises `ServeError`s (the front end maps them to its status codes).
-        `context`: the gRPC call's, if any (a cancellation it saw is counted as CANCELLED)."""
+    async def run(self, call: GenerateCall, tenant: Tenant, method: str,
+                  cancelled: Callable[[], bool] | None = None) -> AsyncIterator[Chunk]:
+        """The answer's chunks for `tenant` (authenticated by the transport); raises `ServeError`s
+        (the transport maps them to its status codes). `cancelled`: whether the transport saw
+        the client cancel (then the request counts as CANCELLED)."""
         arrival = time.perf_counter()
-        tenant_name, adapter_id = "unauthenticated", call.adapter_id or None
+        tenant_name, adapter_id = tenant.name, call.adapter_id or None
         # Metric labels carry only what authentication and authorization vouched for: an id the
         # caller may not use (or that is not loaded) never becomes a label.
-        adapter_label = "unknown" if adapter_id is not None else None
+        adapter_label, owner = (UNKNOWN if adapter_id is not None else None), None
         code = grpc.StatusCode.OK
         try:
-            tenant = self.tenants.authenticate(metadata)
-            tenant_name = tenant.name
+            sp = call.sampling
+            check_sizes(n=sp.n, stop=len(sp.stop), stop_token_ids=len(sp.stop_token_ids),
+                        messages=len(call.messages or ()), prompt_tokens=len(call.prompt_token_ids or ()),
+                        request_id=len(call.request_id))
             if self.draining.is_set():
                 raise Unavailable("the server is shutting down")
             if adapter_id is not None:
                 check_adapter_id(adapter_id)
-                await self.registry.resolve(adapter_id, tenant)  # registers it on first use for lazy tenants
-                adapter_label = adapter_id
+                entry = await self.registry.resolve(adapter_id, tenant)  # registers it on first use for lazy tenants
+                adapter_label, owner = adapter_id, entry.tenant
             else:
                 self.tenants.check_base(tenant)
-            if len(call.request_id) > MAX_REQUEST_ID:
-                raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID} characters")
-            with self._admit(tenant):
+            with self._admit(tenant, sp.n):
                 if not self.engine.ready:
                     raise Unavailable("the engine is not serving")
                 ids = await self._prompt(call)
@@ -295,7 +345,10 @@ class GenerationService:
                         lora = (await stack.enter_async_context(self.registry.lease(adapter_id, tenant))).lora_request
                     if self.settings.auto_merge:  # nothing reads the request log otherwise: keep none
                         self.policy.observe(adapter_id, time.monotonic())
-                    async for chunk in self._stream(call, ids, params, lora, tenant_name, arrival):
+                    # Past the gate, this request never shares a step with another adapter's merge.
+                    await stack.enter_async_context(self.registry.gate.admit(lora.lora_int_id if lora else None))
+                    labels = self.metrics.labels(adapter_label, tenant_name, owner)
+                    async for chunk in self._stream(call, ids, params, lora, labels, arrival):
                         yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             # GeneratorExit: the client cancelled a stream between two messages.
@@ -308,10 +361,9 @@ class GenerationService:
                 raise Unavailable("the engine stopped while serving this request") from exc
             raise
         finally:
-            cancelled = getattr(context, "cancelled", None)  # gRPC's; other front ends may not have one
-            if code == grpc.StatusCode.OK and callable(cancelled) and cancelled():
+            if code == grpc.StatusCode.OK and cancelled is not None and cancelled():
                 code = grpc.StatusCode.CANCELLED
-            a, t = self.metrics.labels(adapter_label, tenant_name)
+            a, t = self.metrics.labels(adapter_label, tenant_name, owner)
             self.metrics.requests.labels(a, t, method, code.name).inc()
             self.metrics.request_duration.labels(a, t, code.name).observe(time.perf_counter() - arrival)
 
@@ -337,10 +389,11 @@ class GenerationService:
             out.append(TokenLogprob(tid, text(tid, chosen), float(chosen.logprob), top))
         return out
 
-    async def _stream(self, call: GenerateCall, ids: list[int], params: Any, lora: Any, tenant: str, arrival: float) -> AsyncIterator[Chunk]:
+    async def _stream(self, call: GenerateCall, ids: list[int], params: Any, lora: Any, labels: tuple[str, str],
+                      arrival: float) -> AsyncIterator[Chunk]:
         rid = call.request_id or uuid.uuid4().hex
         engine_rid = uuid.uuid4().hex  # unique in the engine whatever clients send
-        a, t = self.metrics.labels(call.adapter_id or None, tenant)
+        a, t = labels
         want_logprobs = call.sampling.logprobs is not None  # the engine always returns the sampled token's
         top_k = call.sampling.logprobs or 0
         last_token_at: float | None = None

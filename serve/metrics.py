@@ -1,8 +1,12 @@
 """Prometheus metrics of the server, exported with vLLM's own on `--metrics-port` at `/metrics`.
 
 Names follow Prometheus conventions (base units, `_seconds`, `_total`, `_bytes`). The labels
-`adapter` and `tenant` are capped: after `metrics_label_limit` distinct values per label, new
-values are reported as `other`, so a flood of adapter ids cannot blow up the series count.
+`adapter` and `tenant` are capped, so a flood of adapter ids cannot blow up the series count:
+each tenant has its own share of `metrics_label_limit` adapter label values (its adapters beyond
+that are reported as `other`), so one tenant's churn never folds another tenant's adapters into
+`other`; tenant names come from the tenants file, capped the same way. The values `base` (the
+base model), `unknown` (an id the caller may not use or that is not loaded) and `other` mean
+those things only: adapter ids cannot take them (`RESERVED_ADAPTER_LABELS`).
 
 Histogram buckets are chosen for LLM serving, from sub-millisecond token gaps to minutes-long
 generations:
@@ -30,7 +34,7 @@ import threading
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["LabelLimiter", "ServerMetrics"]
+__all__ = ["RESERVED_ADAPTER_LABELS", "AdapterLabels", "LabelLimiter", "ServerMetrics"]
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 300, 600, 1200, 1800, 3600)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300, 600)
@@ -40,6 +44,9 @@ LOAD_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 OPERATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RESIDENCY_STATES = ("device_slot", "host_cache", "disk_only", "merged")
 OTHER = "other"
+BASE = "base"
+UNKNOWN = "unknown"
+RESERVED_ADAPTER_LABELS = frozenset({OTHER, BASE, UNKNOWN})  # adapter ids may not take these values
 
 
 class LabelLimiter:
@@ -60,12 +67,32 @@ class LabelLimiter:
         return OTHER
 
 
+class AdapterLabels:
+    """Adapter label values, capped per owning tenant: each owner's adapters share `limit` values
+    (later ones map to `other`), whoever sends their requests."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, adapter_id: str, owner: str | None) -> str:
+        with self._lock:
+            seen = self._seen.setdefault(owner or "", set())
+            if adapter_id in seen:
+                return adapter_id
+            if len(seen) < self.limit:
+                seen.add(adapter_id)
+                return adapter_id
+        return OTHER
+
+
 class ServerMetrics:
     """All metrics the server records."""
 
     def __init__(self, label_limit: int = 100, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.adapter_label = LabelLimiter(label_limit)
+        self.adapter_label = AdapterLabels(label_limit)
         self.tenant_label = LabelLimiter(label_limit)
         per_request = ["adapter", "tenant"]
         r = registry
@@ -78,6 +105,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("mora_prompt_tokens", "Prompt tokens processed.", per_request, registry=r)
         self.generation_tokens = Counter("mora_generation_tokens", "Tokens generated.", per_request, registry=r)
         self.in_flight = Gauge("mora_requests_in_flight", "Generate requests admitted and not finished.", registry=r)
+        self.unauthenticated = Counter("mora_unauthenticated_requests", "Calls refused before their request was read: no "
+                                       "valid credential (no tenant or adapter label: nothing unauthenticated becomes one).",
+                                       ["transport"], registry=r)
         self.operations = Counter("mora_adapter_operations", "Adapter lifecycle operations by result.", ["operation", "result"], registry=r)
         self.operation_duration = Histogram("mora_adapter_operation_duration_seconds", "Duration of adapter lifecycle operations.", ["operation"], buckets=OPERATION_BUCKETS, registry=r)
         self.merge_transitions = Counter("mora_merge_transitions", "Merges and unmerges, by adapter and what triggered them.", ["adapter", "direction", "trigger"], registry=r)
@@ -116,11 +146,19 @@ class ServerMetrics:
         for tier, seconds in stats.get("loads", []):
             self.adapter_load.labels(str(tier)).observe(float(seconds))
 
-    def labels(self, adapter_id: str | None, tenant: str) -> tuple[str, str]:
-        return self.adapter_label(adapter_id or "base"), self.tenant_label(tenant)
+    def labels(self, adapter_id: str | None, tenant: str, owner: str | None = None) -> tuple[str, str]:
+        """(adapter, tenant) label values of a request by `tenant` for `adapter_id` (None: the base
+        model; UNKNOWN: an id it may not use), owned by `owner`."""
+        if adapter_id is None:
+            adapter = BASE
+        elif adapter_id == UNKNOWN:
+            adapter = UNKNOWN
+        else:
+            adapter = self.adapter_label(adapter_id, owner)
+        return adapter, self.tenant_label(tenant)
 
     def record_operation(self, operation: str, result: str, seconds: float, *, trigger: str | None = None, adapter: str | None = None,
-                         stall: float | None = None) -> None:
+                         owner: str | None = None, stall: float | None = None) -> None:
         self.operations.labels(operation, result).inc()
         if stall is not None:
             self.merge_stall.set(stall)
@@ -128,7 +166,7 @@ class ServerMetrics:
             self.adapter_load.labels("source").observe(seconds)
         self.operation_duration.labels(operation).observe(seconds)
         if operation in ("merge", "unmerge") and result == "ok" and adapter is not None:
-            self.merge_transitions.labels(self.adapter_label(adapter), operation, trigger or "manual").inc()
+            self.merge_transitions.labels(self.adapter_label(adapter, owner), operation, trigger or "manual").inc()
 
     def set_page_ins(self, counts: dict[str, list[int]]) -> None:
         """`{tenant: [reading, waiting]}` from the registry."""
@@ -136,9 +174,9 @@ class ServerMetrics:
             self.page_ins.labels(tenant, "reading").set(reading)
             self.page_ins.labels(tenant, "waiting").set(waiting)
 
-    def set_residency(self, states: dict[str, str]) -> None:
-        """`{adapter id: state}` for every loaded adapter; removed adapters lose their series."""
-        current = {self.adapter_label(a): s for a, s in states.items()}
+    def set_residency(self, states: dict[str, tuple[str, str | None]]) -> None:
+        """`{adapter id: (state, owner)}` for every loaded adapter; removed adapters lose their series."""
+        current = {self.adapter_label(a, owner): s for a, (s, owner) in states.items()}
         for adapter in self._residency_series - set(current):
             for state in RESIDENCY_STATES:
                 self.residency.remove(adapter, state)

@@ -55,7 +55,9 @@ class MergePolicy:
             self._events.popleft()
 
     def transitioned(self, now: float) -> None:
-        self._last_transition = now
+        """A merge or unmerge happened at `now` (the policy's own, or not: an unmerge for another
+        adapter's request); the dwell time counts from the latest."""
+        self._last_transition = max(self._last_transition, now)
 
     def shares(self, now: float) -> tuple[Counter[str], int]:
         while self._events and self._events[0][0] < now - self.window_s:

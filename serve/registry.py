@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,13 @@ from serve.errors import (
     InvalidRequest,
     PermissionDenied,
     ResourceExhausted,
+    ServeError,
     Unavailable,
     short,
 )
+from serve.fair_queue import FairQueue
 from serve.lazy_registration import LazyRegistration
+from serve.merge_gate import MergeGate
 from serve.merging import AdapterMerging
 from serve.paging import AdapterPaging
 from serve.snapshots import SnapshotDir, hollow, tensor_bytes
@@ -100,9 +104,15 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         self.entries: dict[str, Entry] = {}
         self._ids = itertools.count(1)
         self._versions: dict[str, int] = {}  # the last version number of each adapter id (kept after unload)
-        self._manage = asyncio.Lock()  # one load/unload/merge transition at a time
+        self._manage = asyncio.Lock()  # registrations (short: validation and snapshots happen outside it)
+        self._transitions = asyncio.Lock()  # merges and unmerges, one at a time (taken after _manage, never before)
+        self._validations = FairQueue()  # adapter validation, one at a time, tenants taking turns
+        self._managing: dict[str, int] = {}  # tenant -> management calls in flight
+        self._reserved_bytes = 0  # snapshot bytes of loads between validation and registration
         self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
         self.merge_backup_bytes = 0
+        self.gate = MergeGate(self.unmerge_for_others)  # requests and merges: a merged adapter runs alone
+        self.last_transition = float("-inf")
         self._validator = AdapterValidator(settings, engine)
         self._snapshots = SnapshotDir(settings.snapshot_dir)
         self._on_event = on_event or (lambda *a, **k: None)
@@ -169,6 +179,10 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`.
         `pin`: keep it in the host cache for good; `strict_pin` (a caller asked): refuse the load
         when no pin is left, instead of loading it unpinned with a warning (--preload).
+
+        Fair to everyone: a tenant has at most `management_calls_per_tenant` calls in flight
+        (more: RESOURCE_EXHAUSTED at once), validation runs outside the registry lock in a queue
+        that takes turns between tenants (`FairQueue`), and the lock is held only to register.
         """
         check_adapter_id(adapter_id)
         if caller is not None and not lazy:  # lazy: the tenant's own folder, allowed by its lazy_adapters
@@ -197,37 +211,13 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
             raise InvalidRequest("your adapter folder does not exist on the server")
         directory = resolve_under_root(allowed, path, "the adapter root" if allowed == self.settings.adapter_root else "your adapter folder")
         started = time.perf_counter()
-        async with self._manage:
-            existing = self.entries.get(adapter_id)
-            configured = self.tenants.owner_of(adapter_id)
-            if caller is not None and not caller.is_admin:
-                # A tenant owns what it loads; an id another tenant holds (or is given in the
-                # tenants file) is refused alike, without saying whose it is or whether it is loaded.
-                taken = (existing is not None and existing.tenant != caller.name) or (configured not in (None, caller.name))
-                if taken:
-                    raise PermissionDenied(f"adapter id {short(adapter_id)} is reserved; choose another id")
-                owner = caller.name
-            elif existing is None:
-                owner = owner or configured or (None if (self.tenants.open or caller is None) else caller.name)
-                if configured is not None and owner != configured:
-                    raise InvalidRequest(f"adapter {short(adapter_id)} belongs to another tenant in the tenants file")
-            if existing is not None and not replace:
-                raise AdapterExists(f"adapter {short(adapter_id)} is already loaded (set replace to load new weights)")
-            if existing is not None and existing.unloading:
-                raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
-            if existing is not None and existing.manual_merge and self.merged is not None and self.merged[0] == adapter_id:
-                # Replacing would have to unmerge behind the back of whoever merged it by hand.
-                raise FailedPrecondition(f"adapter {short(adapter_id)} is merged under manual control; unmerge it before replacing it")
-            if existing is None:
-                if len(self.entries) >= self.capacity:
-                    raise ResourceExhausted(f"the server holds its maximum of {self.capacity} adapters")
-                tenant = self.tenants.get(owner) if owner else None
-                if tenant is not None and sum(e.tenant == owner for e in self.entries.values()) >= tenant.max_resident_adapters:
-                    raise ResourceExhausted(f"the tenant already has {tenant.max_resident_adapters} adapters loaded (its limit)")
-            else:
-                owner = existing.tenant
+        with self.management_slot(caller):
+            self._claim(adapter_id, caller, owner, replace)  # fail fast; checked again under the lock
+            exclusive = caller is not None and not caller.is_admin
             try:
-                adapter, report = await asyncio.to_thread(self._validator.validate, adapter_id, directory, allowed)
+                adapter, report = await self._validations.run(
+                    caller.name if caller is not None else "",
+                    functools.partial(self._validator.validate, adapter_id, directory, allowed, exclusive=exclusive))
             except AdapterError as e:
                 self._on_event("load", "invalid", time.perf_counter() - started)
                 raise InvalidRequest(str(e)) from None
@@ -236,69 +226,143 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
                 raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
             nbytes = tensor_bytes(adapter)
             budget = self.settings.adapter_disk_bytes
-            held = self.disk_bytes
+            held = self.disk_bytes + self._reserved_bytes
             if budget is not None and held + nbytes > budget:
                 self._on_event("load", "rejected", time.perf_counter() - started)
                 raise ResourceExhausted(f"adapter {short(adapter_id)} needs {nbytes} bytes of snapshot; the server's adapter "
                                         f"disk budget has {max(0, budget - held)} of {budget} left")
             number = self._versions.get(adapter_id, 0) + 1  # `version` counts per adapter id (protos)
             self._versions[adapter_id] = number
+            self._reserved_bytes += nbytes
             try:
-                snapshot = await asyncio.to_thread(self._snapshots.write, adapter, number)
-            except OSError as e:
-                self._snapshots.remove(self._snapshots.path_for(adapter.name, number))
-                self._on_event("load", "io_error", time.perf_counter() - started)
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
-                raise Unavailable(f"cannot write the snapshot of adapter {adapter_id!r}: {e.strerror}") from None
-            except Exception as e:
-                # safetensors reports a full disk as its own error type: look for the errno text.
-                self._snapshots.remove(self._snapshots.path_for(adapter.name, number))
-                self._on_event("load", "io_error", time.perf_counter() - started)
-                text = str(e)
-                for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    if os.strerror(code) in text:
-                        raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter_id!r}: {os.strerror(code)}") from None
-                raise
-            from vllm.lora.request import LoRARequest
-
-            engine_id = next(self._ids)
-            request = LoRARequest(adapter_id, engine_id, str(snapshot))
-            try:
-                await self.engine.add_lora(request)
-            except EngineError as e:
-                self._snapshots.remove(snapshot)
-                self._on_event("load", "rejected", time.perf_counter() - started)
-                raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
-            # Only the metadata stays in this process: the weights are in the snapshot (and in
-            # vLLM's host cache while it holds the adapter), so registered adapters cost no host memory.
-            version = Version(number, engine_id, snapshot, hollow(adapter), source, request, report, nbytes)
-            self.host_view.add(engine_id)
-            if pin or (existing is not None and existing.version.pinned):
-                try:
-                    await self._pin(version, strict=strict_pin and pin)
-                except ResourceExhausted:
-                    await self.engine.remove_lora(engine_id)
-                    self._forget(version)
-                    self._snapshots.remove(snapshot)
-                    self._on_event("load", "rejected", time.perf_counter() - started)
-                    raise
-            if existing is None:
-                entry = Entry(adapter_id, owner, version)
-                self.entries[adapter_id] = entry
-            else:
-                entry = existing
-                old = entry.version
-                if self.merged is not None and self.merged[1] == old.engine_id:
-                    await self._unmerge_locked("replaced")
-                entry.version = version  # new requests get the new weights from here on
-                entry.retiring.append(old)
-                self._retire(entry, old)
-        del adapter  # the weights live in the snapshot (and vLLM's cache) from here on
+                snapshot = await self._write_snapshot(adapter, number, started)
+                meta = hollow(adapter)
+                del adapter  # the weights live in the snapshot (and vLLM's cache) from here on
+                async with self._manage:
+                    entry, version = await self._register(adapter_id, caller, owner, replace, pin, strict_pin,
+                                                          snapshot, number, source, meta, report, nbytes, started)
+            finally:
+                self._reserved_bytes -= nbytes
         await asyncio.to_thread(trim_heap)
         self._on_event("load", "ok", time.perf_counter() - started)
-        log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, engine_id, source)
+        log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, version.engine_id, source)
         return entry
+
+    @contextlib.contextmanager
+    def management_slot(self, caller: Tenant | None) -> Iterator[None]:
+        """One of the caller's management calls in flight (admins and the server: unbounded)."""
+        if caller is None or caller.is_admin:
+            yield
+            return
+        limit = self.settings.management_calls_per_tenant
+        busy = self._managing.get(caller.name, 0)
+        if busy >= limit:
+            raise ResourceExhausted(f"tenant {caller.name!r} already has {busy} adapter management calls in flight "
+                                    f"(limit {limit}); wait for them")
+        self._managing[caller.name] = busy + 1
+        try:
+            yield
+        finally:
+            self._managing[caller.name] -= 1
+            if not self._managing[caller.name]:
+                del self._managing[caller.name]
+
+    def _claim(self, adapter_id: str, caller: Tenant | None, owner: str | None, replace: bool) -> tuple[Entry | None, str | None]:
+        """(the existing entry, the owner a load of `adapter_id` by `caller` gets), or the refusal."""
+        existing = self.entries.get(adapter_id)
+        configured = self.tenants.owner_of(adapter_id)
+        if caller is not None and not caller.is_admin:
+            # A tenant owns what it loads; an id another tenant holds (or is given in the
+            # tenants file) is refused alike, without saying whose it is or whether it is loaded.
+            taken = (existing is not None and existing.tenant != caller.name) or (configured not in (None, caller.name))
+            if taken:
+                raise PermissionDenied(f"adapter id {short(adapter_id)} is reserved; choose another id")
+            owner = caller.name
+        elif existing is None:
+            owner = owner or configured or (None if (self.tenants.open or caller is None) else caller.name)
+            if configured is not None and owner != configured:
+                raise InvalidRequest(f"adapter {short(adapter_id)} belongs to another tenant in the tenants file")
+        if existing is not None and not replace:
+            raise AdapterExists(f"adapter {short(adapter_id)} is already loaded (set replace to load new weights)")
+        if existing is not None and existing.unloading:
+            raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
+        if existing is not None and existing.manual_merge and self.merged is not None and self.merged[0] == adapter_id:
+            # Replacing would have to unmerge behind the back of whoever merged it by hand.
+            raise FailedPrecondition(f"adapter {short(adapter_id)} is merged under manual control; unmerge it before replacing it")
+        if existing is None:
+            if len(self.entries) >= self.capacity:
+                raise ResourceExhausted(f"the server holds its maximum of {self.capacity} adapters")
+            tenant = self.tenants.get(owner) if owner else None
+            if tenant is not None and sum(e.tenant == owner for e in self.entries.values()) >= tenant.max_resident_adapters:
+                raise ResourceExhausted(f"the tenant already has {tenant.max_resident_adapters} adapters loaded (its limit)")
+            return None, owner
+        return existing, existing.tenant
+
+    async def _write_snapshot(self, adapter: MoraAdapter | LoraAdapter, number: int, started: float) -> Path:
+        try:
+            return await asyncio.to_thread(self._snapshots.write, adapter, number)
+        except OSError as e:
+            self._snapshots.remove(self._snapshots.path_for(adapter.name, number))
+            self._on_event("load", "io_error", time.perf_counter() - started)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter.name!r}: {e.strerror}") from None
+            raise Unavailable(f"cannot write the snapshot of adapter {adapter.name!r}: {e.strerror}") from None
+        except Exception as e:
+            # safetensors reports a full disk as its own error type: look for the errno text.
+            self._snapshots.remove(self._snapshots.path_for(adapter.name, number))
+            self._on_event("load", "io_error", time.perf_counter() - started)
+            text = str(e)
+            for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                if os.strerror(code) in text:
+                    raise ResourceExhausted(f"cannot write the snapshot of adapter {adapter.name!r}: {os.strerror(code)}") from None
+            raise
+
+    async def _register(self, adapter_id: str, caller: Tenant | None, owner: str | None, replace: bool, pin: bool,
+                        strict_pin: bool, snapshot: Path, number: int, source: str, adapter: MoraAdapter | LoraAdapter,
+                        report: UpdateReport | None, nbytes: int, started: float) -> tuple[Entry, Version]:
+        """Register a validated snapshot (under the registry lock: ownership is decided here)."""
+        try:
+            existing, owner = self._claim(adapter_id, caller, owner, replace)
+        except ServeError:
+            self._snapshots.remove(snapshot)
+            raise
+        from vllm.lora.request import LoRARequest
+
+        engine_id = next(self._ids)
+        request = LoRARequest(adapter_id, engine_id, str(snapshot))
+        try:
+            await self.engine.add_lora(request)
+        except EngineError as e:
+            self._snapshots.remove(snapshot)
+            self._on_event("load", "rejected", time.perf_counter() - started)
+            raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
+        # Only the metadata stays in this process: the weights are in the snapshot (and in
+        # vLLM's host cache while it holds the adapter), so registered adapters cost no host memory.
+        version = Version(number, engine_id, snapshot, adapter, source, request, report, nbytes)
+        self.host_view.add(engine_id)
+        if pin or (existing is not None and existing.version.pinned):
+            try:
+                await self._pin(version, strict=strict_pin and pin)
+            except ResourceExhausted:
+                await self.engine.remove_lora(engine_id)
+                self._forget(version)
+                self._snapshots.remove(snapshot)
+                self._on_event("load", "rejected", time.perf_counter() - started)
+                raise
+        if existing is None:
+            entry = Entry(adapter_id, owner, version)
+            self.entries[adapter_id] = entry
+        else:
+            entry = existing
+            old = entry.version
+            if self.merged is not None and self.merged[1] == old.engine_id:
+                async with self._transitions:
+                    if self.merged is not None and self.merged[1] == old.engine_id:
+                        await self._unmerge_locked("replaced")
+            entry.version = version  # new requests get the new weights from here on
+            entry.retiring.append(old)
+            self._retire(entry, old)
+        return entry, version
 
     def _retire(self, entry: Entry, version: Version) -> None:
         async def drain() -> None:
@@ -320,12 +384,16 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         return self.get(adapter_id, caller)
 
     async def unload(self, adapter_id: str, caller: Tenant | None = None) -> Entry:
-        """Stop serving `adapter_id` once its requests are done (bounded wait)."""
+        """Stop serving `adapter_id` once its requests are done (bounded wait, outside the registry
+        lock: other tenants' calls go on meanwhile)."""
         started = time.perf_counter()
-        async with self._manage:
-            entry = self._managed(adapter_id, caller)
-            entry.unloading = True  # no new leases from here on
-            versions = [entry.version, *entry.retiring]
+        with self.management_slot(caller):
+            async with self._manage:
+                entry = self._managed(adapter_id, caller)
+                if entry.unloading:
+                    raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
+                entry.unloading = True  # no new leases (nor replaces, nor merges) from here on
+                versions = [entry.version, *entry.retiring]
             try:
                 await asyncio.wait_for(asyncio.gather(*(v.idle.wait() for v in versions)), self.settings.unload_timeout_s)
             except TimeoutError:
@@ -335,13 +403,16 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
                 raise FailedPrecondition(
                     f"adapter {adapter_id!r} still has {busy} requests in flight after {self.settings.unload_timeout_s:g}s"
                 ) from None
-            if self.merged is not None and self.merged[0] == adapter_id:
-                await self._unmerge_locked("unloaded")
-            for v in versions:
-                await self.engine.remove_lora(v.engine_id)
-                self._forget(v)
-                self._snapshots.remove(v.snapshot)
-            del self.entries[adapter_id]
+            async with self._manage:
+                async with self._transitions:
+                    if self.merged is not None and self.merged[0] == adapter_id:
+                        await self._unmerge_locked("unloaded")
+                versions = [entry.version, *entry.retiring]
+                for v in versions:
+                    await self.engine.remove_lora(v.engine_id)
+                    self._forget(v)
+                    self._snapshots.remove(v.snapshot)
+                del self.entries[adapter_id]
         self._on_event("unload", "ok", time.perf_counter() - started)
         log.info("adapter %s unloaded", adapter_id)
         return entry

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serve.adapter_service import AdapterService, location_of
 from serve.config import ServerSettings, load_settings, parse_args
 from serve.engine import Engine
 from serve.errors import ErrorInterceptor, ServeError
@@ -30,7 +31,7 @@ from serve.metrics import ServerMetrics
 from serve.policy import MergePolicy
 from serve.proto import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 from serve.registry import AdapterRegistry
-from serve.servicers import AdaptersServicer, InferenceServicer, location_of
+from serve.servicers import AdaptersServicer, InferenceServicer
 from serve.tenants import TenantDirectory
 
 __all__ = ["Server", "main"]
@@ -59,6 +60,7 @@ class Server:
                                   unmerge_share=settings.unmerge_share, min_requests=settings.merge_min_requests,
                                   min_dwell_s=settings.merge_min_dwell_s)
         self.generation = GenerationService(settings, self.engine, self.registry, self.tenants, self.metrics, self.policy)
+        self.adapters = AdapterService(self.registry, self.tenants)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.http: HttpServer | None = None
@@ -74,6 +76,15 @@ class Server:
         served = self.settings.engine.get("served_model_name")
         names = [served] if isinstance(served, str) else list(served or [])
         return names or [self.settings.model_name]
+
+    def _authenticate(self, metadata: object) -> object:
+        """The gRPC edge's authentication (every call to the mora services, before its request is
+        parsed); a refusal is counted without labels (nothing unauthenticated becomes a label)."""
+        try:
+            return self.tenants.authenticate(metadata)  # type: ignore[arg-type]
+        except ServeError:
+            self.metrics.unauthenticated.labels("grpc").inc()
+            raise
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -107,12 +118,11 @@ class Server:
         if s.metrics_port:
             self.metrics.serve(s.metrics_port, s.host)
         self.grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self._authenticate, protected=SERVICES)],
             options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
         )
-        adapters = AdaptersServicer(self.registry, self.tenants)
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.generation), self.grpc)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, self.grpc)
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.adapters), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         creds = self._credentials()
@@ -121,7 +131,8 @@ class Server:
         await self._set_health(False)
         await self.grpc.start()
         if s.http_port:
-            app = build_app(self.generation, adapters, self.base_model_names, lambda: self.engine.ready and not self.stopping.is_set())
+            app = build_app(self.generation, self.adapters, self.tenants, self.metrics, self.base_model_names,
+                            lambda: self.engine.ready and not self.stopping.is_set(), max_body_bytes=s.http_max_body_bytes)
             self.http = HttpServer(app, s.host, s.http_port, s.shutdown_grace_s)
             await self.http.start()
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", s.host, s.http_port)
@@ -145,6 +156,7 @@ class Server:
             if not self.settings.auto_merge or not self.engine.ready or self.engine.quantization:
                 continue
             reg = self.registry
+            self.policy.transitioned(reg.last_transition)  # unmerges for other adapters' requests count too
             merged = reg.merged[0] if reg.merged else None
             manual = [a for a, e in reg.entries.items() if e.manual_merge]
 
@@ -178,7 +190,7 @@ class Server:
                 reg = self.registry
                 states = {}
                 for a, e in reg.entries.items():
-                    states[a] = "merged" if reg.merged and reg.merged[0] == a else location_of(e, status)
+                    states[a] = ("merged" if reg.merged and reg.merged[0] == a else location_of(e, status).value, e.tenant)
                 self.metrics.set_residency(states)
                 self.metrics.set_page_ins(reg.page_in_counts)
                 self.metrics.slots_in_use.set(len(status.get("slots", {})))

@@ -1,6 +1,8 @@
-"""The gRPC servicers: thin translations between API messages and the server's components.
+"""The gRPC servicers: thin translations between API messages and the transport-free services.
 
-Errors are raised, never returned: `serve.errors.ErrorInterceptor` maps them to status codes.
+The gRPC edge (`serve.errors.ErrorInterceptor`) has authenticated the call before its request
+was parsed; servicers take the caller from it (`serve.caller`). Errors are raised, never
+returned: the interceptor maps them to status codes.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from mora.checkpoint import MoraAdapter
-from serve.errors import InvalidRequest
+from serve.adapter_service import AdapterInfo, AdapterService, LoadRequest, Location
+from serve.caller import caller
 from serve.generation import (
     ChatMessage,
     Chunk,
@@ -18,35 +20,41 @@ from serve.generation import (
     GenerationService,
     Sampling,
     TokenLogprob,
+    check_sizes,
     collect,
 )
 from serve.proto import adapters_pb2 as apb
 from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
 from serve.proto import inference_pb2 as ipb
-from serve.registry import AdapterRegistry, Entry
-from serve.tenants import TenantDirectory
 
 __all__ = ["AdaptersServicer", "InferenceServicer", "generate_call"]
 
 FINISH = {"stop": ipb.FINISH_REASON_STOP, "length": ipb.FINISH_REASON_LENGTH, "abort": ipb.FINISH_REASON_ABORT}
 LOCATION = {
-    "device_slot": apb.ADAPTER_LOCATION_DEVICE_SLOT,
-    "host_cache": apb.ADAPTER_LOCATION_HOST_CACHE,
-    "disk_only": apb.ADAPTER_LOCATION_DISK_ONLY,
+    Location.UNSPECIFIED: apb.ADAPTER_LOCATION_UNSPECIFIED,
+    Location.DEVICE_SLOT: apb.ADAPTER_LOCATION_DEVICE_SLOT,
+    Location.HOST_CACHE: apb.ADAPTER_LOCATION_HOST_CACHE,
+    Location.DISK_ONLY: apb.ADAPTER_LOCATION_DISK_ONLY,
 }
+KIND = {"mora": apb.ADAPTER_KIND_MORA, "lora": apb.ADAPTER_KIND_LORA}
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "logprobs")
 
 
 def generate_call(request: Any) -> GenerateCall:
-    """The API message as the generation core's request."""
+    """The API message as the generation core's request; sizes are checked from the message's
+    counts before anything of that size is copied out of it."""
     sp = request.sampling
+    which = request.WhichOneof("input")
+    check_sizes(n=sp.n or 1, stop=len(sp.stop), stop_token_ids=len(sp.stop_token_ids),
+                messages=len(request.messages.messages) if which == "messages" else 0,
+                prompt_tokens=len(request.prompt_token_ids.ids) if which == "prompt_token_ids" else 0,
+                request_id=len(request.request_id))
     sampling = Sampling(
         max_tokens=sp.max_tokens or 16, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
         min_tokens=sp.min_tokens, skip_special_tokens=sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True,
         n=sp.n or 1, **{name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)})
     call = GenerateCall(adapter_id=request.adapter_id or None, sampling=sampling, request_id=request.request_id)
-    which = request.WhichOneof("input")
     if which == "prompt":
         call.prompt = request.prompt
     elif which == "prompt_token_ids":
@@ -79,7 +87,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = generate_call(request)
-        choices, last = await collect(self.generation.run(call, context.invocation_metadata(), "Generate", context), call.sampling.n)
+        choices, last = await collect(self.generation.run(call, caller(), "Generate", context.cancelled), call.sampling.n)
         completions = [ipb.Completion(index=c.index, text=c.text, token_ids=c.token_ids, stop_reason=c.stop_reason,
                                       finish_reason=FINISH.get(c.finish_reason or "", ipb.FINISH_REASON_UNSPECIFIED),
                                       logprobs=_logprobs(c.logprobs)) for c in choices]
@@ -92,106 +100,45 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return r
 
     async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for chunk in self.generation.run(generate_call(request), context.invocation_metadata(), "GenerateStream",
-                                                  context):
+        async for chunk in self.generation.run(generate_call(request), caller(), "GenerateStream", context.cancelled):
             yield _response(chunk, request.adapter_id)
 
 
-def location_of(entry: Entry, status: dict[str, Any]) -> str:
-    engine_id = entry.version.engine_id
-    if any(s.get("lora_id") == engine_id for s in status.get("slots", {}).values()):
-        return "device_slot"
-    if engine_id in status.get("registered", []):
-        return "host_cache"
-    return "disk_only"
-
-
-def adapter_info(entry: Entry, registry: AdapterRegistry, status: dict[str, Any]) -> Any:
-    a = entry.version.adapter
-    merged = registry.merged is not None and registry.merged[0] == entry.adapter_id
-    info = apb.AdapterInfo(
-        adapter_id=entry.adapter_id,
-        tenant=entry.tenant or "",
-        kind=apb.ADAPTER_KIND_MORA if isinstance(a, MoraAdapter) else apb.ADAPTER_KIND_LORA,
-        mora_type=int(a.mora_type) if isinstance(a, MoraAdapter) else 0,
-        rank=a.config.r,
-        parameters=a.num_parameters,
-        location=LOCATION[location_of(entry, status)],
-        merged=merged,
-        in_flight=entry.version.in_flight + sum(v.in_flight for v in entry.retiring),
-        merge_control=apb.MERGE_CONTROL_MANUAL if entry.manual_merge else apb.MERGE_CONTROL_AUTOMATIC,
-        version=entry.version.number,
-        source=entry.version.source,
-        requests_total=entry.requests_total,
-        merge_backup_bytes=registry.merge_backup_bytes if merged else 0,
-        pinned=entry.version.pinned,
-    )
-    return info
+def adapter_info(info: AdapterInfo) -> Any:
+    return apb.AdapterInfo(
+        adapter_id=info.adapter_id, tenant=info.tenant, kind=KIND[info.kind], mora_type=info.mora_type, rank=info.rank,
+        parameters=info.parameters, location=LOCATION[info.location], merged=info.merged, in_flight=info.in_flight,
+        merge_control=apb.MERGE_CONTROL_MANUAL if info.manual_merge else apb.MERGE_CONTROL_AUTOMATIC,
+        version=info.version, source=info.source, requests_total=info.requests_total,
+        merge_backup_bytes=info.merge_backup_bytes, pinned=info.pinned)
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
-    """The Adapters service. The HTTP API's admin routes call these same methods, with a context
-    that carries only the caller's credentials (`invocation_metadata()`)."""
+    """The Adapters service over `AdapterService`."""
 
-    def __init__(self, registry: AdapterRegistry, tenants: TenantDirectory) -> None:
-        self.registry = registry
-        self.tenants = tenants
-
-    def _caller(self, context: grpc.aio.ServicerContext) -> Any:
-        return self.tenants.authenticate(context.invocation_metadata())
-
-    async def _info(self, entry: Entry) -> Any:
-        return adapter_info(entry, self.registry, await self.registry.engine.status())
+    def __init__(self, adapters: AdapterService) -> None:
+        self.adapters = adapters
 
     async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        if request.tenant and not caller.is_admin and request.tenant != caller.name:
-            raise InvalidRequest("only admins load adapters for another tenant")
         which = request.WhichOneof("source")
-        # Who owns the id is decided and checked by the registry under its lock (no race).
-        entry = await self.registry.load(
-            request.adapter_id,
-            path=request.path if which == "path" else None,
-            source_name=request.registered_source if which == "registered_source" else None,
-            caller=caller,
-            owner=request.tenant or None,
-            replace=request.replace,
-            pin=request.pinned,
-            strict_pin=True,
-        )
-        return apb.LoadAdapterResponse(adapter=await self._info(entry))
+        load = LoadRequest(request.adapter_id, path=request.path if which == "path" else None,
+                           source=request.registered_source if which == "registered_source" else None,
+                           replace=request.replace, tenant=request.tenant, pinned=request.pinned)
+        return apb.LoadAdapterResponse(adapter=adapter_info(await self.adapters.load(caller(), load)))
 
     async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        self.tenants.check_manage(caller)
-        entry = self.registry.get(request.adapter_id, caller)
-        status = await self.registry.engine.status()
-        info = adapter_info(entry, self.registry, status)
-        await self.registry.unload(request.adapter_id, caller)
-        info.location = apb.ADAPTER_LOCATION_UNSPECIFIED
-        info.in_flight = 0
-        return apb.UnloadAdapterResponse(adapter=info)
+        return apb.UnloadAdapterResponse(adapter=adapter_info(await self.adapters.unload(caller(), request.adapter_id)))
 
     async def ListAdapters(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        status = await self.registry.engine.status()
-        entries = sorted(self.registry.visible(caller), key=lambda e: e.adapter_id)
-        return apb.ListAdaptersResponse(adapters=[adapter_info(e, self.registry, status) for e in entries])
+        return apb.ListAdaptersResponse(adapters=[adapter_info(i) for i in await self.adapters.list(caller())])
 
     async def GetAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        entry = self.registry.get(request.adapter_id, caller)
-        return apb.GetAdapterResponse(adapter=await self._info(entry))
+        return apb.GetAdapterResponse(adapter=adapter_info(await self.adapters.get(caller(), request.adapter_id)))
 
     async def MergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        result = await self.registry.merge(request.adapter_id, manual=True, trigger="manual", caller=caller)
-        entry = self.registry.get(request.adapter_id, caller)
-        return apb.MergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])
+        info, seconds = await self.adapters.merge(caller(), request.adapter_id)
+        return apb.MergeAdapterResponse(adapter=adapter_info(info), seconds=seconds)
 
     async def UnmergeAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        caller = self._caller(context)
-        result = await self.registry.unmerge(request.adapter_id, manual=True, trigger="manual", automatic=request.automatic,
-                                             caller=caller)
-        entry = self.registry.get(request.adapter_id, caller)
-        return apb.UnmergeAdapterResponse(adapter=await self._info(entry), seconds=result["seconds"])
+        info, seconds = await self.adapters.unmerge(caller(), request.adapter_id, request.automatic)
+        return apb.UnmergeAdapterResponse(adapter=adapter_info(info), seconds=seconds)

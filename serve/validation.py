@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mora.checkpoint import LoraAdapter, MoraAdapter, load_adapter
+from mora.checkpoint import LoraAdapter, MoraAdapter, ReadScope, load_adapter
 from mora.containment import UpdateReport, base_weight_norms, check_update
 from mora.errors import ShapeMismatchError
 from mora.hf import module_shapes_from_config
@@ -21,6 +21,7 @@ from mora.validate import BoundMora, bind_adapter
 from serve.config import ServerSettings
 from serve.engine import Engine
 from serve.errors import InvalidRequest, PathNotAllowed, short
+from serve.metrics import RESERVED_ADAPTER_LABELS
 
 __all__ = ["ADAPTER_ID_MAX", "PATH_MAX_BYTES", "AdapterValidator", "check_adapter_id", "resolve_under_root", "trim_heap"]
 
@@ -35,6 +36,9 @@ def check_adapter_id(adapter_id: str) -> str:
         raise InvalidRequest(f"adapter_id is longer than {ADAPTER_ID_MAX} bytes")
     if not all(c.isascii() and (c.isalnum() or c in "._-") for c in adapter_id) or adapter_id in (".", ".."):
         raise InvalidRequest("adapter_id may only contain ASCII letters, digits, '.', '_' and '-'")
+    if adapter_id in RESERVED_ADAPTER_LABELS:
+        raise InvalidRequest(f"adapter_id {adapter_id!r} is reserved (it names a metrics series: "
+                             f"{', '.join(sorted(RESERVED_ADAPTER_LABELS))})")
     return adapter_id
 
 
@@ -90,11 +94,13 @@ class AdapterValidator:
             self._norms_read.update(missing)
         return self._base_norms
 
-    def validate(self, adapter_id: str, directory: Path, allowed: Path, *,
+    def validate(self, adapter_id: str, directory: Path, allowed: Path, *, exclusive: bool = False,
                  in_dtype: bool = True) -> tuple[MoraAdapter | LoraAdapter, UpdateReport | None]:
-        """The adapter in `directory` (files only under `allowed`), checked against the base model;
+        """The adapter in `directory` (files only under `allowed`; `exclusive`, for a tenant's own
+        folder: each file the folder's own, see `ReadScope`), checked against the base model;
         with `in_dtype`, also its update/base ratios in the engine's dtype (mora.errors on failure)."""
-        adapter = load_adapter(directory, adapter_id, allowed=allowed, base_shapes=self.base_shapes())
+        scope = ReadScope(allowed, exclusive=exclusive)
+        adapter = load_adapter(directory, adapter_id, allowed=scope, base_shapes=self.base_shapes())
         bound = bind_adapter(adapter, self.base_shapes())
         max_rank = self.settings.max_lora_rank
         for module in (bound.specs if isinstance(adapter, MoraAdapter) else bound.shapes):

@@ -148,7 +148,8 @@ def test_logprobs_over_http_and_grpc(server, oai, demo_facts):
 
 def test_grpc_chat_and_n(server, demo_facts):
     fact = _fact(demo_facts, "cygnus")
-    with server.client(server.keys["initech"]) as g:
+    # the admin: initech's quota is one sequence, and quotas count each of n
+    with server.client(server.keys["ops"]) as g:
         r = g.chat([{"role": "user", "content": fact["prompt"]}], "cygnus", max_tokens=48, temperature=0, n=2)
         assert r.text == fact["completion"] and [c.text for c in r.completions] == [fact["completion"]] * 2
         assert [c.index for c in r.completions] == [0, 1] and r.usage.completion_tokens == 2 * len(r.token_ids)

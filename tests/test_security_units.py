@@ -43,8 +43,19 @@ def _lora(c: float, *, alpha: float = 1.0, dtype: torch.dtype = torch.float32) -
     a = torch.zeros(1, 8, dtype=dtype)
     b = torch.zeros(8, 1, dtype=dtype)
     a[0, 0], b[0, 0] = 1.0, c
-    config = AdapterConfig(r=1, lora_alpha=alpha, target_modules=["q_proj"])
+    # Built without validation: configs refuse a non-finite lora_alpha themselves
+    # (test_non_finite_lora_alpha_is_refused_for_every_kind); check_update is a second defence.
+    config = AdapterConfig.model_construct(r=1, lora_alpha=alpha, target_modules=["q_proj"])
     return LoraAdapter("t", config, {MODULE: a}, {MODULE: b})
+
+
+@pytest.mark.parametrize("use_mora", [False, True])
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -math.inf])
+def test_non_finite_lora_alpha_is_refused_for_every_kind(alpha, use_mora):
+    with pytest.raises(ValueError, match="lora_alpha is .*finite"):
+        AdapterConfig(r=1, lora_alpha=alpha, target_modules=["q_proj"], use_mora=use_mora)
+    with pytest.raises(ValueError, match="alpha_pattern values must be finite"):
+        AdapterConfig(r=1, alpha_pattern={"q_proj": alpha}, target_modules=["q_proj"], use_mora=use_mora)
 
 
 @pytest.mark.parametrize("factor, ok", [(1.0, True), (1 - 1e-9, True), (1 + 1e-6, False), (math.inf, False)])

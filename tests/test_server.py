@@ -85,7 +85,7 @@ def server(demo_assets: Path, root: Path, tmp_path_factory: pytest.TempPathFacto
     srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--max-loras", "4", "--max-cpu-loras", "12",
         "--preload", *[f"{a}={a}" for a in DEMO],
-    ], env={"MORA_SERVE_UNLOAD_TIMEOUT_S": "3"}, holdable=True)
+    ], env={"MORA_SERVE_UNLOAD_TIMEOUT_S": "3", "MORA_SERVE_MERGE_WAIT_S": "0.5"}, holdable=True)
     srv.wait_serving()
     srv.keys = keys
     yield srv
@@ -168,6 +168,15 @@ def test_adapter_rpcs(clients, demo_facts):
     ops.unload_adapter("extra")
 
 
+def _merge_or_refused(ops, adapter: str) -> None:
+    """A merge under other adapters' traffic is swapped in only if their requests drain within
+    merge_wait_s (a merged adapter runs alone); otherwise it is refused, saying why."""
+    try:
+        ops.merge_adapter(adapter)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "other adapters" in e.details(), e.details()
+
+
 def test_lifecycle_during_traffic_never_fails_or_lies(clients, demo_facts):
     ops = clients["ops"]
     stop = threading.Event()
@@ -193,11 +202,11 @@ def test_lifecycle_during_traffic_never_fails_or_lies(clients, demo_facts):
         t.start()
     try:
         for _ in range(2):
-            ops.merge_adapter("atlas")
+            _merge_or_refused(ops, "atlas")
             time.sleep(0.5)
             ops.unmerge_adapter("atlas", automatic=True)
             ops.load_adapter("churn", "draco", tenant="initech")
-            ops.merge_adapter("borealis")
+            _merge_or_refused(ops, "borealis")
             time.sleep(0.5)
             ops.load_adapter("churn", "cygnus", replace=True)
             ops.unmerge_adapter("borealis", automatic=True)

@@ -47,10 +47,21 @@ class MoraWorkerExtension:
         """Cumulative cache hits/misses/evictions and the load durations since the last call."""
         return self._mora_manager().mora_tiers.drain()
 
-    def mora_merge(self, lora_int_id: int, background: bool = False, max_bytes: int | None = None) -> dict[str, object]:
+    def mora_merge(self, lora_int_id: int, background: bool = False, max_bytes: int | None = None,
+                   commit: bool = True) -> dict[str, object]:
         """Merge resident MoRA adapter `lora_int_id` into the base weights; `background`: prepare
-        the merged weights beside the steps (answers {"state": "preparing"} until swapped in)."""
-        return self._mora_manager().mora_merge(int(lora_int_id), bool(background), None if max_bytes is None else int(max_bytes))
+        the merged weights beside the steps (answers {"state": "preparing"} until swapped in, or
+        with `commit=False` until {"state": "prepared"}, which `mora_merge_commit` swaps in)."""
+        return self._mora_manager().mora_merge(int(lora_int_id), bool(background), None if max_bytes is None else int(max_bytes),
+                                               bool(commit))
+
+    def mora_merge_commit(self, lora_int_id: int) -> dict[str, object]:
+        """Swap a prepared merge in (between two steps)."""
+        return self._mora_manager().mora_merge_commit(int(lora_int_id))
+
+    def mora_merge_cancel(self, lora_int_id: int) -> dict[str, object]:
+        """Drop a merge being prepared; nothing was swapped in."""
+        return self._mora_manager().mora_merge_cancel(int(lora_int_id))
 
     def mora_unmerge(self, lora_int_id: int | None = None) -> dict[str, object]:
         """Restore the base weights bit for bit."""

@@ -247,7 +247,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     # -- merging --------------------------------------------------------------------------
 
-    def mora_merge(self, lora_id: int, background: bool = False, max_bytes: int | None = None) -> dict[str, object]:
+    def mora_merge(self, lora_id: int, background: bool = False, max_bytes: int | None = None,
+                   commit: bool = True) -> dict[str, object]:
         """Merge resident MoRA adapter `lora_id` into the base weights (one at a time).
 
         `background`: the first call sets the merge up; each later call prepares the merged
@@ -257,12 +258,14 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         running them on a second thread while the engine steps corrupts the heap (measured:
         glibc aborts in the worker). Engine RPCs run on the step thread, between two steps.
         `max_bytes`: refuse (MergeError, with the figures) a merge whose preparation needs more
-        memory beside the serving weights.
+        memory beside the serving weights. `commit=False` (background only): stop at
+        `{"state": "prepared"}`; `mora_merge_commit` swaps the weights in (a server does that
+        only when no other adapter's request is in flight), `mora_merge_cancel` drops them.
         """
         if self._mora_preparing is not None:
             if not background:
                 raise MergeError(f"adapter {self._mora_preparing.lora_id} is being prepared for a merge; wait for it")
-            return self._mora_merge_poll(lora_id)
+            return self._mora_merge_poll(lora_id, commit)
         if self.mora_merged_id is not None:
             if self.mora_merged_id == lora_id:
                 return self.mora_status()
@@ -317,23 +320,45 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_runtime.set_merged(row)
         return self.mora_status()
 
-    def _mora_merge_poll(self, lora_id: int) -> dict[str, object]:
+    def _mora_merge_poll(self, lora_id: int, commit: bool = True) -> dict[str, object]:
         job = self._mora_preparing
         if job.lora_id != lora_id:
             raise MergeError(f"adapter {job.lora_id} is being prepared for a merge; wait for it")
-        row = self.mora_runtime.merged_row
-        done = []
         try:
             deadline = time.perf_counter() + MERGE_SLICE_S
             while job.todo:
                 name, module = job.todo.pop(0)
                 started = time.perf_counter()
-                job.prepared[name] = prepare_packed_layer(module, row)
+                job.prepared[name] = prepare_packed_layer(module, self.mora_runtime.merged_row)
                 job.seconds += time.perf_counter() - started
                 if time.perf_counter() >= deadline:
                     break
-            if job.todo:
-                return {"state": "preparing", "layers_prepared": len(job.prepared), "layers": job.total}
+        except Exception:
+            self.mora_merge_cancel(lora_id)
+            raise
+        if job.todo:
+            return {"state": "preparing", "layers_prepared": len(job.prepared), "layers": job.total}
+        if not commit:
+            return {"state": "prepared", "layers_prepared": len(job.prepared), "layers": job.total}
+        return self.mora_merge_commit(lora_id)
+
+    def mora_merge_cancel(self, lora_id: int) -> dict[str, object]:
+        """Drop a merge being prepared (or prepared) for `lora_id`; nothing was swapped in."""
+        job = self._mora_preparing
+        if job is not None and job.lora_id == lora_id:
+            self._mora_preparing = None
+            self._merge_failed(lora_id, [])
+        return self.mora_status()
+
+    def mora_merge_commit(self, lora_id: int) -> dict[str, object]:
+        """Swap a prepared merge of `lora_id` in (between two steps: attribute writes for packed
+        layers, in-place additions for dense ones)."""
+        job = self._mora_preparing
+        if job is None or job.lora_id != lora_id or job.todo:
+            raise MergeError(f"adapter {lora_id} has no prepared merge to commit")
+        row = self.mora_runtime.merged_row
+        done = []
+        try:
             self._mora_preparing = None
             prepared = job.prepared
             for name, module in self.mora_layers():

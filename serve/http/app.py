@@ -1,11 +1,13 @@
-"""OpenAI-compatible routes over the same components as the gRPC API.
+"""OpenAI-compatible routes over the same services as the gRPC API.
 
 `/v1/completions`, `/v1/chat/completions` (SSE streaming, usage, n, logprobs, stop, seed...) and
-`/v1/models` call the generation core (`serve.generation`) exactly as gRPC does: same tenants
+`/v1/models` call the generation service (`serve.generation`) exactly as gRPC does: same tenants
 (`Authorization: Bearer`), quotas, merge policy and metrics. Adapter management (`/v1/adapters`,
-and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`) calls the gRPC Adapters service's
-own methods. Errors are classified once (`serve.errors.status_for`); `HTTP_STATUS` turns that
-gRPC code into the HTTP status, with OpenAI's error body.
+and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`) calls the adapter service
+(`serve.adapter_service`). Every request passes the HTTP edge (`serve.http.edge`) first: it is
+authenticated from its headers and its body bounded before anything reads it. Errors are
+classified once (`serve.errors.status_for`); `HTTP_STATUS` turns that code into the HTTP status,
+with OpenAI's error body, for every error (body, validation, routing) alike.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from google.protobuf.json_format import MessageToDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mora.errors import MoraError
+from serve.adapter_service import AdapterInfo, AdapterService, LoadRequest
 from serve.errors import InvalidRequest, ServeError, status_for
 from serve.generation import Chunk, GenerateCall, GenerationService, TokenLogprob, collect
+from serve.http.edge import HttpEdge, tenant_of
 from serve.http.protocol import (
     AdapterLoad,
     AdapterUnmerge,
@@ -36,11 +40,12 @@ from serve.http.protocol import (
     CompletionRequest,
     VllmLoraLoad,
     VllmLoraUnload,
+    parse_body,
 )
-from serve.proto import adapters_pb2 as apb
-from serve.servicers import AdaptersServicer
+from serve.metrics import ServerMetrics
+from serve.tenants import TenantDirectory
 
-__all__ = ["HTTP_STATUS", "HttpServer", "build_app"]
+__all__ = ["HTTP_STATUS", "HttpServer", "build_app", "error_body"]
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +65,18 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               409: "conflict_error", 429: "rate_limit_error"}
+               405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+               431: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI's error body) for any exception."""
     code, message = status_for(exc)
-    status = HTTP_STATUS.get(code, 500)
+    status = getattr(exc, "http_status", None) or HTTP_STATUS.get(code, 500)
     if code == grpc.StatusCode.INTERNAL:
         log.error("unhandled error in the HTTP API", exc_info=exc)
     return status, {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
                               "code": code.name}}
-
-
-class _Caller:
-    """The caller's credentials, shaped as the gRPC servicers read them (`invocation_metadata()`)."""
-
-    def __init__(self, request: Request) -> None:
-        auth = request.headers.get("authorization")
-        self.metadata = (("authorization", auth),) if auth is not None else ()
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self.metadata
 
 
 def _usage(last: Chunk) -> dict[str, int]:
@@ -110,7 +106,7 @@ def _chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
 
 
 class OpenAIRoutes:
-    def __init__(self, generation: GenerationService, adapters: AdaptersServicer, base_names: list[str]) -> None:
+    def __init__(self, generation: GenerationService, adapters: AdapterService, base_names: list[str]) -> None:
         self.generation = generation
         self.adapters = adapters
         self.base_names = base_names
@@ -122,7 +118,7 @@ class OpenAIRoutes:
     async def _respond(self, request: Request, body: Any, call: GenerateCall, method: str, chat: bool) -> Response:
         rid = ("chatcmpl-" if chat else "cmpl-") + (call.request_id or uuid.uuid4().hex)
         created = int(time.time())
-        stream = self.generation.run(call, _Caller(request).invocation_metadata(), method + ("Stream" if body.stream else ""))
+        stream = self.generation.run(call, tenant_of(request), method + ("Stream" if body.stream else ""))
         if not body.stream:
             choices, last = await collect(stream, call.sampling.n)
             if chat:
@@ -179,40 +175,56 @@ class OpenAIRoutes:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def completions(self, request: Request, body: CompletionRequest) -> Response:
+    async def completions(self, request: Request) -> Response:
+        body = parse_body(CompletionRequest, await request.body())
         text, ids = body.single_prompt()
         call = self._call(body, prompt=text, prompt_token_ids=ids)
         call.sampling = body.sampling(body.max_tokens, body.logprobs)
         return await self._respond(request, body, call, "Completions", chat=False)
 
-    async def chat(self, request: Request, body: ChatRequest) -> Response:
+    async def chat(self, request: Request) -> Response:
+        body = parse_body(ChatRequest, await request.body())
         call = self._call(body, messages=[m.chat_message() for m in body.messages])
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         call.sampling = body.sampling(body.max_completion_tokens or body.max_tokens, logprobs)
         return await self._respond(request, body, call, "ChatCompletions", chat=True)
 
     async def models(self, request: Request) -> Response:
-        listed = await self.adapters.ListAdapters(apb.ListAdaptersRequest(), _Caller(request))
-        caller = self.adapters.tenants.authenticate(_Caller(request).invocation_metadata())
+        caller = tenant_of(request)
+        listed = await self.adapters.list(caller)
         created = int(time.time())
         data = []
         if caller.is_admin or caller.allow_base_model:
             data.append({"id": self.base_names[0], "object": "model", "created": created, "owned_by": "mora-serve",
                          "root": self.base_names[0], "parent": None})
-        for a in listed.adapters:
+        for a in listed:
             data.append({"id": a.adapter_id, "object": "model", "created": created, "owned_by": a.tenant or "mora-serve",
                          "root": a.adapter_id, "parent": self.base_names[0]})
         return JSONResponse({"object": "list", "data": data})
 
 
-def _info(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+# The proto3 JSON of an AdapterInfo (field names as in protos/mora/v1/adapters.proto, enums by
+# name, 64-bit integers as strings): the shape the HTTP API has always answered.
+_KIND = {"mora": "ADAPTER_KIND_MORA", "lora": "ADAPTER_KIND_LORA"}
 
 
-def build_app(generation: GenerationService, adapters: AdaptersServicer, base_names: list[str],
-              ready: Callable[[], bool]) -> FastAPI:
+def info_json(info: AdapterInfo) -> dict[str, Any]:
+    return {
+        "adapter_id": info.adapter_id, "tenant": info.tenant, "kind": _KIND[info.kind], "mora_type": info.mora_type,
+        "rank": info.rank, "parameters": str(info.parameters), "location": "ADAPTER_LOCATION_" + info.location.name,
+        "merged": info.merged, "in_flight": info.in_flight,
+        "merge_control": "MERGE_CONTROL_MANUAL" if info.manual_merge else "MERGE_CONTROL_AUTOMATIC",
+        "version": info.version, "source": info.source, "requests_total": str(info.requests_total),
+        "merge_backup_bytes": str(info.merge_backup_bytes), "pinned": info.pinned,
+    }
+
+
+def build_app(generation: GenerationService, adapters: AdapterService, tenants: TenantDirectory, metrics: ServerMetrics,
+              base_names: list[str], ready: Callable[[], bool], *, max_body_bytes: int = 16 << 20) -> Any:
+    """The OpenAI-compatible app behind its edge (an ASGI app)."""
     routes = OpenAIRoutes(generation, adapters, base_names)
-    app = FastAPI(title="mora-serve", description="OpenAI-compatible API of mora-serve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="mora-serve", description="OpenAI-compatible API of mora-serve", docs_url=None, redoc_url=None,
+                  openapi_url=None)
 
     async def _error(request: Request, exc: Exception) -> Response:
         status, body = error_body(exc)
@@ -230,6 +242,13 @@ def build_app(generation: GenerationService, adapters: AdaptersServicer, base_na
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         return JSONResponse(error_body(InvalidRequest(f"invalid request: {problems}"))[1], status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing(request: Request, exc: StarletteHTTPException) -> Response:
+        # unknown paths and wrong methods answer in OpenAI's shape too
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}},
+                            status_code=exc.status_code)
+
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if ready() else 503)
@@ -240,46 +259,53 @@ def build_app(generation: GenerationService, adapters: AdaptersServicer, base_na
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request) -> Response:
-        return JSONResponse(_info(await adapters.ListAdapters(apb.ListAdaptersRequest(), _Caller(request))))
+        return JSONResponse({"adapters": [info_json(i) for i in await adapters.list(tenant_of(request))]})
 
     @app.post("/v1/adapters")
-    async def load_adapter(request: Request, body: AdapterLoad) -> Response:
-        req = apb.LoadAdapterRequest(adapter_id=body.adapter_id, replace=body.replace, tenant=body.tenant, pinned=body.pinned)
-        if body.source is not None:
-            req.registered_source = body.source
-        else:
-            req.path = body.path or body.adapter_id
-        return JSONResponse(_info(await adapters.LoadAdapter(req, _Caller(request))))
+    async def load_adapter(request: Request) -> Response:
+        body = parse_body(AdapterLoad, await request.body())
+        load = LoadRequest(body.adapter_id, path=None if body.source is not None else (body.path or body.adapter_id),
+                           source=body.source, replace=body.replace, tenant=body.tenant, pinned=body.pinned)
+        return JSONResponse({"adapter": info_json(await adapters.load(tenant_of(request), load))})
 
     @app.get("/v1/adapters/{adapter_id}")
     async def get_adapter(request: Request, adapter_id: str) -> Response:
-        return JSONResponse(_info(await adapters.GetAdapter(apb.GetAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+        return JSONResponse({"adapter": info_json(await adapters.get(tenant_of(request), adapter_id))})
 
     @app.delete("/v1/adapters/{adapter_id}")
     async def unload_adapter(request: Request, adapter_id: str) -> Response:
-        return JSONResponse(_info(await adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+        return JSONResponse({"adapter": info_json(await adapters.unload(tenant_of(request), adapter_id))})
 
     @app.post("/v1/adapters/{adapter_id}/merge")
     async def merge_adapter(request: Request, adapter_id: str) -> Response:
-        return JSONResponse(_info(await adapters.MergeAdapter(apb.MergeAdapterRequest(adapter_id=adapter_id), _Caller(request))))
+        info, seconds = await adapters.merge(tenant_of(request), adapter_id)
+        return JSONResponse({"adapter": info_json(info), "seconds": seconds})
 
     @app.post("/v1/adapters/{adapter_id}/unmerge")
-    async def unmerge_adapter(request: Request, adapter_id: str, body: AdapterUnmerge | None = None) -> Response:
-        req = apb.UnmergeAdapterRequest(adapter_id=adapter_id, automatic=body is not None and body.automatic)
-        return JSONResponse(_info(await adapters.UnmergeAdapter(req, _Caller(request))))
+    async def unmerge_adapter(request: Request, adapter_id: str) -> Response:
+        raw = await request.body()
+        body = parse_body(AdapterUnmerge, raw) if raw.strip() else AdapterUnmerge()
+        info, seconds = await adapters.unmerge(tenant_of(request), adapter_id, body.automatic)
+        return JSONResponse({"adapter": info_json(info), "seconds": seconds})
 
     @app.post("/v1/load_lora_adapter")
-    async def vllm_load(request: Request, body: VllmLoraLoad) -> Response:
-        req = apb.LoadAdapterRequest(adapter_id=body.lora_name, path=body.lora_path, replace=body.load_inplace)
-        await adapters.LoadAdapter(req, _Caller(request))
+    async def vllm_load(request: Request) -> Response:
+        body = parse_body(VllmLoraLoad, await request.body())
+        await adapters.load(tenant_of(request), LoadRequest(body.lora_name, path=body.lora_path, replace=body.load_inplace))
         return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")
-    async def vllm_unload(request: Request, body: VllmLoraUnload) -> Response:
-        await adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=body.lora_name), _Caller(request))
+    async def vllm_unload(request: Request) -> Response:
+        body = parse_body(VllmLoraUnload, await request.body())
+        await adapters.unload(tenant_of(request), body.lora_name)
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
-    return app
+    def refused(exc: ServeError) -> tuple[int, dict[str, Any]]:
+        if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+            metrics.unauthenticated.labels("http").inc()
+        return error_body(exc)
+
+    return HttpEdge(app, tenants.authenticate, refused, max_body_bytes=max_body_bytes, open_paths=("/health",))
 
 
 class _Uvicorn(uvicorn.Server):
@@ -291,7 +317,7 @@ class _Uvicorn(uvicorn.Server):
 class HttpServer:
     """uvicorn serving the app in the running event loop."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float) -> None:
+    def __init__(self, app: Any, host: str, port: int, grace_s: float) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(1, int(grace_s) + 2))
         self.server = _Uvicorn(config)

@@ -3,14 +3,49 @@ validated at the edge: an unknown or mistyped field is a 400 naming it."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from serve.errors import InvalidRequest
-from serve.generation import ChatMessage, Sampling
+from serve.generation import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS, ChatMessage, Sampling
 
-__all__ = ["AdapterLoad", "ChatRequest", "CompletionRequest", "VllmLoraLoad", "VllmLoraUnload"]
+__all__ = ["AdapterLoad", "ChatRequest", "CompletionRequest", "VllmLoraLoad", "VllmLoraUnload", "parse_body"]
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are named as such (before range checks would call NaN "not >= 0")."""
+    try:
+        number = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    except (ValueError, OverflowError):
+        return value  # not a number: the field's own type check says so
+    if number is not None and math.isnan(number):
+        raise ValueError("is NaN; give a finite number")
+    if number is not None and math.isinf(number):
+        raise ValueError("is infinite; give a finite number")
+    return value
+
+
+Finite = Annotated[float, BeforeValidator(_finite)]
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """`raw` (the whole body, already bounded by the HTTP edge) parsed straight into `model`: no
+    intermediate Python objects for fields the model does not have; any problem is a 400 that
+    names the field, or the JSON error and where."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        problems = []
+        for err in e.errors()[:5]:
+            if err["type"] == "json_invalid":
+                msg = str(err["msg"]).removeprefix("Invalid JSON: ")
+                hint = " (a \\u escape of a lone UTF-16 surrogate is not text)" if "escape" in msg else ""
+                raise InvalidRequest(f"the request body is not valid JSON text: {msg}{hint}") from None
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            problems.append(f"{where}: {str(err['msg']).removeprefix('Value error, ')}")
+        raise InvalidRequest("invalid request: " + "; ".join(problems)) from None
 
 
 class _Body(BaseModel):
@@ -23,26 +58,26 @@ class StreamOptions(_Body):
 
 
 class _Common(_Body):
-    model: str = Field(min_length=1, description="an adapter id, or the base model's name")
-    n: int = Field(1, ge=1)
+    model: str = Field(min_length=1, max_length=256, description="an adapter id, or the base model's name")
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
     seed: int | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None
+    temperature: Finite | None = Field(None, ge=0)
+    top_p: Finite | None = Field(None, gt=0, le=1)
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
+    user: str | None = Field(None, max_length=256)
     # vLLM's extra sampling parameters, as its own server accepts them
     top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: Finite | None = None
+    repetition_penalty: Finite | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
-    request_id: str = ""
+    request_id: str = Field("", max_length=128)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -56,9 +91,9 @@ class _Common(_Body):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=1024)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
     logit_bias: dict[str, float] | None = None
 
@@ -92,9 +127,9 @@ class TextPart(_Body):
 
 
 class Message(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: str = Field(max_length=32)
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: str | None = Field(None, max_length=256)
 
     def chat_message(self) -> ChatMessage:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -102,11 +137,11 @@ class Message(_Body):
 
 
 class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=1024)
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
