@@ -110,7 +110,12 @@ class ServerSettings(BaseSettings):
                                      "limit); a larger one is refused with 413 as soon as the limit is crossed")
     max_update_ratio: float = Field(1024.0, gt=0, description="largest ||update||/||base weight|| of an adapter's module (docs/security.md)")
     # metrics
-    metrics_label_limit: int = Field(100, ge=1, description="distinct adapter/tenant label values before 'other'")
+    metrics_label_limit: int = Field(100, ge=1, description="distinct adapter label values per tenant (and tenant "
+                                     "values) before 'other'")
+    metrics_bearer_token_file: Path | None = Field(None, description="require 'Authorization: Bearer <token>' on "
+                                                   "/metrics, the token read from this file; none: open (docs/security.md)")
+    metrics_tls_cert: Path | None = Field(None, description="serve /metrics over TLS with this certificate (PEM)")
+    metrics_tls_key: Path | None = Field(None, description="private key (PEM) of metrics_tls_cert")
     # TLS
     tls_cert: Path | None = Field(None, description="server certificate (PEM); none: plaintext")
     tls_key: Path | None = Field(None, description="server private key (PEM), with tls_cert")
@@ -171,6 +176,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
+            raise ValueError("metrics_tls_cert and metrics_tls_key go together")
         return self
 
     @property

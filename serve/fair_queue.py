@@ -37,19 +37,18 @@ class FairQueue:
             self._worker = asyncio.get_running_loop().create_task(self._work())
         return await future
 
-    def _next(self) -> tuple[Callable[[], Any], asyncio.Future] | None:
+    def _next(self) -> tuple[str, Callable[[], Any], asyncio.Future, deque] | None:
         while self._queues:
             key, queue = self._queues.popitem(last=False)  # the key whose turn it is
-            item = queue.popleft()
-            if queue:
-                self._queues[key] = queue  # back of the line
-            if not item[1].cancelled():  # its caller went away: skip it
-                return item
+            while queue:
+                job, future = queue.popleft()
+                if not future.cancelled():  # its caller went away: skip it
+                    return key, job, future, queue
         return None
 
     async def _work(self) -> None:
         while (item := self._next()) is not None:
-            job, future = item
+            key, job, future, rest = item
             try:
                 result = await asyncio.to_thread(job)
             except BaseException as e:
@@ -60,3 +59,10 @@ class FairQueue:
             else:
                 if not future.done():
                     future.set_result(result)
+            finally:
+                # Back of the line only now: a key that queued while this job ran goes first.
+                queued = self._queues.pop(key, None)  # jobs this key queued while its job ran
+                if queued:
+                    rest.extend(queued)
+                if rest:
+                    self._queues[key] = rest

@@ -31,8 +31,11 @@ same default registry and are exported unchanged.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from serve.metrics_server import MetricsServer
 
 __all__ = ["RESERVED_ADAPTER_LABELS", "AdapterLabels", "LabelLimiter", "ServerMetrics"]
 
@@ -185,5 +188,8 @@ class ServerMetrics:
                 self.residency.labels(adapter, s).set(1 if s == state else 0)
         self._residency_series = set(current)
 
-    def serve(self, port: int, host: str) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str, **access: Any) -> MetricsServer:
+        """Serve `/metrics` on `host:port`; `access`: MetricsServer's token and TLS options."""
+        server = MetricsServer(self.registry, host, port, **access)
+        server.start()
+        return server

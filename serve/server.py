@@ -116,7 +116,8 @@ class Server:
         s = self.settings
         await self._prevalidate_preloads()
         if s.metrics_port:
-            self.metrics.serve(s.metrics_port, s.host)
+            self.metrics.serve(s.metrics_port, s.host, bearer_token_file=s.metrics_bearer_token_file,
+                               certfile=s.metrics_tls_cert, keyfile=s.metrics_tls_key)
         self.grpc = grpc.aio.server(
             interceptors=[ErrorInterceptor(self._authenticate, protected=SERVICES)],
             options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],

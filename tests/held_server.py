@@ -13,6 +13,9 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
   stays up and NOT_SERVING for as long as a test needs.
 * `hold-tokenize`: while it exists, tokenizing a prompt blocks the thread that does it (`tokenizing`
   is written then). The server must tokenize off the event loop, so it keeps answering meanwhile.
+* `hold-validate`: while it exists, validating an adapter blocks the thread that does it (each
+  validation appends the adapter id to `validating` when it starts, and to `validated` when it
+  ends), so adapter management calls stay in flight for as long as a test needs.
 * `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with "loading" (a disk
   read that never ends; `paging` is written then, and `prefetched` gets the adapter's name), so
   a cold adapter's request stays waiting for its page-in for as long as a test needs.
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 import serve.engine
+import serve.validation
 from serve.server import main
 
 HOLD_DIR = Path(os.environ["MORA_TEST_HOLD_DIR"])
@@ -37,6 +41,7 @@ _generate = serve.engine.Engine.generate
 _abort = serve.engine.Engine.abort
 _tokenize = serve.engine.Engine.tokenize
 _rpc = serve.engine.Engine.rpc
+_validate = serve.validation.AdapterValidator.validate
 _poller: asyncio.Task | None = None
 
 
@@ -92,6 +97,19 @@ async def rpc(self: serve.engine.Engine, method: str, *args, **kwargs):
     return await _rpc(self, method, *args, **kwargs)
 
 
+def validate(self: serve.validation.AdapterValidator, adapter_id: str, *args, **kwargs):
+    with open(HOLD_DIR / "validating", "a") as f:
+        f.write(adapter_id + "\n")
+    while (HOLD_DIR / "hold-validate").exists():  # blocks this thread, as a slow validation would
+        time.sleep(0.05)
+    try:
+        return _validate(self, adapter_id, *args, **kwargs)
+    finally:
+        with open(HOLD_DIR / "validated", "a") as f:
+            f.write(adapter_id + "\n")
+
+
+serve.validation.AdapterValidator.validate = validate
 serve.engine.Engine.rpc = rpc
 serve.engine.Engine.start = start
 serve.engine.Engine.tokenize = tokenize

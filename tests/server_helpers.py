@@ -128,8 +128,10 @@ class ServerProcess:
         f = self.hold_dir / "aborts"
         return len(f.read_text().split()) if f.exists() else 0
 
-    def scrape(self) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+    def scrape(self, token: str | None = None) -> str:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics", headers=headers)
+        return urllib.request.urlopen(request, timeout=10).read().decode()
 
     def stop(self, timeout: float = 120) -> int:
         if self.proc.poll() is None:

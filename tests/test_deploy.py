@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 OVERLAYS = ("gpu", "cpu-demo", "multinode")
-COMPONENTS = ("routing-envoy-gateway", "routing-istio", "routing-inference-pool", "model-from-image", "model-from-snapshot")
+COMPONENTS = ("routing-envoy-gateway", "routing-istio", "routing-inference-pool", "model-from-image", "model-from-snapshot",
+              "metrics-auth")
 # The oldest Kubernetes the manifests target: native gRPC probes (1.27), preStop `sleep` (1.30),
 # PodDisruptionBudget unhealthyPodEvictionPolicy (1.31) are all on by default there.
 K8S_VERSION = "1.33.0"
@@ -170,7 +171,7 @@ def test_component_renders_on_gpu_overlay(component: str, tmp_root: Path) -> Non
     kinds = {o["kind"] for o in objs}
     extra = {"routing-envoy-gateway": {"GRPCRoute", "BackendTrafficPolicy"}, "routing-istio": {"DestinationRule"},
              "routing-inference-pool": {"InferencePool", "HTTPRoute", "Role", "RoleBinding"}, "model-from-image": set(),
-             "model-from-snapshot": set()}
+             "model-from-snapshot": set(), "metrics-auth": set()}
     assert extra[component] <= kinds
     assert all(o["metadata"].get("namespace") == "mora" for o in objs)
 
@@ -423,6 +424,14 @@ def test_ports_probes_and_drain_match_server_settings(name: str, tmp_root: Path,
                 assert p["port"] == s.http_port
     for pm in (o for o in objs if o["kind"] == "PodMonitor"):
         assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+        # /metrics behind a bearer token (metrics-auth): the server reads it from the Secret
+        # Prometheus sends it from
+        auth = pm["spec"]["podMetricsEndpoints"][0].get("authorization")
+        if s.metrics_bearer_token_file is not None or auth is not None:
+            assert auth is not None and auth["type"] == "Bearer", name
+            secret = volumes[mount_of(s.metrics_bearer_token_file)["name"]]["secret"]
+            assert secret["secretName"] == auth["credentials"]["name"], name
+            assert s.metrics_bearer_token_file.name == auth["credentials"]["key"], name
     for pool in (o for o in objs if o["kind"] == "InferencePool"):
         assert [p["number"] for p in pool["spec"]["targetPorts"]] == [s.port]
         assert pool["spec"]["appProtocol"] == "kubernetes.io/h2c"
