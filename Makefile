@@ -81,6 +81,7 @@ demo: install $(DEMO_DIR)/demo.json
 bench: install
 	$(PY) -m bench.kernel
 	$(PY) -m bench.merge
+	$(PY) -m bench.isolation
 	$(PY) -m bench.serving
 	$(PY) -m bench.load --quick
 

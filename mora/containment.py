@@ -9,12 +9,15 @@ computed in float64 so that the check itself cannot overflow):
   serving dtype*, is finite, and `ratio <= max_ratio` for every module (default
   `MAX_UPDATE_RATIO` = 1024: an adapter may scale a layer's output by three orders of
   magnitude, far beyond any trained adapter, whose updates are a few percent of the base).
-* **Merging** (`merge_ratio_limit`): merging stores `W + dW` rounded to the serving dtype, and
-  every other tenant's row gets `dW` subtracted again (the merged-slot remap). The rounding
-  error each of them sees is at most `u * |W + dW|` (u: the dtype's unit roundoff), so their
-  relative error is bounded by `u * (1 + ratio)`. A merge is allowed only if that bound stays
-  within the dtype's serving tolerance: `ratio <= SERVING_TOLERANCE[dtype] / u - 1`
-  (float32: 166, float16: 7.2, bfloat16: 4.1).
+* **Merging** (`merge_ratio_limit`): merging stores `W + dW` rounded to the serving dtype. Rows
+  served from those weights with `dW` subtracted again (the merged-slot remap) see a rounding
+  error of at most `u * |W + dW|` (u: the dtype's unit roundoff), a relative error bounded by
+  `u * (1 + ratio)`; so does the merged adapter's own output against its unmerged one. A merge
+  is allowed only if that bound stays within the dtype's serving tolerance:
+  `ratio <= SERVING_TOLERANCE[dtype] / u - 1` (float32: 166, float16: 7.2, bfloat16: 4.1).
+  The server never serves other tenants that way (serve/merge_gate.py: a merged adapter runs
+  alone), so their answers are exact; plain vLLM users of the plugin who merge with mixed
+  traffic get this bound.
 """
 
 from __future__ import annotations

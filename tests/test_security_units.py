@@ -215,3 +215,68 @@ def test_stale_snapshot_folders(tmp_path):
     assert clean_stale_snapshots(tmp_path) == [dead]
     assert live.is_dir() and not dead.exists()
     os.close(fd)
+
+
+def test_fair_queue_takes_turns_between_tenants():
+    """A tenant's queued validations never go ahead of another tenant's that arrived meanwhile: the
+    other tenant waits for at most the one running (deterministic: jobs block on events)."""
+    import asyncio
+    import threading
+
+    from serve.fair_queue import FairQueue
+
+    async def main() -> tuple[list, list]:
+        queue, started = FairQueue(), []
+        release = {n: threading.Event() for n in ("a1", "a2", "a3", "b1")}
+
+        def job(name: str):
+            def run() -> str:
+                started.append(name)
+                assert release[name].wait(30)
+                return name
+            return run
+
+        tasks = [asyncio.create_task(queue.run("a", job("a1")))]
+        while not started:
+            await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(queue.run("a", job(n))) for n in ("a2", "a3")]
+        tasks.append(asyncio.create_task(queue.run("b", job("b1"))))
+        await asyncio.sleep(0)
+        for event in release.values():
+            event.set()
+        return await asyncio.gather(*tasks), started
+
+    results, started = asyncio.run(main())
+    assert results == ["a1", "a2", "a3", "b1"] and started == ["a1", "b1", "a2", "a3"]
+
+
+def test_merge_gate_runs_a_merged_adapter_alone():
+    """Another adapter's request (or the base model's) unmerges first; a merge is swapped in only
+    with no other adapter's request in flight, else it gives up after its wait."""
+    import asyncio
+
+    from serve.merge_gate import MergeGate
+
+    async def main() -> list[str]:
+        events: list[str] = []
+        gate: MergeGate
+
+        async def unmerge() -> None:
+            events.append("unmerge")
+            await gate.unmerged()
+
+        async def swap_in() -> None:
+            events.append("swap")
+
+        gate = MergeGate(unmerge)
+        async with gate.admit(7):
+            assert not await gate.commit(1, swap_in, wait_s=0.05)  # adapter 7's request is in flight
+        assert await gate.commit(1, swap_in, wait_s=1)
+        async with gate.admit(1):
+            events.append("own request")  # its own requests run merged
+        async with gate.admit(None):
+            events.append("base request")  # after the unmerge it started
+        assert gate.merged is None and gate.waits == 1
+        return events
+
+    assert asyncio.run(main()) == ["swap", "own request", "unmerge", "base request"]
