@@ -24,9 +24,8 @@ from typing import Any
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import RequestValidationError, StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mora.errors import MoraError
 from serve.adapter_service import AdapterInfo, AdapterService, LoadRequest

@@ -19,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from starlette.requests import Request
+from fastapi import Request
 
 from serve.errors import HeadersTooLarge, InvalidRequest, PayloadTooLarge, ServeError
 from serve.tenants import Tenant
