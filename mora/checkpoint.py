@@ -582,7 +582,7 @@ def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | R
 def load_mora_adapter(path: str | Path, name: str | None = None) -> MoraAdapter:
     """Like `load_adapter`, but a plain LoRA adapter is an error (`NotMoraAdapterError`)."""
     adapter = load_adapter(path, name)
-    if not isinstance(adapter, MoraAdapter):
+    if not adapter.config.use_mora:
         raise NotMoraAdapterError("not a MoRA adapter (adapter_config.json lacks \"use_mora\": true)", adapter=adapter.name)
     return adapter
 

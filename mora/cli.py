@@ -24,41 +24,28 @@ TOKENIZER_FILES = (
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from mora.checkpoint import MoraAdapter, load_adapter
+    from mora.checkpoint import load_adapter
     from mora.hf import module_shapes_from_config
-    from mora.validate import BoundMora, bind_adapter
+    from mora.kinds import kind_of
 
     adapter = load_adapter(args.adapter)
+    kind = kind_of(adapter)
     base = args.base
     if base is None and adapter.config.base_model_name_or_path and Path(adapter.config.base_model_name_or_path).is_dir():
         base = Path(adapter.config.base_model_name_or_path)
-    bound = bind_adapter(adapter, module_shapes_from_config(base)) if base is not None else None
-    kind = f"MoRA type {int(adapter.mora_type)}" if isinstance(adapter, MoraAdapter) else "LoRA"
-    console.print(f"[bold]{adapter.name}[/bold]: {kind}, r={adapter.config.r}, {adapter.num_parameters:,} parameters")
+    bound = kind.bind(adapter, module_shapes_from_config(base)) if base is not None else None
+    console.print(f"[bold]{adapter.name}[/bold]: {kind.label(adapter)}, r={adapter.config.r}, {adapter.num_parameters:,} parameters")
     console.print(f"base model: {adapter.config.base_model_name_or_path or 'not recorded'}" + (f" (validated against {base})" if bound else ""))
-    table = Table(Column("module", overflow="fold"), "shape", "r", "n" if isinstance(adapter, MoraAdapter) else "rank", "params", "MFLOP/token", "LoRA r MFLOP/token")
+    table = Table(Column("module", overflow="fold"), "shape", "r", kind.size_column, "params", "MFLOP/token", "LoRA r MFLOP/token")
     total_flops = total_lora = 0
-    modules = adapter.weights if isinstance(adapter, MoraAdapter) else adapter.lora_a
-    for module, t in modules.items():
+    for module, t in kind.modules(adapter).items():
         shape = r = flops = lora_flops = "?"
-        if isinstance(bound, BoundMora):
-            spec = bound.specs[module]
-            r = adapter.config.rank_for(module)
-            shape = f"{spec.out_features}x{spec.in_features}"
-            f, lf = spec.unmerged_flops_per_token(), 2 * r * (spec.in_features + spec.out_features)
+        if bound is not None:
+            shape, r, f, lf = kind.cost(adapter, bound, module)
             total_flops += f
             total_lora += lf
             flops, lora_flops = f"{f / 1e6:.3f}", f"{lf / 1e6:.3f}"
-        elif bound is not None:
-            out_f, in_f = bound.shapes[module]
-            r = t.shape[0]
-            shape = f"{out_f}x{in_f}"
-            f = 2 * r * (in_f + out_f)
-            total_flops += f
-            total_lora += f
-            flops = lora_flops = f"{f / 1e6:.3f}"
-        params = t.numel() if isinstance(adapter, MoraAdapter) else t.numel() + adapter.lora_b[module].numel()
-        table.add_row(module, shape, str(r), str(t.shape[0]), f"{params:,}", flops, lora_flops)
+        table.add_row(module, shape, str(r), str(t.shape[0]), f"{kind.parameters(adapter, module):,}", flops, lora_flops)
     console.print(table)
     if bound is not None:
         console.print(

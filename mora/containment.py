@@ -5,7 +5,7 @@ computed in float64 so that the check itself cannot overflow):
 
     ratio(module) = ||scale * delta_W(module)||_F / ||W(module)||_F
 
-* **Loading** (`check_update`): every weight and the effective LoRA scale, *converted to the
+* **Loading** (`mora.kinds.check_update`): every weight and the effective LoRA scale, *converted to the
   serving dtype*, is finite, and `ratio <= max_ratio` for every module (default
   `MAX_UPDATE_RATIO` = 1024: an adapter may scale a layer's output by three orders of
   magnitude, far beyond any trained adapter, whose updates are a few percent of the base).
@@ -40,9 +40,11 @@ __all__ = [
     "SERVING_TOLERANCE",
     "UpdateReport",
     "base_weight_norms",
-    "check_update",
+    "bounded_report",
     "lora_scale",
+    "lora_update_ratios",
     "merge_ratio_limit",
+    "mora_update_ratios",
     "update_norm",
 ]
 
@@ -132,44 +134,43 @@ def _finite_in(name: str, module: str, what: str, t: torch.Tensor, dtype: torch.
                                     adapter=name, module=module)
 
 
-def check_update(adapter: MoraAdapter | LoraAdapter, specs: Mapping[str, MoraSpec] | None, base_norms: Mapping[str, float],
-                 dtype: torch.dtype, max_ratio: float = MAX_UPDATE_RATIO) -> UpdateReport:
-    """Check an adapter (already bound to the base model) for serving in `dtype`.
+def mora_update_ratios(adapter: MoraAdapter, specs: Mapping[str, MoraSpec], dtype: torch.dtype) -> dict[str, float]:
+    """||delta_W||_F of each module of a MoRA adapter (its `M`s finite in `dtype`; scale 1)."""
+    norms = {}
+    for module, M in adapter.weights.items():
+        _finite_in(adapter.name, module, "M", M, dtype)
+        norms[module] = update_norm(M, specs[module])
+    return norms
 
-    Raises `NonFiniteWeightsError` if a weight or the effective LoRA scale, in `dtype`, is not
-    finite, and `UpdateTooLargeError` if a module's update/base ratio exceeds `max_ratio`.
 
-    Semantics (per module)::
+def lora_update_ratios(adapter: LoraAdapter, dtype: torch.dtype) -> dict[str, float]:
+    """||scale * B A||_F of each module of a LoRA adapter (weights and the scale finite in `dtype`)."""
+    name, norms = adapter.name, {}
+    for module, a in adapter.lora_a.items():
+        b = adapter.lora_b[module]
+        scale = lora_scale(adapter, module)
+        if not math.isfinite(scale) or not math.isfinite(float(torch.tensor(scale, dtype=torch.float64).to(dtype))):
+            raise NonFiniteWeightsError(f"the effective scale lora_alpha/r = {scale:.3g} is not finite in "
+                                        f"{str(dtype).removeprefix('torch.')}", adapter=name, module=module)
+        _finite_in(name, module, "lora_A", a, dtype)
+        # vLLM folds the scale into lora_B in the serving dtype.
+        _finite_in(name, module, "lora_B * scale", b.double() * scale, dtype)
+        a64, b64 = a.double(), b.double()
+        # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products, no dense update needed.
+        gram = (b64.T @ b64) * (a64 @ a64.T)
+        norms[module] = abs(scale) * math.sqrt(max(0.0, float(gram.sum())))
+    return norms
 
-        assert torch.isfinite(weights.to(dtype)).all() and torch.isfinite((scale * B).to(dtype)).all()
-        ratio = (scale * delta_W).double().norm() / W.double().norm()
-        assert ratio <= max_ratio
-    """
-    name = adapter.name
-    ratios: dict[str, float] = {}
-    if isinstance(adapter, MoraAdapter):
-        assert specs is not None
-        for module, M in adapter.weights.items():
-            _finite_in(name, module, "M", M, dtype)
-            ratios[module] = _ratio(update_norm(M, specs[module]), base_norms.get(module, 0.0))
-    else:
-        for module, a in adapter.lora_a.items():
-            b = adapter.lora_b[module]
-            scale = lora_scale(adapter, module)
-            if not math.isfinite(scale) or not math.isfinite(float(torch.tensor(scale, dtype=torch.float64).to(dtype))):
-                raise NonFiniteWeightsError(f"the effective scale lora_alpha/r = {scale:.3g} is not finite in "
-                                            f"{str(dtype).removeprefix('torch.')}", adapter=name, module=module)
-            _finite_in(name, module, "lora_A", a, dtype)
-            # vLLM folds the scale into lora_B in the serving dtype.
-            _finite_in(name, module, "lora_B * scale", b.double() * scale, dtype)
-            a64, b64 = a.double(), b.double()
-            # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products, no dense update needed.
-            gram = (b64.T @ b64) * (a64 @ a64.T)
-            norm = abs(scale) * math.sqrt(max(0.0, float(gram.sum())))
-            ratios[module] = _ratio(norm, base_norms.get(module, 0.0))
+
+def bounded_report(name: str, update_norms: Mapping[str, float], base_norms: Mapping[str, float],
+                   max_ratio: float = MAX_UPDATE_RATIO) -> UpdateReport:
+    """The update/base ratio of each module, refused (`UpdateTooLargeError`) above `max_ratio`.
+    Modules without a dense base weight (a quantized base) get an unknown (infinite) ratio,
+    which is never merged."""
+    ratios = {module: _ratio(norm, base_norms.get(module, 0.0)) for module, norm in update_norms.items()}
     for module, ratio in ratios.items():
         if module not in base_norms:
-            continue  # no dense base weight (quantized): the ratio is unknown, recorded as inf (never merged)
+            continue
         if not ratio <= max_ratio:
             raise UpdateTooLargeError("the update is too large relative to the base layer (Frobenius norms)",
                                       adapter=name, module=module, expected=f"<= {max_ratio:g} x", found=f"{ratio:.4g} x")

@@ -16,7 +16,7 @@ from mora.checkpoint import LoraAdapter, MoraAdapter
 from mora.errors import AdapterError, MissingModuleError, ShapeMismatchError, UnexpectedModuleError
 from mora.spec import MoraSpec
 
-__all__ = ["BoundLora", "BoundMora", "bind_adapter", "bind_lora", "bind_mora"]
+__all__ = ["BoundLora", "BoundMora", "Shapes", "bind_lora", "bind_mora"]
 
 Shapes = Mapping[str, tuple[int, int]]
 
@@ -106,10 +106,3 @@ def bind_lora(adapter: LoraAdapter, base_shapes: Shapes) -> BoundLora:
         if tuple(b.shape) != (out_f, r):
             raise ShapeMismatchError("lora_B does not fit this module", adapter=name, module=module, expected=[out_f, r], found=list(b.shape))
     return BoundLora(adapter, {m: base_shapes[m] for m in adapter.lora_a})
-
-
-def bind_adapter(adapter: MoraAdapter | LoraAdapter, base_shapes: Shapes) -> BoundMora | BoundLora:
-    """`bind_mora` or `bind_lora`, by the adapter's kind."""
-    if isinstance(adapter, MoraAdapter):
-        return bind_mora(adapter, base_shapes)
-    return bind_lora(adapter, base_shapes)

@@ -12,7 +12,6 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mora.checkpoint import MoraAdapter
 from serve.errors import InvalidRequest
 from serve.registry import AdapterRegistry, Entry
 from serve.tenants import Tenant, TenantDirectory
@@ -73,12 +72,11 @@ class AdapterService:
         self.tenants = tenants
 
     def info(self, entry: Entry, status: dict[str, Any]) -> AdapterInfo:
-        a = entry.version.adapter
-        mora = isinstance(a, MoraAdapter)
+        a, kind = entry.version.adapter, entry.version.kind
         merged = self.registry.merged is not None and self.registry.merged[0] == entry.adapter_id
         return AdapterInfo(
-            adapter_id=entry.adapter_id, tenant=entry.tenant or "", kind="mora" if mora else "lora",
-            mora_type=int(a.mora_type) if mora else 0, rank=a.config.r, parameters=a.num_parameters,
+            adapter_id=entry.adapter_id, tenant=entry.tenant or "", kind=kind.name,
+            mora_type=kind.type_number(a), rank=a.config.r, parameters=a.num_parameters,
             location=location_of(entry, status), merged=merged,
             in_flight=entry.version.in_flight + sum(v.in_flight for v in entry.retiring),
             manual_merge=entry.manual_merge, version=entry.version.number, source=entry.version.source,

@@ -45,8 +45,9 @@ class AdapterMerging:
 
     def merge_refusal(self, entry: Entry) -> str | None:
         """Why `entry` may not be merged (other tenants' results would leave the tolerance), or None."""
-        if entry.version.kind != "mora":
-            return "it is a LoRA adapter; only MoRA adapters are merged"
+        refusal = entry.version.kind.merge_refusal(entry.version.adapter)
+        if refusal is not None:
+            return refusal
         if self.engine.quantization:  # integer codes cannot take a float update (and be restored exactly)
             return f"the base model is quantized ({self.engine.quantization}); adapters on it are served unmerged only"
         report = entry.version.report

@@ -49,7 +49,7 @@ class AdapterPaging:
         """Have the engine read `version` (owned by `tenant`) into its host cache off the step
         loop, if it is not there; waits (bounded by `adapter_load_timeout_s`). Concurrent
         requests share one read."""
-        if version.kind != "mora" or version.engine_id in self.host_view:
+        if not version.kind.pages_in or version.engine_id in self.host_view:
             return  # LoRA adapters: vLLM reads them in the step, as stock vLLM does
         task = self._paging.get(version.engine_id)
         if task is None:

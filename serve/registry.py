@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mora.checkpoint import LoraAdapter, MoraAdapter
 from mora.containment import UpdateReport
 from mora.errors import AdapterError
+from mora.kinds import Adapter, AdapterKind, kind_of
 from serve.config import ServerSettings
 from serve.engine import Engine, EngineError
 from serve.errors import (
@@ -65,7 +65,7 @@ class Version:
     number: int
     engine_id: int
     snapshot: Path
-    adapter: MoraAdapter | LoraAdapter
+    adapter: Adapter
     source: str
     lora_request: Any
     report: UpdateReport | None = None  # update/base ratios: decides whether it may be merged
@@ -78,8 +78,8 @@ class Version:
         self.idle.set()
 
     @property
-    def kind(self) -> str:
-        return "mora" if isinstance(self.adapter, MoraAdapter) else "lora"
+    def kind(self) -> AdapterKind:
+        return kind_of(self.adapter)
 
 
 @dataclass
@@ -245,7 +245,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
                 self._reserved_bytes -= nbytes
         await asyncio.to_thread(trim_heap)
         self._on_event("load", "ok", time.perf_counter() - started)
-        log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind, version.engine_id, source)
+        log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind.name, version.engine_id, source)
         return entry
 
     @contextlib.contextmanager
@@ -298,7 +298,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
             return None, owner
         return existing, existing.tenant
 
-    async def _write_snapshot(self, adapter: MoraAdapter | LoraAdapter, number: int, started: float) -> Path:
+    async def _write_snapshot(self, adapter: Adapter, number: int, started: float) -> Path:
         try:
             return await asyncio.to_thread(self._snapshots.write, adapter, number)
         except OSError as e:
@@ -318,7 +318,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
             raise
 
     async def _register(self, adapter_id: str, caller: Tenant | None, owner: str | None, replace: bool, pin: bool,
-                        strict_pin: bool, snapshot: Path, number: int, source: str, adapter: MoraAdapter | LoraAdapter,
+                        strict_pin: bool, snapshot: Path, number: int, source: str, adapter: Adapter,
                         report: UpdateReport | None, nbytes: int, started: float) -> tuple[Entry, Version]:
         """Register a validated snapshot (under the registry lock: ownership is decided here)."""
         try:

@@ -15,10 +15,9 @@ import os
 import shutil
 import stat
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from mora.checkpoint import LoraAdapter, MoraAdapter, save_lora_adapter, save_mora_adapter
+from mora.kinds import Adapter, kind_of
 
 __all__ = ["LOCK_FILE", "SNAPSHOTS_PREFIX", "SnapshotDir", "clean_stale_snapshots", "hollow", "tensor_bytes"]
 
@@ -27,18 +26,14 @@ SNAPSHOTS_PREFIX = "mora-snapshots-"
 LOCK_FILE = ".lock"
 
 
-def tensor_bytes(adapter: MoraAdapter | LoraAdapter) -> int:
+def tensor_bytes(adapter: Adapter) -> int:
     """Bytes of `adapter`'s tensors (what its snapshot holds; the disk budget counts them)."""
-    tensors = adapter.weights.values() if isinstance(adapter, MoraAdapter) else [*adapter.lora_a.values(), *adapter.lora_b.values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in kind_of(adapter).tensors(adapter))
 
 
-def hollow(adapter: MoraAdapter | LoraAdapter) -> MoraAdapter | LoraAdapter:
+def hollow(adapter: Adapter) -> Adapter:
     """`adapter` with its tensors on the meta device: shapes and counts, no memory."""
-    if isinstance(adapter, MoraAdapter):
-        return replace(adapter, weights={k: v.to("meta") for k, v in adapter.weights.items()})
-    return replace(adapter, lora_a={k: v.to("meta") for k, v in adapter.lora_a.items()},
-                   lora_b={k: v.to("meta") for k, v in adapter.lora_b.items()})
+    return kind_of(adapter).hollow(adapter)
 
 
 def _lock_snapshot_dir(directory: Path) -> int:
@@ -92,13 +87,10 @@ class SnapshotDir:
         """Where version `number` of adapter `adapter_name` is (or would be) written."""
         return self.path / f"{adapter_name}.v{number}"
 
-    def write(self, adapter: MoraAdapter | LoraAdapter, number: int) -> Path:
+    def write(self, adapter: Adapter, number: int) -> Path:
         """Save `adapter` as version `number`, read-only; returns its folder."""
         path = self.path_for(adapter.name, number)
-        if isinstance(adapter, MoraAdapter):
-            save_mora_adapter(adapter, path)
-        else:
-            save_lora_adapter(adapter, path)
+        kind_of(adapter).save(adapter, path)
         for f in path.iterdir():
             os.chmod(f, stat.S_IRUSR)
         os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)

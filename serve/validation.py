@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mora.checkpoint import LoraAdapter, MoraAdapter, ReadScope, load_adapter
-from mora.containment import UpdateReport, base_weight_norms, check_update
+from mora.checkpoint import ReadScope, load_adapter
+from mora.containment import UpdateReport, base_weight_norms, bounded_report
 from mora.errors import ShapeMismatchError
 from mora.hf import module_shapes_from_config
-from mora.validate import BoundMora, bind_adapter
+from mora.kinds import Adapter, kind_of
 from serve.config import ServerSettings
 from serve.engine import Engine
 from serve.errors import InvalidRequest, PathNotAllowed, short
@@ -95,26 +95,26 @@ class AdapterValidator:
         return self._base_norms
 
     def validate(self, adapter_id: str, directory: Path, allowed: Path, *, exclusive: bool = False,
-                 in_dtype: bool = True) -> tuple[MoraAdapter | LoraAdapter, UpdateReport | None]:
+                 in_dtype: bool = True) -> tuple[Adapter, UpdateReport | None]:
         """The adapter in `directory` (files only under `allowed`; `exclusive`, for a tenant's own
         folder: each file the folder's own, see `ReadScope`), checked against the base model;
         with `in_dtype`, also its update/base ratios in the engine's dtype (mora.errors on failure)."""
         scope = ReadScope(allowed, exclusive=exclusive)
         adapter = load_adapter(directory, adapter_id, allowed=scope, base_shapes=self.base_shapes())
-        bound = bind_adapter(adapter, self.base_shapes())
+        kind = kind_of(adapter)
+        bound = kind.bind(adapter, self.base_shapes())
         max_rank = self.settings.max_lora_rank
-        for module in (bound.specs if isinstance(adapter, MoraAdapter) else bound.shapes):
-            r = adapter.config.rank_for(module)
+        for module, r in kind.ranks(adapter, bound).items():
             if r > max_rank:
                 raise ShapeMismatchError("rank exceeds the server's max_lora_rank", adapter=adapter_id, module=module,
                                          expected=f"r <= {max_rank}", found=r)
-        if isinstance(adapter, LoraAdapter) and "lora_alpha" not in adapter.config.model_fields_set:
-            raise InvalidRequest(f"adapter {adapter_id!r}: a LoRA adapter_config.json needs lora_alpha")
+        problem = kind.config_problem(adapter)
+        if problem is not None:
+            raise InvalidRequest(f"adapter {adapter_id!r}: {problem}")
         if not in_dtype:  # before the engine starts: its dtype is not known yet
             return adapter, None
-        modules = list(adapter.weights if isinstance(adapter, MoraAdapter) else adapter.lora_a)
-        specs = bound.specs if isinstance(bound, BoundMora) else None
-        report = check_update(adapter, specs, self.base_norms(modules), self.engine.dtype, self.settings.max_update_ratio)
+        norms = kind.update_ratios(adapter, bound, self.engine.dtype)
+        report = bounded_report(adapter.name, norms, self.base_norms(list(kind.modules(adapter))), self.settings.max_update_ratio)
         return adapter, report
 
 

@@ -32,8 +32,9 @@ from mora.errors import (
     UnsupportedMoraTypeError,
     UntrainableShapeError,
 )
+from mora.kinds import bind_adapter
 from mora.spec import mora_size
-from mora.validate import bind_adapter, bind_lora, bind_mora
+from mora.validate import bind_lora, bind_mora
 
 # Two layers of a small Llama: q/k/v/o + MLP, as `linear_module_shapes` reports them.
 BASE = {}

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
 from mora.checkpoint import load_adapter
-from mora.containment import base_weight_norms, check_update, merge_ratio_limit
+from mora.containment import base_weight_norms, merge_ratio_limit
 from mora.hf import module_shapes_from_config
-from mora.validate import bind_adapter
+from mora.kinds import bind_adapter, check_update
 from serve.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm

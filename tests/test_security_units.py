@@ -18,7 +18,7 @@ from mora.checkpoint import (
     load_adapter,
     save_mora_adapter,
 )
-from mora.containment import MAX_UPDATE_RATIO, UpdateReport, check_update, merge_ratio_limit, update_norm
+from mora.containment import MAX_UPDATE_RATIO, UpdateReport, merge_ratio_limit, update_norm
 from mora.delta import delta_weight
 from mora.errors import (
     AdapterConfigError,
@@ -27,6 +27,7 @@ from mora.errors import (
     NonFiniteWeightsError,
     UpdateTooLargeError,
 )
+from mora.kinds import check_update
 from mora.spec import MoraSpec
 from serve.errors import Unauthenticated
 from serve.policy import MAX_EVENTS, MergePolicy

@@ -38,7 +38,7 @@ class _Mapping:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-class Residence(str, enum.Enum):
+class Residence(enum.StrEnum):
     """Where an adapter is in the worker's tiers, as `mora_prefetch` answers."""
 
     DEVICE = "device"  # in a device slot
@@ -69,7 +69,7 @@ class PageInState(_Mapping):
         return self.residence is not Residence.LOADING
 
 
-class MergeState(str, enum.Enum):
+class MergeState(enum.StrEnum):
     PREPARING = "preparing"  # merged weights being prepared, a slice per call, between steps
     PREPARED = "prepared"  # ready to be swapped in (`mora_merge_commit`)
     MERGED = "merged"  # swapped in: steps use the merged weights
