@@ -113,9 +113,6 @@ class UpdateTooLargeError(AdapterWeightsError):
     """The update of a module is too large relative to its base layer (see `mora.containment`)."""
 
 
-class MergeNotContainedError(MergeError):
-    """Merging the adapter would cost the other tenants more than the serving dtype's tolerance."""
-
 
 class QuantizationUnsupportedError(MoraError):
     """The base model's quantization needs a kernel this machine cannot run (e.g. vLLM's AVX2 CPU

@@ -22,7 +22,7 @@ from torch import nn
 
 from mora.checkpoint import AdapterConfig, MoraAdapter
 from mora.errors import AdapterError, MergeError
-from mora.merge import MergeRecord, merge_, unmerge_
+from mora.merge import MergeRecord, merge_, remapped_update, unmerge_
 from mora.ops import mora_forward
 from mora.spec import MoraSpec, MoraType
 from mora.validate import BoundMora, bind_mora
@@ -94,24 +94,16 @@ class MoraLinear(nn.Module):
         sel = self._selection
         merged = self.merged[0] if self.merged else None
         if sel.rows is None:
-            name = sel.single
-            if name == merged or (name is not None and name not in self.adapters):
-                return y
-            out = y if name is None else y + self.delta(name, x).to(y.dtype)
-            return out if merged is None else out - self.delta(merged, x).to(y.dtype)
+            upd = remapped_update(sel.single, merged, lambda a: self.delta(a, x) if a in self.adapters else None)
+            return y if upd is None else y + upd.to(y.dtype)
         if len(sel.rows) != x.shape[0]:
             raise ValueError(f"adapter_rows has {len(sel.rows)} entries for a batch of {x.shape[0]}")
         y = y.clone()
         for name in dict.fromkeys(sel.rows):
             rows = torch.tensor([i for i, r in enumerate(sel.rows) if r == name], device=x.device)
-            if name == merged:
-                continue
-            upd = torch.zeros_like(y[rows])
-            if name is not None and name in self.adapters:
-                upd = upd + self.delta(name, x[rows]).to(y.dtype)
-            if merged is not None:
-                upd = upd - self.delta(merged, x[rows]).to(y.dtype)
-            y.index_add_(0, rows, upd)
+            upd = remapped_update(name, merged, lambda a, rows=rows: self.delta(a, x[rows]) if a in self.adapters else None)
+            if upd is not None:
+                y.index_add_(0, rows, upd.to(y.dtype))
         return y
 
     def merge(self, name: str, *, exact: bool = True, safe: bool = True) -> MergeRecord:
@@ -126,10 +118,6 @@ class MoraLinear(nn.Module):
             return
         self._spare = unmerge_(self.base.weight, self.merged[1])
         self.merged = None
-
-    def release_spare(self) -> None:
-        """Drop the buffer kept from the last swap-mode unmerge (memory for a quick re-merge)."""
-        self._spare = None
 
 
 class MoraModel:

@@ -25,6 +25,7 @@ so exactness needs the original values of what the merge changes. Two ways to ke
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ from mora.delta import compressed_rows, rope_blocks, rope_chunks_used
 from mora.errors import MergeError, NonFiniteMergeError
 from mora.spec import MoraSpec, MoraType
 
-__all__ = ["MergeRecord", "merge_", "unmerge_"]
+__all__ = ["MergeRecord", "merge_", "remapped_update", "unmerge_"]
 
 
 @dataclass
@@ -314,3 +315,28 @@ def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor | None:
                 view.sub_(u)
         record.backup = []
     return None
+
+
+def remapped_update(adapter: Hashable | None, merged: Hashable | None,
+                    delta: Callable[[Hashable], torch.Tensor | None]) -> torch.Tensor | None:
+    """The update rows of `adapter` (None: no adapter) get while `merged` (None: nothing) is
+    merged into the base weights they are multiplied by: the merged-slot remap.
+
+    Semantics::
+
+        if adapter is not None and adapter == merged:
+            return None                           # the merged weights hold its update already
+        upd = delta(adapter) if adapter is not None else None
+        if merged is not None and delta(merged) is not None:
+            upd = -delta(merged) if upd is None else upd - delta(merged)   # undo what the weights hold
+        return upd
+
+    `delta(key)`: the update of adapter `key` for these rows, or None where it has none here.
+    """
+    if adapter is not None and adapter == merged:
+        return None
+    upd = delta(adapter) if adapter is not None else None
+    undo = delta(merged) if merged is not None else None
+    if undo is not None:
+        upd = -undo if upd is None else upd - undo
+    return upd

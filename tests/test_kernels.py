@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 
-import mora.kernels as kernels
+import mora.kernels.dispatch as kernels
 from mora.kernels import ShardLayout, SlotTable, mora_apply, mora_apply_slices, prepare_batch, select_backend
 from mora.merge import merge_
 from mora.ops import mora_forward

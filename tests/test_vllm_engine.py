@@ -19,7 +19,7 @@ from engine_helpers import (
     random_mora,
 )
 
-import mora.vllm_plugin.manager
+import mora.vllm_plugin.merging
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 8
@@ -111,7 +111,7 @@ def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background
     if background:
         # Prepared one layer per call (a zero time slice), with full generations between calls:
         # their answers are unchanged until the last call swaps every layer in at once.
-        monkeypatch.setattr(mora.vllm_plugin.manager, "MERGE_SLICE_S", 0.0)
+        monkeypatch.setattr(mora.vllm_plugin.merging, "MERGE_SLICE_S", 0.0)
         status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
         assert status["state"] == "preparing" and status["layers_prepared"] == 0 and status["layers"] > 1
         calls = 0
@@ -270,7 +270,7 @@ def test_compact_slots_gives_each_kind_consecutive_slots():
     slots, plain LoRA slots stay put, and a compact layout needs no move."""
     import random
 
-    from mora.vllm_plugin.manager import FIXED, compact_slots
+    from mora.vllm_plugin.models import FIXED, compact_slots
 
     rng = random.Random(0)
     for _ in range(200):
@@ -329,7 +329,7 @@ def test_stage_local_keeps_this_pipeline_stages_modules(tmp_path):
 
     from mora.errors import UnexpectedModuleError
     from mora.validate import bind_mora
-    from mora.vllm_plugin.manager import stage_local
+    from mora.vllm_plugin.models import stage_local
 
     model = tiny_model(tmp_path / "llama")
     adapter = random_mora(model, tmp_path / "a", mora_type=6)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mora.kernels.dispatch import mora_apply_slices
 from mora.kernels.table import BatchMeta, SlotTable
 
 __all__ = ["TableGroup", "mora_fused_apply"]
@@ -73,8 +74,6 @@ def mora_fused_apply(
 
     Rows past the step's tokens are left bit-identical (see `StepMeta`).
     """
-    from mora.kernels import mora_apply_slices
-
     grp = _GROUPS.get(group)
     if grp is None:
         raise RuntimeError(f"MoRA table group {group} is gone (its layer was freed)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from mora.kernels.table import BatchMeta, SlotTable
+from mora.merge import remapped_update
 from mora.ops import mora_forward
 
 __all__ = ["mora_apply_reference"]
@@ -30,11 +31,12 @@ def mora_apply_reference(y: torch.Tensor, x: torch.Tensor, table: SlotTable, met
     slots = meta.slot.tolist()
     for s in sorted(set(slots)):
         rows = torch.tensor([t for t, v in enumerate(slots) if v == s], dtype=torch.long, device=x.device)
-        if s == merged and s >= 0:
-            continue
-        upd = torch.zeros(len(rows), lay.out_features, dtype=table.dtype, device=x.device)
-        if s >= 0 and table.specs[s] is not None:
-            upd = upd + mora_forward(xf[rows], table.weight(s), table.specs[s])
-        if merged >= 0 and table.specs[merged] is not None:
-            upd = upd - mora_forward(xf[rows], table.weight(merged), table.specs[merged])
-        y.index_add_(0, rows, upd[:, lay.out_start : lay.out_end].to(y.dtype))
+
+        def delta(slot: int, rows: torch.Tensor = rows) -> torch.Tensor | None:
+            if table.specs[slot] is None:
+                return None
+            return mora_forward(xf[rows], table.weight(slot), table.specs[slot])
+
+        upd = remapped_update(s if s >= 0 else None, merged if merged >= 0 else None, delta)
+        if upd is not None:
+            y.index_add_(0, rows, upd[:, lay.out_start : lay.out_end].to(y.dtype))

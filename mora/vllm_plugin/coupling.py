@@ -1,7 +1,8 @@
 """Every vLLM internal the MoRA plugin relies on, in one place, checked before registering.
 
-MoRA rides on vLLM's LoRA machinery: it replaces internal classes and module attributes and
-overrides private methods. If a vLLM upgrade renames one, stock vLLM either dies on the first
+MoRA rides on vLLM's LoRA machinery: it replaces internal classes and module attributes,
+overrides private methods and reads private attributes (every one of them is listed here:
+tests/test_coupling.py fails when the plugin touches a private name this list lacks). If a vLLM upgrade renames one, stock vLLM either dies on the first
 MoRA adapter or, worse, silently stops calling our override and serves base-model outputs.
 So `check()` verifies the vLLM version and each internal below, and `register()` raises
 `VllmCouplingError` (the engine does not start) when anything is off. `docs/gpu.md` lists the
@@ -55,7 +56,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._load_adapter",
              "overridden: MoRA checkpoints load through the mora library"),
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.set_active_adapters",
-             "overridden: prepares the step's MoRA metadata"),
+             "overridden: activates every adapter id the step's mapping uses (two versions of one name)",
+             calls="set_adapter_mapping"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.create_lora_manager",
+             "sets _adapter_manager, the model manager the worker manager and the extension use",
+             calls="_adapter_manager"),
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager._apply_adapters",
              "overridden: touches the step's adapters in the host cache first; called by set_active_adapters"),
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter",
@@ -76,7 +81,21 @@ INTERNALS: tuple[Internal, ...] = (
              "overridden: writes a MoRA adapter's M's into its slot"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager._add_adapter", "overridden: MoRA adapters are not packed"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.remove_adapter", "overridden: a merged adapter stays"),
-    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.set_adapter_mapping", "writes the token -> slot mapping"),
+    Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.set_adapter_mapping",
+             "overridden: the step's adapter-mapping step, where MoRA compacts slots and prepares the step"),
+    Internal("vllm.lora.model_manager", "LoRAModelManager._init_punica_wrapper",
+             "sets punica_wrapper_mapping (the step's token -> slot indices) and supports_mm",
+             calls="punica_wrapper_mapping"),
+    Internal("vllm.lora.model_manager", "LoRAModelManager._maybe_init_mm", "sets mm_mapping (a multimodal model's "
+             "language-model prefix, whose punica wrapper the step uses)", calls="mm_mapping"),
+    Internal("vllm.lora.model_manager", "LoRAModelManager.__init__",
+             "_active_adapters (device slots, an LRU) counts device evictions", calls="_active_adapters"),
+    Internal("vllm.utils.cache", "LRUCache._unpin", "a merged adapter's pin is released after the unmerge"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.apply", "the dual-stream path "
+             "(lora_linear_async) bypasses _apply_lora_to_output: the wrappers turn _enable_aux_cuda_stream off",
+             calls="_enable_aux_cuda_stream"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.__init__",
+             "sets _enable_aux_cuda_stream (read by apply)", calls="_enable_aux_cuda_stream"),
     Internal("vllm.lora.model_manager", "LoRAModelManager.__init__", "reads max_num_batched_tokens for the step buffers",
              calls="max_num_batched_tokens"),
     Internal("vllm.lora.model_manager", "DEFAULT_LANGUAGE_WRAPPER_KEY", "finds the language model's punica wrapper"),
@@ -86,11 +105,16 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.utils", "get_adapter_absolute_path", "resolves adapter paths like stock vLLM"),
     Internal("vllm.model_executor.models.utils", "PPMissingLayer", "pipeline stages skip other stages' layers"),
     Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm",
-             "merging on the CPU repacks the oneDNN weights"),
+             "merging on the CPU repacks the oneDNN weights into a layer's cpu_linear (read and swapped by merges)",
+             calls="cpu_linear"),
     Internal("vllm.model_executor.layers.attention.attention", "Attention.forward",
              "guard.py wraps it: keys and values are made finite before the KV-cache write", calls="unified_kv_cache_update"),
     Internal("vllm.model_executor.layers.linear", "UnquantizedLinearMethod",
              "merging refuses a layer with any other quant_method (a quantized base is served unmerged)"),
+    Internal("vllm.platforms.cpu", "CpuPlatform.import_kernels", "which of vLLM's CPU kernel libraries a CPU gets "
+             "(quantized.py names it when a quantized base cannot run)", calls="_is_avx512_supported"),
+    Internal("torch.cpu", "_is_avx512_supported", "quantized.py: the CPU feature vLLM's kernel library choice turns on"),
+    Internal("torch.cpu", "_is_avx512_bf16_supported", "quantized.py: the CPU feature vLLM's kernel library choice turns on"),
 )
 
 

@@ -72,6 +72,13 @@ class MoraLayerMixin:
         self.mora_children = []
         self.mora_merge_state = None
 
+    def attach(self, runtime: MoraRuntime, children: list[str]) -> None:
+        """Join the model's MoRA runtime (its kernel backend, chosen once for the engine) and
+        name the HF module of each slice (set by the model manager)."""
+        self.mora_runtime = runtime
+        self.mora_children = children
+        self.mora_group.backend = runtime.backend
+
     # -- slots ----------------------------------------------------------------------------
 
     def reset_lora(self, index: int) -> None:
@@ -143,7 +150,7 @@ class MoraLayerMixin:
     def _apply_mora(self, x: torch.Tensor, output: torch.Tensor, meta: BatchMeta) -> None:
         x2 = x.flatten(0, -2) if x.ndim == 3 else x
         out2 = output.flatten(0, -2) if output.ndim == 3 else output
-        mora_apply_slices(out2, x2, self.mora_tables, meta, self._mora_offsets)
+        mora_apply_slices(out2, x2, self.mora_tables, meta, self._mora_offsets, backend=self.mora_runtime.backend)
 
 
 def _tp(layer: object) -> tuple[int, int]:

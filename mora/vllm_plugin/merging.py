@@ -15,8 +15,11 @@ Two weight layouts occur:
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,8 +28,16 @@ from mora.errors import MergeError
 from mora.merge import MergeRecord, merge_, unmerge_
 from mora.vllm_plugin.layers import MoraLayerMixin
 from mora.vllm_plugin.quantized import refuse_merge
+from mora.vllm_plugin.worker_api import MergeState
 
-__all__ = ["LayerMerge", "install_prepared", "merge_layer", "prepare_packed_layer", "unmerge_layer"]
+if TYPE_CHECKING:
+    from mora.vllm_plugin.models import MoraLoRAModel
+    from mora.vllm_plugin.runtime import MoraRuntime
+
+__all__ = ["MERGE_SLICE_S", "LayerMerge", "MergeController", "dense_weight", "install_prepared", "is_packed", "merge_layer",
+           "prepare_bytes_for", "prepare_packed_layer", "unmerge_layer"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +53,22 @@ class LayerMerge:
     merged_copy_bytes: int = 0  # packed: the merged kernel's weights, alongside the original
     changed_elements: int = 0
     seconds: float = 0.0
+
+
+def is_packed(base: torch.nn.Module) -> bool:
+    """Whether vLLM's CPU build prepacked the layer's weight for oneDNN (and freed the dense one)."""
+    return base.weight.numel() == 0 and hasattr(base, "cpu_linear")
+
+
+def dense_weight(layer: MoraLayerMixin) -> torch.Tensor:
+    """The layer's base weight `[out, in]`; a packed one recovered exactly from its kernel
+    (x @ W.T with x = I gives W.T: every output is one weight times 1.0)."""
+    base = layer.base_layer
+    W = base.weight
+    if not is_packed(base):
+        return W
+    with torch.no_grad():
+        return base.cpu_linear(torch.eye(layer.input_size, dtype=W.dtype), W, None).t().contiguous()
 
 
 def _slices(layer: MoraLayerMixin) -> list[slice]:
@@ -94,7 +121,7 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
     base = layer.base_layer
     refuse_merge(base)
     W = base.weight
-    packed = W.numel() == 0 and hasattr(base, "cpu_linear")
+    packed = is_packed(base)
     merge = LayerMerge(slot, packed)
     with torch.no_grad():
         if not packed:
@@ -121,10 +148,8 @@ def _packed_kernel(layer: MoraLayerMixin, tables: list, slot: int, merge: LayerM
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     base = layer.base_layer
-    W = base.weight
     with torch.no_grad():
-        # x @ W.T with x = I gives W.T exactly: every output is one weight times 1.0.
-        dense = base.cpu_linear(torch.eye(layer.input_size, dtype=W.dtype), W, None).t().contiguous()
+        dense = dense_weight(layer)
         for rows, table in tables:
             _add_slice(dense, rows, table, slot, merge, exact=False)
     merge.records.clear()
@@ -147,7 +172,7 @@ def prepare_packed_layer(layer: MoraLayerMixin, slot: int) -> tuple[LayerMerge, 
     step loop); None when the layer is dense or holds no update. `install_prepared` swaps it in."""
     tables = _merge_tables(layer, slot)
     base = layer.base_layer
-    if not tables or not (base.weight.numel() == 0 and hasattr(base, "cpu_linear")):
+    if not tables or not is_packed(base):
         return None
     refuse_merge(base)
     start = time.perf_counter()
@@ -179,3 +204,215 @@ def unmerge_layer(layer: MoraLayerMixin) -> LayerMerge | None:
             _undo_dense(layer.base_layer.weight.data, merge)
     layer.mora_merge_state = None
     return merge
+
+
+MERGE_SLICE_S = 0.02  # preparation time per call between two steps (at least one layer)
+
+
+@dataclass
+class _Preparation:
+    """A merge whose packed layers are being prepared, a slice per call."""
+
+    lora_id: int
+    todo: list  # [(name, layer)] still to prepare
+    prepared: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.total = len(self.todo)
+
+
+def prepare_bytes_for(module: MoraLayerMixin, entries: list) -> int:
+    """Memory a merge of an adapter (`entries`: its `(M, spec)` per slice of `module`, or None)
+    needs in `module` beside the serving weights (an upper bound).
+
+    Packed (CPU) layers: the dense weights recovered from the kernel plus the new packed kernel,
+    whole. Dense (GPU) layers are merged in place, keeping what exact unmerge needs: a copy of
+    every row slice the adapter touches (the backup, or the spare of a storage swap).
+    """
+    touched = [i for i, entry in enumerate(entries) if entry is not None]
+    if not touched:
+        return 0
+    base = module.base_layer
+    size, offs = base.weight.element_size(), module._mora_offsets
+    if is_packed(base):
+        return 2 * module.input_size * offs[-1] * size
+    return sum(offs[i + 1] - offs[i] for i in touched) * module.input_size * size
+
+
+class MergeController:
+    """Merging on demand in one model: one adapter at a time, its `M`s in the slot tables'
+    reserved row so that its update stays subtractable whichever vLLM slot it holds (or none).
+
+    `layers()`: the model's MoRA layers `[(name, layer)]`; `cache`: vLLM's host cache of
+    adapters, where a merged adapter stays pinned (it need not hold a slot).
+
+    A merge is prepared in slices between steps (`MERGE_SLICE_S` per call) rather than on a
+    thread: vLLM's CPU kernels (oneDNN) share process-wide state, and running them on a second
+    thread while the engine steps corrupted the heap (measured: glibc aborts in the worker).
+    """
+
+    def __init__(self, runtime: MoraRuntime, layers: Callable[[], list[tuple[str, MoraLayerMixin]]], cache: object) -> None:
+        self.runtime = runtime
+        self._layers = layers
+        self._cache = cache
+        self.merged_id: int | None = None
+        self._pinned_by_merge = False
+        self._preparing: _Preparation | None = None
+
+    @property
+    def preparing(self) -> int | None:
+        """The adapter whose merge is being prepared, if any."""
+        return None if self._preparing is None else self._preparing.lora_id
+
+    def _entries(self, model: MoraLoRAModel, layer: MoraLayerMixin) -> list:
+        return model.entries(layer.mora_children)
+
+    def merge(self, lora_id: int, model: MoraLoRAModel, *, background: bool, max_bytes: int | None,
+              commit: bool) -> EngineProgress:
+        """Merge `model` (adapter `lora_id`, resident). `background`: the first call sets it up,
+        each later call prepares a slice, the last swaps it in (with `commit=False` it stops at
+        PREPARED; `commit` swaps, `cancel` drops). `max_bytes`: refuse a merge whose preparation
+        needs more memory beside the serving weights."""
+        if self._preparing is not None:
+            if not background:
+                raise MergeError(f"adapter {self._preparing.lora_id} is being prepared for a merge; wait for it")
+            return self._poll(lora_id, commit)
+        if self.merged_id is not None:
+            if self.merged_id == lora_id:
+                return EngineProgress(MergeState.MERGED)
+            raise MergeError(f"adapter {self.merged_id} is already merged; unmerge it first")
+        layers = self._layers()
+        if max_bytes is not None:
+            # Sized from the adapter's specs before anything is written (CPU and GPU layers alike).
+            need = sum(prepare_bytes_for(layer, self._entries(model, layer)) for _, layer in layers)
+            if need > max_bytes:
+                raise MergeError(f"merging adapter {lora_id} needs {need} bytes beside the serving weights (packed "
+                                 f"layers: a dense copy and a new kernel; dense layers: the rows kept for exact "
+                                 f"unmerge); merge_memory_bytes allows {max_bytes}")
+        # Keep it registered while merged (it need not hold a slot: its M goes to the reserved row).
+        self._pinned_by_merge = lora_id not in self._cache.pinned_items
+        self._cache.pin(lora_id)
+        row = self.runtime.merged_row
+        if background:
+            # The reserved row is read by steps only once `set_merged` says so: safe to fill now.
+            for _, layer in layers:
+                layer.set_merged_row(self._entries(model, layer))
+            job = self._preparing = _Preparation(lora_id, list(layers))
+            return EngineProgress(MergeState.PREPARING, 0, job.total)  # the work starts next call
+        done = []
+        try:
+            for _, layer in layers:
+                layer.set_merged_row(self._entries(model, layer))
+                if merge_layer(layer, row) is not None:
+                    done.append(layer)
+        except Exception:
+            self._failed(lora_id, done)
+            raise
+        self._done(lora_id, row)
+        return EngineProgress(MergeState.MERGED)
+
+    def _poll(self, lora_id: int, commit: bool) -> EngineProgress:
+        job = self._preparing
+        if job.lora_id != lora_id:
+            raise MergeError(f"adapter {job.lora_id} is being prepared for a merge; wait for it")
+        try:
+            deadline = time.perf_counter() + MERGE_SLICE_S
+            while job.todo:
+                name, layer = job.todo.pop(0)
+                started = time.perf_counter()
+                job.prepared[name] = prepare_packed_layer(layer, self.runtime.merged_row)
+                job.seconds += time.perf_counter() - started
+                if time.perf_counter() >= deadline:
+                    break
+        except Exception:
+            self.cancel(lora_id)
+            raise
+        if job.todo:
+            return EngineProgress(MergeState.PREPARING, len(job.prepared), job.total)
+        if not commit:
+            return EngineProgress(MergeState.PREPARED, len(job.prepared), job.total)
+        self.commit(lora_id)
+        return EngineProgress(MergeState.MERGED)
+
+    def commit(self, lora_id: int) -> None:
+        """Swap a prepared merge in (between two steps: attribute writes for packed layers,
+        in-place additions for dense ones)."""
+        job = self._preparing
+        if job is None or job.lora_id != lora_id or job.todo:
+            raise MergeError(f"adapter {lora_id} has no prepared merge to commit")
+        row = self.runtime.merged_row
+        done = []
+        try:
+            self._preparing = None
+            for name, layer in self._layers():
+                if job.prepared.get(name) is not None:
+                    install_prepared(layer, job.prepared[name])
+                    done.append(layer)
+                elif merge_layer(layer, row) is not None:  # dense layers: in place, now
+                    done.append(layer)
+        except Exception:
+            self._failed(lora_id, done)
+            raise
+        self._done(lora_id, row)
+        log.info("merged MoRA adapter %d into %d layers (prepared in slices between steps, %.3fs in all)",
+                 lora_id, len(done), job.seconds)
+
+    def cancel(self, lora_id: int) -> None:
+        """Drop a merge being prepared (or prepared) for `lora_id`; nothing was swapped in."""
+        job = self._preparing
+        if job is not None and job.lora_id == lora_id:
+            self._preparing = None
+            self._failed(lora_id, [])
+
+    def unmerge(self, lora_id: int | None = None) -> None:
+        """Restore the base weights bit for bit; `lora_id`, if given, must be the merged one."""
+        if self.merged_id is None:
+            return
+        if lora_id is not None and lora_id != self.merged_id:
+            raise MergeError(f"adapter {lora_id} is not merged (adapter {self.merged_id} is)")
+        merged_id = self.merged_id
+        layers = self._layers()
+        for _, layer in layers:
+            unmerge_layer(layer)
+        self.merged_id = None
+        self.runtime.set_merged(-1)
+        for _, layer in layers:
+            layer.set_merged_row(None)
+        self._release_pin(merged_id)
+        log.info("unmerged MoRA adapter %d", merged_id)
+
+    def _failed(self, lora_id: int, done: list[MoraLayerMixin]) -> None:
+        """Undo a merge that failed part way: the layers merged so far, the merged row, the pin."""
+        for layer in done:
+            unmerge_layer(layer)
+        for _, layer in self._layers():
+            layer.set_merged_row(None)
+        self._release_pin(lora_id)
+
+    def _done(self, lora_id: int, row: int) -> None:
+        """Every layer is merged: steps read the merged row from now on."""
+        self.merged_id = lora_id
+        self.runtime.set_merged(row)
+
+    def _release_pin(self, lora_id: int) -> None:
+        if self._pinned_by_merge and lora_id in self._cache.pinned_items:
+            self._cache._unpin(lora_id)
+        self._pinned_by_merge = False
+
+    def summary(self) -> dict[str, object]:
+        """What the merge changed and keeps, summed over the layers (EngineStatus' fields)."""
+        states = [layer.mora_merge_state for _, layer in self._layers() if layer.mora_merge_state is not None]
+        return {"layers": len(states), "backup_bytes": sum(s.backup_bytes for s in states),
+                "merged_copy_bytes": sum(s.merged_copy_bytes for s in states),
+                "changed_elements": sum(s.changed_elements for s in states),
+                "seconds": sum(s.seconds for s in states), "packed": any(s.packed for s in states)}
+
+
+@dataclass(frozen=True)
+class EngineProgress:
+    """Where a merge call left the merge (the manager turns it into an `EngineStatus`)."""
+
+    state: MergeState
+    layers_prepared: int = 0
+    layers: int = 0

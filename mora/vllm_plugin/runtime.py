@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mora.kernels import BatchMeta, StepMeta, TableGroup, prepare_batch
+from mora.kernels import BatchMeta, StepMeta, TableGroup, prepare_batch, select_backend
 
 __all__ = ["MoraRuntime"]
 
@@ -40,6 +40,7 @@ class MoraRuntime:
         self.max_slots = max_slots + 1  # + the reserved merged row
         self.merged_row = max_slots
         self.device = torch.device(device)
+        self.backend = select_backend(self.device)  # once per engine, not per layer call
         self.graph_safe = self.device.type != "cpu" if graph_safe is None else graph_safe
         self.merged_slot = -1
         self.merged = torch.full((1,), -1, dtype=torch.int32, device=self.device)

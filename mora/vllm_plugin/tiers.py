@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from mora.vllm_plugin.worker_api import PageInState, Residence, TierReport
+
 __all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats", "read_snapshot"]
 
 MAX_LOAD_EVENTS = 4096  # load durations kept between two drains (the server drains every second)
@@ -65,10 +67,10 @@ class TierStats:
             if len(self._loads) < MAX_LOAD_EVENTS:
                 self._loads.append((tier, seconds))
 
-    def drain(self) -> dict[str, Any]:
+    def drain(self) -> TierReport:
         with self._lock:
             loads, self._loads = self._loads, []
-            return {"counts": dict(self.counts), "loads": loads}
+            return TierReport(dict(self.counts), tuple(loads))
 
 
 class Stager:
@@ -90,26 +92,26 @@ class Stager:
         self._errors: dict[int, str] = {}
         self._dropped: set[int] = set()  # removed while loading: discarded when the load ends
 
-    def state(self, lora_id: int) -> str | None:
-        """"staged", "loading", "error: <why>" or None (never asked)."""
+    def state(self, lora_id: int) -> PageInState | None:
+        """STAGED, LOADING, ERROR (with why) or None (never asked)."""
         with self._lock:
             if lora_id in self._staged:
-                return "staged"
+                return PageInState(Residence.STAGED)
             if lora_id in self._pending:
-                return "loading"
+                return PageInState(Residence.LOADING)
             if lora_id in self._errors:
-                return "error: " + self._errors[lora_id]
+                return PageInState(Residence.ERROR, self._errors[lora_id])
         return None
 
-    def start(self, request: Any) -> str:
+    def start(self, request: Any) -> PageInState:
         lora_id = request.lora_int_id
         current = self.state(lora_id)
-        if current in ("staged", "loading"):
+        if current is not None and current.residence in (Residence.STAGED, Residence.LOADING):
             return current
         with self._lock:
             self._errors.pop(lora_id, None)
             self._pending[lora_id] = self._pool.submit(self._run, request)
-        return "loading"
+        return PageInState(Residence.LOADING)
 
     def _run(self, request: Any) -> None:
         lora_id = request.lora_int_id

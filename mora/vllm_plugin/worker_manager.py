@@ -7,11 +7,9 @@
 * `mora_prefetch` says where each adapter is and starts reading a cold MoRA adapter's snapshot
   in the background (`Stager`), so that the server can wait for it before queueing a request
   and the read never runs inside another tenant's step.
-* Once per engine step, `set_active_adapters` activates every adapter the step's mapping uses,
-  compacts slots on the CPU and sorts the step's tokens by slot for the fused operator.
-
-The slot and merge logic it drives is `MoraLoRAModelManager` (mora/vllm_plugin/manager.py),
-which also re-exports this class under its old path.
+* Once per engine step, `set_active_adapters` loads and activates every adapter the step's
+  mapping uses; the step's MoRA preparation happens in the model manager's adapter-mapping
+  step (`MoraLoRAModelManager.set_adapter_mapping`, mora/vllm_plugin/manager.py).
 """
 
 from __future__ import annotations
@@ -20,15 +18,15 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from vllm.lora.lora_model import LoRAModel
-from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
 from vllm.lora.utils import get_adapter_absolute_path
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from mora.checkpoint import load_mora_adapter
-from mora.vllm_plugin.manager import MoraLoRAModel, MoraLoRAModelManager
+from mora.vllm_plugin.manager import MoraLoRAModelManager
+from mora.vllm_plugin.models import MoraLoRAModel
 from mora.vllm_plugin.tiers import Stager, read_snapshot
+from mora.vllm_plugin.worker_api import PageIn, PageInState, Residence
 
 __all__ = ["MoraWorkerLoRAManager"]
 
@@ -100,24 +98,23 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
                 cache.touch(r.lora_int_id)
         super()._apply_adapters(lora_requests)
 
-    def mora_prefetch(self, items: list[tuple[int, str, str]]) -> dict[int, str]:
-        """Where each `(lora_int_id, name, path)` is: "device", "host", "staged", "loading",
-        "step" (a LoRA adapter: vLLM reads it in the step) or "error: <why>"; a cold MoRA
-        adapter starts loading in the background."""
+    def mora_prefetch(self, items: list[PageIn]) -> dict[int, PageInState]:
+        """Where each adapter is; a cold MoRA adapter starts loading in the background (a LoRA
+        adapter is `Residence.STEP`: vLLM reads it in the step, as stock vLLM does)."""
         from vllm.lora.request import LoRARequest
 
         manager = self._adapter_manager
-        out: dict[int, str] = {}
-        for lora_id, name, path in items:
-            lora_id = int(lora_id)
+        out: dict[int, PageInState] = {}
+        for item in items:
+            lora_id = int(item.lora_id)
             if lora_id in manager.lora_index_to_id:
-                out[lora_id] = "device"
+                out[lora_id] = PageInState(Residence.DEVICE)
             elif lora_id in manager._registered_adapters:
-                out[lora_id] = "host"
-            elif not _declares_mora(Path(path)):
-                out[lora_id] = "step"
+                out[lora_id] = PageInState(Residence.HOST)
+            elif not _declares_mora(Path(item.path)):
+                out[lora_id] = PageInState(Residence.STEP)
             else:
-                request = LoRARequest(name, lora_id, path)
+                request = LoRARequest(item.name, lora_id, item.path)
                 self.mora_requests[lora_id] = request
                 out[lora_id] = self.mora_stager.start(request)
         return out
@@ -135,13 +132,4 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
                     self.add_adapter(self.mora_requests[lora_id])  # evicted from the host cache: read it again
                 if self._adapter_manager.get_adapter(lora_id) is not None:
                     self._adapter_manager.activate_adapter(lora_id)
-            manager = self._adapter_manager
-            if isinstance(manager, MoraLoRAModelManager) and torch.device(manager.device).type == "cpu":
-                manager.mora_compact()  # the GPU kernel reads any slot order at no cost
-            self._adapter_manager.set_adapter_mapping(mapping)
-        manager = self._adapter_manager
-        if isinstance(manager, MoraLoRAModelManager):
-            key = manager.mm_mapping.language_model[0] if manager.supports_mm else DEFAULT_LANGUAGE_WRAPPER_KEY
-            punica = manager.punica_wrapper_mapping.get(key)
-            if punica is not None:
-                manager.mora_runtime.prepare(punica.token_lora_indices, manager.merged_alias())
+            self._adapter_manager.set_adapter_mapping(mapping)  # the MoRA step preparation happens there
