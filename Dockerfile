@@ -40,7 +40,7 @@ COPY serve/ serve/
 # Building the package generates the gRPC stubs from protos/ (setup.py; never committed) into the
 # wheel, so the runtime needs no grpcio-tools; --no-deps: everything is installed above.
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import serve.proto, mora.vllm_plugin; from importlib.metadata import entry_points; assert 'mora' in {e.name for e in entry_points(group='vllm.general_plugins')}"
+    && python -c "import serve.grpc.proto, mora.vllm_plugin; from importlib.metadata import entry_points; assert 'mora' in {e.name for e in entry_points(group='vllm.general_plugins')}"
 
 ############################ runtime ############################
 FROM ${CUDA_IMAGE} AS runtime

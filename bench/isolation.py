@@ -1,4 +1,4 @@
-"""What it costs that a merged adapter runs alone (serve/merge_gate.py), on a real server.
+"""What it costs that a merged adapter runs alone (serve/adapters/merge_gate.py), on a real server.
 
 A merged adapter's weights are `W + dW` rounded to the serving dtype, so the server never runs
 another adapter's (or the base model's) request beside it: such a request first unmerges it.

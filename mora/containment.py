@@ -15,7 +15,7 @@ computed in float64 so that the check itself cannot overflow):
   `u * (1 + ratio)`; so does the merged adapter's own output against its unmerged one. A merge
   is allowed only if that bound stays within the dtype's serving tolerance:
   `ratio <= SERVING_TOLERANCE[dtype] / u - 1` (float32: 166, float16: 7.2, bfloat16: 4.1).
-  The server never serves other tenants that way (serve/merge_gate.py: a merged adapter runs
+  The server never serves other tenants that way (serve/adapters/merge_gate.py: a merged adapter runs
   alone), so their answers are exact; plain vLLM users of the plugin who merge with mixed
   traffic get this bound.
 """

@@ -21,9 +21,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from serve.proto import adapters_pb2 as apb
-from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
-from serve.proto import inference_pb2 as ipb
+from serve.grpc.proto import adapters_pb2 as apb
+from serve.grpc.proto import adapters_pb2_grpc, inference_pb2_grpc
+from serve.grpc.proto import inference_pb2 as ipb
 from serve.tenants import hash_key
 
 __all__ = ["ADAPTER_HEADER", "MODEL_HEADER", "RETRY_SERVICE_CONFIG", "MoraClient"]

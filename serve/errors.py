@@ -1,21 +1,19 @@
-"""The server's error types and their gRPC status codes, mapped in one place.
+"""The server's error types and their status codes, mapped in one place (`status_for`).
 
-Servicers raise; `ErrorInterceptor` turns every exception into a status with a message that
-names the problem. Library errors (`mora.errors`) are mapped by type. Anything unexpected
-becomes INTERNAL with a generic message (details go to the log, never to another tenant).
+The codes are gRPC's canonical ones; each transport turns them into its own (the gRPC edge,
+serve/grpc/edge.py; the HTTP app's `HTTP_STATUS`). Library errors (`mora.errors`) are mapped by
+type; the engine face turns vLLM's into these. Anything unexpected becomes INTERNAL with a
+generic message (details go to the log, never to another tenant).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
 from mora import errors as mora_errors
-from serve.caller import CALLER
 
 log = logging.getLogger(__name__)
 
@@ -119,131 +117,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return code, _bounded(str(exc))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is out of disk space ({exc.strerror})"
-    from vllm.exceptions import VLLMClientError  # the engine's own "bad request" errors
-
-    if isinstance(exc, VLLMClientError):
-        return grpc.StatusCode.INVALID_ARGUMENT, _bounded(str(exc))
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse, so the handler can answer
-    INVALID_ARGUMENT (gRPC's default for a failed deserializer is INTERNAL)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def wrapper(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string field...
-            return _Undecodable(e)
-
-    return wrapper
-
-
-async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Undecodable):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {type(request.error).__name__}")
-
-
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], caller: Any) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _reject_undecodable(request, context)
-        token = CALLER.set(caller)
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
-            await context.abort(code, message)
-        finally:
-            CALLER.reset(token)
-
-    return wrapper
-
-
-def _wrap_stream(behavior: Callable[..., Any], caller: Any) -> Callable[..., Any]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _reject_undecodable(request, context)
-        token = CALLER.set(caller)
-        try:
-            async for item in behavior(request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("unhandled error in %s", getattr(behavior, "__qualname__", behavior))
-            await context.abort(code, message)
-        finally:
-            CALLER.reset(token)
-
-    return wrapper
-
-
-def _unread(data: bytes) -> None:
-    """The deserializer of a call refused before its request is read: the bytes are never parsed."""
-    return None
-
-
-def _refusal(handler: Any, error: ServeError) -> Any:
-    """A handler of the same shape as `handler` that answers `error` without parsing the request."""
-    code, message = status_for(error)
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_unread,
-                                                   response_serializer=handler.response_serializer)
-    return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_unread,
-                                                response_serializer=handler.response_serializer)
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The gRPC edge: authenticates calls to `protected` services from their metadata before the
-    request message is parsed (an unauthenticated call costs its bytes on the wire, nothing
-    proportional to what it asks for), hands the caller to the servicer (`CALLER`), and maps
-    exceptions raised by any servicer to status codes (`status_for`)."""
-
-    def __init__(self, authenticate: Callable[[Any], Any] | None = None, protected: tuple[str, ...] = ()) -> None:
-        self.authenticate = authenticate
-        self.protected = tuple(f"/{name}/" for name in protected)
-
-    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], handler_call_details: Any) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.unary_unary is None and handler.unary_stream is None:
-            return handler
-        caller = None
-        if self.authenticate is not None and handler_call_details.method.startswith(self.protected):
-            try:
-                caller = self.authenticate(handler_call_details.invocation_metadata)
-            except ServeError as e:
-                return _refusal(handler, e)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, caller),
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream, caller),
-            request_deserializer=_safe_deserializer(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )

@@ -1,46 +1,39 @@
-"""`mora-serve`: the server process: gRPC, and the OpenAI-compatible HTTP API on `--http-port`.
+"""`mora-serve`: the server process. Wires the parts together and runs their lifecycle.
 
 Start-up: gRPC, health (NOT_SERVING) and metrics come up first, then the vLLM engine (tens of
 seconds), then the preloaded adapters; only then does health say SERVING. SIGTERM starts a
 graceful shutdown: health turns NOT_SERVING, new calls are refused, calls in flight get the
 grace period to finish and are then aborted with UNAVAILABLE. If the engine dies, health turns
 NOT_SERVING at once and the process exits non-zero so that Kubernetes restarts it.
+
+The parts (docs/architecture.md): the engine face (serve/engine), the adapter lifecycle
+(serve/adapters: registry, tiers, merges, resolver), the transport-free services
+(serve/services), the transports (serve/grpc, serve/http), tenants and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from serve.adapter_service import AdapterService, location_of
+from serve.adapters import AdapterRegistry, LazyResolver
 from serve.config import ServerSettings, load_settings, parse_args
 from serve.engine import Engine
-from serve.errors import ErrorInterceptor, ServeError
-from serve.generation import GenerationService
+from serve.errors import ServeError
+from serve.grpc import GrpcServer
 from serve.http import HttpServer, build_app
 from serve.metrics import ServerMetrics
-from serve.policy import MergePolicy
-from serve.proto import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-from serve.registry import AdapterRegistry
-from serve.servicers import AdaptersServicer, InferenceServicer
-from serve.tenants import TenantDirectory
+from serve.monitor import monitor_engine
+from serve.services.adapters import AdapterService
+from serve.services.generation import GenerationService
+from serve.tenants import Tenant, TenantDirectory
 
 __all__ = ["Server", "main"]
 
 log = logging.getLogger("mora.serve")
-SERVICES = (
-    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
-)
 EXIT_ENGINE_DIED = 3
 EXIT_STARTUP_FAILED = 2
 
@@ -56,13 +49,10 @@ class Server:
         self.tenants = TenantDirectory.from_file(settings.tenants)
         self.engine = Engine(settings)
         self.registry = AdapterRegistry(settings, self.engine, self.tenants, on_event=self.metrics.record_operation)
-        self.policy = MergePolicy(window_s=settings.merge_window_s, merge_share=settings.merge_share,
-                                  unmerge_share=settings.unmerge_share, min_requests=settings.merge_min_requests,
-                                  min_dwell_s=settings.merge_min_dwell_s)
-        self.generation = GenerationService(settings, self.engine, self.registry, self.tenants, self.metrics, self.policy)
+        resolver = LazyResolver(self.registry, self.metrics.record_operation)
+        self.generation = GenerationService(settings, self.engine, self.registry, resolver, self.tenants, self.metrics)
         self.adapters = AdapterService(self.registry, self.tenants)
-        self.health = health.aio.HealthServicer()
-        self.grpc: grpc.aio.Server | None = None
+        self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         self.port = 0
         self.stopping = asyncio.Event()
@@ -77,7 +67,7 @@ class Server:
         names = [served] if isinstance(served, str) else list(served or [])
         return names or [self.settings.model_name]
 
-    def _authenticate(self, metadata: object) -> object:
+    def _authenticate(self, metadata: object) -> Tenant:
         """The gRPC edge's authentication (every call to the mora services, before its request is
         parsed); a refusal is counted without labels (nothing unauthenticated becomes a label)."""
         try:
@@ -87,18 +77,9 @@ class Server:
             raise
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICES):
-            await self.health.set(name, status)
+        if self.grpc is not None:
+            await self.grpc.set_serving(serving)
         self.metrics.engine_up.set(1 if serving else 0)
-
-    def _credentials(self) -> grpc.ServerCredentials | None:
-        s = self.settings
-        if s.tls_cert is None:
-            return None
-        key, cert = Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes()
-        ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
     async def _prevalidate_preloads(self) -> None:
         """Every preload checked (id, path, config, shapes vs config.json) before the engine starts:
@@ -118,17 +99,8 @@ class Server:
         if s.metrics_port:
             self.metrics.serve(s.metrics_port, s.host, bearer_token_file=s.metrics_bearer_token_file,
                                certfile=s.metrics_tls_cert, keyfile=s.metrics_tls_key)
-        self.grpc = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self._authenticate, protected=SERVICES)],
-            options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
-        )
-        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.generation), self.grpc)
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.adapters), self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        creds = self._credentials()
-        address = f"{s.host}:{s.port}"
-        self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
+        self.grpc = GrpcServer(s, self.generation, self.adapters, self._authenticate)
+        self.port = self.grpc.port
         await self._set_health(False)
         await self.grpc.start()
         if s.http_port:
@@ -137,67 +109,30 @@ class Server:
             self.http = HttpServer(app, s.host, s.http_port, s.shutdown_grace_s)
             await self.http.start()
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", s.host, s.http_port)
-        log.info("gRPC listening on %s:%d (%s); metrics on :%d; engine starting", s.host, self.port,
-                 "TLS" + (" + client certificates" if s.tls_client_ca else "") if creds else "plaintext", s.metrics_port)
+        log.info("gRPC listening on %s:%d (%s); metrics on :%d; engine starting", s.host, self.port, self.grpc.security,
+                 s.metrics_port)
         await self.engine.start()
+        await self.registry.tiers.engine_started()
         for adapter_id, path in s.preload_map.items():
             await self.registry.load(adapter_id, path=path, owner=self.tenants.owner_of(adapter_id),  # caller None: the root
                                      pin=s.pin_preloaded)
         self.metrics.slots_capacity.set(s.max_loras)
         self.metrics.adapters_loaded.set_function(lambda: len(self.registry.entries))
-        self.metrics.merge_backup_bytes.set_function(lambda: self.registry.merge_backup_bytes)
+        self.metrics.merge_backup_bytes.set_function(lambda: self.registry.merges.backup_bytes)
         self.metrics.snapshot_bytes.set_function(lambda: self.registry.disk_bytes)
         await self._set_health(True)
-        self._tasks = [asyncio.create_task(self._policy_loop()), asyncio.create_task(self._monitor_loop())]
+        self._tasks = [
+            asyncio.create_task(self.registry.merges.run_policy(lambda: self.registry.entries.values(),
+                                                                lambda: self.engine.ready, self.stopping)),
+            asyncio.create_task(monitor_engine(self.engine, self.registry, self.metrics, self.stopping, self._engine_died)),
+        ]
         log.info("serving %s with %d adapters", s.model, len(self.registry.entries))
 
-    async def _policy_loop(self) -> None:
-        while not self.stopping.is_set():
-            await asyncio.sleep(self.settings.policy_interval_s)
-            if not self.settings.auto_merge or not self.engine.ready or self.engine.quantization:
-                continue
-            reg = self.registry
-            self.policy.transitioned(reg.last_transition)  # unmerges for other adapters' requests count too
-            merged = reg.merged[0] if reg.merged else None
-            manual = [a for a, e in reg.entries.items() if e.manual_merge]
-
-            def eligible(a: str, reg: AdapterRegistry = reg) -> bool:
-                e = reg.entries.get(a)
-                return e is not None and not e.manual_merge and not e.unloading and reg.merge_refusal(e) is None
-
-            decision = self.policy.decide(time.monotonic(), merged, eligible, manual)
-            if decision is None:
-                continue
-            log.info("merge policy: %s %s (%s)", decision.action, decision.adapter_id, decision.reason)
-            try:
-                if decision.action == "merge":
-                    await reg.merge(decision.adapter_id, manual=False, trigger="auto")
-                else:
-                    await reg.unmerge(decision.adapter_id, manual=False, trigger="auto")
-            except ServeError as e:
-                log.warning("merge policy: %s %s failed: %s", decision.action, decision.adapter_id, e)
-            self.policy.transitioned(time.monotonic())
-
-    async def _monitor_loop(self) -> None:
-        while not self.stopping.is_set():
-            if self.engine.dead or not await self.engine.check_health():
-                log.error("the engine died; health NOT_SERVING, exiting so that the pod restarts")
-                await self._set_health(False)
-                self.exit_code = EXIT_ENGINE_DIED
-                self.stopping.set()
-                return
-            with contextlib.suppress(Exception):
-                status = await self.engine.status()
-                reg = self.registry
-                states = {}
-                for a, e in reg.entries.items():
-                    states[a] = ("merged" if reg.merged and reg.merged[0] == a else location_of(e, status).value, e.tenant)
-                self.metrics.set_residency(states)
-                self.metrics.set_page_ins(reg.page_in_counts)
-                self.metrics.slots_in_use.set(len(status.get("slots", {})))
-                reg.set_host_view(list(status.get("registered", [])))
-                self.metrics.record_tiers(await self.engine.rpc("mora_tier_stats"))
-            await asyncio.sleep(1.0)
+    async def _engine_died(self) -> None:
+        log.error("the engine died; health NOT_SERVING, exiting so that the pod restarts")
+        await self._set_health(False)
+        self.exit_code = EXIT_ENGINE_DIED
+        self.stopping.set()
 
     async def shutdown(self) -> None:
         grace = self.settings.shutdown_grace_s

@@ -16,7 +16,7 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
 * `hold-validate`: while it exists, validating an adapter blocks the thread that does it (each
   validation appends the adapter id to `validating` when it starts, and to `validated` when it
   ends), so adapter management calls stay in flight for as long as a test needs.
-* `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with "loading" (a disk
+* `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with LOADING (a disk
   read that never ends; `paging` is written then, and `prefetched` gets the adapter's name), so
   a cold adapter's request stays waiting for its page-in for as long as a test needs.
 
@@ -31,8 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import serve.adapters.validation
 import serve.engine
-import serve.validation
+from mora.vllm_plugin.worker_api import PageInState, Residence, WorkerApi
 from serve.server import main
 
 HOLD_DIR = Path(os.environ["MORA_TEST_HOLD_DIR"])
@@ -40,8 +41,8 @@ _start = serve.engine.Engine.start
 _generate = serve.engine.Engine.generate
 _abort = serve.engine.Engine.abort
 _tokenize = serve.engine.Engine.tokenize
-_rpc = serve.engine.Engine.rpc
-_validate = serve.validation.AdapterValidator.validate
+_call = serve.engine.Engine._call
+_validate = serve.adapters.validation.AdapterValidator.validate
 _poller: asyncio.Task | None = None
 
 
@@ -88,16 +89,16 @@ def tokenize(self: serve.engine.Engine, text: str) -> list[int]:
     return _tokenize(self, text)
 
 
-async def rpc(self: serve.engine.Engine, method: str, *args, **kwargs):
-    if method == "mora_prefetch" and (HOLD_DIR / "hold-pagein").exists():
+async def call(self: serve.engine.Engine, method, *args):
+    if method is WorkerApi.mora_prefetch and (HOLD_DIR / "hold-pagein").exists():
         with open(HOLD_DIR / "prefetched", "a") as f:  # which adapters the engine was asked to read
-            f.writelines(f"{item[1]}\n" for item in args[0])
+            f.writelines(f"{item.name}\n" for item in args[0])
         (HOLD_DIR / "paging").touch()
-        return {int(item[0]): "loading" for item in args[0]}
-    return await _rpc(self, method, *args, **kwargs)
+        return {item.lora_id: PageInState(Residence.LOADING) for item in args[0]}
+    return await _call(self, method, *args)
 
 
-def validate(self: serve.validation.AdapterValidator, adapter_id: str, *args, **kwargs):
+def validate(self: serve.adapters.validation.AdapterValidator, adapter_id: str, *args, **kwargs):
     with open(HOLD_DIR / "validating", "a") as f:
         f.write(adapter_id + "\n")
     while (HOLD_DIR / "hold-validate").exists():  # blocks this thread, as a slow validation would
@@ -109,8 +110,8 @@ def validate(self: serve.validation.AdapterValidator, adapter_id: str, *args, **
             f.write(adapter_id + "\n")
 
 
-serve.validation.AdapterValidator.validate = validate
-serve.engine.Engine.rpc = rpc
+serve.adapters.validation.AdapterValidator.validate = validate
+serve.engine.Engine._call = call
 serve.engine.Engine.start = start
 serve.engine.Engine.tokenize = tokenize
 serve.engine.Engine.generate = generate

@@ -459,7 +459,7 @@ def test_hpa_scales_on_metrics_the_server_exports_through_the_adapter_rules() ->
         hpa = one(render(name), "HorizontalPodAutoscaler")
         metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
         assert metrics and set(metrics) <= set(published), metrics
-    source = (REPO / "serve" / "metrics.py").read_text()
+    source = (REPO / "serve" / "metrics" / "__init__.py").read_text()
     assert '"mora_requests_in_flight"' in source  # the vLLM one is checked on a live scrape below
     assert set(published.values()) == {"vllm:num_requests_waiting", "mora_requests_in_flight"}
 

@@ -26,7 +26,7 @@ from mora.checkpoint import load_adapter
 from mora.containment import base_weight_norms, merge_ratio_limit
 from mora.hf import module_shapes_from_config
 from mora.kinds import bind_adapter, check_update
-from serve.proto import inference_pb2 as ipb
+from serve.grpc.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
 VICTIMS = {"acme": "atlas", "globex": "borealis", "initech": "cygnus"}

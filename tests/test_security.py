@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2
 from safetensors.torch import load_file, save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
-from serve.proto import inference_pb2 as ipb
-from serve.snapshots import clean_stale_snapshots
+from serve.adapters.snapshots import clean_stale_snapshots
+from serve.grpc.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
 

@@ -29,11 +29,11 @@ from mora.errors import (
 )
 from mora.kinds import check_update
 from mora.spec import MoraSpec
+from serve.adapters.policy import MAX_EVENTS, MergePolicy
+from serve.adapters.snapshots import _lock_snapshot_dir, clean_stale_snapshots
+from serve.adapters.validation import check_adapter_id
 from serve.errors import Unauthenticated
-from serve.policy import MAX_EVENTS, MergePolicy
-from serve.snapshots import _lock_snapshot_dir, clean_stale_snapshots
 from serve.tenants import Tenant, TenantDirectory, hash_key
-from serve.validation import check_adapter_id
 
 MODULE = "model.layers.0.self_attn.q_proj"
 SHAPES = {MODULE: (8, 8)}
@@ -224,7 +224,7 @@ def test_fair_queue_takes_turns_between_tenants():
     import asyncio
     import threading
 
-    from serve.fair_queue import FairQueue
+    from serve.adapters.fair_queue import FairQueue
 
     async def main() -> tuple[list, list]:
         queue, started = FairQueue(), []
@@ -256,7 +256,7 @@ def test_merge_gate_runs_a_merged_adapter_alone():
     with no other adapter's request in flight, else it gives up after its wait."""
     import asyncio
 
-    from serve.merge_gate import MergeGate
+    from serve.adapters.merge_gate import MergeGate
 
     async def main() -> list[str]:
         events: list[str] = []

@@ -10,11 +10,11 @@ import grpc
 import pytest
 
 from mora.errors import NonFiniteMergeError, ShapeMismatchError
+from serve.adapters.policy import MergePolicy
+from serve.adapters.validation import check_adapter_id, resolve_under_root
 from serve.config import ServerSettings, load_settings, parse_args
 from serve.errors import AdapterNotFound, PathNotAllowed, status_for
-from serve.policy import MergePolicy
 from serve.tenants import TenantDirectory, hash_key
-from serve.validation import check_adapter_id, resolve_under_root
 
 
 def policy(**kw):

@@ -18,8 +18,8 @@ from engine_helpers import assert_greedy_matches, hf_greedy_scored, random_lora,
 from safetensors.torch import save_file
 from server_helpers import ServerProcess, metric_value, write_tenants
 
-from serve.proto import adapters_pb2 as apb
-from serve.proto import inference_pb2 as ipb
+from serve.grpc.proto import adapters_pb2 as apb
+from serve.grpc.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
 DEMO = ["atlas", "borealis", "cygnus", "draco"]

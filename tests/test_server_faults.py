@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_helpers import ServerProcess, write_tenants
 
-from serve.proto import adapters_pb2 as apb
-from serve.proto import inference_pb2 as ipb
+from serve.grpc.proto import adapters_pb2 as apb
+from serve.grpc.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,

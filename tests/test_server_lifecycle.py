@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from server_helpers import ServerProcess, metric_value
 
 from serve.client import RETRY_SERVICE_CONFIG
-from serve.proto import inference_pb2 as ipb
+from serve.grpc.proto import inference_pb2 as ipb
 
 pytestmark = pytest.mark.vllm
 

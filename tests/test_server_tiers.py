@@ -15,7 +15,7 @@ import pytest
 from engine_helpers import assert_greedy_matches, hf_greedy_scored, random_mora
 from server_helpers import ServerProcess, metric_value, write_tenants
 
-from serve.proto import adapters_pb2 as apb
+from serve.grpc.proto import adapters_pb2 as apb
 
 pytestmark = pytest.mark.vllm
 MANY = int(os.environ.get("MORA_TEST_MANY_ADAPTERS", "1000"))

@@ -7,7 +7,7 @@
   finite at the one point where they are written: `Attention.forward`, before vLLM's KV-cache
   update. For finite inputs `nan_to_num` is the identity, bit for bit, so every other
   request's results are unchanged. The request itself is failed by the server, which checks
-  the sampled token's log-probability (`serve/generation.py`).
+  the sampled token's log-probability (`serve/services/generation.py`).
 * **No orphans.** Engine and worker processes exit (SIGKILL to themselves) within
   `WATCHDOG_S` of their parent dying, however it died (`kill -9`, OOM killer), so they do not
   keep gigabytes of memory and a device. A polling thread rather than `PR_SET_PDEATHSIG`:

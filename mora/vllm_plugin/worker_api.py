@@ -13,15 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["EngineStatus", "MergeState", "PageIn", "PageInState", "Residence", "SlotInfo", "TierReport", "WorkerApi"]
+__all__ = ["EngineStatus", "MergeState", "PageIn", "PageInState", "Residence", "SlotInfo", "TierReport", "WorkerApi",
+           "decode_page_ins"]
 
 
 class _Mapping:
-    """Read access by field name (`status["merged_id"]`, `status.get("state")`)."""
+    """Read access by field name (`status["merged_id"]`, `status.get("state")`), and decoding
+    from what vLLM's process boundary makes of a dataclass (a dict, enums as their values,
+    tuples as lists)."""
+
+    @classmethod
+    def decode(cls, obj: Any) -> Any:
+        if isinstance(obj, cls):
+            return obj
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in obj:
+                values[f.name] = _decode_value(hints[f.name], obj[f.name])
+        return cls(**values)
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:  # type: ignore[attr-defined]
@@ -149,3 +164,31 @@ class WorkerApi(Protocol):
 
     def mora_weight_digest(self) -> dict[str, str]:
         """A SHA-256 of every wrapped layer's base weights (to check that an unmerge restored them)."""
+
+
+def _decode_value(hint: Any, value: Any) -> Any:
+    """`value` (as vLLM's serialization delivers it) as the type `hint` names."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        kinds = [a for a in args if a is not type(None)]
+        return _decode_value(kinds[0], value) if len(kinds) == 1 else value
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode_value(args[0], v) for v in value)
+        return tuple(_decode_value(a, v) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        return {_decode_value(args[0], k): _decode_value(args[1], v) for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if isinstance(hint, type) and issubclass(hint, _Mapping):
+        return hint.decode(value)
+    if hint in (int, float, str, bool):
+        return hint(value)
+    return value
+
+
+def decode_page_ins(obj: Any) -> dict[int, PageInState]:
+    """`mora_prefetch`'s answer as delivered across vLLM's process boundary."""
+    return {int(k): PageInState.decode(v) for k, v in obj.items()}

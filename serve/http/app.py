@@ -1,10 +1,10 @@
 """OpenAI-compatible routes over the same services as the gRPC API.
 
 `/v1/completions`, `/v1/chat/completions` (SSE streaming, usage, n, logprobs, stop, seed...) and
-`/v1/models` call the generation service (`serve.generation`) exactly as gRPC does: same tenants
+`/v1/models` call the generation service (`serve.services.generation`) exactly as gRPC does: same tenants
 (`Authorization: Bearer`), quotas, merge policy and metrics. Adapter management (`/v1/adapters`,
 and vLLM's `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`) calls the adapter service
-(`serve.adapter_service`). Every request passes the HTTP edge (`serve.http.edge`) first: it is
+(`serve.services.adapters`). Every request passes the HTTP edge (`serve.http.edge`) first: it is
 authenticated from its headers and its body bounded before anything reads it. Errors are
 classified once (`serve.errors.status_for`); `HTTP_STATUS` turns that code into the HTTP status,
 with OpenAI's error body, for every error (body, validation, routing) alike.
@@ -21,16 +21,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError, StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mora.errors import MoraError
-from serve.adapter_service import AdapterInfo, AdapterService, LoadRequest
 from serve.errors import InvalidRequest, ServeError, status_for
-from serve.generation import Chunk, GenerateCall, GenerationService, TokenLogprob, collect
 from serve.http.edge import HttpEdge, tenant_of
 from serve.http.protocol import (
     AdapterLoad,
@@ -42,27 +39,40 @@ from serve.http.protocol import (
     parse_body,
 )
 from serve.metrics import ServerMetrics
+from serve.services.adapters import AdapterInfo, AdapterService, LoadRequest
+from serve.services.generation import GenerationService
+from serve.services.requests import Chunk, GenerateCall, TokenLogprob, collect
 from serve.tenants import TenantDirectory
 
 __all__ = ["HTTP_STATUS", "HttpServer", "build_app", "error_body"]
 
 log = logging.getLogger(__name__)
 
+class _ByCodeName(dict):
+    """Keyed by a status code's name; looked up by the code itself or its name."""
+
+    def __getitem__(self, code: Any) -> int:
+        return super().__getitem__(getattr(code, "name", code))
+
+    def get(self, code: Any, default: Any = None) -> Any:
+        return super().get(getattr(code, "name", code), default)
+
+
 # The one translation from the server's status codes (serve.errors) to HTTP.
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
+HTTP_STATUS = _ByCodeName({
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+})
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
                431: "invalid_request_error", 429: "rate_limit_error"}
@@ -72,7 +82,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI's error body) for any exception."""
     code, message = status_for(exc)
     status = getattr(exc, "http_status", None) or HTTP_STATUS.get(code, 500)
-    if code == grpc.StatusCode.INTERNAL:
+    if code.name == "INTERNAL":
         log.error("unhandled error in the HTTP API", exc_info=exc)
     return status, {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": None,
                               "code": code.name}}
@@ -229,11 +239,9 @@ def build_app(generation: GenerationService, adapters: AdapterService, tenants: 
         status, body = error_body(exc)
         return JSONResponse(body, status_code=status)
 
-    # The server's and the library's error classes (answered here, as gRPC's interceptor does);
+    # The server's and the library's error classes (answered here, as the gRPC edge does);
     # anything else becomes a 500 with a generic message (details in the log only).
-    from vllm.exceptions import VLLMClientError
-
-    for kind in (ServeError, MoraError, VLLMClientError, Exception):
+    for kind in (ServeError, MoraError, Exception):
         app.add_exception_handler(kind, _error)
 
     @app.exception_handler(RequestValidationError)
@@ -300,7 +308,7 @@ def build_app(generation: GenerationService, adapters: AdapterService, tenants: 
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     def refused(exc: ServeError) -> tuple[int, dict[str, Any]]:
-        if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+        if exc.code.name == "UNAUTHENTICATED":
             metrics.unauthenticated.labels("http").inc()
         return error_body(exc)
 

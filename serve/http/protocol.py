@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from serve.errors import InvalidRequest
-from serve.generation import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS, ChatMessage, Sampling
+from serve.services.requests import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS, ChatMessage, Sampling
 
 __all__ = ["AdapterLoad", "ChatRequest", "CompletionRequest", "VllmLoraLoad", "VllmLoraUnload", "parse_body"]
 

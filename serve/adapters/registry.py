@@ -1,8 +1,8 @@
 """Adapter lifecycle: validate, snapshot, register, lease to requests, replace, unload.
 
 Nothing unvalidated reaches the engine: an adapter is read into memory and checked by the mora
-library against the base model first (serve/validation.py); the engine then gets a private
-snapshot written from exactly those tensors (serve/snapshots.py), so files changing on disk
+library against the base model first (serve/adapters/validation.py); the engine then gets a private
+snapshot written from exactly those tensors (serve/adapters/snapshots.py), so files changing on disk
 afterwards cannot change what is served.
 
 Each load of an id is a *version* with its own engine adapter id. Requests lease the current
@@ -10,9 +10,10 @@ version when they are admitted; replacing an adapter switches the current versio
 (requests admitted afterwards use the new weights, leases in flight finish on the old ones,
 which are unregistered when their last lease ends). Unloading waits for leases (bounded).
 
-The registry's other concerns live beside it, as mixins of `AdapterRegistry`: tiers (host cache
-view, page-in, pins) in serve/paging.py, lazy registration in serve/lazy_registration.py, merge
-bookkeeping in serve/merging.py.
+The registry is composed of parts with their own state: `tiers` (host cache view, page-ins,
+pins; serve/adapters/tiers.py) and `merges` (what is merged, eligibility, transitions, the
+policy; serve/adapters/merges.py). Lazy registration is a resolver in front of it
+(serve/adapters/resolver.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mora.containment import UpdateReport
 from mora.errors import AdapterError
-from mora.kinds import Adapter, AdapterKind, kind_of
+from mora.kinds import Adapter
+from serve.adapters.entries import Entry, Version
+from serve.adapters.fair_queue import FairQueue
+from serve.adapters.heap import trim_heap
+from serve.adapters.merges import Merges
+from serve.adapters.snapshots import SnapshotDir, hollow, tensor_bytes
+from serve.adapters.tiers import Tiers
+from serve.adapters.validation import AdapterValidator, check_adapter_id, resolve_under_root
 from serve.config import ServerSettings
 from serve.engine import Engine, EngineError
 from serve.errors import (
@@ -46,56 +52,15 @@ from serve.errors import (
     Unavailable,
     short,
 )
-from serve.fair_queue import FairQueue
-from serve.lazy_registration import LazyRegistration
-from serve.merge_gate import MergeGate
-from serve.merging import AdapterMerging
-from serve.paging import AdapterPaging
-from serve.snapshots import SnapshotDir, hollow, tensor_bytes
 from serve.tenants import Tenant, TenantDirectory
-from serve.validation import AdapterValidator, check_adapter_id, resolve_under_root, trim_heap
 
 __all__ = ["AdapterRegistry", "Entry", "Version"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Version:
-    number: int
-    engine_id: int
-    snapshot: Path
-    adapter: Adapter
-    source: str
-    lora_request: Any
-    report: UpdateReport | None = None  # update/base ratios: decides whether it may be merged
-    nbytes: int = 0  # the snapshot's tensor bytes (the disk budget counts them)
-    pinned: bool = False
-    in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    @property
-    def kind(self) -> AdapterKind:
-        return kind_of(self.adapter)
-
-
-@dataclass
-class Entry:
-    adapter_id: str
-    tenant: str | None
-    version: Version
-    retiring: list[Version] = field(default_factory=list)
-    unloading: bool = False
-    manual_merge: bool = False
-    requests_total: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
-    """All adapters the server serves, keyed by adapter id."""
+class AdapterRegistry:
+    """All adapters the server serves, keyed by adapter id: versions, leases, loads and unloads."""
 
     def __init__(self, settings: ServerSettings, engine: Engine, tenants: TenantDirectory, on_event: Callable[..., None] | None = None) -> None:
         self.settings = settings
@@ -105,25 +70,15 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         self._ids = itertools.count(1)
         self._versions: dict[str, int] = {}  # the last version number of each adapter id (kept after unload)
         self._manage = asyncio.Lock()  # registrations (short: validation and snapshots happen outside it)
-        self._transitions = asyncio.Lock()  # merges and unmerges, one at a time (taken after _manage, never before)
         self._validations = FairQueue()  # adapter validation, one at a time, tenants taking turns
         self._managing: dict[str, int] = {}  # tenant -> management calls in flight
         self._reserved_bytes = 0  # snapshot bytes of loads between validation and registration
-        self.merged: tuple[str, int] | None = None  # (adapter id, engine id)
-        self.merge_backup_bytes = 0
-        self.gate = MergeGate(self.unmerge_for_others)  # requests and merges: a merged adapter runs alone
-        self.last_transition = float("-inf")
         self._validator = AdapterValidator(settings, engine)
         self._snapshots = SnapshotDir(settings.snapshot_dir)
         self._on_event = on_event or (lambda *a, **k: None)
         self._background: set[asyncio.Task] = set()
-        self.host_view: set[int] = set()  # engine ids in vLLM's host cache (last status, plus page-ins since)
-        self._paging: dict[int, asyncio.Task] = {}
-        self._lazy: dict[tuple[str, str], asyncio.Task] = {}
-        self._page_slots: dict[str, asyncio.Semaphore] = {}
-        self.page_in_counts: dict[str, list[int]] = {}
-        self.pinned_count = 0
-        self.max_pinned = max(0, settings.max_cpu_loras - settings.max_loras)
+        self.tiers = Tiers(settings, engine)
+        self.merges = Merges(settings, engine, self.tiers, self._on_event)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -191,9 +146,9 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
             # Pins are host memory taken from everyone's cache: an operator's decision.
             if caller is not None and not caller.is_admin:
                 raise PermissionDenied("only admins pin (mark hot) adapters")
-            if self.pinned_count >= self.max_pinned and not replace:
-                raise ResourceExhausted(f"{self.pinned_count} adapters are pinned, the most the host cache allows "
-                                        f"(max_cpu_loras - max_loras = {self.max_pinned}); unload or load one unpinned")
+            full = self.tiers.pin_room()
+            if full is not None and not replace:
+                raise ResourceExhausted(full)
         if source_name is not None:
             if source_name not in self.settings.sources:
                 raise InvalidRequest(f"no registered source named {short(source_name)}")
@@ -286,7 +241,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
             raise AdapterExists(f"adapter {short(adapter_id)} is already loaded (set replace to load new weights)")
         if existing is not None and existing.unloading:
             raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
-        if existing is not None and existing.manual_merge and self.merged is not None and self.merged[0] == adapter_id:
+        if existing is not None and existing.manual_merge and self.merges.is_merged(adapter_id):
             # Replacing would have to unmerge behind the back of whoever merged it by hand.
             raise FailedPrecondition(f"adapter {short(adapter_id)} is merged under manual control; unmerge it before replacing it")
         if existing is None:
@@ -326,26 +281,24 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         except ServeError:
             self._snapshots.remove(snapshot)
             raise
-        from vllm.lora.request import LoRARequest
-
         engine_id = next(self._ids)
-        request = LoRARequest(adapter_id, engine_id, str(snapshot))
+        handle = self.engine.adapter_handle(adapter_id, engine_id, str(snapshot))
         try:
-            await self.engine.add_lora(request)
+            await self.engine.add_adapter(handle)
         except EngineError as e:
             self._snapshots.remove(snapshot)
             self._on_event("load", "rejected", time.perf_counter() - started)
             raise InvalidRequest(f"adapter {adapter_id!r}: {e}") from None
         # Only the metadata stays in this process: the weights are in the snapshot (and in
         # vLLM's host cache while it holds the adapter), so registered adapters cost no host memory.
-        version = Version(number, engine_id, snapshot, adapter, source, request, report, nbytes)
-        self.host_view.add(engine_id)
+        version = Version(number, engine_id, snapshot, adapter, source, handle, report, nbytes)
+        self.tiers.registered(version)
         if pin or (existing is not None and existing.version.pinned):
             try:
-                await self._pin(version, strict=strict_pin and pin)
+                await self.tiers.pin(version, strict=strict_pin and pin)
             except ResourceExhausted:
-                await self.engine.remove_lora(engine_id)
-                self._forget(version)
+                await self.engine.remove_adapter(engine_id)
+                self.tiers.forget(version)
                 self._snapshots.remove(snapshot)
                 self._on_event("load", "rejected", time.perf_counter() - started)
                 raise
@@ -355,10 +308,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         else:
             entry = existing
             old = entry.version
-            if self.merged is not None and self.merged[1] == old.engine_id:
-                async with self._transitions:
-                    if self.merged is not None and self.merged[1] == old.engine_id:
-                        await self._unmerge_locked("replaced")
+            await self.merges.unmerge_engine_id(old.engine_id, "replaced")
             entry.version = version  # new requests get the new weights from here on
             entry.retiring.append(old)
             self._retire(entry, old)
@@ -367,8 +317,8 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
     def _retire(self, entry: Entry, version: Version) -> None:
         async def drain() -> None:
             await version.idle.wait()
-            await self.engine.remove_lora(version.engine_id)
-            self._forget(version)
+            await self.engine.remove_adapter(version.engine_id)
+            self.tiers.forget(version)
             self._snapshots.remove(version.snapshot)
             if version in entry.retiring:
                 entry.retiring.remove(version)
@@ -377,7 +327,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _managed(self, adapter_id: str, caller: Tenant | None) -> Entry:
+    def managed(self, adapter_id: str, caller: Tenant | None) -> Entry:
         """The entry `caller` may manage (checked under the registry lock, like the change itself)."""
         if caller is not None:
             self.tenants.check_manage(caller)
@@ -389,7 +339,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         started = time.perf_counter()
         with self.management_slot(caller):
             async with self._manage:
-                entry = self._managed(adapter_id, caller)
+                entry = self.managed(adapter_id, caller)
                 if entry.unloading:
                     raise FailedPrecondition(f"adapter {short(adapter_id)} is being unloaded")
                 entry.unloading = True  # no new leases (nor replaces, nor merges) from here on
@@ -404,13 +354,12 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
                     f"adapter {adapter_id!r} still has {busy} requests in flight after {self.settings.unload_timeout_s:g}s"
                 ) from None
             async with self._manage:
-                async with self._transitions:
-                    if self.merged is not None and self.merged[0] == adapter_id:
-                        await self._unmerge_locked("unloaded")
                 versions = [entry.version, *entry.retiring]
                 for v in versions:
-                    await self.engine.remove_lora(v.engine_id)
-                    self._forget(v)
+                    await self.merges.unmerge_engine_id(v.engine_id, "unloaded")
+                for v in versions:
+                    await self.engine.remove_adapter(v.engine_id)
+                    self.tiers.forget(v)
                     self._snapshots.remove(v.snapshot)
                 del self.entries[adapter_id]
         self._on_event("unload", "ok", time.perf_counter() - started)
@@ -431,7 +380,7 @@ class AdapterRegistry(AdapterPaging, LazyRegistration, AdapterMerging):
         version.idle.clear()
         entry.requests_total += 1
         try:
-            await self.page_in(version, entry.tenant or "")
+            await self.tiers.page_in(version, entry.tenant or "")
             yield version
         finally:
             version.in_flight -= 1

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Any
 
+from mora.vllm_plugin.worker_api import EngineStatus
+from serve.adapters import AdapterRegistry, Entry
 from serve.errors import InvalidRequest
-from serve.registry import AdapterRegistry, Entry
 from serve.tenants import Tenant, TenantDirectory
 
-__all__ = ["AdapterInfo", "AdapterService", "LoadRequest", "Location", "location_of"]
+__all__ = ["AdapterInfo", "AdapterService", "LoadRequest", "Location"]
 
 
 class Location(enum.Enum):
@@ -57,30 +57,22 @@ class LoadRequest:
     pinned: bool = False
 
 
-def location_of(entry: Entry, status: dict[str, Any]) -> Location:
-    engine_id = entry.version.engine_id
-    if any(s.get("lora_id") == engine_id for s in status.get("slots", {}).values()):
-        return Location.DEVICE_SLOT
-    if engine_id in status.get("registered", []):
-        return Location.HOST_CACHE
-    return Location.DISK_ONLY
-
-
 class AdapterService:
     def __init__(self, registry: AdapterRegistry, tenants: TenantDirectory) -> None:
         self.registry = registry
         self.tenants = tenants
 
-    def info(self, entry: Entry, status: dict[str, Any]) -> AdapterInfo:
+    def info(self, entry: Entry, status: EngineStatus) -> AdapterInfo:
         a, kind = entry.version.adapter, entry.version.kind
-        merged = self.registry.merged is not None and self.registry.merged[0] == entry.adapter_id
+        merges = self.registry.merges
+        merged = merges.is_merged(entry.adapter_id)
         return AdapterInfo(
             adapter_id=entry.adapter_id, tenant=entry.tenant or "", kind=kind.name,
             mora_type=kind.type_number(a), rank=a.config.r, parameters=a.num_parameters,
-            location=location_of(entry, status), merged=merged,
+            location=Location(status.location(entry.version.engine_id)), merged=merged,
             in_flight=entry.version.in_flight + sum(v.in_flight for v in entry.retiring),
             manual_merge=entry.manual_merge, version=entry.version.number, source=entry.version.source,
-            requests_total=entry.requests_total, merge_backup_bytes=self.registry.merge_backup_bytes if merged else 0,
+            requests_total=entry.requests_total, merge_backup_bytes=merges.backup_bytes if merged else 0,
             pinned=entry.version.pinned,
         )
 
@@ -97,8 +89,7 @@ class AdapterService:
         return await self._info(entry)
 
     async def unload(self, caller: Tenant, adapter_id: str) -> AdapterInfo:
-        self.tenants.check_manage(caller)
-        entry = self.registry.get(adapter_id, caller)
+        entry = self.registry.managed(adapter_id, caller)
         info = await self._info(entry)
         await self.registry.unload(adapter_id, caller)
         return replace(info, location=Location.UNSPECIFIED, in_flight=0)
@@ -111,10 +102,13 @@ class AdapterService:
         return await self._info(self.registry.get(adapter_id, caller))
 
     async def merge(self, caller: Tenant, adapter_id: str) -> tuple[AdapterInfo, float]:
-        result = await self.registry.merge(adapter_id, manual=True, trigger="manual", caller=caller)
+        with self.registry.management_slot(caller):
+            entry = self.registry.managed(adapter_id, caller)
+            result = await self.registry.merges.merge(entry, manual=True, trigger="manual")
         return await self._info(self.registry.get(adapter_id, caller)), float(result["seconds"])
 
     async def unmerge(self, caller: Tenant, adapter_id: str, automatic: bool = False) -> tuple[AdapterInfo, float]:
-        result = await self.registry.unmerge(adapter_id, manual=True, trigger="manual", automatic=automatic, caller=caller)
+        with self.registry.management_slot(caller):
+            entry = self.registry.managed(adapter_id, caller)
+            result = await self.registry.merges.unmerge(entry, manual=True, trigger="manual", automatic=automatic)
         return await self._info(self.registry.get(adapter_id, caller)), float(result["seconds"])
-

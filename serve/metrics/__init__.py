@@ -35,7 +35,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from serve.metrics_server import MetricsServer
+from mora.vllm_plugin.worker_api import TierReport
+from serve.metrics.server import MetricsServer
 
 __all__ = ["RESERVED_ADAPTER_LABELS", "AdapterLabels", "LabelLimiter", "ServerMetrics"]
 
@@ -135,9 +136,9 @@ class ServerMetrics:
         self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
         self._tier_counts: dict[str, int] = {}
 
-    def record_tiers(self, stats: dict) -> None:
+    def record_tiers(self, stats: TierReport) -> None:
         """The engine's cumulative cache counters (exported as deltas) and its recent load durations."""
-        for name, value in stats.get("counts", {}).items():
+        for name, value in stats.counts.items():
             delta = int(value) - self._tier_counts.get(name, 0)
             self._tier_counts[name] = int(value)
             if delta <= 0:
@@ -146,7 +147,7 @@ class ServerMetrics:
             metric = {"hits": self.cache_hits, "misses": self.cache_misses, "evictions": self.evictions}.get(what)
             if metric is not None:
                 metric.labels(cache).inc(delta)
-        for tier, seconds in stats.get("loads", []):
+        for tier, seconds in stats.loads:
             self.adapter_load.labels(str(tier)).observe(float(seconds))
 
     def labels(self, adapter_id: str | None, tenant: str, owner: str | None = None) -> tuple[str, str]:

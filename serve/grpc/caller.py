@@ -1,6 +1,6 @@
 """The authenticated caller of the gRPC call being handled.
 
-The gRPC edge (`serve.errors.ErrorInterceptor`) authenticates a call from its metadata before its
+The gRPC edge (`serve.grpc.edge.GrpcEdge`) authenticates a call from its metadata before its
 request is parsed and sets `CALLER` around the servicer; servicers read it with `caller()` and
 hand it to the transport-free services. (The HTTP edge keeps it in the request's state.)
 """

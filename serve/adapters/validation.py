@@ -2,16 +2,13 @@
 adapter's files against the base model (by the mora library), in the engine's dtype.
 
 Nothing unvalidated reaches the engine: an adapter is read into memory and checked here first;
-the registry then snapshots exactly those tensors (serve/snapshots.py).
+the registry then snapshots exactly those tensors (serve/adapters/snapshots.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 from pathlib import Path
-from typing import Any
 
 from mora.checkpoint import ReadScope, load_adapter
 from mora.containment import UpdateReport, base_weight_norms, bounded_report
@@ -23,7 +20,7 @@ from serve.engine import Engine
 from serve.errors import InvalidRequest, PathNotAllowed, short
 from serve.metrics import RESERVED_ADAPTER_LABELS
 
-__all__ = ["ADAPTER_ID_MAX", "PATH_MAX_BYTES", "AdapterValidator", "check_adapter_id", "resolve_under_root", "trim_heap"]
+__all__ = ["ADAPTER_ID_MAX", "PATH_MAX_BYTES", "AdapterValidator", "check_adapter_id", "resolve_under_root"]
 
 ADAPTER_ID_MAX = 128  # bytes (UTF-8): ids name snapshot folders, and file names have a byte limit
 PATH_MAX_BYTES = 1024
@@ -116,25 +113,3 @@ class AdapterValidator:
         norms = kind.update_ratios(adapter, bound, self.engine.dtype)
         report = bounded_report(adapter.name, norms, self.base_norms(list(kind.modules(adapter))), self.settings.max_update_ratio)
         return adapter, report
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing).
-
-    Validating an adapter allocates its tensors on whichever pool thread runs it, and glibc
-    keeps each thread's freed arena memory: measured, the server grew by ~1 GB while registering
-    2,000 tiny adapters although it keeps only their metadata.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc

@@ -1,8 +1,8 @@
 """The gRPC servicers: thin translations between API messages and the transport-free services.
 
-The gRPC edge (`serve.errors.ErrorInterceptor`) has authenticated the call before its request
-was parsed; servicers take the caller from it (`serve.caller`). Errors are raised, never
-returned: the interceptor maps them to status codes.
+The gRPC edge (`serve.grpc.edge.GrpcEdge`) has authenticated the call before its request
+was parsed; servicers take the caller from it (`serve.grpc.caller`). Errors are raised, never
+returned: the edge maps them to status codes.
 """
 
 from __future__ import annotations
@@ -11,21 +11,21 @@ from typing import Any
 
 import grpc
 
-from serve.adapter_service import AdapterInfo, AdapterService, LoadRequest, Location
-from serve.caller import caller
-from serve.generation import (
+from serve.grpc.caller import caller
+from serve.grpc.proto import adapters_pb2 as apb
+from serve.grpc.proto import adapters_pb2_grpc, inference_pb2_grpc
+from serve.grpc.proto import inference_pb2 as ipb
+from serve.services.adapters import AdapterInfo, AdapterService, LoadRequest, Location
+from serve.services.generation import GenerationService
+from serve.services.requests import (
     ChatMessage,
     Chunk,
     GenerateCall,
-    GenerationService,
     Sampling,
     TokenLogprob,
     check_sizes,
     collect,
 )
-from serve.proto import adapters_pb2 as apb
-from serve.proto import adapters_pb2_grpc, inference_pb2_grpc
-from serve.proto import inference_pb2 as ipb
 
 __all__ = ["AdaptersServicer", "InferenceServicer", "generate_call"]
 

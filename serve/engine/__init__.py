@@ -1,7 +1,9 @@
-"""The serving engine: vLLM's `AsyncLLM` in this process, with the mora plugin's extensions.
+"""The engine face: vLLM's `AsyncLLM` in this process, with the mora plugin's worker extension.
 
-A thin face over vLLM: start-up, generation, aborts, adapter registration and the worker
-extension's merge/unmerge RPCs. All tensor work happens inside vLLM and `mora/`.
+The one part of `serve/` that imports vLLM (this package). It starts the engine, tokenizes,
+generates (translating vLLM's outputs into `serve.engine.outputs` types and its client errors
+into `InvalidRequest`), registers adapters, and calls the worker extension through the typed
+worker API (`mora.vllm_plugin.worker_api`). All tensor work happens inside vLLM and `mora/`.
 """
 
 from __future__ import annotations
@@ -12,15 +14,28 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from mora.vllm_plugin.worker_api import (
+    EngineStatus,
+    MergeState,
+    PageIn,
+    PageInState,
+    TierReport,
+    WorkerApi,
+    decode_page_ins,
+)
 from serve.config import ServerSettings
+from serve.engine.outputs import Alternative, EngineOutput, SequenceDelta
+from serve.engine.sampling import sampling_params
 from serve.errors import InvalidRequest, Unavailable
+from serve.services.requests import Sampling
 
-__all__ = ["Engine", "EngineError"]
+__all__ = ["AdapterHandle", "Engine", "EngineError"]
 
 log = logging.getLogger(__name__)
 EXTENSION = "mora.vllm_plugin.extension.MoraWorkerExtension"
 DEATH_POLL_S = 0.5  # how often a call waiting on the engine checks that it is still alive
 T = TypeVar("T")
+AdapterHandle = Any  # vLLM's LoRARequest for one registered adapter version (opaque to callers)
 
 
 class EngineError(RuntimeError):
@@ -34,6 +49,22 @@ def _worker_message(e: Exception) -> str:
     if marker in message:
         message = message.split(marker, 1)[1].split("', please check", 1)[0]
     return message
+
+
+def _output(out: Any) -> EngineOutput:
+    """vLLM's `RequestOutput` (a delta) as our types."""
+    sequences = []
+    for c in out.outputs:
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = tuple({i: Alternative(float(lp.logprob), lp.rank, lp.decoded_token) for i, lp in step.items()}
+                             for step in c.logprobs)
+        sequences.append(SequenceDelta(c.index, c.text, tuple(c.token_ids), logprobs, c.finish_reason, c.stop_reason))
+    m = out.metrics
+    wait = None
+    if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
+        wait = max(0.0, m.scheduled_ts - m.queued_ts)
+    return EngineOutput(tuple(sequences), bool(out.finished), wait)
 
 
 class Engine:
@@ -121,6 +152,8 @@ class Engine:
                 task.cancel()
                 raise Unavailable("the engine stopped while the call was in flight")
 
+    # -- text ------------------------------------------------------------------------------
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
@@ -138,74 +171,111 @@ class Engine:
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: Any, lora_request: Any) -> AsyncIterator[Any]:
-        """vLLM's output stream for one request (deltas)."""
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: Sampling,
+                       adapter: AdapterHandle | None) -> AsyncIterator[EngineOutput]:
+        """The engine's output stream for one request (deltas); `sampling` already checked
+        (`serve.services.requests.check_sampling`)."""
+        from vllm.exceptions import VLLMClientError
+
         llm = self._require()
-        async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora_request):
-            yield out
+        params = sampling_params(sampling)
+        try:
+            async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=adapter):
+                yield _output(out)
+        except VLLMClientError as e:  # the engine's own "bad request" errors
+            raise InvalidRequest(str(e)) from None
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None and not self.llm.errored:
             await self.llm.abort(request_id)
 
-    async def add_lora(self, lora_request: Any) -> None:
+    # -- adapters --------------------------------------------------------------------------
+
+    @staticmethod
+    def adapter_handle(name: str, engine_id: int, path: str) -> AdapterHandle:
+        """How the engine names one registered adapter version (its snapshot at `path`)."""
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(name, engine_id, path)
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
         """Register an adapter; the engine validates it again and the error says why not."""
         try:
-            await self._unless_dead(self._require().add_lora(lora_request))
+            await self._unless_dead(self._require().add_lora(adapter))
         except Unavailable:
             raise
         except Exception as e:  # noqa: BLE001 - vLLM wraps worker errors in a bare Exception
             raise EngineError(_worker_message(e)) from None
 
-    async def remove_lora(self, lora_int_id: int) -> None:
+    async def remove_adapter(self, engine_id: int) -> None:
         if self.ready:
-            await self.llm.remove_lora(lora_int_id)
+            await self.llm.remove_lora(engine_id)
 
-    async def rpc(self, method: str, *args: Any) -> dict[str, Any]:
-        """A worker-extension call; the first worker's answer (all ranks do the same)."""
+    # -- the worker API (mora.vllm_plugin.worker_api) --------------------------------------
+
+    async def _call(self, method: Callable[..., T], *args: Any) -> T:
+        """One worker API call on every worker; the first worker's answer (all ranks do the same)."""
         try:
-            results = await self._unless_dead(self._require().collective_rpc(method, args=args))
+            results = await self._unless_dead(self._require().collective_rpc(method.__name__, args=args))
         except Unavailable:
             raise
         except Exception as e:  # noqa: BLE001
             raise EngineError(_worker_message(e)) from None
         return results[0]
 
-    async def prepare_merge(self, lora_int_id: int) -> dict[str, Any]:
-        """Prepare a merge a slice per call between the engine's steps, without swapping it in
-        (`commit_merge` does; `cancel_merge` drops it); `stall_seconds` is the longest one call
-        kept the engine from stepping."""
-        if self.quantization:  # the worker refuses too; saying it here spares the RPC
-            raise EngineError(f"the base model is quantized ({self.quantization}): adapters on it are served unmerged only")
-        status, stall = await self.rpc_until(lambda s: s.get("state") != "preparing",
-                                             "mora_merge", lora_int_id, True, self.settings.merge_memory_bytes, False)
-        return {**status, "stall_seconds": stall}
-
-    async def commit_merge(self, lora_int_id: int) -> dict[str, Any]:
-        return await self.rpc("mora_merge_commit", lora_int_id)
-
-    async def cancel_merge(self, lora_int_id: int) -> dict[str, Any]:
-        return await self.rpc("mora_merge_cancel", lora_int_id)
-
-    async def rpc_until(self, done: Callable[[dict[str, Any]], bool], method: str, *args: Any) -> tuple[dict[str, Any], float]:
-        """Call `rpc(method, *args)` until `done(answer)`, 5 ms apart at first and 50 ms at most
+    async def _call_until(self, done: Callable[[T], bool], method: Callable[..., T], *args: Any) -> tuple[T, float]:
+        """`_call(method, *args)` until `done(answer)`, 5 ms apart at first and 50 ms at most
         (each call runs between two engine steps); the last answer and the longest call."""
         loop = asyncio.get_running_loop()
         longest, delay = 0.0, 0.005
         while True:
             started = loop.time()
-            answer = await self.rpc(method, *args)
+            answer = await self._call(method, *args)
             longest = max(longest, loop.time() - started)
             if done(answer):
                 return answer, longest
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    async def unmerge(self) -> dict[str, Any]:
-        return await self.rpc("mora_unmerge")
+    async def prefetch(self, items: list[PageIn]) -> dict[int, PageInState]:
+        """Where each adapter is; a cold MoRA adapter starts reading off the step loop."""
+        return decode_page_ins(await self._call(WorkerApi.mora_prefetch, items))
 
-    async def status(self) -> dict[str, Any]:
-        return await self.rpc("mora_status")
+    async def read_in(self, item: PageIn) -> PageInState:
+        """Read one adapter into the host cache off the step loop; its settled state."""
+        states, _ = await self._call_until(lambda s: decode_page_ins(s)[item.lora_id].settled, WorkerApi.mora_prefetch,
+                                           [item])
+        return decode_page_ins(states)[item.lora_id]
+
+    async def pin(self, engine_id: int) -> EngineStatus:
+        return EngineStatus.decode(await self._call(WorkerApi.mora_pin, engine_id))
+
+    async def tier_stats(self) -> TierReport:
+        return TierReport.decode(await self._call(WorkerApi.mora_tier_stats))
+
+    async def prepare_merge(self, engine_id: int) -> tuple[EngineStatus, float]:
+        """Prepare a merge a slice per call between the engine's steps, without swapping it in
+        (`commit_merge` does; `cancel_merge` drops it); the status and the longest one call
+        kept the engine from stepping."""
+        status, stall = await self._call_until(lambda s: EngineStatus.decode(s).state is not MergeState.PREPARING,
+                                               WorkerApi.mora_merge, engine_id, True, self.settings.merge_memory_bytes, False)
+        return EngineStatus.decode(status), stall
+
+    async def commit_merge(self, engine_id: int) -> EngineStatus:
+        return EngineStatus.decode(await self._call(WorkerApi.mora_merge_commit, engine_id))
+
+    async def cancel_merge(self, engine_id: int) -> EngineStatus:
+        return EngineStatus.decode(await self._call(WorkerApi.mora_merge_cancel, engine_id))
+
+    async def unmerge(self) -> EngineStatus:
+        return EngineStatus.decode(await self._call(WorkerApi.mora_unmerge))
+
+    async def status(self) -> EngineStatus:
+        return EngineStatus.decode(await self._call(WorkerApi.mora_status))
+
+    # -- lifecycle -------------------------------------------------------------------------
 
     async def check_health(self) -> bool:
         if self.llm is None or self.llm.errored:

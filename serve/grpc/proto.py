@@ -13,9 +13,9 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "protos"
-OUT = Path(__file__).resolve().parent / "_proto"
+OUT = ROOT / "serve" / "_proto"
 PROTOS = ("mora/v1/inference.proto", "mora/v1/adapters.proto")
 MODULES = ("inference_pb2", "inference_pb2_grpc", "adapters_pb2", "adapters_pb2_grpc")
 

@@ -1,0 +1,37 @@
+"""Our `Sampling` (already checked) as vLLM's `SamplingParams`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.errors import InvalidRequest
+from serve.services.requests import Sampling
+
+__all__ = ["sampling_params"]
+
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def sampling_params(sp: Sampling) -> Any:
+    """vLLM `SamplingParams` for `sp` (checked and resolved by `check_sampling`); what vLLM
+    still refuses is INVALID_ARGUMENT with its message."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind
+
+    # logprobs=0 at least: the sampled token's log-probability, from which the server tells when a
+    # request's logits became non-finite (and stops it alone; see docs/security.md).
+    kw: dict[str, Any] = {"output_kind": RequestOutputKind.DELTA, "logprobs": 0 if sp.logprobs is None else sp.logprobs,
+                          "max_tokens": sp.max_tokens, "ignore_eos": sp.ignore_eos, "n": sp.n,
+                          "skip_special_tokens": sp.skip_special_tokens}
+    kw.update({name: getattr(sp, name) for name in _OPTIONAL if getattr(sp, name) is not None})
+    if sp.stop:
+        kw["stop"] = list(sp.stop)
+    if sp.stop_token_ids:
+        kw["stop_token_ids"] = list(sp.stop_token_ids)
+    if sp.min_tokens:
+        kw["min_tokens"] = sp.min_tokens
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError, OverflowError, VLLMClientError) as e:
+        raise InvalidRequest(f"invalid sampling parameters: {e}") from None
