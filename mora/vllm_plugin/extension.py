@@ -41,7 +41,7 @@ class MoraWorkerExtension:
 
     def mora_prefetch(self, items: list[PageIn]) -> dict[int, PageInState]:
         """Where each adapter is; a cold MoRA adapter starts reading off the step loop."""
-        return self._mora_worker_manager().mora_prefetch(list(items))
+        return self._mora_worker_manager().mora_prefetch([PageIn.decode(i) for i in items])
 
     def mora_pin(self, lora_int_id: int) -> EngineStatus:
         """Keep an adapter in the host cache for good (preloaded or hot adapters)."""

@@ -65,7 +65,7 @@ class Residence(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class PageIn:
+class PageIn(_Mapping):
     """An adapter to read into the host cache off the step loop."""
 
     lora_id: int
@@ -136,7 +136,8 @@ class TierReport(_Mapping):
 
 class WorkerApi(Protocol):
     """What the worker extension answers (names carry the `mora_` prefix vLLM requires of
-    extension methods)."""
+    extension methods). Dataclass arguments and answers cross vLLM's process boundary as plain
+    data: each side decodes what it receives (`decode`)."""
 
     def mora_prefetch(self, items: list[PageIn]) -> dict[int, PageInState]:
         """Where each adapter is; a cold MoRA adapter starts loading off the step loop."""
