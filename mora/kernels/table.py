@@ -20,7 +20,7 @@ import torch
 
 from mora.spec import MoraSpec, MoraType, mora_size
 
-__all__ = ["BatchMeta", "ShardLayout", "SlotTable", "TableSignature", "prepare_batch"]
+__all__ = ["BatchMeta", "ShardLayout", "SlotTable", "TableSignature", "prepare_batch", "slot_bytes"]
 
 EMPTY = 0  # type code of an empty slot
 
@@ -240,6 +240,32 @@ class BatchMeta:
     @property
     def num_tokens(self) -> int:
         return int(self.slot.shape[0])
+
+
+def slot_bytes(shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype, device: str | torch.device) -> int:
+    """Memory one adapter slot takes on `device` across a model's adapted modules (`shapes`:
+    `{module: (out_features, in_features)}`, vLLM's LoRA-wrapped linears): vLLM's stacked LoRA
+    buffers for rank `max_rank` (`lora_A [r, in]`, `lora_B [out, r]`) plus one row of the MoRA
+    slot table (`M [n_max, n_max]`, rows padded to 64-byte lines on the CPU, as `SlotTable`).
+
+    Semantics::
+
+        size = torch.tensor([], dtype=dtype).element_size()
+        total = 0
+        for out_f, in_f in shapes.values():
+            n = mora_size(in_f, out_f, max_rank, MoraType.SHARING)
+            row = ceil(n / 16) * 16 if device is the CPU else n
+            total += (max_rank * (in_f + out_f) + n * row) * size + 8   # + the slot's type and size
+        return total
+    """
+    size = torch.tensor([], dtype=dtype).element_size()
+    cpu = torch.device(device).type == "cpu"
+    total = 0
+    for out_f, in_f in shapes.values():
+        n = mora_size(in_f, out_f, max_rank, MoraType.SHARING)
+        row = -(-n // 16) * 16 if cpu else n
+        total += (max_rank * (in_f + out_f) + n * row) * size + 8
+    return total
 
 
 def _read_segments(num: torch.Tensor, seg_start: torch.Tensor, seg_slot: torch.Tensor) -> list[tuple[int, int, int]]:
