@@ -1,0 +1,132 @@
+// The kernel of one ISA path. Each isa_*.cpp includes it inside its namespace and target pragma,
+// after defining one panel of 16 float32 lanes, `Vec` (a zmm, two ymm, or 16 floats), with
+// `Mask`, `kBlockRows`, `panels_for`, its loads, stores and FMAs, and `kDotBf16`.
+//
+// Mt is read in place, 16-column panels of consecutive addresses, never packed; the handful of V
+// rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
+// order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
+
+// Declared for every path, defined (dot_bf16.h) and used only where kDotBf16.
+template <int RB>
+void dot_rows(const Problem<bf16>& p, int64_t row0, float* pack, const bf16* next);
+
+// Adds a product row's panel (v: kPanel floats, already rounded to T) to y: its lanes [0, lanes)
+// are chunk columns q0.. of row r's chunk, which land on y's columns (c * n + q - out_start)
+// of every period inside [0, width).
+template <typename T>
+void rope_add(const Rope<T>& rope, int64_t r, int64_t q0, int lanes, const float* v) {
+  T* yr = rope.y + rope.tokens[r / rope.chunks] * rope.ldy;
+  const int64_t d = (rope.k_lo + r % rope.chunks) * rope.n + q0 - rope.out_start;  // lane 0's column in period 0
+  const int64_t a = d + kPanel - 1;  // the first period that reaches column 0: floor((d + 15) / period) before it
+  const int64_t before = a >= 0 ? a / rope.period : -((-a + rope.period - 1) / rope.period);
+  for (int64_t j = d - before * rope.period; j < rope.width; j += rope.period) {
+    const int lo = j < 0 ? static_cast<int>(-j) : 0;
+    const int hi = rope.width - j < lanes ? static_cast<int>(rope.width - j) : lanes;
+    if (lo < hi) add_lanes<T>(yr, j, lo, hi, v);
+  }
+}
+
+// A block's accumulators times alpha, stored: into out, or (rope_apply) rounded to T into a
+// tile and added into every column of y they land on. Only the last panel of a TAIL block has
+// fewer than kPanel columns (`lanes`) inside [0, n).
+template <int RB, int NP, bool TAIL, typename T>
+void finish(const Problem<T>& p, Vec (&acc)[RB][NP], int lanes, int64_t row0, int64_t p0) {
+  const Vec alpha = bcast(p.alpha);
+  for (int j = 0; j < NP; ++j) {
+    const bool part = TAIL && j == NP - 1;
+    for (int i = 0; i < RB; ++i) {
+      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
+      if (p.rope.y) {
+        alignas(64) float tile[kPanel];
+        to_floats(tile, round_to<T>(v));
+        rope_add(p.rope, row0 + i, (p0 + j) * kPanel, part ? lanes : kPanel, tile);
+      } else {
+        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
+        part ? store<T>(mask_of(lanes), dst, v) : store<T>(dst, v);
+      }
+    }
+  }
+}
+
+// Where the block after this one starts streaming into L2: kAhead panels on (at least one
+// block), this M's, then past its last panel the next unit's M (null: none to prefetch).
+template <int NP, typename T>
+void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)[NP]) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int j = 0; j < NP; ++j) {
+    const int64_t q = p0 + j + NP * ((kAhead + NP - 1) / NP);
+    ahead[j] = q < panels ? p.Mt + q * kPanel : next && q - panels < panels ? next + (q - panels) * kPanel : nullptr;
+  }
+}
+
+// RB rows (packed k-major at Vp) x NP panels from panel p0: every accumulator a register.
+template <int RB, int NP, bool TAIL, typename T>
+void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
+  Vec acc[RB][NP];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+  const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
+  const Mask tail = mask_of(lanes);
+  const T* ahead[NP];
+  lookahead<NP>(p, p0, next, ahead);
+  const T* base = p.Mt + p0 * kPanel;
+  for (int64_t k = 0; k < p.n; ++k) {
+    Vec b[NP];
+    const T* row = base + k * p.ldm;
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+      __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0
+      if (ahead[j]) __builtin_prefetch(ahead[j] + k * p.ldm, 0, 2);         // prefetcht1
+      b[j] = TAIL && j == NP - 1 ? load<T>(tail, row + j * kPanel) : load<T>(row + j * kPanel);  // never past n
+    }
+    const float* a = Vp + k * RB;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const Vec ai = bcast(a[i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
+    }
+  }
+  finish<RB, NP, TAIL>(p, acc, lanes, row0, p0);
+}
+
+// Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
+// the first reads the panels from memory, the others from L1.
+template <int RB, int NP, bool TAIL, typename T>
+void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, const T* next) {
+  constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
+  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * p.n, row0 + s * SUB, q, next);
+  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * p.n, row0 + (parts - 1) * SUB, q, next);
+}
+
+// Rows [row0, row0 + RB) of one group: packed (as float32, k-major, each block's rows apart),
+// then every column panel.
+template <int RB, typename T>
+void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
+  if constexpr (kDotBf16 && std::is_same_v<T, bf16>) {
+    dot_rows<RB>(p, row0, pack, next);
+  } else {
+    constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
+    constexpr int NP = panels_for<SUB>();
+    for (int i = 0; i < RB; ++i) {
+      const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
+      float* dst = pack + s * SUB * p.n + (i - s * SUB);
+      if (p.rope.y) {
+        rope_row(p.rope, row0 + i, dst, in);
+      } else {
+        const T* src = p.V + (row0 + i) * p.ldv;
+        for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
+      }
+    }
+    const int64_t full = p.n / kPanel;
+    int64_t q = 0;
+    for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, pack, row0, q, next);
+    for (; q < full; ++q) sweep<RB, 1, false>(p, pack, row0, q, next);
+    if (p.n % kPanel) sweep<RB, 1, true>(p, pack, row0, full, next);
+  }
+}
+
+template <typename T>
+constexpr RowsFn<T> kRows[kMaxRows + 1] = {
+    nullptr,      rows<1, T>,  rows<2, T>,  rows<3, T>,  rows<4, T>,  rows<5, T>,  rows<6, T>,  rows<7, T>, rows<8, T>,
+    rows<9, T>,   rows<10, T>, rows<11, T>, rows<12, T>, rows<13, T>, rows<14, T>, rows<15, T>, rows<16, T>};
