@@ -16,14 +16,12 @@ ahead of time with `python -m mora.kernels.native` (the CPU image and `make inst
 One library runs on every x86-64 CPU: it holds the kernel once per ISA path, each compiled for
 its instruction set alone, and picks the path at run time from the CPU (`native_isa`):
 
-* `avx512_bf16` - AVX-512F/BW/VL, and bfloat16 products by the AVX512_BF16 dot products;
-* `avx512` - AVX-512F/BW/VL (bfloat16 widened to float32 lanes);
+* `avx512` - AVX-512F/BW/VL;
 * `avx2` - AVX2 and FMA;
-* `portable` - plain C++, one `std::fma` per term.
+* `portable` - plain C++, one `std::fma` per term (for CPUs without AVX2; slow).
 
 Each output is the same sum in the same order with one rounding per term on every path, so
-float32 results are bit-identical across paths, and bfloat16 ones too except that the
-`avx512_bf16` dot products flush subnormal operands, products and partial sums to zero.
+results (float32, and bfloat16 widened to float32 lanes) are bit-identical across paths.
 
 `MORA_CPU_KERNEL` (read when first needed) chooses:
 
@@ -32,9 +30,9 @@ float32 results are bit-identical across paths, and bfloat16 ones too except tha
 * `native` - native or an error (`NativeKernelError`) naming what is missing;
 * `blas` - torch's BLAS (`bmm`/`mm`), never native.
 
-`MORA_CPU_ISA` (read with it) forces a path: `auto` (default: the best the CPU has),
-`avx512_bf16`, `avx512`, `avx2` or `portable`; a path the CPU cannot run is an error
-(`NativeKernelError`) naming the features it lacks.
+`MORA_CPU_ISA` (read with it) forces a path: `auto` (default: the best the CPU has), `avx512`,
+`avx2` or `portable`; a path the CPU cannot run is an error (`NativeKernelError`) naming the
+features it lacks.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ ENV_KERNEL = "MORA_CPU_KERNEL"
 ENV_ISA = "MORA_CPU_ISA"
 ENV_DIR = "MORA_NATIVE_DIR"
 MODES = ("auto", "native", "blas")
-ISAS = ("avx512_bf16", "avx512", "avx2", "portable")  # best first
+ISAS = ("avx512", "avx2", "portable")  # best first
 SOURCE_DIR = Path(__file__).parent
 # No -m flags: each isa_*.cpp selects its instruction set with a target pragma, all else is
 # baseline x86-64. No FMA contraction: a path must not fuse a multiply and an add that another
@@ -183,7 +181,7 @@ def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: 
 
     Rows outside every group and columns past `n` of `out` are not written. Each output is a
     sum over `k` in order with one FMA per term from +0, whatever the other rows of the batch
-    are and on every ISA path (`avx512_bf16`: bfloat16 subnormals flushed to zero).
+    are, on every ISA path alike.
     """
     _require()
     torch.ops.mora_native.grouped_mm(V, offsets, slots, Mt, n, alpha, out)

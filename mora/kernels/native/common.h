@@ -104,8 +104,5 @@ namespace isa_avx512 {
 const RowsFn<float>* rows_float();
 const RowsFn<bf16>* rows_bf16();
 }  // namespace isa_avx512
-namespace isa_avx512_bf16 {  // float32 runs isa_avx512's kernels
-const RowsFn<bf16>* rows_bf16();
-}  // namespace isa_avx512_bf16
 
 }  // namespace mora_native

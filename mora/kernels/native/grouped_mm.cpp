@@ -14,17 +14,17 @@
 // float32 and bfloat16 (bf16 operands are widened to float32, products and sums are float32 and
 // rounded to bf16 where torch's own ops would round them).
 //
-// One library for every x86-64 CPU: the kernel (kernel.h) is compiled once per ISA path, each in
-// its own namespace under a target pragma (no -m flags: everything else is baseline x86-64),
-// and the path is chosen at run time from the CPU (set_isa; the best it has by default):
-//   avx512_bf16 - avx512, with bf16 products by vdpbf16ps (dot_bf16.h);
-//   avx512      - AVX-512F/BW/VL, a panel per zmm (isa_avx512.h);
-//   avx2        - AVX2 + FMA, a panel per two ymm, blocks of up to 6 rows (isa_avx2.h);
-//   portable    - plain C++ with std::fma (isa_portable.h).
-// Every path sums the same terms in the same order with one rounding each (the build disables
-// FMA contraction, -ffp-contract=off, so no path fuses what another does not): float32 results
-// and widened bf16 ones are identical on all of them; avx512_bf16 differs only where a
-// subnormal occurs (flushed).
+// One library for every x86-64 CPU: the kernel (kernel.h) is compiled once per ISA path, each
+// file under its own target pragma (no -m flags: all else is baseline x86-64), and the path is
+// chosen at run time from the CPU (set_isa; by default the best it has):
+//   avx512   - AVX-512F/BW/VL, a panel per zmm register (isa_avx512.cpp);
+//   avx2     - AVX2 + FMA, a panel per two ymm, blocks of up to 6 rows (isa_avx2.cpp);
+//   portable - plain C++ with std::fma (isa_portable.cpp).
+// Every path sums the same terms in the same order with one rounding each (FMA contraction is
+// off, -ffp-contract=off, so no path fuses what another rounds twice): results are bit-identical
+// across paths. No bf16 dot products (vdpbf16ps): they would give the same bits (each is two
+// FMAs in order, subnormals aside), but on the Xeons at hand one issues every 2 cycles against
+// two FMAs per cycle, so a bf16 product ran at half the widened path's speed (docs/benchmarks.md).
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -84,10 +84,8 @@ const std::vector<Path>& paths() {
     __builtin_cpu_init();
     const std::pair<const char*, bool> avx2{"AVX2", __builtin_cpu_supports("avx2")},
         fma{"FMA", __builtin_cpu_supports("fma")}, f{"AVX512F", __builtin_cpu_supports("avx512f")},
-        bw{"AVX512BW", __builtin_cpu_supports("avx512bw")}, vl{"AVX512VL", __builtin_cpu_supports("avx512vl")},
-        bf16{"AVX512_BF16", __builtin_cpu_supports("avx512bf16")};
+        bw{"AVX512BW", __builtin_cpu_supports("avx512bw")}, vl{"AVX512VL", __builtin_cpu_supports("avx512vl")};
     return std::vector<Path>{
-        {"avx512_bf16", isa_avx512::rows_float, isa_avx512_bf16::rows_bf16, {avx2, fma, f, bw, vl, bf16}},
         {"avx512", isa_avx512::rows_float, isa_avx512::rows_bf16, {avx2, fma, f, bw, vl}},
         {"avx2", isa_avx2::rows_float, isa_avx2::rows_bf16, {avx2, fma}},
         {"portable", isa_portable::rows_float, isa_portable::rows_bf16, {}}};
@@ -102,7 +100,7 @@ bool runs(const Path& path) {
 const Path& path_named(const std::string& name) {
   for (const Path& path : paths())
     if (name == path.name || (name == "auto" && runs(path))) return path;
-  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512_bf16, avx512, avx2 or portable");
+  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512, avx2 or portable");
 }
 
 std::atomic<const Path*> active{&path_named("auto")};

@@ -8,7 +8,6 @@
 #pragma GCC target("avx2,fma")
 namespace mora_native::isa_avx2 {
 
-constexpr bool kDotBf16 = false;
 struct Vec {
   __m256 lo, hi;  // columns 0-7 and 8-15
 };

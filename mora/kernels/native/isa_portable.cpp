@@ -8,7 +8,6 @@
 
 namespace mora_native::isa_portable {
 
-constexpr bool kDotBf16 = false;
 struct Vec {
   float v[16];
 };

@@ -1,14 +1,10 @@
 // The kernel of one ISA path. Each isa_*.cpp includes it inside its namespace and target pragma,
 // after defining one panel of 16 float32 lanes, `Vec` (a zmm, two ymm, or 16 floats), with
-// `Mask`, `kBlockRows`, `panels_for`, its loads, stores and FMAs, and `kDotBf16`.
+// `Mask`, `kBlockRows`, `panels_for`, its loads, stores and FMAs.
 //
 // Mt is read in place, 16-column panels of consecutive addresses, never packed; the handful of V
 // rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
 // order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
-
-// Declared for every path, defined (dot_bf16.h) and used only where kDotBf16.
-template <int RB>
-void dot_rows(const Problem<bf16>& p, int64_t row0, float* pack, const bf16* next);
 
 // Adds a product row's panel (v: kPanel floats, already rounded to T) to y: its lanes [0, lanes)
 // are chunk columns q0.. of row r's chunk, which land on y's columns (c * n + q - out_start)
@@ -103,27 +99,23 @@ void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, cons
 // then every column panel.
 template <int RB, typename T>
 void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
-  if constexpr (kDotBf16 && std::is_same_v<T, bf16>) {
-    dot_rows<RB>(p, row0, pack, next);
-  } else {
-    constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
-    constexpr int NP = panels_for<SUB>();
-    for (int i = 0; i < RB; ++i) {
-      const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
-      float* dst = pack + s * SUB * p.n + (i - s * SUB);
-      if (p.rope.y) {
-        rope_row(p.rope, row0 + i, dst, in);
-      } else {
-        const T* src = p.V + (row0 + i) * p.ldv;
-        for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
-      }
+  constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
+  constexpr int NP = panels_for<SUB>();
+  for (int i = 0; i < RB; ++i) {
+    const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
+    float* dst = pack + s * SUB * p.n + (i - s * SUB);
+    if (p.rope.y) {
+      rope_row(p.rope, row0 + i, dst, in);
+    } else {
+      const T* src = p.V + (row0 + i) * p.ldv;
+      for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
     }
-    const int64_t full = p.n / kPanel;
-    int64_t q = 0;
-    for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, pack, row0, q, next);
-    for (; q < full; ++q) sweep<RB, 1, false>(p, pack, row0, q, next);
-    if (p.n % kPanel) sweep<RB, 1, true>(p, pack, row0, full, next);
   }
+  const int64_t full = p.n / kPanel;
+  int64_t q = 0;
+  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, pack, row0, q, next);
+  for (; q < full; ++q) sweep<RB, 1, false>(p, pack, row0, q, next);
+  if (p.n % kPanel) sweep<RB, 1, true>(p, pack, row0, full, next);
 }
 
 template <typename T>
