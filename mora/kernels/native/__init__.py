@@ -144,7 +144,7 @@ def _status(mode: str, isa: str) -> tuple[bool, str]:
         try:
             path = build()
         except Exception as exc:  # noqa: BLE001 (a compiler's failure has no one type; reported below)
-            reason = f"building {SOURCE_DIR.name}/*.cpp failed: {type(exc).__name__}: {str(exc).strip()[-400:]}"
+            reason = f"building the native kernel failed: {type(exc).__name__}: {str(exc).strip()[-400:]}"
         else:
             missing = _missing(isa)
             if missing:
