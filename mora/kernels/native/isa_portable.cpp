@@ -13,9 +13,10 @@ struct Vec {
 };
 using Mask = int;  // the panel's columns inside [0, n): the first `lanes`
 
+template <typename T>
 constexpr int kBlockRows = 4;  // few distinct blocks to compile: speed is not what this path is for
 
-template <int RB>
+template <int RB, typename T>
 constexpr int panels_for() {
   return 1;
 }

@@ -1,6 +1,6 @@
 // The kernel of one ISA path. Each isa_*.cpp includes it inside its namespace and target pragma,
 // after defining one panel of 16 float32 lanes, `Vec` (a zmm, two ymm, or 16 floats), with
-// `Mask`, `kBlockRows`, `panels_for`, its loads, stores and FMAs.
+// `Mask`, the blocking (`kBlockRows`, `panels_for`), its loads, stores and FMAs.
 //
 // Mt is read in place, 16-column panels of consecutive addresses, never packed; the handful of V
 // rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
@@ -90,7 +90,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
 // the first reads the panels from memory, the others from L1.
 template <int RB, int NP, bool TAIL, typename T>
 void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, const T* next) {
-  constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
   for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * p.n, row0 + s * SUB, q, next);
   block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * p.n, row0 + (parts - 1) * SUB, q, next);
 }
@@ -99,8 +99,8 @@ void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, cons
 // then every column panel.
 template <int RB, typename T>
 void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
-  constexpr int parts = (RB + kBlockRows - 1) / kBlockRows, SUB = (RB + parts - 1) / parts;
-  constexpr int NP = panels_for<SUB>();
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
+  constexpr int NP = panels_for<SUB, T>();
   for (int i = 0; i < RB; ++i) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
     float* dst = pack + s * SUB * p.n + (i - s * SUB);
