@@ -482,16 +482,19 @@ def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dty
         assert (diff <= outs["blas"].float().abs() * 2**-7 + 1e-6).all(), diff.max()
 
 
+@pytest.mark.parametrize("dot_products", [True, False])
 @pytest.mark.parametrize(("dtype", "tokens", "native_path"), [
     (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])
-def test_bfloat16_prefill_keeps_blas(isa, dtype, tokens, native_path):
-    """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM, which uses the
-    CPU's bf16 dot products; float32 and decode-sized bfloat16 take the native kernel."""
-    from mora.kernels import mora_apply, prepare_batch
+def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, tokens, native_path):
+    """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM where it runs on
+    the CPU's bf16 dot products; float32, decode-sized bfloat16, and any bfloat16 where torch's
+    bf16 GEMM has no dot products to run on (AVX2 CPUs: a generic loop) take the native kernel."""
+    from mora.kernels import mora_apply, prepare_batch, torch_native
     from mora.kernels.torch_native import BF16_MAX_ROWS
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
 
+    monkeypatch.setattr(torch_native, "bf16_gemm_has_dot_products", lambda: dot_products)
     table = SlotTable(ShardLayout(40, 72), 2, n_max=16, dtype=dtype)
     table.set_slot(0, torch.randn(12, 12).to(dtype), MoraSpec(40, 72, 12, MoraType.ROPE))
     assert (tokens * 4 <= BF16_MAX_ROWS) == (tokens == 4)  # 4 chunks per token
@@ -500,4 +503,19 @@ def test_bfloat16_prefill_keeps_blas(isa, dtype, tokens, native_path):
     x, y = torch.randn(tokens, 40).to(dtype), torch.zeros(tokens, 72, dtype=dtype)
     mora_apply(y, x, table, meta, backend="torch")
     (program,) = plan_module([table], meta, tokens).programs.values()
-    assert (program.gather is None) == native_path
+    assert (program.gather is None) == (native_path or not dot_products)
+
+
+@needs_x86
+def test_bf16_gemm_dot_products_follow_the_cpu(fresh_status):
+    """oneDNN's bf16 GEMM has dot products where the CPU has AMX or AVX512_BF16 (and oneDNN
+    supports bf16 at all)."""
+    from mora.kernels import torch_native
+
+    native_status()
+    ops = torch.ops.mora_native
+    want = torch.ops.mkldnn._is_mkldnn_bf16_supported() and (ops.cpu_has("AMX_BF16") or ops.cpu_has("AVX512_BF16"))
+    assert torch_native.bf16_gemm_has_dot_products() == want
+    assert (ops.cpu_has("AVX2") and ops.cpu_has("FMA")) == (not ops.isa_missing("avx2"))
+    with pytest.raises(RuntimeError, match="unknown CPU feature 'SSE9'"):
+        ops.cpu_has("SSE9")

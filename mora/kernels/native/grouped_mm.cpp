@@ -70,55 +70,65 @@ void rope_row(const Rope<bf16>& rope, int64_t r, float* v, int64_t stride) { rot
 
 namespace {
 
+// The CPU features the paths need, and (cpu_has) those torch's bf16 GEMM runs on. Whether this
+// CPU has them: __builtin_cpu_supports also checks that the OS saves the registers (XCR0).
+const std::vector<std::pair<std::string, bool>>& features() {
+  static const std::vector<std::pair<std::string, bool>> all = [] {
+    __builtin_cpu_init();
+    return std::vector<std::pair<std::string, bool>>{
+        {"AVX2", __builtin_cpu_supports("avx2")},         {"FMA", __builtin_cpu_supports("fma")},
+        {"AVX512F", __builtin_cpu_supports("avx512f")},   {"AVX512BW", __builtin_cpu_supports("avx512bw")},
+        {"AVX512VL", __builtin_cpu_supports("avx512vl")}, {"AVX512_BF16", __builtin_cpu_supports("avx512bf16")},
+        {"AMX_BF16", __builtin_cpu_supports("amx-bf16")}};
+  }();
+  return all;
+}
+
+bool cpu_has(const std::string& feature) {
+  for (const auto& [name, has] : features())
+    if (name == feature) return has;
+  TORCH_CHECK(false, "unknown CPU feature '", feature, "'");
+}
+
 // An ISA path: its kernels, and the CPU features it needs.
 struct Path {
   const char* name;
   const RowsFn<float>* (*rows_float)();
   const RowsFn<bf16>* (*rows_bf16)();
-  std::vector<std::pair<const char*, bool>> needs;  // (feature, whether this CPU has it)
+  std::vector<const char*> needs;
 };
 
-// Best first. __builtin_cpu_supports also checks that the OS saves the registers (XCR0).
-const std::vector<Path>& paths() {
-  static const std::vector<Path> all = [] {
-    __builtin_cpu_init();
-    const std::pair<const char*, bool> avx2{"AVX2", __builtin_cpu_supports("avx2")},
-        fma{"FMA", __builtin_cpu_supports("fma")}, f{"AVX512F", __builtin_cpu_supports("avx512f")},
-        bw{"AVX512BW", __builtin_cpu_supports("avx512bw")}, vl{"AVX512VL", __builtin_cpu_supports("avx512vl")};
-    return std::vector<Path>{
-        {"avx512", isa_avx512::rows_float, isa_avx512::rows_bf16, {avx2, fma, f, bw, vl}},
-        {"avx2", isa_avx2::rows_float, isa_avx2::rows_bf16, {avx2, fma}},
-        {"portable", isa_portable::rows_float, isa_portable::rows_bf16, {}}};
-  }();
-  return all;
-}
-
-bool runs(const Path& path) {
-  return std::all_of(path.needs.begin(), path.needs.end(), [](const auto& need) { return need.second; });
-}
-
-const Path& path_named(const std::string& name) {
-  for (const Path& path : paths())
-    if (name == path.name || (name == "auto" && runs(path))) return path;
-  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512, avx2 or portable");
-}
-
-std::atomic<const Path*> active{&path_named("auto")};
+// Best first.
+const std::vector<Path> kPaths = {
+    {"avx512", isa_avx512::rows_float, isa_avx512::rows_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"}},
+    {"avx2", isa_avx2::rows_float, isa_avx2::rows_bf16, {"AVX2", "FMA"}},
+    {"portable", isa_portable::rows_float, isa_portable::rows_bf16, {}}};
 
 // The features path `name` needs that this CPU lacks, space-separated ("" where it runs).
-std::string isa_missing(const std::string& name) {
+std::string missing_for(const Path& path) {
   std::string missing;
-  for (const auto& [feature, has] : path_named(name).needs)
-    if (!has) missing += (missing.empty() ? "" : " ") + std::string(feature);
+  for (const char* feature : path.needs)
+    if (!cpu_has(feature)) missing += (missing.empty() ? "" : " ") + std::string(feature);
   return missing;
 }
 
+const Path& path_named(const std::string& name) {
+  for (const Path& path : kPaths)
+    if (name == path.name || (name == "auto" && missing_for(path).empty())) return path;
+  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512, avx2 or portable");
+}
+
+std::string isa_missing(const std::string& name) { return missing_for(path_named(name)); }
+
+std::atomic<const Path*> active{&path_named("auto")};
+
 // Runs every later call on path `name` (auto: the best this CPU runs); the path's name.
 std::string set_isa(const std::string& name) {
-  const std::string missing = isa_missing(name);
+  const Path& path = path_named(name);
+  const std::string missing = missing_for(path);
   TORCH_CHECK(missing.empty(), "ISA path ", name, " needs ", missing);
-  active = &path_named(name);
-  return active.load()->name;
+  active = &path;
+  return path.name;
 }
 
 // Where torch's bf16 lives as bits.
@@ -258,6 +268,7 @@ void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor&
 using namespace mora_native;  // the registrations below name the ops
 
 TORCH_LIBRARY(mora_native, lib) {
+  lib.def("cpu_has(str feature) -> bool", &cpu_has);
   lib.def("isa_missing(str isa) -> str", &isa_missing);
   lib.def("set_isa(str isa) -> str", &set_isa);
   lib.def("grouped_mm(Tensor V, Tensor offsets, Tensor slots, Tensor Mt, int n, float alpha, Tensor(a!) out) -> ()");
