@@ -6,19 +6,53 @@
 // rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
 // order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
 
-// Adds a product row's panel (v: kPanel floats, already rounded to T) to y: its lanes [0, lanes)
-// are chunk columns q0.. of row r's chunk, which land on y's columns (c * n + q - out_start)
-// of every period inside [0, width).
+// Where a product row goes in y (rope_apply): its token's row of y, and for the panel at hand
+// the column of its lane 0 in the first period that reaches column 0 (and every period after).
 template <typename T>
-void rope_add(const Rope<T>& rope, int64_t r, int64_t q0, int lanes, const float* v) {
-  T* yr = rope.y + rope.tokens[r / rope.chunks] * rope.ldy;
+struct Target {
+  T* y;
+  int64_t j;
+};
+
+// Row r's chunk columns q0.. land on y's columns c * n + q - out_start of every period.
+template <typename T>
+Target<T> target(const Rope<T>& rope, int64_t r, int64_t q0) {
   const int64_t d = (rope.k_lo + r % rope.chunks) * rope.n + q0 - rope.out_start;  // lane 0's column in period 0
-  const int64_t a = d + kPanel - 1;  // the first period that reaches column 0: floor((d + 15) / period) before it
+  const int64_t a = d + kPanel - 1;  // floor((d + 15) / period) periods before the first reaching column 0
   const int64_t before = a >= 0 ? a / rope.period : -((-a + rope.period - 1) / rope.period);
-  for (int64_t j = d - before * rope.period; j < rope.width; j += rope.period) {
+  return {rope.y + rope.tokens[r / rope.chunks] * rope.ldy, d - before * rope.period};
+}
+
+// The target `panels` panels on (no division: these run per panel and row).
+template <typename T>
+Target<T> shifted(const Rope<T>& rope, Target<T> t, int64_t panels) {
+  t.j += panels * kPanel;
+  while (t.j - rope.period + kPanel - 1 >= 0) t.j -= rope.period;
+  return t;
+}
+
+// at(y, j, lo, hi) for every period: lanes [lo, hi) of the panel go to columns j + lo.. of y.
+template <typename T, typename At>
+void each_period(const Rope<T>& rope, Target<T> t, int lanes, At at) {
+  for (int64_t j = t.j; j < rope.width; j += rope.period) {
     const int lo = j < 0 ? static_cast<int>(-j) : 0;
     const int hi = rope.width - j < lanes ? static_cast<int>(rope.width - j) : lanes;
-    if (lo < hi) add_lanes<T>(yr, j, lo, hi, v);
+    if (lo < hi) at(t.y, j, lo, hi);
+  }
+}
+
+// The block's rows' targets at its first panel, and their y lines requested for writing while
+// it multiplies: y is read and written once over a call, in lines scattered over chunks and
+// periods that no hardware prefetcher follows.
+template <int RB, int NP, typename T>
+void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
+  for (int i = 0; i < RB; ++i) {
+    tgt[i] = target(p.rope, row0 + i, p0 * kPanel);
+    for (int j = 0; j < NP; ++j)
+      each_period(p.rope, shifted(p.rope, tgt[i], j), j == NP - 1 ? lanes : kPanel, [](T* y, int64_t c, int lo, int hi) {
+        __builtin_prefetch(y + c + lo, 1, 3);
+        __builtin_prefetch(y + c + hi - 1, 1, 3);
+      });
   }
 }
 
@@ -26,7 +60,7 @@ void rope_add(const Rope<T>& rope, int64_t r, int64_t q0, int lanes, const float
 // tile and added into every column of y they land on. Only the last panel of a TAIL block has
 // fewer than kPanel columns (`lanes`) inside [0, n).
 template <int RB, int NP, bool TAIL, typename T>
-void finish(const Problem<T>& p, Vec (&acc)[RB][NP], int lanes, int64_t row0, int64_t p0) {
+void finish(const Problem<T>& p, Vec (&acc)[RB][NP], int lanes, int64_t row0, int64_t p0, const Target<T> (&tgt)[RB]) {
   const Vec alpha = bcast(p.alpha);
   for (int j = 0; j < NP; ++j) {
     const bool part = TAIL && j == NP - 1;
@@ -35,7 +69,8 @@ void finish(const Problem<T>& p, Vec (&acc)[RB][NP], int lanes, int64_t row0, in
       if (p.rope.y) {
         alignas(64) float tile[kPanel];
         to_floats(tile, round_to<T>(v));
-        rope_add(p.rope, row0 + i, (p0 + j) * kPanel, part ? lanes : kPanel, tile);
+        each_period(p.rope, shifted(p.rope, tgt[i], j), part ? lanes : kPanel,
+                    [&](T* y, int64_t c, int lo, int hi) { add_lanes<T>(y, c, lo, hi, tile); });
       } else {
         T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
         part ? store<T>(mask_of(lanes), dst, v) : store<T>(dst, v);
@@ -65,6 +100,8 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
   const Mask tail = mask_of(lanes);
   const T* ahead[NP];
   lookahead<NP>(p, p0, next, ahead);
+  Target<T> tgt[RB];
+  if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
   const T* base = p.Mt + p0 * kPanel;
   for (int64_t k = 0; k < p.n; ++k) {
     Vec b[NP];
@@ -83,7 +120,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
       for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
     }
   }
-  finish<RB, NP, TAIL>(p, acc, lanes, row0, p0);
+  finish<RB, NP, TAIL>(p, acc, lanes, row0, p0, tgt);
 }
 
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
