@@ -7,6 +7,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace mora_native::isa_avx2 {
+namespace {  // internal: no symbol of a path is exported, interposed or shared with another
 
 struct Vec {
   __m256 lo, hi;  // columns 0-7 and 8-15
@@ -123,6 +124,8 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 }
 
 #include "kernel.h"
+
+}  // namespace
 
 const RowsFn<float>* rows_float() { return kRows<float>; }
 const RowsFn<bf16>* rows_bf16() { return kRows<bf16>; }

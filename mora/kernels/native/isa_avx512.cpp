@@ -6,6 +6,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl")
 namespace mora_native::isa_avx512 {
+namespace {  // internal: no symbol of a path is exported, interposed or shared with another
 
 using Vec = __m512;
 using Mask = __mmask16;  // the panel's columns inside [0, n)
@@ -80,6 +81,8 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 }
 
 #include "kernel.h"
+
+}  // namespace
 
 const RowsFn<float>* rows_float() { return kRows<float>; }
 const RowsFn<bf16>* rows_bf16() { return kRows<bf16>; }

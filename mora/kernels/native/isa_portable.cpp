@@ -7,6 +7,7 @@
 #include "common.h"
 
 namespace mora_native::isa_portable {
+namespace {  // internal: no symbol of a path is exported, interposed or shared with another
 
 struct Vec {
   float v[16];
@@ -74,6 +75,8 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 }
 
 #include "kernel.h"
+
+}  // namespace
 
 const RowsFn<float>* rows_float() { return kRows<float>; }
 const RowsFn<bf16>* rows_bf16() { return kRows<bf16>; }

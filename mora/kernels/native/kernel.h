@@ -45,7 +45,7 @@ void each_period(const Rope<T>& rope, Target<T> t, int lanes, At at) {
 // it multiplies: y is read and written once over a call, in lines scattered over chunks and
 // periods that no hardware prefetcher follows.
 template <int RB, int NP, typename T>
-void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
+__attribute__((noinline)) void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
   for (int i = 0; i < RB; ++i) {
     tgt[i] = target(p.rope, row0 + i, p0 * kPanel);
     for (int j = 0; j < NP; ++j)
@@ -56,27 +56,12 @@ void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T>
   }
 }
 
-// A block's accumulators times alpha, stored: into out, or (rope_apply) rounded to T into a
-// tile and added into every column of y they land on. Only the last panel of a TAIL block has
-// fewer than kPanel columns (`lanes`) inside [0, n).
-template <int RB, int NP, bool TAIL, typename T>
-void finish(const Problem<T>& p, Vec (&acc)[RB][NP], int lanes, int64_t row0, int64_t p0, const Target<T> (&tgt)[RB]) {
-  const Vec alpha = bcast(p.alpha);
-  for (int j = 0; j < NP; ++j) {
-    const bool part = TAIL && j == NP - 1;
-    for (int i = 0; i < RB; ++i) {
-      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
-      if (p.rope.y) {
-        alignas(64) float tile[kPanel];
-        to_floats(tile, round_to<T>(v));
-        each_period(p.rope, shifted(p.rope, tgt[i], j), part ? lanes : kPanel,
-                    [&](T* y, int64_t c, int lo, int hi) { add_lanes<T>(y, c, lo, hi, tile); });
-      } else {
-        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
-        part ? store<T>(mask_of(lanes), dst, v) : store<T>(dst, v);
-      }
-    }
-  }
+// Adds a product row's panel (v: already rounded to T, its first `lanes` inside [0, n)) into y
+// at target t. Out of line, as targets(): the block's accumulators are never addressed, so they
+// stay registers through its k loop (inlined, these two made GCC keep them in memory too).
+template <typename T>
+__attribute__((noinline)) void add_to_y(const Rope<T>& rope, Target<T> t, int lanes, const float* v) {
+  each_period(rope, t, lanes, [&](T* y, int64_t c, int lo, int hi) { add_lanes<T>(y, c, lo, hi, v); });
 }
 
 // Where the block after this one starts streaming into L2: kAhead panels on (at least one
@@ -94,7 +79,9 @@ void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
   Vec acc[RB][NP];
+#pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[i][j] = zero();
   const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
   const Mask tail = mask_of(lanes);
@@ -120,7 +107,26 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
       for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
     }
   }
-  finish<RB, NP, TAIL>(p, acc, lanes, row0, p0, tgt);
+  // Times alpha, stored: into out, or (rope_apply) rounded to T and added into y. Only the last
+  // panel of a TAIL block has fewer than kPanel columns inside [0, n).
+  // (Unrolled, as the loops over acc above: indexed by constants only, it stays registers.)
+  const Vec alpha = bcast(p.alpha);
+#pragma GCC unroll 8
+  for (int j = 0; j < NP; ++j) {
+    const int cols = TAIL && j == NP - 1 ? lanes : kPanel;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
+      if (p.rope.y) {
+        alignas(64) float tile[kPanel];
+        to_floats(tile, round_to<T>(v));
+        add_to_y(p.rope, shifted(p.rope, tgt[i], j), cols, tile);
+      } else {
+        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
+        cols == kPanel ? store<T>(dst, v) : store<T>(mask_of(cols), dst, v);
+      }
+    }
+  }
 }
 
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
