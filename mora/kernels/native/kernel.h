@@ -41,17 +41,17 @@ void each_period(const Rope<T>& rope, Target<T> t, int lanes, At at) {
   }
 }
 
-// The block's rows' targets at its first panel, and their y lines requested for writing while
-// it multiplies: y is read and written once over a call, in lines scattered over chunks and
-// periods that no hardware prefetcher follows.
+// The block's rows' targets at its first panel, and their y lines requested while it multiplies:
+// y is read and written once over a call, in lines scattered over chunks and periods that no
+// hardware prefetcher follows.
 template <int RB, int NP, typename T>
 __attribute__((noinline)) void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
   for (int i = 0; i < RB; ++i) {
     tgt[i] = target(p.rope, row0 + i, p0 * kPanel);
     for (int j = 0; j < NP; ++j)
       each_period(p.rope, shifted(p.rope, tgt[i], j), j == NP - 1 ? lanes : kPanel, [](T* y, int64_t c, int lo, int hi) {
-        __builtin_prefetch(y + c + lo, 1, 3);
-        __builtin_prefetch(y + c + hi - 1, 1, 3);
+        prefetch_line(y + c + lo);
+        prefetch_line(y + c + hi - 1);
       });
   }
 }
