@@ -70,11 +70,6 @@ struct Rope {
   int64_t ldy;
 };
 
-// The rotated chunk of row r into v[k * stride] (grouped_mm.cpp): one scalar loop for every
-// path (O(n) per row against the product's O(n^2)), so they all rotate alike.
-void rope_row(const Rope<float>& rope, int64_t r, float* v, int64_t stride);
-void rope_row(const Rope<bf16>& rope, int64_t r, float* v, int64_t stride);
-
 template <typename T>
 struct Problem {
   const T* V;
@@ -93,7 +88,7 @@ struct Problem {
 template <typename T>
 using RowsFn = void (*)(const Problem<T>& p, int64_t row0, float* pack, const T* next);
 
-inline int64_t pack_floats(int64_t n) { return kMaxRows * (n + 1) + n; }
+inline int64_t pack_floats(int64_t n) { return kMaxRows * n + 2 * n; }  // V rows, and a rotation's two rows
 
 // Each path's table of kernels by unit size (index 0 unused), from its isa_*.cpp.
 namespace isa_portable {

@@ -38,36 +38,6 @@
 
 namespace mora_native {
 
-// v[k] = u[(k + n/2) % n] * ssin[k] + u[k] * cos[k] (u = the chunk), rounded as torch's mul then
-// addcmul_ round it.
-template <typename T>
-void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride) {
-  const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
-  const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
-  const T* cr = rope.cos + c * n;
-  const T* sr = rope.ssin + c * n;
-  const int64_t base = (rope.k_lo + c) * n;
-  thread_local std::vector<float> buf;
-  buf.resize(2 * n);
-  const float* u;
-  if (std::is_same_v<T, float> && base + n <= rope.in_f) {
-    u = reinterpret_cast<const float*>(xr + base);
-  } else {  // widened, and the last chunk may read the padding: the first features again
-    for (int64_t k = 0; k < n; ++k) buf[k] = Scalar<T>::get(xr[base + k < rope.in_f ? base + k : base + k - rope.in_f]);
-    u = buf.data();
-  }
-  using S = Scalar<T>;
-  float* o = buf.data() + n;
-  for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
-    o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
-  for (int64_t k = half; k < n; ++k)
-    o[k] = S::round(S::round(u[k - half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
-  for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
-}
-
-void rope_row(const Rope<float>& rope, int64_t r, float* v, int64_t stride) { rotate(rope, r, v, stride); }
-void rope_row(const Rope<bf16>& rope, int64_t r, float* v, int64_t stride) { rotate(rope, r, v, stride); }
-
 namespace {
 
 // The CPU features the paths need, and (cpu_has) those torch's bf16 GEMM runs on. Whether this

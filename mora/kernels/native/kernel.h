@@ -6,6 +6,31 @@
 // rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
 // order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
 
+// The rotated chunk of row r into v[k * stride] (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
+// ssin[k] + u[k] * cos[k] (u = the chunk), rounded as torch's mul then addcmul_ round it; `buf`:
+// 2n floats. Elementwise, no FMA contraction: the same bits at every vector width.
+template <typename T>
+void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  using S = Scalar<T>;
+  const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
+  const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
+  const T* cr = rope.cos + c * n;
+  const T* sr = rope.ssin + c * n;
+  const int64_t base = (rope.k_lo + c) * n;
+  const float* u = buf;
+  if (std::is_same_v<T, float> && base + n <= rope.in_f) {
+    u = reinterpret_cast<const float*>(xr + base);
+  } else {  // widened, and the last chunk may read the padding: the first features again
+    for (int64_t k = 0; k < n; ++k) buf[k] = S::get(xr[base + k < rope.in_f ? base + k : base + k - rope.in_f]);
+  }
+  float* o = buf + n;
+  for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
+    o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
+  for (int64_t k = half; k < n; ++k)
+    o[k] = S::round(S::round(u[k - half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
+  for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
+}
+
 // Where a product row goes in y (rope_apply): its token's row of y, and for the panel at hand
 // the column of its lane 0 in the first period that reaches column 0 (and every period after).
 template <typename T>
@@ -148,7 +173,7 @@ void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
     float* dst = pack + s * SUB * p.n + (i - s * SUB);
     if (p.rope.y) {
-      rope_row(p.rope, row0 + i, dst, in);
+      rotate(p.rope, row0 + i, dst, in, pack + RB * p.n);
     } else {
       const T* src = p.V + (row0 + i) * p.ldv;
       for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
