@@ -23,8 +23,8 @@
 // Every path sums the same terms in the same order with one rounding each (FMA contraction is
 // off, -ffp-contract=off, so no path fuses what another rounds twice): results are bit-identical
 // across paths. No bf16 dot products (vdpbf16ps): they would give the same bits (each is two
-// FMAs in order, subnormals aside), but on the Xeons at hand one issues every 2 cycles against
-// two FMAs per cycle, so a bf16 product ran at half the widened path's speed (docs/benchmarks.md).
+// FMAs in order, subnormals aside), but on the Xeon at hand (Emerald Rapids) one issues every
+// 2 cycles against two FMAs per cycle: bf16 products ran at half the widened path's speed.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
