@@ -33,54 +33,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def fresh_status(monkeypatch: pytest.MonkeyPatch):
-    """The mode decision re-made (it is cached per process) and forgotten afterwards."""
+    """The mode decision re-made (it is cached per process), and afterwards made again for the
+    process's own settings (the library runs the path they name)."""
     native._status.cache_clear()
     yield
-    monkeypatch.undo()
-    native._status.cache_clear()
-
-
-def force(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
-    """Runs the native kernel on path `isa` from now on; skips the test where the CPU lacks it."""
-    if not X86_64:
-        pytest.skip("the native kernel needs an x86-64 CPU")
-    monkeypatch.setenv(native.ENV_ISA, isa)
-    try:
-        native_status()
-    except NativeKernelError as exc:
-        if "lacks" not in str(exc):
-            raise
-        pytest.skip("needs " + str(exc).split("lacks ", 1)[1])
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch, fresh_status) -> str:
-    """Each ISA path in turn (the test skipped where the CPU cannot run it); afterwards the
-    process runs the path `MORA_CPU_ISA` names again."""
-    force(monkeypatch, request.param)
-    assert native_isa() == request.param
-    yield request.param
     monkeypatch.undo()
     native._status.cache_clear()
     if X86_64:
         native_status()
 
 
+def use_path(monkeypatch: pytest.MonkeyPatch, isa: str) -> str | None:
+    """Runs the native kernel on path `isa` from now on; None, or the features the CPU lacks for it."""
+    monkeypatch.setenv(native.ENV_ISA, isa)
+    native._status.cache_clear()
+    try:
+        native_status()
+    except NativeKernelError as exc:
+        if "lacks" not in str(exc):
+            raise
+        return str(exc).split("lacks ", 1)[1]
+    return None
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch, fresh_status) -> str:
+    """Each ISA path in turn, the test skipped where the CPU cannot run it."""
+    if not X86_64:
+        pytest.skip("the native kernel needs an x86-64 CPU")
+    missing = use_path(monkeypatch, request.param)
+    if missing:
+        pytest.skip(f"needs {missing}")
+    assert native_isa() == request.param
+    return request.param
+
+
 def each_path(monkeypatch: pytest.MonkeyPatch, fn) -> dict[str, object]:
     """`fn()` on every ISA path this CPU runs (at least two, or the test skips)."""
-    out = {}
-    for isa in ISAS:
-        monkeypatch.setenv(native.ENV_ISA, isa)
-        native._status.cache_clear()
-        try:
-            native_status()
-        except NativeKernelError as exc:
-            if "lacks" not in str(exc):
-                raise
-            continue
-        out[isa] = fn()
+    out = {isa: fn() for isa in ISAS if X86_64 and not use_path(monkeypatch, isa)}
     if len(out) < 2:
-        pytest.skip(f"this CPU runs one ISA path ({', '.join(out)})")
+        pytest.skip(f"this CPU runs fewer than two ISA paths ({', '.join(out) or 'none'})")
     return out
 
 
