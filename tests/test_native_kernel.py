@@ -1,6 +1,8 @@
 """The native CPU product (`mora.kernels.native.grouped_mm`) against its semantics, and how it
 is chosen, built and loaded.
 
+Every test of the kernels runs once per ISA path (`isa`: forced with `MORA_CPU_ISA`), skipped
+where the CPU lacks a feature the path needs; the paths' results are compared bit for bit.
 The fused operator's own tests (test_kernels.py) run the torch backend with this kernel
 (float32) and with torch's BLAS (`torch-blas`); the engine tests serve through it.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import shutil
 import stat
@@ -21,19 +24,61 @@ import torch
 
 import mora.kernels.native as native
 from mora.kernels import ShardLayout, SlotTable
-from mora.kernels.native import NativeKernelError, grouped_mm, native_status
+from mora.kernels.native import ISAS, NativeKernelError, grouped_mm, native_isa, native_status
 
-AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-needs_avx512 = pytest.mark.skipif(not AVX512, reason="the native kernel needs AVX-512F")
+X86_64 = platform.machine().lower() in native.X86_64
+needs_x86 = pytest.mark.skipif(not X86_64, reason="the native kernel needs an x86-64 CPU")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def fresh_status(monkeypatch: pytest.MonkeyPatch):
-    """The mode decision re-made (it is cached per process) and forgotten afterwards."""
+    """The mode decision re-made (it is cached per process), and afterwards made again for the
+    process's own settings (the library runs the path they name)."""
     native._status.cache_clear()
     yield
+    monkeypatch.undo()
     native._status.cache_clear()
+    if X86_64:
+        native_status()
+
+
+def use_path(monkeypatch: pytest.MonkeyPatch, isa: str) -> str | None:
+    """Runs the native kernel on path `isa` from now on; None, or the features the CPU lacks for it."""
+    monkeypatch.setenv(native.ENV_ISA, isa)
+    native._status.cache_clear()
+    try:
+        native_status()
+    except NativeKernelError as exc:
+        if "lacks" not in str(exc):
+            raise
+        return str(exc).split("lacks ", 1)[1]
+    return None
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch, fresh_status) -> str:
+    """Each ISA path in turn, the test skipped where the CPU cannot run it."""
+    if not X86_64:
+        pytest.skip("the native kernel needs an x86-64 CPU")
+    missing = use_path(monkeypatch, request.param)
+    if missing:
+        pytest.skip(f"needs {missing}")
+    assert native_isa() == request.param
+    return request.param
+
+
+def each_path(monkeypatch: pytest.MonkeyPatch, fn) -> dict[str, object]:
+    """`fn()` on every ISA path this CPU runs (at least two, or the test skips)."""
+    out = {isa: fn() for isa in ISAS if X86_64 and not use_path(monkeypatch, isa)}
+    if len(out) < 2:
+        pytest.skip(f"this CPU runs fewer than two ISA paths ({', '.join(out) or 'none'})")
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (torch.equal on floats would take -0 for +0)."""
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
 def reference(V, offsets, slots, Mt, n, alpha, out):
@@ -61,12 +106,11 @@ def zipf_sizes(groups: int, total: int, gen: torch.Generator) -> list[int]:
     return torch.bincount(draws, minlength=groups).tolist()
 
 
-@needs_avx512
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 37, 100, 348])
 @pytest.mark.parametrize("sizes", [[1], [16], [17], [3, 0, 40, 1], [12] * 5, list(range(1, 20)), "zipf"])
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_semantics(n, sizes, alpha, dtype):
+def test_matches_semantics(isa, n, sizes, alpha, dtype):
     gen = torch.Generator().manual_seed(n)
     if sizes == "zipf":  # skewed popularity: one adapter has most rows, many have one or none
         sizes = zipf_sizes(16, 97, gen)
@@ -87,8 +131,7 @@ def test_matches_semantics(n, sizes, alpha, dtype):
     assert torch.equal(out[:, n:].float(), torch.full_like(out[:, n:].float(), 7.0)), "columns past n were written"
 
 
-@needs_avx512
-def test_negation_is_exact():
+def test_negation_is_exact(isa):
     V, offsets, slots, Mt, out = problem(37, [5, 20], [1, 0], 2, 40)
     plus, minus = out.clone(), out.clone()
     grouped_mm(V, offsets, slots, Mt, 37, 1.0, plus)
@@ -96,8 +139,7 @@ def test_negation_is_exact():
     assert torch.equal(plus[:25, :37], -minus[:25, :37])
 
 
-@needs_avx512
-def test_a_row_does_not_depend_on_the_batch():
+def test_a_row_does_not_depend_on_the_batch(isa):
     """The same row times the same M gives the same bits alone, among other rows and groups,
     at any row position in its block and with any thread count (no batch-dependent summation)."""
     n, S = 348, 4
@@ -114,8 +156,33 @@ def test_a_row_does_not_depend_on_the_batch():
         torch.set_num_threads(threads)
 
 
-@needs_avx512
-def test_reads_a_slot_table_in_place():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_path_gives_the_same_bits(monkeypatch, fresh_status, dtype):
+    """The ISA paths sum the same terms in the same order with one rounding each: the same bits
+    for odd n and partial panels, 0-40 rows per group, zipf-skewed groups, any alpha."""
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for n, sizes, alpha in [(5, [1, 3], 1.0), (17, [16, 17, 2], -1.0), (37, [3, 0, 40, 1], 0.37),
+                            (256, [12] * 5, 1.0), (348, zipf_sizes(16, 97, gen), -1.0)]:
+        slots = torch.randint(0, 24, (len(sizes),), generator=gen).tolist()
+        operands = problem(n, sizes, slots, 24, n_max=n + n % 4, seed=n)
+        cases.append(([t.to(dtype) if t.is_floating_point() else t for t in operands], n, alpha))
+
+    def run():
+        outs = []
+        for (V, offsets, slots, Mt, out), n, alpha in cases:
+            out = out.clone()
+            grouped_mm(V, offsets, slots, Mt, n, alpha, out)
+            outs.append(bits(out))
+        return outs
+
+    (first, want), *others = each_path(monkeypatch, run).items()
+    for isa, got in others:
+        for case, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(a, b), f"{isa} differs from {first} in case {case}"
+
+
+def test_reads_a_slot_table_in_place(isa):
     """The table's storage (rows padded to 64-byte lines on the CPU) is what the kernel reads."""
     table = SlotTable(ShardLayout(348, 700), 3, n_max=348)
     assert table.Mt.stride(1) == 352 and table.Mt.stride(2) == 1
@@ -131,7 +198,6 @@ def test_reads_a_slot_table_in_place():
     torch.testing.assert_close(out, V @ M.T, rtol=1e-5, atol=1e-5)
 
 
-@needs_avx512
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -145,7 +211,7 @@ def test_reads_a_slot_table_in_place():
         (lambda a: a.update(V=a["V"].t().contiguous().t()), "rows must be contiguous"),
     ],
 )
-def test_bad_operands_are_refused(change, message):
+def test_bad_operands_are_refused(isa, change, message):
     args = dict(V=torch.randn(4, 16), offsets=torch.tensor([0, 4]), slots=torch.tensor([0]),
                 Mt=torch.randn(2, 16, 16), n=16, alpha=1.0, out=torch.zeros(4, 16))
     change(args)
@@ -167,37 +233,75 @@ def test_blas_mode_never_uses_native(monkeypatch, fresh_status):
                    torch.zeros(1, 1))
 
 
-def test_cpu_without_avx512(monkeypatch, fresh_status, caplog):
+def test_cpu_not_x86_64(monkeypatch, fresh_status, caplog):
     """`auto` falls back to BLAS and says why, once; `native` refuses, naming what is missing."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.setenv(native.ENV_KERNEL, "native")
-    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL=native, but this CPU has no AVX-512F"):
+    with pytest.raises(NativeKernelError, match=re.escape("MORA_CPU_KERNEL=native, but this CPU is not x86-64 (aarch64)")):
         native_status()
     monkeypatch.setenv(native.ENV_KERNEL, "auto")
     with caplog.at_level(logging.WARNING, logger="mora.kernels.native"):
-        assert native_status() == (False, "this CPU has no AVX-512F (torch reports AVX2)")
+        assert native_status() == (False, "this CPU is not x86-64 (aarch64)")
         native_status()
+    assert native_isa() is None
     assert [r.getMessage() for r in caplog.records] == [
-        "MoRA CPU products use torch's BLAS, not the native kernel: this CPU has no AVX-512F (torch reports AVX2)"
+        "MoRA CPU products use torch's BLAS, not the native kernel: this CPU is not x86-64 (aarch64)"
     ]
 
 
-@needs_avx512
-def test_failed_build_is_reported(monkeypatch, fresh_status, tmp_path):
-    broken = tmp_path / "grouped_mm.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setenv(native.ENV_DIR, str(tmp_path / "build"))
-    monkeypatch.setenv(native.ENV_KERNEL, "native")
-    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL=native, but building grouped_mm.cpp failed"):
+def test_isa_is_validated(monkeypatch, fresh_status):
+    monkeypatch.setenv(native.ENV_ISA, "sse9")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_ISA='sse9': expected one of auto, avx512, avx2, portable"):
         native_status()
 
 
-@needs_avx512
+@needs_x86
+def test_auto_runs_the_best_path_the_cpu_has(monkeypatch, fresh_status):
+    """The library's CPU check agrees with torch's, and `auto` takes the first path it allows."""
+    monkeypatch.setenv(native.ENV_ISA, "auto")
+    enabled, why = native_status()
+    runs = [isa for isa in ISAS if not native._missing(isa)]
+    assert enabled and runs[-1] == "portable" and native_isa() == runs[0] and f"isa={runs[0]} (" in why
+    capability = torch.backends.cpu.get_cpu_capability()  # AVX512 needs F/BW/VL/DQ, AVX2 needs AVX2 and FMA
+    assert ("avx512" in runs) == capability.startswith("AVX512")
+    assert ("avx2" in runs) == (capability in ("AVX2", "AVX512"))
+
+
+@needs_x86
+@pytest.mark.parametrize("mode", ["auto", "native"])
+def test_forcing_a_path_the_cpu_lacks_is_refused(monkeypatch, fresh_status, mode):
+    native_status()  # the library is loaded; then the CPU is made to lack AVX-512
+    monkeypatch.setattr(native, "_missing", lambda isa: "AVX512F AVX512BW" if isa == "avx512" else "")
+    monkeypatch.setenv(native.ENV_KERNEL, mode)
+    monkeypatch.setenv(native.ENV_ISA, "avx512")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_ISA=avx512, but this CPU lacks AVX512F AVX512BW"):
+        native_status()
+    monkeypatch.setenv(native.ENV_ISA, "avx2")
+    assert native_status()[0] and native_isa() == "avx2"
+
+
+@needs_x86
+def test_the_library_refuses_paths_it_does_not_know():
+    with pytest.raises(RuntimeError, match="unknown ISA path 'neon': expected auto, avx512, avx2 or portable"):
+        torch.ops.mora_native.set_isa("neon")
+    assert torch.ops.mora_native.isa_missing("portable") == ""
+
+
+@needs_x86
+def test_failed_build_is_reported(monkeypatch, fresh_status, tmp_path):
+    (tmp_path / "grouped_mm.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path / "build"))
+    monkeypatch.setenv(native.ENV_KERNEL, "native")
+    with pytest.raises(NativeKernelError, match="MORA_CPU_KERNEL=native, but building the native kernel failed"):
+        native_status()
+
+
+@needs_x86
 def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
     """An image builds the kernel ahead of time (`python -m mora.kernels.native`); a pod with a
     read-only root filesystem loads it without writing anything."""
-    env = {**os.environ, native.ENV_DIR: str(tmp_path / "native"), native.ENV_KERNEL: "native",
+    env = {**os.environ, native.ENV_DIR: str(tmp_path / "native"), native.ENV_KERNEL: "native", native.ENV_ISA: "auto",
            "PYTHONPATH": str(ROOT)}
     built = subprocess.run([sys.executable, "-m", "mora.kernels.native"], env=env, capture_output=True, text=True,
                            timeout=600)
@@ -212,7 +316,8 @@ def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
                  " torch.eye(2)[None] * 3, 2, 1.0, o); print(o.tolist())")
         loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
         assert loaded.returncode == 0, loaded.stderr
-        assert loaded.stdout.splitlines() == [f"native grouped_mm ({library})", "[[3.0, 3.0]]"]
+        best = next(isa for isa in ISAS if not native._missing(isa))
+        assert loaded.stdout.splitlines() == [f"native grouped_mm, isa={best} ({library})", "[[3.0, 3.0]]"]
     finally:
         for path in [tmp_path / "native", *(tmp_path / "native").rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
@@ -240,21 +345,18 @@ def rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_s
     return ref.float()
 
 
-@needs_avx512
-@pytest.mark.parametrize(
-    ("in_f", "n", "k_lo", "chunks", "out_start", "width"),
-    [
+ROPE_CASES = [
         (40, 12, 0, 4, 0, 72),      # input padded (wraps), outputs tiled past c*n
         (72, 16, 0, 3, 0, 40),      # fewer outputs than c*n: only the first chunks are used
         (64, 16, 1, 2, 20, 24),     # a column shard inside one period, chunks 1-2
         (96, 32, 0, 3, 50, 100),    # a shard crossing a period boundary
         (348, 348, 0, 1, 0, 1000),  # one chunk, n not a multiple of 16
         (4096, 256, 0, 16, 0, 512),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width, dtype):
-    from mora.kernels.native import rope_apply
+]
+
+
+def rope_problem(in_f, n, k_lo, chunks, out_start, width, dtype):
+    """rope_apply's operands but alpha and y (a tuple), and a y, for 23 tokens over 6 slots."""
     from mora.ops import rope_tables
 
     gen = torch.Generator().manual_seed(in_f + n)
@@ -270,9 +372,20 @@ def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width, d
     Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1).to(dtype)[:, :, :n]
     x = torch.randn(T, in_f, generator=gen).to(dtype)
     y = torch.randn(T, width, generator=gen).to(dtype)
-    want = rope_reference(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
+    return (x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start), y
+
+
+@pytest.mark.parametrize(("in_f", "n", "k_lo", "chunks", "out_start", "width"), ROPE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_apply_matches_semantics(isa, in_f, n, k_lo, chunks, out_start, width, dtype):
+    from mora.kernels.native import rope_apply
+
+    args, y = rope_problem(in_f, n, k_lo, chunks, out_start, width, dtype)
+    x, tokens = args[:2]
+    T = x.shape[0]
+    want = rope_reference(*args, 1.0, y)
     before = y.clone()
-    rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, y)
+    rope_apply(*args, 1.0, y)
     if dtype == torch.float32:
         torch.testing.assert_close(y, want, rtol=1e-5, atol=2e-5 * n**0.5)
     else:  # bf16 roundings of the rotation, the product and the sum
@@ -282,8 +395,27 @@ def test_rope_apply_matches_semantics(in_f, n, k_lo, chunks, out_start, width, d
     assert torch.equal(y[others], before[others]), "rows without an adapter changed"
 
 
-@needs_avx512
-def test_rope_apply_refuses_bad_operands():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_apply_gives_the_same_bits_on_every_path(monkeypatch, fresh_status, dtype):
+    from mora.kernels.native import rope_apply
+
+    cases = [rope_problem(*case, dtype) for case in ROPE_CASES]
+
+    def run():
+        outs = []
+        for case, (args, y) in enumerate(cases):
+            y = y.clone()
+            rope_apply(*args, -0.5 if case % 2 else 1.0, y)
+            outs.append(bits(y))
+        return outs
+
+    (first, want), *others = each_path(monkeypatch, run).items()
+    for isa, got in others:
+        for case, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(a, b), f"{isa} differs from {first} in {ROPE_CASES[case]}"
+
+
+def test_rope_apply_refuses_bad_operands(isa):
     from mora.kernels.native import rope_apply
 
     cos = torch.ones(2, 8)
@@ -300,10 +432,9 @@ def test_rope_apply_refuses_bad_operands():
             rope_apply(**{**base, **change})
 
 
-@needs_avx512
 @pytest.mark.parametrize("merged", [-1, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged, dtype):
+def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dtype):
     """A float32 (or decode-sized bfloat16) slice whose only work is type 6 runs as rope_apply
     calls (no gathered input, no scatter); with a merged adapter to subtract it takes the general
     path. Both equal the reference backend and the BLAS path, and rows without an adapter keep
@@ -343,17 +474,19 @@ def test_torch_backend_runs_type_6_slices_directly(monkeypatch, merged, dtype):
         assert (diff <= outs["blas"].float().abs() * 2**-7 + 1e-6).all(), diff.max()
 
 
-@needs_avx512
+@pytest.mark.parametrize("dot_products", [True, False])
 @pytest.mark.parametrize(("dtype", "tokens", "native_path"), [
     (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])
-def test_bfloat16_prefill_keeps_blas(dtype, tokens, native_path):
-    """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM, which uses the
-    CPU's bf16 dot products; float32 and decode-sized bfloat16 take the native kernel."""
-    from mora.kernels import mora_apply, prepare_batch
+def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, tokens, native_path):
+    """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM where it runs on
+    the CPU's bf16 dot products; float32, decode-sized bfloat16, and any bfloat16 where torch's
+    bf16 GEMM has no dot products to run on (AVX2 CPUs: a generic loop) take the native kernel."""
+    from mora.kernels import mora_apply, prepare_batch, torch_native
     from mora.kernels.torch_native import BF16_MAX_ROWS
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
 
+    monkeypatch.setattr(torch_native, "bf16_gemm_has_dot_products", lambda: dot_products)
     table = SlotTable(ShardLayout(40, 72), 2, n_max=16, dtype=dtype)
     table.set_slot(0, torch.randn(12, 12).to(dtype), MoraSpec(40, 72, 12, MoraType.ROPE))
     assert (tokens * 4 <= BF16_MAX_ROWS) == (tokens == 4)  # 4 chunks per token
@@ -362,4 +495,19 @@ def test_bfloat16_prefill_keeps_blas(dtype, tokens, native_path):
     x, y = torch.randn(tokens, 40).to(dtype), torch.zeros(tokens, 72, dtype=dtype)
     mora_apply(y, x, table, meta, backend="torch")
     (program,) = plan_module([table], meta, tokens).programs.values()
-    assert (program.gather is None) == native_path
+    assert (program.gather is None) == (native_path or not dot_products)
+
+
+@needs_x86
+def test_bf16_gemm_dot_products_follow_the_cpu(fresh_status):
+    """oneDNN's bf16 GEMM has dot products where the CPU has AMX or AVX512_BF16 (and oneDNN
+    supports bf16 at all)."""
+    from mora.kernels import torch_native
+
+    native_status()
+    ops = torch.ops.mora_native
+    want = torch.ops.mkldnn._is_mkldnn_bf16_supported() and (ops.cpu_has("AMX_BF16") or ops.cpu_has("AVX512_BF16"))
+    assert torch_native.bf16_gemm_has_dot_products() == want
+    assert (ops.cpu_has("AVX2") and ops.cpu_has("FMA")) == (not ops.isa_missing("avx2"))
+    with pytest.raises(RuntimeError, match="unknown CPU feature 'SSE9'"):
+        ops.cpu_has("SSE9")

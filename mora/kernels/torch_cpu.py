@@ -10,7 +10,7 @@ with whole output periods broadcast into one buffer that is added to `y` with on
 The products of float32 and bfloat16 tables run in the native kernel (`torch_native`,
 `mora.kernels.native`): one call per pass, and a slice whose only work is type 6 runs from `x`
 straight into `y` with none of the buffers above. Otherwise (float16, `MORA_CPU_KERNEL=blas`,
-CPUs without AVX-512F) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
+CPUs that are not x86-64) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
 progression or their `M`s are gathered, else one `mm` each.
 
 A plan is bound once into a program: every op with its operands already sliced out of the

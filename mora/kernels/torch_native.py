@@ -7,12 +7,14 @@
   which at decode sizes costs as much as the products themselves. Every output column still
   gets one addition of one product per token, as on the general path.
 
-Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`), where the
-native kernel is in use (`native_enabled`).
+Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`) or where
+torch's bf16 GEMM has no bf16 dot products to run on, where the native kernel is in use
+(`native_enabled`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -29,16 +31,26 @@ __all__ = ["DirectOp", "bind_direct", "bind_product"]
 DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
 # bfloat16 rows are multiplied in float32 lanes, while oneDNN's bf16 GEMM uses the CPU's bf16
-# dot products: with more rows per adapter than one token's chunks (prefill, or two decode
-# tokens of one adapter) BLAS is as fast or 5-15% faster; with up to this many (decode, one
-# token per adapter) the native kernel is up to 1.9x faster (bench.kernel --dtype bfloat16).
+# dot products (AMX, AVX512_BF16): with more rows per adapter than one token's chunks (prefill,
+# or two decode tokens of one adapter) BLAS is as fast or faster; with up to this many (decode,
+# one token per adapter) the native kernel is up to 1.9x faster (bench.kernel --dtype bfloat16).
 BF16_MAX_ROWS = 16
 
 
 def _native_for(p: Pass, dtype: torch.dtype) -> bool:
     if dtype not in NATIVE_DTYPES or not native_enabled():
         return False
-    return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS
+    return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS or not bf16_gemm_has_dot_products()
+
+
+@functools.cache
+def bf16_gemm_has_dot_products() -> bool:
+    """Whether torch's bfloat16 GEMM is oneDNN's on the CPU's bf16 dot products (AMX or
+    AVX512_BF16). Elsewhere it widens or, where oneDNN has no bf16 kernel (CPUs without AVX-512,
+    or `ONEDNN_MAX_CPU_ISA` below it), runs a generic loop: 1 GFLOP/s against the native
+    kernel's 60-70 on AVX2, so the native kernel takes bfloat16 products of every size."""
+    ops = torch.ops.mora_native
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (ops.cpu_has("AMX_BF16") or ops.cpu_has("AVX512_BF16"))
 
 
 def _slots(p: Pass) -> torch.Tensor:

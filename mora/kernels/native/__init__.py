@@ -1,4 +1,4 @@
-"""The native CPU kernels of the torch backend (`grouped_mm.cpp`, AVX-512F).
+"""The native CPU kernels of the torch backend (`grouped_mm.cpp` and its ISA paths `isa_*.cpp`).
 
 The fused operator's CPU time is its per-adapter products `V @ M.T` with a handful of rows per
 adapter, where one sgemm call per adapter packs a whole `M` for those rows (see the .cpp). These
@@ -9,16 +9,30 @@ C++ ops read every `M` straight from the slot table, registered as custom ops:
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
-folder named by a hash of the source, the flags and the torch version, so a stale library is
+folder named by a hash of the sources, the flags and the torch version, so a stale library is
 never loaded; an existing build is loaded without writing anything (read-only images). Build
 ahead of time with `python -m mora.kernels.native` (the CPU image and `make install` do).
 
+One library runs on every x86-64 CPU: it holds the kernel once per ISA path, each compiled for
+its instruction set alone, and picks the path at run time from the CPU (`native_isa`):
+
+* `avx512` - AVX-512F/BW/VL;
+* `avx2` - AVX2 and FMA;
+* `portable` - plain C++, one `std::fma` per term (for CPUs without AVX2; slow).
+
+Each output is the same sum in the same order with one rounding per term on every path, so
+results (float32, and bfloat16 widened to float32 lanes) are bit-identical across paths.
+
 `MORA_CPU_KERNEL` (read when first needed) chooses:
 
-* `auto` (default) - native on CPUs with AVX-512F, where it builds; otherwise torch's BLAS,
-  with one warning saying why;
+* `auto` (default) - native on x86-64 CPUs, where it builds; otherwise torch's BLAS, with one
+  warning saying why;
 * `native` - native or an error (`NativeKernelError`) naming what is missing;
 * `blas` - torch's BLAS (`bmm`/`mm`), never native.
+
+`MORA_CPU_ISA` (read with it) forces a path: `auto` (default: the best the CPU has), `avx512`,
+`avx2` or `portable`; a path the CPU cannot run is an error (`NativeKernelError`) naming the
+features it lacks.
 """
 
 from __future__ import annotations
@@ -27,40 +41,56 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_KERNEL", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_status", "rope_apply"]
+__all__ = ["ENV_ISA", "ENV_KERNEL", "ISAS", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_isa",
+           "native_status", "rope_apply"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
+ENV_ISA = "MORA_CPU_ISA"
 ENV_DIR = "MORA_NATIVE_DIR"
 MODES = ("auto", "native", "blas")
-SOURCE = Path(__file__).with_name("grouped_mm.cpp")
-CFLAGS = ("-O3", "-fopenmp")
+ISAS = ("avx512", "avx2", "portable")  # best first
+SOURCE_DIR = Path(__file__).parent
+# No -m flags: each isa_*.cpp selects its instruction set with a target pragma, all else is
+# baseline x86-64. No FMA contraction: a path must not fuse a multiply and an add that another
+# path rounds twice (the paths' results are bit-identical).
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)  # torch ships libgomp.so.1 and loads it first: the op joins torch's thread pool
+X86_64 = ("x86_64", "amd64")
 
 
 class NativeKernelError(RuntimeError):
     """The native CPU kernel was required (`MORA_CPU_KERNEL=native`) and cannot be used."""
 
 
-def _mode() -> str:
-    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise NativeKernelError(f"{ENV_KERNEL}={mode!r}: expected one of {', '.join(MODES)}")
-    return mode
+def _choice(env: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(env, "auto").strip().lower() or "auto"
+    if value not in choices:
+        raise NativeKernelError(f"{env}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _sources() -> list[Path]:
+    """The files compiled (`*.cpp`); the headers they include are in the hash too."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
 def build_dir() -> Path:
-    """Where the library of this source, these flags and this torch lives."""
+    """Where the library of these sources, these flags and this torch lives."""
     root = os.environ.get(ENV_DIR)
     if not root:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(cache, "mora", "native")
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, LDFLAGS, torch.__version__)).encode()).hexdigest()[:16]
-    return Path(root) / f"grouped_mm-{digest}"
+    digest = hashlib.sha256()
+    for path in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(repr((CFLAGS, LDFLAGS, torch.__version__)).encode())
+    return Path(root) / f"grouped_mm-{digest.hexdigest()[:16]}"
 
 
 def build(verbose: bool = False) -> Path:
@@ -74,7 +104,7 @@ def build(verbose: bool = False) -> Path:
         from torch.utils.cpp_extension import load  # imported here: it pulls in setuptools
 
         target.mkdir(parents=True, exist_ok=True)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        load(name=name, sources=[str(p) for p in _sources()], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
              build_directory=str(target), is_python_module=False, verbose=verbose)
     if not _loaded():
         torch.ops.load_library(str(library))
@@ -90,29 +120,45 @@ def _loaded() -> bool:
 
 
 def native_status() -> tuple[bool, str]:
-    """(whether `grouped_mm` is used, why), for the current `MORA_CPU_KERNEL`: decided once per
-    process and mode (a backend binds its programs once per batch, so this is read rarely)."""
-    return _status(_mode())
+    """(whether `grouped_mm` is used, why: with the ISA path it runs), for the current
+    `MORA_CPU_KERNEL` and `MORA_CPU_ISA`: decided once per process and setting (a backend binds
+    its programs once per batch, so this is read rarely)."""
+    return _status(_choice(ENV_KERNEL, MODES), _choice(ENV_ISA, ("auto", *ISAS)))
 
 
-@functools.lru_cache(maxsize=len(MODES))
-def _status(mode: str) -> tuple[bool, str]:
+def native_isa() -> str | None:
+    """The ISA path the native kernel runs (one of `ISAS`), or None where it is not used."""
+    enabled, why = native_status()
+    return why.split("isa=", 1)[1].split()[0] if enabled else None
+
+
+# One entry: a change of setting (tests force paths in turn) selects the path in the library again.
+@functools.lru_cache(maxsize=1)
+def _status(mode: str, isa: str) -> tuple[bool, str]:
     if mode == "blas":
         return False, f"{ENV_KERNEL}=blas"
-    capability = torch.backends.cpu.get_cpu_capability()
-    if not capability.startswith("AVX512"):
-        reason = f"this CPU has no AVX-512F (torch reports {capability})"
+    machine = platform.machine()
+    if machine.lower() not in X86_64:
+        reason = f"this CPU is not x86-64 ({machine})"
     else:
         try:
             path = build()
         except Exception as exc:  # noqa: BLE001 (a compiler's failure has no one type; reported below)
-            reason = f"building {SOURCE.name} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}"
+            reason = f"building the native kernel failed: {type(exc).__name__}: {str(exc).strip()[-400:]}"
         else:
-            return True, f"native grouped_mm ({path})"
+            missing = _missing(isa)
+            if missing:
+                raise NativeKernelError(f"{ENV_ISA}={isa}, but this CPU lacks {missing}")
+            return True, f"native grouped_mm, isa={torch.ops.mora_native.set_isa(isa)} ({path})"
     if mode == "native":
         raise NativeKernelError(f"{ENV_KERNEL}=native, but {reason}")
     log.warning("MoRA CPU products use torch's BLAS, not the native kernel: %s", reason)
     return False, reason
+
+
+def _missing(isa: str) -> str:
+    """The CPU features path `isa` needs and this CPU lacks, as the library detects them ("" if none)."""
+    return torch.ops.mora_native.isa_missing(isa)
 
 
 def native_enabled() -> bool:
@@ -121,9 +167,9 @@ def native_enabled() -> bool:
 
 def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor, n: int, alpha: float,
                out: torch.Tensor) -> None:
-    """Every group's rows times its slot's `M`, in one call (CPU, AVX-512F; float32 or bfloat16,
-    one dtype for `V`, `Mt` and `out`; bfloat16 is multiplied and summed in float32 and each
-    output rounded once).
+    """Every group's rows times its slot's `M`, in one call (CPU, any x86-64; float32 or
+    bfloat16, one dtype for `V`, `Mt` and `out`; bfloat16 is multiplied and summed in float32
+    and each output rounded once).
 
     Semantics::
 
@@ -134,7 +180,8 @@ def grouped_mm(V: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: 
             out[a:b, :n] = alpha * (V[a:b, :n] @ Mt[slots[g], :n, :n])
 
     Rows outside every group and columns past `n` of `out` are not written. Each output is a
-    sum over `k` in order with one FMA per term, whatever the other rows of the batch are.
+    sum over `k` in order with one FMA per term from +0, whatever the other rows of the batch
+    are, on every ISA path alike.
     """
     _require()
     torch.ops.mora_native.grouped_mm(V, offsets, slots, Mt, n, alpha, out)

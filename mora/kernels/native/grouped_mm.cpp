@@ -7,245 +7,99 @@
 // rows), so each sgemm call packs a whole M for a handful of rows and runs at a third to a half
 // of the rate it reaches on one large product. This kernel reads Mt straight from the slot table
 // (16-column panels of consecutive addresses, the layout the GPU tile reads too) without packing
-// it, keeps up to 16 rows x 1-8 panels of accumulators in AVX-512 registers, and packs only the
-// handful of V rows (contiguous broadcasts). Each output is summed over k in order, one FMA per
-// term: the result of a row never depends on the other rows of the batch.
+// it, keeps up to 16 rows x 1-8 panels of accumulators in registers, and packs only the handful
+// of V rows (contiguous broadcasts). Each output is summed over k in order, one FMA per term:
+// the result of a row never depends on the other rows of the batch.
 //
 // float32 and bfloat16 (bf16 operands are widened to float32, products and sums are float32 and
-// rounded to bf16 where torch's own ops would round them). AVX-512F/BW/VL: the Python side checks
-// the CPU (torch's AVX512 capability) before loading this library.
+// rounded to bf16 where torch's own ops would round them).
+//
+// One library for every x86-64 CPU: the kernel (kernel.h) is compiled once per ISA path, each
+// file under its own target pragma (no -m flags: all else is baseline x86-64), and the path is
+// chosen at run time from the CPU (set_isa; by default the best it has):
+//   avx512   - AVX-512F/BW/VL, a panel per zmm register (isa_avx512.cpp);
+//   avx2     - AVX2 + FMA, a panel per two ymm, blocks of up to 6 rows (isa_avx2.cpp);
+//   portable - plain C++ with std::fma (isa_portable.cpp).
+// Every path sums the same terms in the same order with one rounding each (FMA contraction is
+// off, -ffp-contract=off, so no path fuses what another rounds twice): results are bit-identical
+// across paths. No bf16 dot products (vdpbf16ps): they would give the same bits (each is two
+// FMAs in order, subnormals aside), but on the Xeon at hand (Emerald Rapids) one issues every
+// 2 cycles against two FMAs per cycle: bf16 products ran at half the widened path's speed.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
+#include <atomic>
+#include <string>
 #include <vector>
+
+#include "common.h"
+
+namespace mora_native {
 
 namespace {
 
-#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-constexpr int kPanel = 16;  // output columns per zmm register
-constexpr int kMaxRows = 16;
-constexpr int PF = 16;  // rows of Mt prefetched ahead: a row stride of 1-2 KB defeats the hardware prefetcher
-// Panels of Mt prefetched from memory into L2 ahead of the one being multiplied (about 90 KB
-// at n = 348: microseconds ahead, while a line from memory takes a tenth of one). Prefetching
-// the whole next M a whole M ahead instead needs two Ms (~1 MB) of L2 at once, and lines were
-// evicted before use: with every M coming from memory, that cost twice the time over the
-// L2-resident case that this distance costs (0.23 vs 0.12 ms for 16 Ms of 348 x 348, 12 rows each).
-constexpr int kAhead = 4;
-
-using bf16 = uint16_t;  // at::BFloat16's bits
-
-// How a storage type becomes float32 lanes and back. `round` is the value the type holds.
-template <typename T>
-struct Io;
-
-template <>
-struct Io<float> {
-  KERNEL static __m512 load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  KERNEL static void store(__mmask16 m, float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-  KERNEL static __m512 round(__m512 v) { return v; }
-  static float get(float v) { return v; }
-  static float round(float v) { return v; }
-};
-
-template <>
-struct Io<bf16> {
-  KERNEL static __m512 load(__mmask16 m, const bf16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  }
-  // Round to nearest even, NaN to 0x7FC0: c10::BFloat16's conversion.
-  KERNEL static __m512i bits(__m512 v) {
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  }
-  KERNEL static void store(__mmask16 m, bf16* p, __m512 v) { _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits(v))); }
-  KERNEL static __m512 round(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits(v), 16)); }
-  static float get(bf16 v) {
-    const uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  static float round(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u = f != f ? 0x7FC00000u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-};
-
-
-// Type 6 straight from x to y (rope_apply): row r of a group is chunk k_lo + r % chunks of the
-// group's token r / chunks. Its V row is that chunk of the padded input, rotated; its product's
-// column q is output column (c * n + q) of every period `period`, added into y's columns
-// [out_start, out_start + width). Roundings follow the general path's torch ops.
-template <typename T>
-struct Rope {
-  const T* x;
-  int64_t ldx, in_f;
-  const int64_t* tokens;  // y/x row of each of the group's tokens (already offset to the group)
-  const T* cos;           // [chunks, n]: the rows of chunks k_lo..
-  const T* ssin;          // [chunks, n]: cat(-sin[:, :n/2], sin[:, n/2:])
-  int64_t n, chunks, k_lo, period, out_start, width;
-  T* y;
-  int64_t ldy;
-
-  // The rotated chunk of row r: v[k] = u[(k + n/2) % n] * ssin[k] + u[k] * cos[k] (u = the chunk),
-  // rounded as torch's mul then addcmul_ round it.
-  KERNEL void load(int64_t r, float* v, int64_t stride) const {
-    const int64_t c = r % chunks, half = n / 2;
-    const T* xr = x + tokens[r / chunks] * ldx;
-    const T* cr = cos + c * n;
-    const T* sr = ssin + c * n;
-    const int64_t base = (k_lo + c) * n;
-    thread_local std::vector<float> buf;
-    buf.resize(2 * n);
-    const float* u;
-    if (std::is_same_v<T, float> && base + n <= in_f) {
-      u = reinterpret_cast<const float*>(xr + base);
-    } else {  // widened, and the last chunk may read the padding: the first features again
-      for (int64_t k = 0; k < n; ++k) buf[k] = Io<T>::get(xr[base + k < in_f ? base + k : base + k - in_f]);
-      u = buf.data();
-    }
-    float* o = buf.data() + n;
-    for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
-      o[k] = Io<T>::round(Io<T>::round(u[k + half] * Io<T>::get(sr[k])) + u[k] * Io<T>::get(cr[k]));
-    for (int64_t k = half; k < n; ++k)
-      o[k] = Io<T>::round(Io<T>::round(u[k - half] * Io<T>::get(sr[k])) + u[k] * Io<T>::get(cr[k]));
-    for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
-  }
-
-  // y[token, j] += v[lane] for every output column j of chunk column q0 + lane (v already
-  // rounded to T, as the general path's product buffer holds it).
-  KERNEL void add(int64_t r, int64_t q0, __mmask16 valid, __m512 v) const {
-    T* yr = y + tokens[r / chunks] * ldy;
-    const int64_t d = (k_lo + r % chunks) * n + q0 - out_start;  // column of lane 0 in period 0
-    const int64_t first = -floor_div(d + kPanel - 1, period);   // the first period reaching column 0
-    for (int64_t m = first;; ++m) {
-      const int64_t j = d + m * period;
-      if (j >= width) break;
-      __mmask16 in = valid;
-      if (j < 0) in &= static_cast<__mmask16>(0xFFFF << (-j));
-      if (j + kPanel > width) in &= static_cast<__mmask16>((1u << (width - j)) - 1);
-      T* dst = yr + j;
-      Io<T>::store(in, dst, _mm512_add_ps(Io<T>::load(in, dst), v));
-    }
-  }
-
-  static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-};
-
-template <typename T>
-struct Problem {
-  const T* V;
-  int64_t ldv;
-  const T* Mt;  // this group's Mt[slot]
-  int64_t ldm;  // its row stride
-  int64_t n;
-  T* out;
-  int64_t ldo;
-  float alpha;
-  Rope<T> rope{};  // rope_apply: rows are (token, chunk) pairs read from x and added into y
-};
-
-// Accumulator blocks: RB rows x NP panels, as many of the 32 zmm registers as fit beside the
-// NP panel loads and one broadcast.
-template <int RB>
-constexpr int panels_for() {
-  return RB >= 9 ? 1 : RB >= 5 ? 2 : RB >= 3 ? 4 : 8;
+// The CPU features the paths need, and (cpu_has) those torch's bf16 GEMM runs on. Whether this
+// CPU has them: __builtin_cpu_supports also checks that the OS saves the registers (XCR0).
+const std::vector<std::pair<std::string, bool>>& features() {
+  static const std::vector<std::pair<std::string, bool>> all = [] {
+    __builtin_cpu_init();
+    return std::vector<std::pair<std::string, bool>>{
+        {"AVX2", __builtin_cpu_supports("avx2")},         {"FMA", __builtin_cpu_supports("fma")},
+        {"AVX512F", __builtin_cpu_supports("avx512f")},   {"AVX512BW", __builtin_cpu_supports("avx512bw")},
+        {"AVX512VL", __builtin_cpu_supports("avx512vl")}, {"AVX512_BF16", __builtin_cpu_supports("avx512bf16")},
+        {"AMX_BF16", __builtin_cpu_supports("amx-bf16")}};
+  }();
+  return all;
 }
 
-template <int RB, int NP, bool ROPE, typename T>
-KERNEL void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
-  __m512 acc[RB][NP];
-  __mmask16 mask[NP];
-  for (int j = 0; j < NP; ++j) {
-    const int64_t left = p.n - (p0 + j) * kPanel;  // columns of this panel inside [0, n)
-    mask[j] = left >= kPanel ? static_cast<__mmask16>(0xFFFF)
-                             : static_cast<__mmask16>(left > 0 ? (1u << left) - 1 : 0);
-    for (int i = 0; i < RB; ++i) acc[i][j] = _mm512_setzero_ps();
-  }
-  // The panels kAhead (at least one block) later: this M's, then the next unit's.
-  const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  const T* ahead[NP];
-  for (int j = 0; j < NP; ++j) {
-    const int64_t q = p0 + j + NP * ((kAhead + NP - 1) / NP);
-    ahead[j] = q < panels ? p.Mt + q * kPanel : next && q - panels < panels ? next + (q - panels) * kPanel : nullptr;
-  }
-  const T* base = p.Mt + p0 * kPanel;
-  for (int64_t k = 0; k < p.n; ++k) {
-    __m512 b[NP];
-    const T* row = base + k * p.ldm;
-#pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + PF * p.ldm + j * kPanel), _MM_HINT_T0);
-      if (ahead[j]) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + k * p.ldm), _MM_HINT_T1);
-      b[j] = Io<T>::load(mask[j], row + j * kPanel);  // masked: never reads past n
-    }
-    const float* a = Vp + k * RB;
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const __m512 ai = _mm512_set1_ps(a[i]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_fmadd_ps(ai, b[j], acc[i][j]);
-    }
-  }
-  const __m512 alpha = _mm512_set1_ps(p.alpha);
-  if constexpr (ROPE) {  // through a tile: the accumulators stay registers in the loop above
-    alignas(64) float tile[RB][NP][kPanel];
-    for (int j = 0; j < NP; ++j)
-      for (int i = 0; i < RB; ++i)
-        _mm512_store_ps(tile[i][j], Io<T>::round(p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha)));
-    for (int j = 0; j < NP && mask[j]; ++j)
-      for (int i = 0; i < RB; ++i) p.rope.add(row0 + i, (p0 + j) * kPanel, mask[j], _mm512_load_ps(tile[i][j]));
-    return;
-  }
-  for (int j = 0; j < NP; ++j) {
-    if (!mask[j]) break;
-    for (int i = 0; i < RB; ++i) {
-      const __m512 v = p.alpha == 1.0f ? acc[i][j] : _mm512_mul_ps(acc[i][j], alpha);
-      Io<T>::store(mask[j], p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel, v);
-    }
-  }
+bool cpu_has(const std::string& feature) {
+  for (const auto& [name, has] : features())
+    if (name == feature) return has;
+  TORCH_CHECK(false, "unknown CPU feature '", feature, "'");
 }
 
-// Rows [row0, row0 + RB) of one group: pack them k-major (as float32), then every column panel.
-template <int RB, bool ROPE, typename T>
-KERNEL void rows(const Problem<T>& p, int64_t row0, std::vector<float>& pack, const T* next) {
-  constexpr int NP = panels_for<RB>();
-  if (static_cast<int64_t>(pack.size()) < p.n * RB) pack.resize(p.n * RB);
-  float* Vp = pack.data();
-  for (int i = 0; i < RB; ++i) {
-    if constexpr (ROPE) {
-      p.rope.load(row0 + i, Vp + i, RB);
-      continue;
-    }
-    const T* src = p.V + (row0 + i) * p.ldv;
-    for (int64_t k = 0; k < p.n; ++k) Vp[k * RB + i] = Io<T>::get(src[k]);
-  }
-  const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  int64_t q = 0;
-  for (; q + NP <= panels; q += NP) block<RB, NP, ROPE, T>(p, Vp, row0, q, next);
-  for (; q < panels; ++q) block<RB, 1, ROPE, T>(p, Vp, row0, q, next);
+// An ISA path: its kernels, and the CPU features it needs.
+struct Path {
+  const char* name;
+  const RowsFn<float>* (*rows_float)();
+  const RowsFn<bf16>* (*rows_bf16)();
+  std::vector<const char*> needs;
+};
+
+// Best first.
+const std::vector<Path> kPaths = {
+    {"avx512", isa_avx512::rows_float, isa_avx512::rows_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"}},
+    {"avx2", isa_avx2::rows_float, isa_avx2::rows_bf16, {"AVX2", "FMA"}},
+    {"portable", isa_portable::rows_float, isa_portable::rows_bf16, {}}};
+
+// The features path `name` needs that this CPU lacks, space-separated ("" where it runs).
+std::string missing_for(const Path& path) {
+  std::string missing;
+  for (const char* feature : path.needs)
+    if (!cpu_has(feature)) missing += (missing.empty() ? "" : " ") + std::string(feature);
+  return missing;
 }
 
-template <bool ROPE, typename T>
-using RowsFn = void (*)(const Problem<T>&, int64_t, std::vector<float>&, const T*);
+const Path& path_named(const std::string& name) {
+  for (const Path& path : kPaths)
+    if (name == path.name || (name == "auto" && missing_for(path).empty())) return path;
+  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512, avx2 or portable");
+}
 
-template <bool ROPE, typename T>
-constexpr RowsFn<ROPE, T> kRows[kMaxRows + 1] = {
-    nullptr,           rows<1, ROPE, T>,  rows<2, ROPE, T>,  rows<3, ROPE, T>,  rows<4, ROPE, T>,  rows<5, ROPE, T>,
-    rows<6, ROPE, T>,  rows<7, ROPE, T>,  rows<8, ROPE, T>,  rows<9, ROPE, T>,  rows<10, ROPE, T>, rows<11, ROPE, T>,
-    rows<12, ROPE, T>, rows<13, ROPE, T>, rows<14, ROPE, T>, rows<15, ROPE, T>, rows<16, ROPE, T>};
+std::string isa_missing(const std::string& name) { return missing_for(path_named(name)); }
+
+std::atomic<const Path*> active{&path_named("auto")};
+
+// Runs every later call on path `name` (auto: the best this CPU runs); the path's name.
+std::string set_isa(const std::string& name) {
+  const Path& path = path_named(name);
+  const std::string missing = missing_for(path);
+  TORCH_CHECK(missing.empty(), "ISA path ", name, " needs ", missing);
+  active = &path;
+  return path.name;
+}
 
 // Where torch's bf16 lives as bits.
 template <typename T>
@@ -296,10 +150,15 @@ struct Groups {
   int64_t size(int64_t g) const { return (off[g + 1] - off[g]) * per; }
 };
 
-// Every unit, on torch's thread pool: `problem(g)` is group g's problem. A call of a few
-// microseconds of work (a small model's decode step) runs without a fork/join.
-template <bool ROPE, typename T, typename MakeProblem>
+// Every unit, on torch's thread pool, on the path active when the call starts: `problem(g)` is
+// group g's problem. A call of a few microseconds of work (a small model's decode step) runs
+// without a fork/join.
+template <typename T, typename MakeProblem>
 void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem problem) {
+  const Path* path = active.load();
+  const RowsFn<T>* kernel;
+  if constexpr (std::is_same_v<T, float>) kernel = path->rows_float();
+  else kernel = path->rows_bf16();
   const T* m = data<T>(Mt);
   const int64_t lds = Mt.stride(0);
   const auto& units = groups.units;
@@ -307,12 +166,13 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
   const int64_t grain = groups.rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, count) : 1;
   at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> pack;
+    if (static_cast<int64_t>(pack.size()) < pack_floats(n)) pack.resize(pack_floats(n));
     for (int64_t u = lo; u < hi; ++u) {
       const auto [g, r] = units[u];
       const Problem<T> p = problem(g, m + groups.slot[g] * lds);
       // The next unit of this thread reads another M only when it starts another group.
       const T* next = u + 1 < hi && units[u + 1].first != g ? m + groups.slot[units[u + 1].first] * lds : nullptr;
-      kRows<ROPE, T>[std::min<int64_t>(groups.step[g], groups.size(g) - r)](p, r, pack, next);
+      kernel[std::min<int64_t>(groups.step[g], groups.size(g) - r)](p, r, pack.data(), next);
     }
   });
 }
@@ -331,7 +191,7 @@ void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor
     const T* v = data<T>(V);
     T* o = mutable_data<T>(out);
     const int64_t ldv = V.stride(0), ldo = out.stride(0), ldm = Mt.stride(1);
-    run<false, T>(groups, Mt, n, [&](int64_t g, const T* M) {
+    run<T>(groups, Mt, n, [&](int64_t g, const T* M) {
       return Problem<T>{v + groups.off[g] * ldv, ldv, M, ldm, n, o + groups.off[g] * ldo, ldo, a};
     });
   };
@@ -363,7 +223,7 @@ void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor&
     const Rope<T> base{data<T>(x), x.stride(0), in_f, tok, data<T>(cos), data<T>(ssin),
                        n, chunks, k_lo, period, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
     const int64_t ldm = Mt.stride(1);
-    run<true, T>(groups, Mt, n, [&](int64_t g, const T* M) {
+    run<T>(groups, Mt, n, [&](int64_t g, const T* M) {
       Problem<T> p{nullptr, 0, M, ldm, n, nullptr, 0, a, base};
       p.rope.tokens = tok + groups.off[g];
       return p;
@@ -373,8 +233,14 @@ void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor&
 }
 
 }  // namespace
+}  // namespace mora_native
+
+using namespace mora_native;  // the registrations below name the ops
 
 TORCH_LIBRARY(mora_native, lib) {
+  lib.def("cpu_has(str feature) -> bool", &cpu_has);
+  lib.def("isa_missing(str isa) -> str", &isa_missing);
+  lib.def("set_isa(str isa) -> str", &set_isa);
   lib.def("grouped_mm(Tensor V, Tensor offsets, Tensor slots, Tensor Mt, int n, float alpha, Tensor(a!) out) -> ()");
   lib.def(
       "rope_apply(Tensor x, Tensor tokens, Tensor offsets, Tensor slots, Tensor Mt, Tensor cos, Tensor ssin, "

@@ -1,0 +1,107 @@
+// What grouped_mm.cpp (the ops) and the ISA paths (isa_*.cpp, each the kernel of kernel.h built
+// for one instruction set) share: the problem a kernel is given and the scalar conversions.
+// Nothing here is compiled under a target pragma: an inline function every file may emit must
+// hold baseline x86-64 instructions only, whichever copy the linker keeps.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace mora_native {
+
+constexpr int kPanel = 16;  // output columns per panel (a 64-byte line of float32 Mt)
+constexpr int kMaxRows = 16;
+constexpr int PF = 16;  // rows of Mt prefetched ahead: a row stride of 1-2 KB defeats the hardware prefetcher
+// Panels of Mt prefetched from memory into L2 ahead of the one being multiplied (about 90 KB
+// at n = 348: microseconds ahead, while a line from memory takes a tenth of one). Prefetching
+// the whole next M a whole M ahead instead needs two Ms (~1 MB) of L2 at once, and lines were
+// evicted before use: with every M coming from memory, that cost twice the time over the
+// L2-resident case that this distance costs (0.23 vs 0.12 ms for 16 Ms of 348 x 348, 12 rows each).
+constexpr int kAhead = 4;
+
+using bf16 = uint16_t;  // at::BFloat16's bits
+
+// prefetcht0 that the optimizer keeps: GCC deletes a loop of __builtin_prefetch that does nothing
+// else (it ran none of rope_apply's y prefetches).
+inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+
+// A storage type's values as float32 and back: `get` widens, `from` rounds (bf16: to nearest
+// even, NaN to 0x7FC0, c10::BFloat16's conversion), `round` is the float32 value `from` stores.
+template <typename T>
+struct Scalar;
+
+template <>
+struct Scalar<float> {
+  static float get(float v) { return v; }
+  static float from(float v) { return v; }
+  static float round(float v) { return v; }
+};
+
+template <>
+struct Scalar<bf16> {
+  static float get(bf16 v) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static bf16 from(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return f != f ? 0x7FC0 : static_cast<bf16>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  static float round(float f) { return get(from(f)); }
+};
+
+// Type 6 straight from x to y (rope_apply): row r of a group is chunk k_lo + r % chunks of the
+// group's token r / chunks. Its V row is that chunk of the padded input, rotated; its product's
+// column q is output column (c * n + q) of every period `period`, added into y's columns
+// [out_start, out_start + width). Roundings follow the general path's torch ops.
+template <typename T>
+struct Rope {
+  const T* x;
+  int64_t ldx, in_f;
+  const int64_t* tokens;  // y/x row of each of the group's tokens (already offset to the group)
+  const T* cos;           // [chunks, n]: the rows of chunks k_lo..
+  const T* ssin;          // [chunks, n]: cat(-sin[:, :n/2], sin[:, n/2:])
+  int64_t n, chunks, k_lo, period, out_start, width;
+  T* y;  // null: grouped_mm
+  int64_t ldy;
+};
+
+template <typename T>
+struct Problem {
+  const T* V;
+  int64_t ldv;
+  const T* Mt;  // this group's Mt[slot]
+  int64_t ldm;  // its row stride
+  int64_t n;
+  T* out;
+  int64_t ldo;
+  float alpha;
+  Rope<T> rope{};  // rope_apply (rope.y set): rows are (token, chunk) pairs read from x and added into y
+};
+
+// A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table), `pack` scratch
+// of pack_floats(n) floats, `next` the M of the thread's next unit where that is another M.
+template <typename T>
+using RowsFn = void (*)(const Problem<T>& p, int64_t row0, float* pack, const T* next);
+
+inline int64_t pack_floats(int64_t n) { return kMaxRows * n + 2 * n; }  // V rows, and a rotation's two rows
+
+// Each path's table of kernels by unit size (index 0 unused), from its isa_*.cpp.
+namespace isa_portable {
+const RowsFn<float>* rows_float();
+const RowsFn<bf16>* rows_bf16();
+}  // namespace isa_portable
+namespace isa_avx2 {
+const RowsFn<float>* rows_float();
+const RowsFn<bf16>* rows_bf16();
+}  // namespace isa_avx2
+namespace isa_avx512 {
+const RowsFn<float>* rows_float();
+const RowsFn<bf16>* rows_bf16();
+}  // namespace isa_avx512
+
+}  // namespace mora_native

@@ -1,0 +1,192 @@
+// The kernel of one ISA path. Each isa_*.cpp includes it inside its namespace and target pragma,
+// after defining one panel of 16 float32 lanes, `Vec` (a zmm, two ymm, or 16 floats), with
+// `Mask`, the blocking (`kBlockRows`, `panels_for`), its loads, stores and FMAs.
+//
+// Mt is read in place, 16-column panels of consecutive addresses, never packed; the handful of V
+// rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
+// order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
+
+// The rotated chunk of row r into v[k * stride] (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
+// ssin[k] + u[k] * cos[k] (u = the chunk), rounded as torch's mul then addcmul_ round it; `buf`:
+// 2n floats. Elementwise, no FMA contraction: the same bits at every vector width.
+template <typename T>
+void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  using S = Scalar<T>;
+  const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
+  const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
+  const T* cr = rope.cos + c * n;
+  const T* sr = rope.ssin + c * n;
+  const int64_t base = (rope.k_lo + c) * n;
+  const float* u = buf;
+  if (std::is_same_v<T, float> && base + n <= rope.in_f) {
+    u = reinterpret_cast<const float*>(xr + base);
+  } else {  // widened, and the last chunk may read the padding: the first features again
+    for (int64_t k = 0; k < n; ++k) buf[k] = S::get(xr[base + k < rope.in_f ? base + k : base + k - rope.in_f]);
+  }
+  float* o = buf + n;
+  for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
+    o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
+  for (int64_t k = half; k < n; ++k)
+    o[k] = S::round(S::round(u[k - half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
+  for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
+}
+
+// Where a product row goes in y (rope_apply): its token's row of y, and for the panel at hand
+// the column of its lane 0 in the first period that reaches column 0 (and every period after).
+template <typename T>
+struct Target {
+  T* y;
+  int64_t j;
+};
+
+// Row r's chunk columns q0.. land on y's columns c * n + q - out_start of every period.
+template <typename T>
+Target<T> target(const Rope<T>& rope, int64_t r, int64_t q0) {
+  const int64_t d = (rope.k_lo + r % rope.chunks) * rope.n + q0 - rope.out_start;  // lane 0's column in period 0
+  const int64_t a = d + kPanel - 1;  // floor((d + 15) / period) periods before the first reaching column 0
+  const int64_t before = a >= 0 ? a / rope.period : -((-a + rope.period - 1) / rope.period);
+  return {rope.y + rope.tokens[r / rope.chunks] * rope.ldy, d - before * rope.period};
+}
+
+// The target `panels` panels on (no division: these run per panel and row).
+template <typename T>
+Target<T> shifted(const Rope<T>& rope, Target<T> t, int64_t panels) {
+  t.j += panels * kPanel;
+  while (t.j - rope.period + kPanel - 1 >= 0) t.j -= rope.period;
+  return t;
+}
+
+// at(y, j, lo, hi) for every period: lanes [lo, hi) of the panel go to columns j + lo.. of y.
+template <typename T, typename At>
+void each_period(const Rope<T>& rope, Target<T> t, int lanes, At at) {
+  for (int64_t j = t.j; j < rope.width; j += rope.period) {
+    const int lo = j < 0 ? static_cast<int>(-j) : 0;
+    const int hi = rope.width - j < lanes ? static_cast<int>(rope.width - j) : lanes;
+    if (lo < hi) at(t.y, j, lo, hi);
+  }
+}
+
+// The block's rows' targets at its first panel, and their y lines requested while it multiplies:
+// y is read and written once over a call, in lines scattered over chunks and periods that no
+// hardware prefetcher follows.
+template <int RB, int NP, typename T>
+__attribute__((noinline)) void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
+  for (int i = 0; i < RB; ++i) {
+    tgt[i] = target(p.rope, row0 + i, p0 * kPanel);
+    for (int j = 0; j < NP; ++j)
+      each_period(p.rope, shifted(p.rope, tgt[i], j), j == NP - 1 ? lanes : kPanel, [](T* y, int64_t c, int lo, int hi) {
+        prefetch_line(y + c + lo);
+        prefetch_line(y + c + hi - 1);
+      });
+  }
+}
+
+// Adds a product row's panel (v: already rounded to T, its first `lanes` inside [0, n)) into y
+// at target t. Out of line, as targets(): the block's accumulators are never addressed, so they
+// stay registers through its k loop (inlined, these two made GCC keep them in memory too).
+template <typename T>
+__attribute__((noinline)) void add_to_y(const Rope<T>& rope, Target<T> t, int lanes, const float* v) {
+  each_period(rope, t, lanes, [&](T* y, int64_t c, int lo, int hi) { add_lanes<T>(y, c, lo, hi, v); });
+}
+
+// Where the block after this one starts streaming into L2: kAhead panels on (at least one
+// block), this M's, then past its last panel the next unit's M (null: none to prefetch).
+template <int NP, typename T>
+void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)[NP]) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int j = 0; j < NP; ++j) {
+    const int64_t q = p0 + j + NP * ((kAhead + NP - 1) / NP);
+    ahead[j] = q < panels ? p.Mt + q * kPanel : next && q - panels < panels ? next + (q - panels) * kPanel : nullptr;
+  }
+}
+
+// RB rows (packed k-major at Vp) x NP panels from panel p0: every accumulator a register.
+template <int RB, int NP, bool TAIL, typename T>
+void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
+  Vec acc[RB][NP];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+  const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
+  const Mask tail = mask_of(lanes);
+  const T* ahead[NP];
+  lookahead<NP>(p, p0, next, ahead);
+  Target<T> tgt[RB];
+  if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
+  const T* base = p.Mt + p0 * kPanel;
+  for (int64_t k = 0; k < p.n; ++k) {
+    Vec b[NP];
+    const T* row = base + k * p.ldm;
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+      __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0
+      if (ahead[j]) __builtin_prefetch(ahead[j] + k * p.ldm, 0, 2);         // prefetcht1
+      b[j] = TAIL && j == NP - 1 ? load<T>(tail, row + j * kPanel) : load<T>(row + j * kPanel);  // never past n
+    }
+    const float* a = Vp + k * RB;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const Vec ai = bcast(a[i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
+    }
+  }
+  // Times alpha, stored: into out, or (rope_apply) rounded to T and added into y. Only the last
+  // panel of a TAIL block has fewer than kPanel columns inside [0, n).
+  // (Unrolled, as the loops over acc above: indexed by constants only, it stays registers.)
+  const Vec alpha = bcast(p.alpha);
+#pragma GCC unroll 8
+  for (int j = 0; j < NP; ++j) {
+    const int cols = TAIL && j == NP - 1 ? lanes : kPanel;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
+      if (p.rope.y) {
+        alignas(64) float tile[kPanel];
+        to_floats(tile, round_to<T>(v));
+        add_to_y(p.rope, shifted(p.rope, tgt[i], j), cols, tile);
+      } else {
+        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
+        cols == kPanel ? store<T>(dst, v) : store<T>(mask_of(cols), dst, v);
+      }
+    }
+  }
+}
+
+// Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
+// the first reads the panels from memory, the others from L1.
+template <int RB, int NP, bool TAIL, typename T>
+void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, const T* next) {
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
+  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * p.n, row0 + s * SUB, q, next);
+  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * p.n, row0 + (parts - 1) * SUB, q, next);
+}
+
+// Rows [row0, row0 + RB) of one group: packed (as float32, k-major, each block's rows apart),
+// then every column panel.
+template <int RB, typename T>
+void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
+  constexpr int NP = panels_for<SUB, T>();
+  for (int i = 0; i < RB; ++i) {
+    const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
+    float* dst = pack + s * SUB * p.n + (i - s * SUB);
+    if (p.rope.y) {
+      rotate(p.rope, row0 + i, dst, in, pack + RB * p.n);
+    } else {
+      const T* src = p.V + (row0 + i) * p.ldv;
+      for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
+    }
+  }
+  const int64_t full = p.n / kPanel;
+  int64_t q = 0;
+  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, pack, row0, q, next);
+  for (; q < full; ++q) sweep<RB, 1, false>(p, pack, row0, q, next);
+  if (p.n % kPanel) sweep<RB, 1, true>(p, pack, row0, full, next);
+}
+
+template <typename T>
+constexpr RowsFn<T> kRows[kMaxRows + 1] = {
+    nullptr,      rows<1, T>,  rows<2, T>,  rows<3, T>,  rows<4, T>,  rows<5, T>,  rows<6, T>,  rows<7, T>, rows<8, T>,
+    rows<9, T>,   rows<10, T>, rows<11, T>, rows<12, T>, rows<13, T>, rows<14, T>, rows<15, T>, rows<16, T>};
