@@ -25,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -37,7 +38,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -758,5 +758,5 @@ def test_cpu_demo_container_serves_on_loopback(demo_assets: Path, demo_facts: di
             path.chmod(path.stat().st_mode | 0o200)
     log = (tmp_path / "server.log").read_text()
     assert code == 0, log[-3000:]
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # the image's build was loaded, read-only
+    if platform.machine() in ("x86_64", "AMD64"):  # the image's build was loaded, read-only, on every x86-64 CPU
         assert "not the native kernel" not in log, log[-3000:]
