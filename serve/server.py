@@ -22,6 +22,7 @@ import time
 from serve.adapters import AdapterRegistry, LazyResolver
 from serve.config import ServerSettings, load_settings, parse_args
 from serve.engine import Engine
+from serve.engine.slots import resolve_slots
 from serve.errors import ServeError
 from serve.grpc import GrpcServer
 from serve.http import HttpServer, build_app
@@ -44,6 +45,7 @@ class PreloadError(ValueError):
 
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
+        settings = resolve_slots(settings)  # max_loras auto: sized by the slot memory budget
         self.settings = settings
         self.metrics = ServerMetrics(settings.metrics_label_limit)
         self.tenants = TenantDirectory.from_file(settings.tenants)

@@ -111,6 +111,13 @@ INTERNALS: tuple[Internal, ...] = (
              "guard.py wraps it: keys and values are made finite before the KV-cache write", calls="unified_kv_cache_update"),
     Internal("vllm.model_executor.layers.linear", "UnquantizedLinearMethod",
              "merging refuses a layer with any other quant_method (a quantized base is served unmerged)"),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "subclassed by MoraScheduler (admission with a "
+             "bound on passes); vLLM skips a request whose adapter cannot get a slot", calls="max_loras"),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler.__init__", "MoraScheduler reads the waiting queue, the "
+             "requests and additional_config", calls="self.waiting"),
+    Internal("vllm.v1.core.sched.request_queue", "RequestQueue.remove_requests", "MoraScheduler holds requests back"),
+    Internal("vllm.v1.core.sched.request_queue", "RequestQueue.add_request", "MoraScheduler puts them back, in order"),
+    Internal("vllm.v1.core.sched.output", "NewRequestData", "MoraScheduler counts passes from the admitted requests"),
     Internal("vllm.platforms.cpu", "CpuPlatform.import_kernels", "which of vLLM's CPU kernel libraries a CPU gets "
              "(quantized.py names it when a quantized base cannot run)", calls="_is_avx512_supported"),
     Internal("torch.cpu", "_is_avx512_supported", "quantized.py: the CPU feature vLLM's kernel library choice turns on"),

@@ -18,6 +18,7 @@ __all__ = ["ENV_PREFIX", "LORA_RANKS", "ServerSettings", "setting_kind"]
 
 ENV_PREFIX = "MORA_SERVE_"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
+MAX_SLOTS = 1024  # adapter slots per step at most (the step metadata and slot bookkeeping are O(slots))
 
 
 class ServerSettings(BaseSettings):
@@ -35,7 +36,10 @@ class ServerSettings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; vLLM's auto runs float32 checkpoints in 16 bits")
-    max_loras: int = Field(4, ge=1, le=256, description="adapter slots on the device (distinct adapters per step)")
+    max_loras: int | Literal["auto"] = Field(4, description="adapter slots on the device (distinct adapters per step), "
+                                             "1-1024; auto: as many as adapter_slots_bytes holds")
+    adapter_slots_bytes: int = Field(1 << 30, ge=1 << 20, description="with max_loras auto: the device memory a step's "
+                                     "adapter slots may take (vLLM's LoRA buffers and the MoRA slot tables)")
     max_cpu_loras: int = Field(16, ge=1, description="adapters kept loaded in the engine's host cache")
     max_lora_rank: int = Field(16, description="largest LoRA-equivalent rank r of any adapter")
     max_model_len: int | None = Field(None, ge=16, description="context length; none: the model's")
@@ -60,6 +64,8 @@ class ServerSettings(BaseSettings):
                                           "read from disk or, registered lazily, validated")
     management_calls_per_tenant: int = Field(2, ge=1, description="adapter loads, unloads, merges and unmerges a "
                                              "(non-admin) tenant may have in flight; more are refused RESOURCE_EXHAUSTED")
+    admission_max_passes: int = Field(16, ge=1, description="engine steps that may admit later requests past a "
+                                      "waiting one whose adapter has no slot, before the requests behind it wait for it")
     page_ins_per_tenant: int = Field(2, ge=1, description="adapters of one tenant read from disk at once; its "
                                      "other cold adapters wait their turn, so no tenant's flood delays another's")
     pin_preloaded: bool = Field(True, description="keep preloaded adapters in the host cache for good "
@@ -103,6 +109,13 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = Field(None, description="server private key (PEM), with tls_cert")
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="logging threshold")
+
+    @field_validator("max_loras")
+    @classmethod
+    def _slots(cls, v: int | str) -> int | str:
+        if v != "auto" and not 1 <= int(v) <= MAX_SLOTS:
+            raise ValueError(f"must be auto or between 1 and {MAX_SLOTS}")
+        return v
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -150,7 +163,7 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
-        if self.max_cpu_loras < self.max_loras:
+        if self.max_loras != "auto" and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be >= max_loras")
         if self.unmerge_share >= self.merge_share:
             raise ValueError("unmerge_share must be below merge_share (hysteresis)")

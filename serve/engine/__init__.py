@@ -33,6 +33,8 @@ __all__ = ["AdapterHandle", "Engine", "EngineError"]
 
 log = logging.getLogger(__name__)
 EXTENSION = "mora.vllm_plugin.extension.MoraWorkerExtension"
+SCHEDULER = "mora.vllm_plugin.scheduler.MoraScheduler"  # adapter-aware admission with a bound on passes
+ADMISSION_KEY = "mora_admission_max_passes"  # its bound, in vLLM's additional_config
 DEATH_POLL_S = 0.5  # how often a call waiting on the engine checks that it is still alive
 T = TypeVar("T")
 AdapterHandle = Any  # vLLM's LoRARequest for one registered adapter version (opaque to callers)
@@ -102,10 +104,12 @@ class Engine:
             pipeline_parallel_size=s.pipeline_parallel_size,
             distributed_executor_backend=s.distributed_executor_backend,
             worker_extension_cls=EXTENSION,
+            scheduler_cls=SCHEDULER,
             disable_log_stats=False,
             # anything else of vLLM's EngineArgs, validated in the settings; the served name (metrics'
             # model_name label) defaults to the model directory's name, never its path
-            **{"seed": 0, "served_model_name": s.model_name, **s.engine},
+            **{"seed": 0, "served_model_name": s.model_name, **s.engine,
+               "additional_config": {**s.engine.get("additional_config", {}), ADMISSION_KEY: s.admission_max_passes}},
         )
         try:
             self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

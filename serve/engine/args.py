@@ -31,6 +31,7 @@ MANAGED = {
     "tensor_parallel_size": "--tensor-parallel-size",
     "pipeline_parallel_size": "--pipeline-parallel-size",
     "distributed_executor_backend": "--distributed-executor-backend",
+    "scheduler_cls": "(mora's scheduler, always: adapter-aware admission with a bound; --admission-max-passes)",
 }
 
 
