@@ -1,11 +1,19 @@
 """Thousands of adapters on one real `mora-serve`: disk -> host cache -> device slots under load.
 
-Registers >= 1,000 MoRA adapters (types 1 and 6) on a small Llama-shaped model, serves zipf(1.0)
-traffic from 64 clients with `max_loras=16`, `max_cpu_loras=64`, and measures side by side in
-one run:
+Registers >= 1,000 MoRA adapters (types 1 and 6) on a small Llama-shaped model and serves
+zipf(1.0) traffic from 64 clients, on two servers one after the other:
+
+1. `max_loras=16`: what adapter-aware admission (vLLM admits requests whose adapter has a slot
+   ahead of one whose adapter has none; mora's scheduler bounds how often a request is passed
+   over) makes of spread traffic: the share of the clients a step runs (`share_16`) against the
+   share one 16-slot step can hold of this traffic admitted in arrival order (`share_fcfs`) and
+   at best (`share_best`); and the traffic folded onto 16 adapters, for phase 2's slot cost.
+2. `max_loras auto`: as many slots as `--slots-bytes` holds for this model (`slots=`), the same
+   traffic, measured side by side:
 
 * `tput_vs_16`: requests per second over all the adapters, relative to the same traffic folded
   onto the 16 hottest adapters only (nothing to page);
+* the folded traffic's throughput against phase 1's (what the extra idle slots cost);
 * `p50_ttft_warm_ms` (adapter requested before) and `p99_ttft_cold_ms` (first request of an
   adapter: read from its snapshot on disk);
 * `wrong`: answers that differ from the transformers reference (`mora.hf`), on every request
@@ -17,11 +25,12 @@ one run:
 * `merge_stall_p99_vs_normal`: p99 of one stream's token gaps while another adapter is merged
   and unmerged by the manual RPCs, over its p99 without merges.
 
-    python -m bench.scale --quick   # the demo model, < 15 minutes on 2 CPU cores
+    python -m bench.scale --quick   # the demo model, < 20 minutes on 2 CPU cores
     python -m bench.scale           # the 100M model of bench.serving
 
-Ends with one line: adapters= requests= failed= wrong= p50_ttft_warm_ms= p99_ttft_cold_ms=
-tput_vs_16= rss_mb= rss_bound_mb= merge_stall_p99_vs_normal=
+Ends with one line: adapters= requests= failed= wrong= slots= p50_ttft_warm_ms= p99_ttft_cold_ms=
+tput_vs_16= tput_vs_16_in_16_slots= share_16= share_fcfs= share_best= rss_mb= rss_bound_mb=
+merge_stall_p99_vs_normal=
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the loopback server harness shared wi
 TOKENS = 8
 PROMPTS = ["hello world", "MoRA serves", "tenant traffic"]
 MAX_LORAS, MAX_CPU_LORAS, CLIENTS = 16, 64, 64
+SLOTS_BYTES = 96 << 20  # the default slot budget: about 80 slots of the demo model (1.2 MB each in float32)
 TIE_MARGIN = 1e-3
 RSS_CONSTANT_MB = 256  # allocator slack, gRPC buffers, Python objects of the registry
 
@@ -277,13 +287,36 @@ def _plot(path: Path, warm: list[float], cold: list[float], hot: list[float], tp
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _serve(base: Path, root: Path, names: list[str], log: Path, slots: list[str]) -> object:
     from server_helpers import ServerProcess
 
+    srv = ServerProcess(base, root, log, args=[
+        *slots, "--max-cpu-loras", str(MAX_CPU_LORAS), "--max-adapters", str(len(names) + 16),
+        "--max-num-seqs", str(CLIENTS), "--max-pending-requests", str(4 * CLIENTS), "--no-auto-merge", "--max-lora-rank", "8"])
+    srv.wait_serving()
+    return srv
+
+
+def _register(srv, names: list[str]) -> float:
+    with srv.client(timeout=300) as c, ThreadPoolExecutor(4) as pool:
+        t = time.monotonic()
+        list(pool.map(lambda a: c.load_adapter(a, a), names))
+        return time.monotonic() - t
+
+
+def _slots(srv) -> int:
+    from server_helpers import metric_value
+
+    return int(metric_value(srv.scrape(), "mora_adapter_slots_capacity"))
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the demo model and shorter phases (< 15 min on 2 cores)")
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=None, help="length of each traffic phase")
+    p.add_argument("--slots-bytes", type=int, default=SLOTS_BYTES,
+                   help="the server's adapter_slots_bytes (max_loras auto: slots sized by this memory budget)")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     p.add_argument("--plot", type=Path, default=None, help="write an SVG: TTFT distributions and throughput per phase")
     args = p.parse_args(argv)
@@ -296,16 +329,27 @@ def main(argv: list[str] | None = None) -> int:
     refs = _references(base, root, sample)
     adapter_bytes = max(sum(f.stat().st_size for f in (root / a).iterdir()) for a in names[:2])
 
-    srv = ServerProcess(base, root, args.cache / "scale-server.log", args=[
-        "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS), "--max-adapters", str(len(names) + 16),
-        "--max-num-seqs", str(CLIENTS), "--max-pending-requests", str(4 * CLIENTS), "--no-auto-merge", "--max-lora-rank", "8"])
+    # 1. MAX_LORAS slots: what adapter-aware admission (vLLM's skip + mora's bound) makes of
+    #    spread traffic in 16 slots, against the FCFS and best-16 bounds; and the folded traffic's
+    #    throughput there (the cost of idle slots is phase 2's over this).
+    srv = _serve(base, root, names, args.cache / "scale-server-16.log", ["--max-loras", str(MAX_LORAS)])
     try:
-        srv.wait_serving()
+        _register(srv, names)
+        hot16 = Traffic(srv, names, refs, seconds / 2, fold_to=16)
+        tput_16_on_16 = hot16.run()
+        spread16 = Traffic(srv, names, refs, seconds / 2)
+        spread16_batch = Sampler(srv)
+        tput_all_on_16 = spread16.run()
+        spread16_batch.stop()
+    finally:
+        srv.stop()
+    # 2. max_loras auto: the slot count the memory budget gives, the same traffic.
+    srv = _serve(base, root, names, args.cache / "scale-server.log",
+                 ["--max-loras", "auto", "--adapter-slots-bytes", str(args.slots_bytes)])
+    try:
+        slots = _slots(srv)
         rss_before = _rss(srv.proc.pid)
-        with srv.client(timeout=300) as c, ThreadPoolExecutor(4) as pool:
-            t = time.monotonic()
-            list(pool.map(lambda a: c.load_adapter(a, a), names))
-            register_s = time.monotonic() - t
+        register_s = _register(srv, names)
         rss_registered = _rss(srv.proc.pid)
         hot = Traffic(srv, names, refs, seconds, fold_to=16)
         hot_batch = Sampler(srv)
@@ -322,30 +366,37 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         srv.stop()
 
-    records = spread.records + hot.records
+    records = spread.records + hot.records + spread16.records + hot16.records
     failed = sum(r[1] != "OK" for r in records)
+    wrong = spread.wrong + hot.wrong + spread16.wrong + hot16.wrong
+    checked = spread.checked + hot.checked + spread16.checked + hot16.checked
     warm = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and not r[3]]
     cold = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and r[3]]
-    bound = rss_warm + MAX_CPU_LORAS * adapter_bytes + (RSS_CONSTANT_MB << 20)
-    print(f"registered {len(names)} adapters in {register_s:.1f}s; checked {spread.checked + hot.checked} answers against "
-          f"the reference; {len(cold)} cold first requests; rss {rss_before >> 20} MB before registering, "
-          f"{rss_registered >> 20} MB after ({(rss_registered - rss_before) / len(names) / 1024:.0f} KB per registered "
-          f"adapter), {rss_warm >> 20} MB after the 16-adapter traffic", flush=True)
-    # With max_loras slots a step holds requests of at most 16 adapters: on a model whose step
-    # time hardly grows with the batch, throughput follows the running batch, and the batch a
-    # 16-slot step can hold of this traffic bounds tput_vs_16.
-    print(f"running batch: {spread_batch.mean():.1f} spread, {hot_batch.mean():.1f} hot "
-          f"(ratio {spread_batch.mean() / max(hot_batch.mean(), 1e-9):.2f}); the {MAX_LORAS}-slot bound of this traffic: "
-          f"{slot_bound(len(names)):.2f} (greedy FCFS), {slot_bound(len(names), best=True):.2f} (best 16 adapters per step)",
+    bound = rss_warm + max(MAX_CPU_LORAS, slots) * adapter_bytes + (RSS_CONSTANT_MB << 20)
+    print(f"registered {len(names)} adapters in {register_s:.1f}s; checked {checked} answers against the reference; "
+          f"{len(cold)} cold first requests; rss {rss_before >> 20} MB before registering, {rss_registered >> 20} MB after "
+          f"({(rss_registered - rss_before) / len(names) / 1024:.0f} KB per registered adapter), {rss_warm >> 20} MB "
+          f"after the 16-adapter traffic", flush=True)
+    # With max_loras slots a step holds requests of at most that many adapters: on a model whose
+    # step time hardly grows with the batch, throughput follows the running batch.
+    fcfs, best = slot_bound(len(names)), slot_bound(len(names), best=True)
+    print(f"{MAX_LORAS} slots: running batch {spread16_batch.mean():.1f} of {CLIENTS} clients "
+          f"(share {spread16_batch.mean() / CLIENTS:.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
+          f"{best:.2f} best {MAX_LORAS} adapters per step); spread vs folded throughput {tput_all_on_16 / tput_16_on_16:.2f}",
           flush=True)
-    print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={spread.wrong + hot.wrong} "
+    print(f"max_loras auto: {slots} slots in {args.slots_bytes >> 20} MiB; running batch: {spread_batch.mean():.1f} spread, "
+          f"{hot_batch.mean():.1f} hot (ratio {spread_batch.mean() / max(hot_batch.mean(), 1e-9):.2f}); folded traffic "
+          f"{tput_16 / tput_16_on_16:.2f}x its throughput in {MAX_LORAS} slots (the cost of {slots - MAX_LORAS} idle slots)",
+          flush=True)
+    print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={wrong} slots={slots} "
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
-          f"tput_vs_16={tput_all / tput_16:.2f} rss_mb={rss >> 20} rss_bound_mb={bound >> 20} "
-          f"merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
+          f"tput_vs_16={tput_all / tput_16:.2f} tput_vs_16_in_16_slots={tput_all_on_16 / tput_16_on_16:.2f} "
+          f"share_16={spread16_batch.mean() / CLIENTS:.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
+          f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
     if args.plot is not None:
         _plot(args.plot, warm, cold, [r[2] for r in hot.records if r[1] == "OK" and r[2] is not None],
               tput_all, tput_16, normal, merging)
-    return 0 if failed == 0 and spread.wrong + hot.wrong == 0 and spread.checked + hot.checked >= 200 else 1
+    return 0 if failed == 0 and wrong == 0 and checked >= 200 else 1
 
 
 if __name__ == "__main__":
