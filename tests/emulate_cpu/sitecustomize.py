@@ -1,6 +1,6 @@
 """Makes a process's software see an AVX2-only x86 CPU (no AVX-512, no AMX), on a machine that
 has them: for tests of what happens on such CPUs, and to run the whole suite as an AVX2 machine
-(e.g. AMD EPYC) runs it (README, "Testing").
+(e.g. AMD EPYC) runs it (README, "Testing as an AVX2-only CPU runs").
 
 Put this folder on `PYTHONPATH` with `MORA_EMULATE_CPU=avx2`; Python imports it at start-up,
 before anything imports torch. Then:
