@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from serve.errors import InvalidRequest
 from serve.grpc.caller import caller
 from serve.grpc.proto import adapters_pb2 as apb
 from serve.grpc.proto import adapters_pb2_grpc, inference_pb2_grpc
@@ -36,6 +37,7 @@ LOCATION = {
     Location.HOST_CACHE: apb.ADAPTER_LOCATION_HOST_CACHE,
     Location.DISK_ONLY: apb.ADAPTER_LOCATION_DISK_ONLY,
 }
+MAX_DIGESTS = 8
 KIND = {"mora": apb.ADAPTER_KIND_MORA, "lora": apb.ADAPTER_KIND_LORA}
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "logprobs")
@@ -121,9 +123,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         which = request.WhichOneof("source")
+        if len(request.sha256) > MAX_DIGESTS:  # from the count, before copying them
+            raise InvalidRequest(f"sha256: at most {MAX_DIGESTS} digests (one per adapter file)")
         load = LoadRequest(request.adapter_id, path=request.path if which == "path" else None,
                            source=request.registered_source if which == "registered_source" else None,
-                           replace=request.replace, tenant=request.tenant, pinned=request.pinned)
+                           replace=request.replace, tenant=request.tenant, pinned=request.pinned,
+                           sha256=dict(request.sha256))
         return apb.LoadAdapterResponse(adapter=adapter_info(await self.adapters.load(caller(), load)))
 
     async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

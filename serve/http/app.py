@@ -272,7 +272,8 @@ def build_app(generation: GenerationService, adapters: AdapterService, tenants: 
     async def load_adapter(request: Request) -> Response:
         body = parse_body(AdapterLoad, await request.body())
         load = LoadRequest(body.adapter_id, path=None if body.source is not None else (body.path or body.adapter_id),
-                           source=body.source, replace=body.replace, tenant=body.tenant, pinned=body.pinned)
+                           source=body.source, replace=body.replace, tenant=body.tenant, pinned=body.pinned,
+                           sha256=body.sha256)
         return JSONResponse({"adapter": info_json(await adapters.load(tenant_of(request), load))})
 
     @app.get("/v1/adapters/{adapter_id}")

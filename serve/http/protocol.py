@@ -155,11 +155,12 @@ class ChatRequest(_Common):
 
 class AdapterLoad(_Body):
     adapter_id: str
-    path: str | None = Field(None, description="relative to the server's adapter root")
+    path: str | None = Field(None, description="relative to your adapter folder, or s3://bucket/prefix, hf://org/name[@rev]")
     source: str | None = Field(None, description="a source registered in the server config")
     replace: bool = False
     tenant: str = ""
     pinned: bool = Field(False, description="mark it hot (admins only): never evicted from the host cache")
+    sha256: dict[str, str] = Field(default_factory=dict, max_length=8, description="file name -> pinned sha256 (source URIs)")
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterLoad:

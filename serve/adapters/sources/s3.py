@@ -28,6 +28,8 @@ __all__ = ["S3Resolver"]
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "AccountProblem",
            "InvalidToken", "ExpiredToken"}
+# a body that ended before its Content-Length (the connection was cut mid-transfer)
+_CUT = (bex.IncompleteReadError, bex.ResponseStreamingError)
 # transport failures: the endpoint is down, the connection was cut, a read timed out
 _TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
               bex.ResponseStreamingError, bex.IncompleteReadError, bex.HTTPClientError, Urllib3Error, ConnectionError,
@@ -47,6 +49,8 @@ def _error(e: Exception, what: str) -> ServeError:
         if code in _DENIED or status == 403:
             return SourceDenied(f"the store refused the server's credentials for {what} ({code or status})")
         return SourceUnavailable(f"the store failed on {what} ({code or status})")
+    if isinstance(e, _CUT):
+        return SourceUnavailable(f"the transfer of {what} was cut before its end (truncated; {type(e).__name__})")
     if isinstance(e, _TRANSIENT):
         return SourceUnavailable(f"the store could not be reached for {what} ({type(e).__name__})")
     return SourceUnavailable(f"the S3 client failed on {what} ({type(e).__name__})")
