@@ -74,7 +74,7 @@ class FaultProxy:
     * `cut_after[suffix] = n`: a GET of a key ending in `suffix` gets its answer's headers and
       only `n` bytes of its body, then the connection is closed (a truncated transfer);
     * `down_after_cut`: after such a cut, every new connection is refused (the endpoint went
-      down mid-download);
+      down mid-download); `cut_once`: after such a cut, transfers pass again;
     * `refusing`: every new connection is closed at once.
 
     `requests` records each request line seen (method and path).
@@ -87,6 +87,7 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cut_after: dict[str, int] = {}
         self.down_after_cut = False
+        self.cut_once = False
         self.refusing = False
         self.requests: list[str] = []
         self._lock = threading.Lock()
@@ -95,7 +96,7 @@ class FaultProxy:
     def reset(self) -> None:
         with self._lock:
             self.cut_after.clear()
-            self.down_after_cut = self.refusing = False
+            self.down_after_cut = self.cut_once = self.refusing = False
             self.requests.clear()
 
     def gets(self, suffix: str) -> int:
@@ -157,5 +158,29 @@ class FaultProxy:
             if body_sent >= cut:
                 if self.down_after_cut:
                     self.refusing = True
+                if self.cut_once:
+                    self.cut_after.clear()
                 client.shutdown(socket.SHUT_RDWR)  # mid-body: the client sees a truncated answer
                 return
+
+
+def hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "main") -> str:
+    """Put the files of `folder` into a Hugging Face hub cache at `cache` (HF_HUB_CACHE) as
+    `repo_id` at `revision`, in the hub client's own layout (blobs named by sha256, a snapshot
+    per commit linking to them, refs naming the commit): what a download would have left there.
+    Returns the commit."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    return commit
