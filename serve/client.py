@@ -168,6 +168,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = getattr(args, name)
     if args.stop:
         out["stop"] = args.stop
+    if args.json_schema is not None:  # structured output: one constraint
+        out["structured"] = ipb.StructuredOutput(json_schema=Path(args.json_schema).read_text())
+    elif args.regex is not None:
+        out["structured"] = ipb.StructuredOutput(regex=args.regex)
+    elif args.choice:
+        out["structured"] = ipb.StructuredOutput(choice=ipb.Choices(choices=args.choice))
     return out
 
 
@@ -189,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         g.add_argument("--top-k", type=int)
         g.add_argument("--seed", type=int)
         g.add_argument("--stop", action="append")
+        constraint = g.add_mutually_exclusive_group()
+        constraint.add_argument("--json-schema", metavar="FILE", help="the text must match this JSON schema (a file)")
+        constraint.add_argument("--regex", help="the text must match this regular expression")
+        constraint.add_argument("--choice", action="append", help="the text must be one of these (repeatable)")
     a = sub.add_parser("adapters")
     asub = a.add_subparsers(dest="op", required=True)
     asub.add_parser("list")

@@ -184,8 +184,9 @@ class Engine:
         try:
             async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=adapter):
                 yield _output(out)
-        except VLLMClientError as e:  # the engine's own "bad request" errors
-            raise InvalidRequest(str(e)) from None
+        except VLLMClientError as e:  # the engine's own "bad request" errors (a constraint it cannot compile...)
+            constraint = f" (the request's {sampling.constraint.kind.value} constraint)" if sampling.constraint else ""
+            raise InvalidRequest(f"{e}{constraint}") from None
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None and not self.llm.errored:

@@ -19,8 +19,12 @@ from serve.grpc.proto import inference_pb2 as ipb
 from serve.services.adapters import AdapterInfo, AdapterService, LoadRequest, Location
 from serve.services.generation import GenerationService
 from serve.services.requests import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
     ChatMessage,
     Chunk,
+    Constraint,
+    ConstraintKind,
     GenerateCall,
     Sampling,
     TokenLogprob,
@@ -43,6 +47,23 @@ _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty
              "logprobs")
 
 
+def _constraint(structured: Any) -> Constraint:
+    """The message's structured-output constraint; sizes checked from its lengths first."""
+    which = structured.WhichOneof("constraint")
+    if which is None:
+        raise InvalidRequest("structured: give one of json_schema, json_object, regex, choice, grammar")
+    if which == "choice":
+        if len(structured.choice.choices) > MAX_CHOICES:
+            raise InvalidRequest(f"choice: give 1 to {MAX_CHOICES} choices")
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(structured.choice.choices))
+    if which == "json_object":
+        if not structured.json_object:
+            raise InvalidRequest("structured.json_object must be true when set")
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    kind = {"json_schema": ConstraintKind.JSON_SCHEMA, "regex": ConstraintKind.REGEX, "grammar": ConstraintKind.GRAMMAR}[which]
+    return Constraint(kind, getattr(structured, which))
+
+
 def generate_call(request: Any) -> GenerateCall:
     """The API message as the generation core's request; sizes are checked from the message's
     counts before anything of that size is copied out of it."""
@@ -52,7 +73,10 @@ def generate_call(request: Any) -> GenerateCall:
                 messages=len(request.messages.messages) if which == "messages" else 0,
                 prompt_tokens=len(request.prompt_token_ids.ids) if which == "prompt_token_ids" else 0,
                 request_id=len(request.request_id))
+    if len(sp.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
     sampling = Sampling(
+        constraint=_constraint(sp.structured) if sp.HasField("structured") else None, logit_bias=dict(sp.logit_bias),
         max_tokens=sp.max_tokens or 16, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
         min_tokens=sp.min_tokens, skip_special_tokens=sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True,
         n=sp.n or 1, **{name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)})
