@@ -81,6 +81,8 @@ class HubResolver:
             path = try_to_load_from_cache(uri.bucket, name, revision=uri.revision)
             if isinstance(path, str):
                 found.append(RemoteFile(name, uri.file(name), os.stat(path).st_size, name))
+        if not found:
+            raise SourceNotFound(f"no adapter at {uri} in the hub client's cache (offline: HF_HUB_OFFLINE is set)")
         return found
 
     @contextlib.contextmanager
