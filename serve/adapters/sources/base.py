@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -32,6 +34,18 @@ class SourceConfig:
     s3_region: str | None = None
     s3_profile: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> SourceConfig:
+        """From the server's own variables (MORA_SERVE_S3_*, MORA_SERVE_SOURCE_*), for processes
+        without its settings (the plain-vLLM resolver, serve/engine/lora_resolver.py)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            text = environ.get("MORA_SERVE_" + (f.name if f.name.startswith("s3_") else "source_" + f.name).upper())
+            if text is not None:
+                default = f.default
+                values[f.name] = type(default)(text) if isinstance(default, int | float) else text
+        return cls(**values)
 
 
 @dataclass(frozen=True)
