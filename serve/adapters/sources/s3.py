@@ -17,7 +17,6 @@ from typing import Any
 import boto3
 import botocore.exceptions as bex
 from botocore.config import Config
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from serve.adapters.sources.base import CHUNK, Listing, RemoteFile, SourceConfig
 from serve.adapters.sources.uri import SourceUri
@@ -32,8 +31,7 @@ _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 _CUT = (bex.IncompleteReadError, bex.ResponseStreamingError)
 # transport failures: the endpoint is down, the connection was cut, a read timed out
 _TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
-              bex.ResponseStreamingError, bex.IncompleteReadError, bex.HTTPClientError, Urllib3Error, ConnectionError,
-              TimeoutError)
+              bex.ResponseStreamingError, bex.IncompleteReadError, bex.HTTPClientError, ConnectionError, TimeoutError)
 
 
 def _error(e: Exception, what: str) -> ServeError:
