@@ -51,6 +51,12 @@ class ServerSettings(BaseSettings):
         default_factory=dict, json_schema_extra={"flag": "--engine-arg", "metavar": "KEY=VALUE"},
         description="any other vLLM EngineArgs setting (repeatable: enable_prefix_caching=true, max_num_batched_tokens=2048...), "
         "checked against vLLM's EngineArgs before the engine starts")
+    # structured outputs (response_format, structured_outputs, SamplingParams.structured)
+    structured_output_backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = Field(
+        "auto", description="vLLM's structured-output backend; auto: xgrammar, falling back to the others for what it cannot compile")
+    structured_output_compact_json: bool = Field(
+        False, description="JSON outputs without whitespace between tokens (backend xgrammar or guidance): compact, and a "
+        "model cannot spend its tokens on whitespace the grammar would allow")
     # adapter tiers: snapshots on disk -> vLLM's host cache (max_cpu_loras) -> device slots (max_loras)
     max_adapters: int = Field(10000, ge=1, description="adapters registered at once (each is a snapshot on disk; "
                               "host memory holds only max_cpu_loras of them)")
@@ -174,6 +180,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
             raise ValueError("metrics_tls_cert and metrics_tls_key go together")
+        if self.structured_output_compact_json and self.structured_output_backend not in ("xgrammar", "guidance"):
+            raise ValueError("structured_output_compact_json needs structured_output_backend xgrammar or guidance")
         return self
 
     @property

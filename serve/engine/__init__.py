@@ -83,6 +83,7 @@ class Engine:
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -103,6 +104,8 @@ class Engine:
             distributed_executor_backend=s.distributed_executor_backend,
             worker_extension_cls=EXTENSION,
             disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(backend=s.structured_output_backend,
+                                                              disable_any_whitespace=s.structured_output_compact_json),
             # anything else of vLLM's EngineArgs, validated in the settings; the served name (metrics'
             # model_name label) defaults to the model directory's name, never its path
             **{"seed": 0, "served_model_name": s.model_name, **s.engine},

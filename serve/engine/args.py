@@ -31,6 +31,7 @@ MANAGED = {
     "tensor_parallel_size": "--tensor-parallel-size",
     "pipeline_parallel_size": "--pipeline-parallel-size",
     "distributed_executor_backend": "--distributed-executor-backend",
+    "structured_outputs_config": "--structured-output-backend and --structured-output-compact-json",
 }
 
 
