@@ -13,6 +13,8 @@ from s3_helpers import FaultProxy, S3Server
 
 from serve.adapters.sources import AdapterSources, SourceConfig, parse_source, request_pins
 from serve.adapters.sources.fetch import Fetcher
+from serve.adapters.sources.s3 import S3Resolver
+from serve.adapters.sources.uri import Scheme
 from serve.errors import InvalidRequest, PermissionDenied, SourceDenied, SourceNotFound, SourceUnavailable
 from serve.tenants import SourceGrant, Tenant, TenantDirectory
 
@@ -168,3 +170,17 @@ def test_staging_is_private_and_removed_whatever_happens(s3, fetcher, tmp_path, 
         asyncio.run(run())
     finally:
         sources.close()
+
+
+def test_each_file_has_a_deadline(s3, fetcher, tmp_path):
+    """A deadline already past when the first chunk arrives (no clock race: any machine is slower
+    than a microsecond): the attempt fails naming the setting, and is retried like a cut transfer."""
+    uri = parse_source("s3://adapters/shared/atlas")
+    listing = fetcher.list(uri, 1 << 30)
+    hurried = Fetcher(SourceConfig(file_timeout_s=1e-6, retries=1, backoff_s=0.01),
+                      resolvers={Scheme.S3: S3Resolver(fetcher.config)})  # the client itself with normal timeouts
+    try:
+        with pytest.raises(SourceUnavailable, match=r"not downloaded within 1e-06s \(source_file_timeout_s\).*after 2 attempts"):
+            hurried.download(listing, tmp_path, {})
+    finally:
+        hurried.close()
