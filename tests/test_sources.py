@@ -214,4 +214,4 @@ def test_hub_from_the_offline_cache(env, demo_facts):
         assert info.source == "hf://demo-org/draco"
         _facts_equal(ops, "hub-draco", demo_facts["draco"][:3])
         code, message = _code(lambda: ops.load_adapter("hub-absent", "hf://demo-org/absent"))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "cache (offline)" in message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "in the hub client's cache (offline" in message
