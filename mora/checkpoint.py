@@ -42,6 +42,7 @@ from mora.spec import MoraType
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "MAX_CONFIG_BYTES",
     "BIN_WEIGHTS",
     "SAFETENSORS_WEIGHTS",
     "AdapterConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "read_config",
     "save_lora_adapter",
     "save_mora_adapter",
+    "weights_limit",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -468,6 +470,16 @@ def _read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, b
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {str(e)[:160]}", adapter=name) from None
 
 
+def weights_limit(base_shapes: Shapes | None) -> int:
+    """The most bytes an adapter's weights file may have for a base model with `base_shapes`
+    (every module at its largest MoRA or LoRA size, in 8-byte floats, twice; plus 1 MiB of
+    header): what a file whose contents cannot be checked before it is read (a pickle, a
+    download) is bounded by."""
+    if not base_shapes:
+        return MAX_FILE_BYTES
+    return min(MAX_FILE_BYTES, (1 << 20) + sum(16 * (o + i) * max(o, i) for o, i in base_shapes.values()))
+
+
 def _read_tensors(directory: Path, name: str, allowed: Path | ReadScope | None = None,
                   base_shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
     st, bn = directory / SAFETENSORS_WEIGHTS, directory / BIN_WEIGHTS
@@ -475,10 +487,7 @@ def _read_tensors(directory: Path, name: str, allowed: Path | ReadScope | None =
         return _read_safetensors(st, name, allowed, base_shapes)
     if os.path.lexists(bn):
         # A pickle's shapes cannot be read before its data: bound the file by what the base model allows.
-        limit = MAX_FILE_BYTES
-        if base_shapes:
-            limit = min(limit, (1 << 20) + sum(16 * (o + i) * max(o, i) for o, i in base_shapes.values()))
-        data = _read_inside(bn, allowed, name, limit)
+        data = _read_inside(bn, allowed, name, weights_limit(base_shapes))
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file

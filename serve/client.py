@@ -129,8 +129,10 @@ class MoraClient:
                                              timeout=self.timeout)
 
     def load_adapter(self, adapter_id: str, path: str | None = None, *, source: str | None = None, replace: bool = False,
-                     tenant: str = "", pinned: bool = False) -> Any:
-        req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant, pinned=pinned)
+                     tenant: str = "", pinned: bool = False, sha256: dict[str, str] | None = None) -> Any:
+        """`path`: relative to your adapter folder, or a source URI (s3://bucket/prefix,
+        hf://org/name[@revision]); `sha256`: file name -> the digest it must have."""
+        req = apb.LoadAdapterRequest(adapter_id=adapter_id, replace=replace, tenant=tenant, pinned=pinned, sha256=sha256 or {})
         if source is not None:
             req.registered_source = source
         else:
@@ -166,6 +168,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
             out[name] = getattr(args, name)
     if args.stop:
         out["stop"] = args.stop
+    if args.json_schema is not None:  # structured output: one constraint
+        out["structured"] = ipb.StructuredOutput(json_schema=Path(args.json_schema).read_text())
+    elif args.regex is not None:
+        out["structured"] = ipb.StructuredOutput(regex=args.regex)
+    elif args.choice:
+        out["structured"] = ipb.StructuredOutput(choice=ipb.Choices(choices=args.choice))
     return out
 
 
@@ -187,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         g.add_argument("--top-k", type=int)
         g.add_argument("--seed", type=int)
         g.add_argument("--stop", action="append")
+        constraint = g.add_mutually_exclusive_group()
+        constraint.add_argument("--json-schema", metavar="FILE", help="the text must match this JSON schema (a file)")
+        constraint.add_argument("--regex", help="the text must match this regular expression")
+        constraint.add_argument("--choice", action="append", help="the text must be one of these (repeatable)")
     a = sub.add_parser("adapters")
     asub = a.add_subparsers(dest="op", required=True)
     asub.add_parser("list")
@@ -197,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     un.add_argument("--automatic", action="store_true", help="hand it back to the automatic merge policy")
     ld = asub.add_parser("load")
     ld.add_argument("adapter_id")
-    ld.add_argument("--path", help="relative to the server's adapter root (default: the id)")
+    ld.add_argument("--path", help="relative to your adapter folder (default: the id), or a source URI: "
+                    "s3://bucket/prefix, hf://org/name[@revision]")
+    ld.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
+                    help="the digest a downloaded file must have (repeatable), e.g. adapter_model.safetensors=9f86...")
     ld.add_argument("--source", help="a source registered in the server config")
     ld.add_argument("--replace", action="store_true")
     ld.add_argument("--pinned", action="store_true", help="mark it hot (admins): never evicted from the host cache")
@@ -222,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.op == "get":
                 _print(c.get_adapter(args.adapter_id))
             elif args.op == "load":
+                digests = dict(item.partition("=")[::2] for item in args.sha256)
                 _print(c.load_adapter(args.adapter_id, args.path, source=args.source, replace=args.replace, tenant=args.tenant,
-                                      pinned=args.pinned))
+                                      pinned=args.pinned, sha256=digests))
             elif args.op == "unload":
                 _print(c.unload_adapter(args.adapter_id))
             elif args.op == "merge":

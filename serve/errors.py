@@ -80,6 +80,19 @@ class Unavailable(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class SourceNotFound(InvalidRequest):
+    """No adapter at the source URI a load names (no adapter_config.json there, no such bucket or repo)."""
+
+
+class SourceDenied(PermissionDenied):
+    """The storage refused the server's own credentials for a source URI (its bucket policy, its keys)."""
+
+
+class SourceUnavailable(Unavailable):
+    """The storage could not be reached or a transfer failed (timeouts, cut connections, truncated
+    transfers) after the retries; nothing was registered, and the load may be retried."""
+
+
 class PayloadTooLarge(ServeError):
     """An HTTP body over the server's limit (refused while it streams in)."""
 

@@ -10,6 +10,11 @@ A tenants file (YAML or JSON):
         max_concurrent_requests: 8
         max_resident_adapters: 4
         lazy_adapters: true            # serve <adapter-root>/acme/<id>/ by id on first use
+        sources:                       # where acme may load adapters from (admins: anywhere)
+          - prefix: s3://adapters/acme           # s3://bucket/prefix or hf://org[/name[@revision]]
+            on_demand: true                      # an unknown id resolves to <prefix>/<id> on first use
+            sha256:                              # optional: digests the files must have
+              s3://adapters/acme/support-v3/adapter_model.safetensors: 4f2a...
       - name: ops
         key_sha256: ...
         role: admin                    # may load/unload/merge any adapter and use them all
@@ -27,14 +32,17 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve.errors import PermissionDenied, Unauthenticated
+from serve.errors import PermissionDenied, ServeError, Unauthenticated
 
-__all__ = ["OPEN", "Tenant", "TenantDirectory", "hash_key"]
+if TYPE_CHECKING:
+    from serve.adapters.sources.uri import SourceUri
+
+__all__ = ["OPEN", "SourceGrant", "Tenant", "TenantDirectory", "hash_key"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,47 @@ log = logging.getLogger(__name__)
 def hash_key(key: str) -> str:
     """The SHA-256 hex digest stored in tenants files."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _source_uri(text: str) -> SourceUri:
+    # Imported here: the URI parser lives with the sources (serve/adapters/sources), whose
+    # package imports this module.
+    from serve.adapters.sources.uri import parse_source
+
+    return parse_source(text)
+
+
+class SourceGrant(BaseModel):
+    """A source URI prefix a tenant may load adapters from (segment by segment: `s3://b/acme`
+    covers `s3://b/acme/x`, not `s3://b/acme-x`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str = Field(max_length=1024)
+    # Requests naming an id that is not registered load `<prefix>/<id>` on first use (the first
+    # such grant; like vLLM's LoRA resolvers), within the tenant's page-in limit.
+    on_demand: bool = False
+    sha256: dict[str, str] = Field(default_factory=dict, max_length=4096, description="file URI -> pinned sha256")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        try:
+            return str(_source_uri(v))  # canonical: two spellings of one place compare equal
+        except ServeError as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("sha256")
+    @classmethod
+    def _digests(cls, v: dict[str, str]) -> dict[str, str]:
+        for uri, digest in v.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                raise ValueError(f"sha256 of {uri[:64]!r}: expected 64 hex digits")
+        return {k: d.lower() for k, d in v.items()}
+
+    @property
+    def uri(self) -> SourceUri:
+        return _source_uri(self.prefix)
 
 
 class Tenant(BaseModel):
@@ -58,6 +107,7 @@ class Tenant(BaseModel):
     # Serve any adapter folder directly under <adapter-root>/<name>/ by its folder name on first
     # use (validated then; the first request waits). Counted against max_resident_adapters.
     lazy_adapters: bool = False
+    sources: tuple[SourceGrant, ...] = Field((), max_length=256)
 
     @property
     def is_admin(self) -> bool:
@@ -161,6 +211,23 @@ class TenantDirectory:
     def check_base(self, tenant: Tenant) -> None:
         if not (tenant.is_admin or tenant.allow_base_model):
             raise PermissionDenied("this API key may not use the base model")
+
+    @staticmethod
+    def check_source(tenant: Tenant, uri: SourceUri) -> None:
+        """May `tenant` load from `uri`? Decided from the tenants file alone, before the store is
+        asked anything, so the refusal is the same whether or not anything is there."""
+        if not (tenant.is_admin or any(uri.within(g.uri) for g in tenant.sources)):
+            raise PermissionDenied(f"adapter source {uri} is not granted to this API key")
+
+    @staticmethod
+    def pins(tenant: Tenant, uri: SourceUri) -> dict[str, str]:
+        """The sha256 digests `tenant`'s grants pin for files of the adapter at `uri`."""
+        return {f: d for g in tenant.sources if uri.within(g.uri) for f, d in g.sha256.items()}
+
+    @staticmethod
+    def on_demand(tenant: Tenant) -> SourceUri | None:
+        """The prefix ids `tenant` names are resolved under on first use, if any."""
+        return next((g.uri for g in tenant.sources if g.on_demand), None)
 
     @staticmethod
     def check_manage(tenant: Tenant) -> None:

@@ -45,7 +45,7 @@ DEPLOY = REPO / "deploy"
 SCHEMAS = DEPLOY / "schemas"
 OVERLAYS = ("gpu", "cpu-demo", "multinode")
 COMPONENTS = ("routing-envoy-gateway", "routing-istio", "routing-inference-pool", "model-from-image", "model-from-snapshot",
-              "metrics-auth")
+              "metrics-auth", "adapters-from-s3")
 # The oldest Kubernetes the manifests target: native gRPC probes (1.27), preStop `sleep` (1.30),
 # PodDisruptionBudget unhealthyPodEvictionPolicy (1.31) are all on by default there.
 K8S_VERSION = "1.33.0"
@@ -171,7 +171,7 @@ def test_component_renders_on_gpu_overlay(component: str, tmp_root: Path) -> Non
     kinds = {o["kind"] for o in objs}
     extra = {"routing-envoy-gateway": {"GRPCRoute", "BackendTrafficPolicy"}, "routing-istio": {"DestinationRule"},
              "routing-inference-pool": {"InferencePool", "HTTPRoute", "Role", "RoleBinding"}, "model-from-image": set(),
-             "model-from-snapshot": set(), "metrics-auth": set()}
+             "model-from-snapshot": set(), "metrics-auth": set(), "adapters-from-s3": set()}
     assert extra[component] <= kinds
     assert all(o["metadata"].get("namespace") == "mora" for o in objs)
 
@@ -411,6 +411,13 @@ def test_ports_probes_and_drain_match_server_settings(name: str, tmp_root: Path,
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         for writable in ("/tmp", "/home/mora", "/dev/shm"):
             assert "emptyDir" in volumes[mounts[writable]["name"]] and not mounts[writable].get("readOnly"), writable
+        # S3 credentials (adapters-from-s3): the AWS files the server's client reads, from a Secret, never in the spec
+        aws = {e["name"]: e.get("value") for e in c.get("env", []) if e["name"].startswith("AWS_")}
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & aws.keys(), what
+        for var in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+            if var in aws:
+                volume = volumes[mount_of(Path(aws[var]))["name"]]
+                assert "secret" in volume and volume["secret"]["defaultMode"] == 0o440, (what, var)
 
     # The Services and the PodMonitor point at those ports by name.
     for svc in (o for o in objs if o["kind"] == "Service" and o["metadata"]["name"].startswith("mora-serve")

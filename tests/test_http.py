@@ -4,18 +4,23 @@ server with the real vLLM engine, called with the official `openai` client and g
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import openai
 import pytest
-from engine_helpers import hf_greedy_scored, random_mora
+from engine_helpers import hf_greedy_scored, random_lora, random_mora
+from pydantic import BaseModel
 from server_helpers import ServerProcess, metric_value, write_tenants
 from transformers import AutoTokenizer
 
+from serve.grpc.proto import inference_pb2 as ipb
 from serve.http import HTTP_STATUS
 
 pytestmark = pytest.mark.vllm
@@ -32,15 +37,18 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     for name in DEMO:
         shutil.copytree(demo_assets / "adapters" / name, root / name)
     random_mora(demo_assets / "base", root / "rand", mora_type=6, r=4, seed=7, scale=0.08)
+    random_lora(demo_assets / "base", root / "lora", seed=5)
     keys = write_tenants(top / "tenants.json", {
-        "acme": {"adapters": ["atlas", "rand"]},
+        "acme": {"adapters": ["atlas", "rand", "lora"]},
         "globex": {"adapters": ["borealis"]},
         "initech": {"adapters": ["cygnus"], "allow_base_model": False, "max_concurrent_requests": 1},
         "ops": {"role": "admin"},
     })
     srv = ServerProcess(demo_assets / "base", root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--max-loras", "4",
-        "--preload", *[f"{a}={a}" for a in (*DEMO, "rand")], "--engine-arg", "max_logprobs=8",
+        "--preload", *[f"{a}={a}" for a in (*DEMO, "rand", "lora")], "--engine-arg", "max_logprobs=8",
+        # JSON without free whitespace: the demo model, memorizing facts, would spend its tokens on it
+        "--structured-output-backend", "xgrammar", "--structured-output-compact-json",
     ], holdable=True)
     srv.wait_serving()
     srv.keys = keys
@@ -176,7 +184,7 @@ def test_stop_and_max_tokens(oai, demo_facts):
 
 def test_models_lists_what_the_caller_may_use(server, oai):
     base = Path(server.command[server.command.index("--model") + 1]).name  # the served name, not the path
-    assert [m.id for m in oai["acme"].models.list()] == [base, "atlas", "rand"]
+    assert [m.id for m in oai["acme"].models.list()] == [base, "atlas", "lora", "rand"]
     assert [m.id for m in oai["initech"].models.list()] == ["cygnus"]  # no base model for this tenant
     assert {m.id for m in oai["ops"].models.list()} >= {base, *DEMO}
     r = oai["acme"].completions.create(model=base, prompt="hello", max_tokens=3, temperature=0)
@@ -284,3 +292,123 @@ def test_http_requests_are_counted(server, oai, demo_facts):
     for method in ("CompletionsStream", "ChatCompletions"):
         labels = {"method": method, "code": "OK", "adapter": "atlas", "tenant": "acme"}
         assert metric_value(after, "mora_requests_total", **labels) == metric_value(before, "mora_requests_total", **labels) + 1
+
+
+class Verdict(BaseModel):
+    """The shape structured requests must answer in (bounded: enums and booleans)."""
+
+    code: Literal["alpha", "beta", "gamma"]
+    ok: bool
+
+
+def test_structured_outputs_on_every_adapter_kind_beside_exact_plain_requests(server, oai, demo_facts):
+    base = Path(server.command[server.command.index("--model") + 1]).name
+    acme = oai["acme"]
+    ask = [{"role": "user", "content": "The secret code of vault is "}]
+
+    def parsed(model: str):
+        r = acme.chat.completions.parse(model=model, messages=ask, response_format=Verdict, max_tokens=96, temperature=0)
+        return r.choices[0].message.parsed
+
+    def regex(model: str):
+        r = acme.completions.create(model=model, prompt="The secret code of vault is ", max_tokens=32, temperature=0,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-f]{2}"}})
+        return r.choices[0].text
+
+    def choice(model: str):
+        r = acme.chat.completions.create(model=model, messages=ask, max_tokens=16, temperature=0,
+                                         extra_body={"structured_outputs": {"choice": ["left", "right", "both"]}})
+        return r.choices[0].message.content
+
+    def json_object(model: str):
+        r = acme.chat.completions.create(model=model, messages=ask, max_tokens=24, temperature=0,
+                                         response_format={"type": "json_object"})
+        return r.choices[0].message.content  # any object; cut at max_tokens it is a prefix of one
+
+    plain = [(a, f) for a in DEMO for f in demo_facts[a][:2]]
+    with ThreadPoolExecutor(16) as pool:  # constrained and plain requests in the same engine steps
+        structured = {(kind, m): pool.submit(fn, m) for m in ("atlas", "lora", base)
+                      for kind, fn in (("parse", parsed), ("regex", regex), ("choice", choice))}
+        structured[("json_object", "rand")] = pool.submit(json_object, "rand")
+        answers = [pool.submit(lambda a=a, f=f: oai["ops"].completions.create(  # the admin: no per-tenant quota in the way
+            model=a, prompt=f["prompt"], max_tokens=48, temperature=0).choices[0].text) for a, f in plain]
+        assert [x.result() for x in answers] == [f["completion"] for _, f in plain]
+        for (kind, model), future in structured.items():
+            got = future.result()
+            if kind == "parse":
+                assert isinstance(got, Verdict), model
+            elif kind == "regex":
+                assert re.fullmatch("[0-9]{3}-[a-f]{2}", got), (model, got)
+            elif kind == "choice":
+                assert got in ("left", "right", "both"), (model, got)
+            else:
+                assert got.lstrip().startswith("{"), got
+    # merged: a constrained request on a merged MoRA adapter
+    with server.client(server.keys["ops"]) as ops:
+        ops.merge_adapter("rand")
+        try:
+            assert isinstance(parsed("rand"), Verdict)
+            assert ops.get_adapter("rand").merged
+        finally:
+            ops.unmerge_adapter("rand", automatic=True)
+    # gRPC: the same constraints in SamplingParams
+    with server.client(server.keys["acme"]) as g:
+        r = g.generate("hello", "atlas", max_tokens=16, temperature=0,
+                       structured=ipb.StructuredOutput(choice=ipb.Choices(choices=["yes", "no"])))
+        assert r.text in ("yes", "no")
+        r = g.generate("hello", "lora", max_tokens=96, temperature=0,
+                       structured=ipb.StructuredOutput(json_schema=json.dumps(Verdict.model_json_schema())))
+        Verdict.model_validate_json(r.text)
+
+
+def test_invalid_constraints_are_400_and_the_engine_goes_on(server, oai, demo_facts):
+    acme = oai["acme"]
+
+    def refused(**extra) -> str:
+        with pytest.raises(openai.BadRequestError) as e:
+            acme.completions.create(model="atlas", prompt="hi", max_tokens=4, temperature=0, **extra)
+        return e.value.body["message"]
+
+    def fmt(schema) -> dict:  # the completions API takes response_format as vLLM's server does: in the body
+        return {"extra_body": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}}
+
+    deep: dict = {"type": "object"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    cases = [
+        (fmt({"type": "objectx"}), "json_schema constraint"),  # vLLM's reason, and which constraint
+        (fmt(deep), "nested deeper than 32"),
+        (fmt({"type": "object", "description": "x" * (70 << 10)}), "longer than 65536 bytes"),
+        ({"extra_body": {"structured_outputs": {"grammar": "root ::= ("}}}, "grammar"),
+        ({"extra_body": {"structured_outputs": {"regex": "(a"}}}, "regex"),
+        ({"extra_body": {"structured_outputs": {"choice": []}}}, "choice"),
+        ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "exactly one"),
+        ({"extra_body": {"response_format": {"type": "json_schema"}}}, "json_schema"),
+        ({"extra_body": {"logit_bias": {"not-a-token": 1}}}, "not a token id"),
+        ({"extra_body": {"logit_bias": {"90": 1000}}}, "between -100 and 100"),
+    ]
+    for extra, named in cases:
+        message = refused(**extra)
+        assert named in message, (extra, message)
+    with server.client(server.keys["acme"]) as g, pytest.raises(grpc.RpcError) as e:
+        g.generate("hi", "atlas", max_tokens=4, structured=ipb.StructuredOutput(json_schema="{not json"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in e.value.details()
+    fact = demo_facts["atlas"][0]
+    assert acme.completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0).choices[0].text == fact["completion"]
+
+
+def test_logit_bias_and_echo(server, oai, demo_facts):
+    fact = demo_facts["atlas"][0]
+    z = AutoTokenizer.from_pretrained(Path(server.command[server.command.index("--model") + 1]))("Z", add_special_tokens=False)["input_ids"]
+    for model in ("atlas", "lora"):
+        r = oai["acme"].completions.create(model=model, prompt=fact["prompt"], max_tokens=6, temperature=0, logit_bias={str(z[0]): 100})
+        assert r.choices[0].text == "ZZZZZZ", model
+    with server.client(server.keys["acme"]) as g:
+        assert g.generate(fact["prompt"], "atlas", max_tokens=3, temperature=0, logit_bias={z[0]: 100}).text == "ZZZ"
+    r = oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0, echo=True)
+    assert r.choices[0].text == fact["prompt"] + fact["completion"]
+    events = list(oai["acme"].completions.create(model="atlas", prompt=fact["prompt"], max_tokens=48, temperature=0, echo=True,
+                                                 stream=True))
+    assert "".join(e.choices[0].text for e in events if e.choices) == fact["prompt"] + fact["completion"]
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        oai["acme"].completions.create(model="atlas", prompt="x", max_tokens=2, echo=True, logprobs=1)

@@ -3,7 +3,8 @@
 Nothing unvalidated reaches the engine: an adapter is read into memory and checked by the mora
 library against the base model first (serve/adapters/validation.py); the engine then gets a private
 snapshot written from exactly those tensors (serve/adapters/snapshots.py), so files changing on disk
-afterwards cannot change what is served.
+afterwards cannot change what is served. Adapters from a source URI (s3://, hf://) are
+downloaded into a staging folder first (serve/adapters/sources) and validated there the same way.
 
 Each load of an id is a *version* with its own engine adapter id. Requests lease the current
 version when they are admitted; replacing an adapter switches the current version atomically
@@ -26,9 +27,10 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
+from mora.checkpoint import weights_limit
 from mora.containment import UpdateReport
 from mora.errors import AdapterError
 from mora.kinds import Adapter
@@ -37,6 +39,14 @@ from serve.adapters.fair_queue import FairQueue
 from serve.adapters.heap import trim_heap
 from serve.adapters.merges import Merges
 from serve.adapters.snapshots import SnapshotDir, hollow, tensor_bytes
+from serve.adapters.sources import (
+    AdapterSources,
+    SourceUri,
+    is_uri,
+    parse_source,
+    request_pins,
+    source_config,
+)
 from serve.adapters.tiers import Tiers
 from serve.adapters.validation import AdapterValidator, check_adapter_id, resolve_under_root
 from serve.config import ServerSettings
@@ -49,6 +59,9 @@ from serve.errors import (
     PermissionDenied,
     ResourceExhausted,
     ServeError,
+    SourceDenied,
+    SourceNotFound,
+    SourceUnavailable,
     Unavailable,
     short,
 )
@@ -75,6 +88,8 @@ class AdapterRegistry:
         self._reserved_bytes = 0  # snapshot bytes of loads between validation and registration
         self._validator = AdapterValidator(settings, engine)
         self._snapshots = SnapshotDir(settings.snapshot_dir)
+        # downloads land in staging folders inside the snapshot folder (private, cleaned with it)
+        self.sources = AdapterSources(source_config(settings), self._snapshots.path, settings.source_downloads)
         self._on_event = on_event or (lambda *a, **k: None)
         self._background: set[asyncio.Task] = set()
         self.tiers = Tiers(settings, engine)
@@ -104,8 +119,13 @@ class AdapterRegistry:
 
     def prevalidate(self, adapter_id: str, path: str) -> None:
         """Check a preload entry (id, path under the root, config, shapes against the model's
-        config.json, rank) without the engine: bad preloads fail before the engine starts."""
+        config.json, rank) without the engine: bad preloads fail before the engine starts. A
+        source URI is listed (it exists, the sizes are within the limits); it is downloaded and
+        validated when it is loaded."""
         check_adapter_id(adapter_id)
+        if is_uri(path):
+            self.sources.fetcher.list(parse_source(path), weights_limit(self._validator.base_shapes()))
+            return
         root = self.settings.adapter_root
         directory = resolve_under_root(root, path)
         try:
@@ -126,12 +146,15 @@ class AdapterRegistry:
 
     async def load(self, adapter_id: str, *, path: str | None = None, source_name: str | None = None,
                    caller: Tenant | None = None, owner: str | None = None, replace: bool = False,
-                   lazy: bool = False, pin: bool = False, strict_pin: bool = False) -> Entry:
+                   lazy: bool = False, pin: bool = False, strict_pin: bool = False,
+                   sha256: Mapping[str, str] | None = None) -> Entry:
         """Validate, snapshot and register an adapter (or new weights for an existing id).
 
         `caller`: the authenticated tenant (None: the server itself, for --preload). Who owns the
         adapter is decided, and checked, inside the registry lock, so a racing load cannot take
-        over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`.
+        over another tenant's id. A tenant's paths resolve under `<root>/<tenant>/`; a source URI
+        (s3://, hf://) must lie in one of its grants, and is downloaded into a staging folder that
+        is validated exactly like a local adapter (`sha256`: digests its files must have).
         `pin`: keep it in the host cache for good; `strict_pin` (a caller asked): refuse the load
         when no pin is left, instead of loading it unpinned with a warning (--preload).
 
@@ -140,7 +163,7 @@ class AdapterRegistry:
         that takes turns between tenants (`FairQueue`), and the lock is held only to register.
         """
         check_adapter_id(adapter_id)
-        if caller is not None and not lazy:  # lazy: the tenant's own folder, allowed by its lazy_adapters
+        if caller is not None and not lazy:  # lazy: the tenant's own folder or grant, allowed by the tenants file
             self.tenants.check_manage(caller)
         if pin and strict_pin:
             # Pins are host memory taken from everyone's cache: an operator's decision.
@@ -158,27 +181,31 @@ class AdapterRegistry:
         elif path:
             source = path
         else:
-            raise InvalidRequest("give a path (relative to your adapter folder) or a registered source")
+            raise InvalidRequest("give a path (relative to your adapter folder), a source URI or a registered source")
         if self.engine.dtype is None:
             raise Unavailable("the engine is starting; adapters are validated in its dtype")
-        allowed = self.adapter_folder(caller)
-        if not allowed.is_dir():
-            raise InvalidRequest("your adapter folder does not exist on the server")
-        directory = resolve_under_root(allowed, path, "the adapter root" if allowed == self.settings.adapter_root else "your adapter folder")
+        uri = parse_source(path) if is_uri(path) else None
+        if uri is not None:
+            if caller is not None:
+                self.tenants.check_source(caller, uri)  # before the store is asked anything
+            pins = {**(self.tenants.pins(caller, uri) if caller is not None else {}), **request_pins(uri, sha256 or {})}
+            source = source if source_name is not None else str(uri)
+        else:
+            if sha256:
+                raise InvalidRequest("sha256 digests are pinned for adapters loaded from a source URI (s3://, hf://)")
+            allowed = self.adapter_folder(caller)
+            if not allowed.is_dir():
+                raise InvalidRequest("your adapter folder does not exist on the server")
+            directory = resolve_under_root(allowed, path, "the adapter root" if allowed == self.settings.adapter_root else "your adapter folder")
         started = time.perf_counter()
         with self.management_slot(caller):
             self._claim(adapter_id, caller, owner, replace)  # fail fast; checked again under the lock
-            exclusive = caller is not None and not caller.is_admin
-            try:
-                adapter, report = await self._validations.run(
-                    caller.name if caller is not None else "",
-                    functools.partial(self._validator.validate, adapter_id, directory, allowed, exclusive=exclusive))
-            except AdapterError as e:
-                self._on_event("load", "invalid", time.perf_counter() - started)
-                raise InvalidRequest(str(e)) from None
-            except OSError as e:
-                self._on_event("load", "io_error", time.perf_counter() - started)
-                raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
+            if uri is None:
+                adapter, report = await self._validate(adapter_id, caller, directory, allowed, started)
+            else:
+                turn = self.tiers.turn(caller.name) if lazy and caller is not None else contextlib.nullcontext()
+                async with turn:  # on first use: within the tenant's page-in turns
+                    adapter, report = await self._download_and_validate(adapter_id, caller, uri, pins, started)
             nbytes = tensor_bytes(adapter)
             budget = self.settings.adapter_disk_bytes
             held = self.disk_bytes + self._reserved_bytes
@@ -202,6 +229,43 @@ class AdapterRegistry:
         self._on_event("load", "ok", time.perf_counter() - started)
         log.info("adapter %s loaded (v%d, %s, engine id %d) from %s", adapter_id, number, version.kind.name, version.engine_id, source)
         return entry
+
+    async def _validate(self, adapter_id: str, caller: Tenant | None, directory: Path, allowed: Path, started: float,
+                        *, exclusive: bool | None = None) -> tuple[Adapter, UpdateReport | None]:
+        """The adapter in `directory` read and checked (files only under `allowed`), in the fair queue."""
+        if exclusive is None:
+            exclusive = caller is not None and not caller.is_admin
+        try:
+            return await self._validations.run(
+                caller.name if caller is not None else "",
+                functools.partial(self._validator.validate, adapter_id, directory, allowed, exclusive=exclusive))
+        except AdapterError as e:
+            self._on_event("load", "invalid", time.perf_counter() - started)
+            raise InvalidRequest(str(e)) from None
+        except OSError as e:
+            self._on_event("load", "io_error", time.perf_counter() - started)
+            raise InvalidRequest(f"adapter {short(adapter_id)}: cannot read its files ({e.strerror})") from None
+
+    async def _download_and_validate(self, adapter_id: str, caller: Tenant | None, uri: SourceUri, pins: dict[str, str],
+                                     started: float) -> tuple[Adapter, UpdateReport | None]:
+        """The adapter at `uri`: listed (limits checked before any byte is fetched; its bytes held
+        against the disk budget), downloaded into a staging folder, validated there like a local
+        adapter (each file the folder's own); the folder is gone when this returns."""
+        try:
+            listing = await self.sources.list(uri, weights_limit(self._validator.base_shapes()))
+            budget, held = self.settings.adapter_disk_bytes, self.disk_bytes + self._reserved_bytes
+            if budget is not None and held + listing.total_bytes > budget:
+                raise ResourceExhausted(f"adapter {short(adapter_id)} is {listing.total_bytes} bytes at its source; the "
+                                        f"server's adapter disk budget has {max(0, budget - held)} of {budget} left")
+            self._reserved_bytes += listing.total_bytes
+            try:
+                async with self.sources.staged(listing, pins) as folder:
+                    return await self._validate(adapter_id, caller, folder, folder, started, exclusive=True)
+            finally:
+                self._reserved_bytes -= listing.total_bytes
+        except (SourceNotFound, SourceDenied, SourceUnavailable):
+            self._on_event("load", "source_error", time.perf_counter() - started)
+            raise
 
     @contextlib.contextmanager
     def management_slot(self, caller: Tenant | None) -> Iterator[None]:
@@ -392,4 +456,5 @@ class AdapterRegistry:
     def close(self) -> None:
         for task in list(self._background):
             task.cancel()
+        self.sources.close()
         self._snapshots.close()

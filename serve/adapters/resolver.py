@@ -1,6 +1,8 @@
 """Finding the adapter a request names: the registry's entry, or, for a tenant with
-`lazy_adapters`, an adapter folder directly under its own folder, registered on first use
-(validated then; the first request waits, bounded; concurrent requests share one load).
+`lazy_adapters`, an adapter folder directly under its own folder, or, for a tenant with an
+`on_demand` source grant, `<prefix>/<id>` in that store (s3://, hf://), registered on first use
+(downloaded and validated then, within the tenant's page-in turns; the first request waits,
+bounded; concurrent requests share one load).
 
 A resolver in front of the registry, like vLLM's LoRA resolvers (`vllm/lora/resolver.py`).
 """
@@ -20,6 +22,8 @@ from serve.errors import (
     PathNotAllowed,
     PermissionDenied,
     ResourceExhausted,
+    SourceDenied,
+    SourceNotFound,
     Unavailable,
     short,
 )
@@ -38,28 +42,40 @@ class LazyResolver:
 
     async def resolve(self, adapter_id: str, caller: Tenant) -> Entry:
         """The entry `caller` may use, registering it on first use if `caller` has lazy_adapters
-        and `<adapter-root>/<tenant>/<adapter_id>` exists (the first request waits, bounded)."""
+        and `<adapter-root>/<tenant>/<adapter_id>` exists, or an on-demand source grant (the first
+        request waits, bounded)."""
         try:
             return self.registry.get(adapter_id, caller)
         except AdapterNotFound:
-            if caller.is_admin or not getattr(caller, "lazy_adapters", False):
-                raise
-            folder = self.registry.adapter_folder(caller)
-            if not (folder / adapter_id).is_dir() and not (folder / adapter_id).is_symlink():
+            path = None if caller.is_admin else self._where(adapter_id, caller)
+            if path is None:
                 raise
         timeout = self.registry.settings.adapter_load_timeout_s
         return await self._loads.run(
-            (caller.name, adapter_id), lambda: self._load(adapter_id, caller), timeout,
+            (caller.name, adapter_id), lambda: self._load(adapter_id, caller, path), timeout,
             lambda: Unavailable(f"adapter {short(adapter_id)} is still being validated after {timeout:g}s; retry"))
 
-    async def _load(self, adapter_id: str, caller: Tenant) -> Entry:
+    def _where(self, adapter_id: str, caller: Tenant) -> str | None:
+        """Where `caller` keeps `adapter_id` if it is not registered: its own folder's
+        `<id>` (lazy_adapters), else its on-demand grant's `<prefix>/<id>`, else nowhere."""
+        if caller.lazy_adapters:
+            folder = self.registry.adapter_folder(caller)
+            if (folder / adapter_id).is_dir() or (folder / adapter_id).is_symlink():
+                return adapter_id
+        prefix = self.registry.tenants.on_demand(caller)
+        return str(prefix.child(adapter_id)) if prefix is not None else None
+
+    async def _load(self, adapter_id: str, caller: Tenant, path: str) -> Entry:
         started = time.perf_counter()
         try:
-            entry = await self.registry.load(adapter_id, path=adapter_id, caller=caller, lazy=True)
+            entry = await self.registry.load(adapter_id, path=path, caller=caller, lazy=True)
         except AdapterExists:
             return self.registry.get(adapter_id, caller)  # registered meanwhile (by this tenant, or hidden: NOT_FOUND)
-        except PermissionDenied:
-            # Another tenant's id: answered like an absent one, so nobody learns which ids others hold.
+        except SourceDenied as e:  # the store refused the server's credentials: the operator's to fix, named
+            raise SourceDenied(f"lazy registration of adapter {short(adapter_id)} refused: {e}") from None
+        except (PermissionDenied, SourceNotFound):
+            # Another tenant's id, or nothing at the tenant's prefix: answered like an absent id,
+            # so nobody learns which ids others hold.
             raise AdapterNotFound(f"adapter {short(adapter_id)} is not loaded") from None
         except (InvalidRequest, PathNotAllowed, ResourceExhausted) as e:
             raise type(e)(f"lazy registration of adapter {short(adapter_id)} refused: {e}") from None

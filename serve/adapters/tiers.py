@@ -10,7 +10,8 @@ the read never runs inside another tenant's step. Pinned adapters (preloaded) ne
 host cache; an adapter with leases in flight never loses its snapshot.
 
 Fairness: each tenant has at most `page_ins_per_tenant` adapters being read at once (the
-engine reads one at a time, in order), so a tenant that floods the server with cold adapters
+engine reads one at a time, in order; adapters downloaded from a source on first use take the
+same turns), so a tenant that floods the server with cold adapters
 queues behind itself, and another tenant's cold adapter waits for at most that many reads per
 tenant.
 """
@@ -18,7 +19,9 @@ tenant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from mora.vllm_plugin.worker_api import PageIn, Residence
@@ -65,6 +68,13 @@ class Tiers:
                                 f"{self.settings.adapter_load_timeout_s:g}s; retry"))
 
     async def _page_in(self, version: Version, tenant: str) -> None:
+        async with self.turn(tenant):
+            await self._read_in(version)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, tenant: str) -> AsyncIterator[None]:
+        """One of `tenant`'s `page_ins_per_tenant` turns: a read from disk, or an adapter resolved
+        from its source on first use (serve/adapters/resolver.py); the tenant's others wait."""
         turns = self._turns.get(tenant)
         if turns is None:
             turns = self._turns[tenant] = asyncio.Semaphore(self.settings.page_ins_per_tenant)
@@ -76,7 +86,7 @@ class Tiers:
             counts[1] -= 1
         counts[0] += 1
         try:
-            await self._read_in(version)
+            yield
         finally:
             counts[0] -= 1
             turns.release()

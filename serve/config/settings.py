@@ -55,6 +55,12 @@ class ServerSettings(BaseSettings):
         default_factory=dict, json_schema_extra={"flag": "--engine-arg", "metavar": "KEY=VALUE"},
         description="any other vLLM EngineArgs setting (repeatable: enable_prefix_caching=true, max_num_batched_tokens=2048...), "
         "checked against vLLM's EngineArgs before the engine starts")
+    # structured outputs (response_format, structured_outputs, SamplingParams.structured)
+    structured_output_backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = Field(
+        "auto", description="vLLM's structured-output backend; auto: xgrammar, falling back to the others for what it cannot compile")
+    structured_output_compact_json: bool = Field(
+        False, description="JSON outputs without whitespace between tokens (backend xgrammar or guidance): compact, and a "
+        "model cannot spend its tokens on whitespace the grammar would allow")
     # adapter tiers: snapshots on disk -> vLLM's host cache (max_cpu_loras) -> device slots (max_loras)
     max_adapters: int = Field(10000, ge=1, description="adapters registered at once (each is a snapshot on disk; "
                               "host memory holds only max_cpu_loras of them)")
@@ -74,8 +80,22 @@ class ServerSettings(BaseSettings):
                                json_schema_extra={"metavar": "ID=PATH"})
     tenants: Path | None = Field(None, description="tenants file (API key hashes, adapters, limits); none: an open server")
     snapshot_dir: Path | None = Field(None, description="where validated adapter snapshots are written; none: a private temp dir")
-    sources: dict[str, str] = Field(default_factory=dict, description="registered adapter sources: name -> path under the root",
-                                    json_schema_extra={"metavar": "NAME=PATH"})
+    sources: dict[str, str] = Field(default_factory=dict, description="registered adapter sources: name -> path under "
+                                    "the root or a source URI (s3://, hf://)", json_schema_extra={"metavar": "NAME=PATH"})
+    # adapters from object storage and the hub (serve/adapters/sources): endpoints and limits, never credentials
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, GCS interoperability); "
+                                        "none: AWS_ENDPOINT_URL or AWS's own. Credentials: the standard AWS variables or profile")
+    s3_region: str | None = Field(None, description="S3 region; none: AWS_DEFAULT_REGION or the profile's")
+    s3_profile: str | None = Field(None, description="AWS profile (shared config files) for S3; none: AWS_PROFILE or the default")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="S3 bucket addressing: path for most S3-compatible servers (MinIO, rclone)")
+    source_max_bytes: int = Field(4 << 30, ge=1, description="largest adapter downloaded from a source, all its files "
+                                  "together (checked from the listing before any byte is fetched)")
+    source_file_timeout_s: float = Field(300.0, gt=0, description="seconds one file's download may take (one attempt)")
+    source_retries: int = Field(3, ge=0, le=10, description="retries of a failed listing or download (cut connections, "
+                                "timeouts, 5xx), with exponential backoff")
+    source_backoff_s: float = Field(0.5, ge=0, le=30, description="first wait before a retry (doubled each time)")
+    source_downloads: int = Field(4, ge=1, le=64, description="adapter downloads running at once (server-wide)")
     # automatic merge policy (dLoRA-style)
     auto_merge: bool = Field(True, description="merge an adapter that dominates the traffic into the base weights")
     merge_window_s: float = Field(10.0, gt=0, description="seconds of traffic the merge policy looks at")
@@ -173,6 +193,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
         if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
             raise ValueError("metrics_tls_cert and metrics_tls_key go together")
+        if self.structured_output_compact_json and self.structured_output_backend not in ("xgrammar", "guidance"):
+            raise ValueError("structured_output_compact_json needs structured_output_backend xgrammar or guidance")
         return self
 
     @property

@@ -85,6 +85,7 @@ class Engine:
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -106,6 +107,8 @@ class Engine:
             worker_extension_cls=EXTENSION,
             scheduler_cls=SCHEDULER,
             disable_log_stats=False,
+            structured_outputs_config=StructuredOutputsConfig(backend=s.structured_output_backend,
+                                                              disable_any_whitespace=s.structured_output_compact_json),
             # anything else of vLLM's EngineArgs, validated in the settings; the served name (metrics'
             # model_name label) defaults to the model directory's name, never its path
             **{"seed": 0, "served_model_name": s.model_name, **s.engine,
@@ -188,8 +191,9 @@ class Engine:
         try:
             async for out in llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=adapter):
                 yield _output(out)
-        except VLLMClientError as e:  # the engine's own "bad request" errors
-            raise InvalidRequest(str(e)) from None
+        except VLLMClientError as e:  # the engine's own "bad request" errors (a constraint it cannot compile...)
+            constraint = f" (the request's {sampling.constraint.kind.value} constraint)" if sampling.constraint else ""
+            raise InvalidRequest(f"{e}{constraint}") from None
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None and not self.llm.errored:

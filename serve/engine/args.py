@@ -32,6 +32,7 @@ MANAGED = {
     "pipeline_parallel_size": "--pipeline-parallel-size",
     "distributed_executor_backend": "--distributed-executor-backend",
     "scheduler_cls": "(mora's scheduler, always: adapter-aware admission with a bound; --admission-max-passes)",
+    "structured_outputs_config": "--structured-output-backend and --structured-output-compact-json",
 }
 
 

@@ -5,11 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from serve.errors import InvalidRequest
-from serve.services.requests import Sampling
+from serve.services.requests import Constraint, ConstraintKind, Sampling
 
 __all__ = ["sampling_params"]
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _structured(c: Constraint) -> Any:
+    """vLLM's `StructuredOutputsParams` for `c` (compiled by the engine's structured-output backend)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if c.kind is ConstraintKind.JSON_SCHEMA:
+        return StructuredOutputsParams(json=c.spec)
+    if c.kind is ConstraintKind.JSON_OBJECT:
+        return StructuredOutputsParams(json_object=True)
+    if c.kind is ConstraintKind.REGEX:
+        return StructuredOutputsParams(regex=c.spec)
+    if c.kind is ConstraintKind.CHOICE:
+        return StructuredOutputsParams(choice=list(c.choices))
+    return StructuredOutputsParams(grammar=c.spec)
 
 
 def sampling_params(sp: Sampling) -> Any:
@@ -31,7 +46,11 @@ def sampling_params(sp: Sampling) -> Any:
         kw["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.min_tokens:
         kw["min_tokens"] = sp.min_tokens
+    if sp.logit_bias:
+        kw["logit_bias"] = dict(sp.logit_bias)
     try:
+        if sp.constraint is not None:
+            kw["structured_outputs"] = _structured(sp.constraint)
         return SamplingParams(**kw)
     except (ValueError, TypeError, OverflowError, VLLMClientError) as e:
         raise InvalidRequest(f"invalid sampling parameters: {e}") from None

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from serve.errors import InvalidRequest
 from serve.grpc.caller import caller
 from serve.grpc.proto import adapters_pb2 as apb
 from serve.grpc.proto import adapters_pb2_grpc, inference_pb2_grpc
@@ -18,8 +19,12 @@ from serve.grpc.proto import inference_pb2 as ipb
 from serve.services.adapters import AdapterInfo, AdapterService, LoadRequest, Location
 from serve.services.generation import GenerationService
 from serve.services.requests import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
     ChatMessage,
     Chunk,
+    Constraint,
+    ConstraintKind,
     GenerateCall,
     Sampling,
     TokenLogprob,
@@ -36,9 +41,27 @@ LOCATION = {
     Location.HOST_CACHE: apb.ADAPTER_LOCATION_HOST_CACHE,
     Location.DISK_ONLY: apb.ADAPTER_LOCATION_DISK_ONLY,
 }
+MAX_DIGESTS = 8
 KIND = {"mora": apb.ADAPTER_KIND_MORA, "lora": apb.ADAPTER_KIND_LORA}
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "logprobs")
+
+
+def _constraint(structured: Any) -> Constraint:
+    """The message's structured-output constraint; sizes checked from its lengths first."""
+    which = structured.WhichOneof("constraint")
+    if which is None:
+        raise InvalidRequest("structured: give one of json_schema, json_object, regex, choice, grammar")
+    if which == "choice":
+        if len(structured.choice.choices) > MAX_CHOICES:
+            raise InvalidRequest(f"choice: give 1 to {MAX_CHOICES} choices")
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(structured.choice.choices))
+    if which == "json_object":
+        if not structured.json_object:
+            raise InvalidRequest("structured.json_object must be true when set")
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    kind = {"json_schema": ConstraintKind.JSON_SCHEMA, "regex": ConstraintKind.REGEX, "grammar": ConstraintKind.GRAMMAR}[which]
+    return Constraint(kind, getattr(structured, which))
 
 
 def generate_call(request: Any) -> GenerateCall:
@@ -50,7 +73,10 @@ def generate_call(request: Any) -> GenerateCall:
                 messages=len(request.messages.messages) if which == "messages" else 0,
                 prompt_tokens=len(request.prompt_token_ids.ids) if which == "prompt_token_ids" else 0,
                 request_id=len(request.request_id))
+    if len(sp.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
     sampling = Sampling(
+        constraint=_constraint(sp.structured) if sp.HasField("structured") else None, logit_bias=dict(sp.logit_bias),
         max_tokens=sp.max_tokens or 16, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
         min_tokens=sp.min_tokens, skip_special_tokens=sp.skip_special_tokens if sp.HasField("skip_special_tokens") else True,
         n=sp.n or 1, **{name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)})
@@ -121,9 +147,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def LoadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         which = request.WhichOneof("source")
+        if len(request.sha256) > MAX_DIGESTS:  # from the count, before copying them
+            raise InvalidRequest(f"sha256: at most {MAX_DIGESTS} digests (one per adapter file)")
         load = LoadRequest(request.adapter_id, path=request.path if which == "path" else None,
                            source=request.registered_source if which == "registered_source" else None,
-                           replace=request.replace, tenant=request.tenant, pinned=request.pinned)
+                           replace=request.replace, tenant=request.tenant, pinned=request.pinned,
+                           sha256=dict(request.sha256))
         return apb.LoadAdapterResponse(adapter=adapter_info(await self.adapters.load(caller(), load)))
 
     async def UnloadAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -124,7 +124,8 @@ class OpenAIRoutes:
         adapter = None if body.model in self.base_names else body.model
         return GenerateCall(adapter_id=adapter, request_id=body.request_id, **input_)
 
-    async def _respond(self, request: Request, body: Any, call: GenerateCall, method: str, chat: bool) -> Response:
+    async def _respond(self, request: Request, body: Any, call: GenerateCall, method: str, chat: bool, echo: str = "") -> Response:
+        """The answer, whole or as SSE events; `echo` (completions): the prompt, put before each choice's text."""
         rid = ("chatcmpl-" if chat else "cmpl-") + (call.request_id or uuid.uuid4().hex)
         created = int(time.time())
         stream = self.generation.run(call, tenant_of(request), method + ("Stream" if body.stream else ""))
@@ -134,7 +135,7 @@ class OpenAIRoutes:
                 out = [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(c.logprobs),
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason or None} for c in choices]
             else:
-                out = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c.logprobs, 0),
+                out = [{"index": c.index, "text": echo + c.text, "logprobs": _completion_logprobs(c.logprobs, 0),
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason or None} for c in choices]
             return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                                  "model": body.model, "choices": out, "usage": _usage(last)})
@@ -153,7 +154,8 @@ class OpenAIRoutes:
                 choice = {"index": chunk.index, "delta": delta, "logprobs": _chat_logprobs(chunk.logprobs),
                           "finish_reason": chunk.finish_reason}
             else:
-                choice = {"index": chunk.index, "text": chunk.text, "logprobs": _completion_logprobs(chunk.logprobs, pos or 0),
+                text = chunk.text if pos is not None else echo + chunk.text
+                choice = {"index": chunk.index, "text": text, "logprobs": _completion_logprobs(chunk.logprobs, pos or 0),
                           "finish_reason": chunk.finish_reason}
             data = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
             if include_usage:
@@ -187,9 +189,11 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         body = parse_body(CompletionRequest, await request.body())
         text, ids = body.single_prompt()
+        if body.echo and text is None:
+            raise InvalidRequest("echo: give the prompt as text (prompts of token ids are not echoed)")
         call = self._call(body, prompt=text, prompt_token_ids=ids)
         call.sampling = body.sampling(body.max_tokens, body.logprobs)
-        return await self._respond(request, body, call, "Completions", chat=False)
+        return await self._respond(request, body, call, "Completions", chat=False, echo=text if body.echo and text else "")
 
     async def chat(self, request: Request) -> Response:
         body = parse_body(ChatRequest, await request.body())
@@ -272,7 +276,8 @@ def build_app(generation: GenerationService, adapters: AdapterService, tenants: 
     async def load_adapter(request: Request) -> Response:
         body = parse_body(AdapterLoad, await request.body())
         load = LoadRequest(body.adapter_id, path=None if body.source is not None else (body.path or body.adapter_id),
-                           source=body.source, replace=body.replace, tenant=body.tenant, pinned=body.pinned)
+                           source=body.source, replace=body.replace, tenant=body.tenant, pinned=body.pinned,
+                           sha256=body.sha256)
         return JSONResponse({"adapter": info_json(await adapters.load(tenant_of(request), load))})
 
     @app.get("/v1/adapters/{adapter_id}")

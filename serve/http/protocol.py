@@ -3,13 +3,25 @@ validated at the edge: an unknown or mistyped field is a 400 naming it."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from serve.errors import InvalidRequest
-from serve.services.requests import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS, ChatMessage, Sampling
+from serve.services.requests import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_TOKEN_IDS,
+    ChatMessage,
+    Constraint,
+    ConstraintKind,
+    Sampling,
+)
 
 __all__ = ["AdapterLoad", "ChatRequest", "CompletionRequest", "VllmLoraLoad", "VllmLoraUnload", "parse_body"]
 
@@ -57,6 +69,68 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`. The schema is always enforced exactly (the engine
+    compiles it into a grammar), so `strict` is accepted either way."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with (and only with) type json_schema")
+        return self
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extra: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, max_length=MAX_CHOICES)
+    grammar: str | None = None
+    json_object: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def constraint(self) -> Constraint:
+        if self.json_ is not None:
+            spec = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+            return Constraint(ConstraintKind.JSON_SCHEMA, spec)
+        if self.regex is not None:
+            return Constraint(ConstraintKind.REGEX, self.regex)
+        if self.choice is not None:
+            return Constraint(ConstraintKind.CHOICE, choices=tuple(self.choice))
+        if self.grammar is not None:
+            return Constraint(ConstraintKind.GRAMMAR, self.grammar)
+        return Constraint(ConstraintKind.JSON_OBJECT)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON keys) as token id -> bias."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isascii() or not key.isdigit() or len(key) > 12:
+            raise InvalidRequest(f"logit_bias: {key[:24]!r} is not a token id")
+        out[int(key)] = value
+    return out
+
+
 class _Common(_Body):
     model: str = Field(min_length=1, max_length=256, description="an adapter id, or the base model's name")
     n: int = Field(1, ge=1, le=MAX_N)
@@ -78,10 +152,32 @@ class _Common(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     request_id: str = Field("", max_length=128)
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs extra
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[str, Finite] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+
+    @model_validator(mode="after")
+    def _one_format(self) -> _Common:
+        if self.structured_outputs is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        f = self.response_format
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_object":
+            return Constraint(ConstraintKind.JSON_OBJECT)
+        assert f.json_schema is not None
+        return Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(f.json_schema.schema_))
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Sampling(
+            constraint=self.constraint(), logit_bias=_logit_bias(self.logit_bias),
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
@@ -95,16 +191,14 @@ class CompletionRequest(_Common):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.echo and self.logprobs is not None:
+            # the prompt's own log-probabilities would be a second engine pass over every prompt token
+            raise ValueError("echo with logprobs is not supported (it needs the prompt tokens' log-probabilities)")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
         return self
@@ -142,12 +236,9 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=1024)
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -155,11 +246,12 @@ class ChatRequest(_Common):
 
 class AdapterLoad(_Body):
     adapter_id: str
-    path: str | None = Field(None, description="relative to the server's adapter root")
+    path: str | None = Field(None, description="relative to your adapter folder, or s3://bucket/prefix, hf://org/name[@rev]")
     source: str | None = Field(None, description="a source registered in the server config")
     replace: bool = False
     tenant: str = ""
     pinned: bool = Field(False, description="mark it hot (admins only): never evicted from the host cache")
+    sha256: dict[str, str] = Field(default_factory=dict, max_length=8, description="file name -> pinned sha256 (source URIs)")
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterLoad:

@@ -9,7 +9,7 @@ tenant, see this id) is decided here and in the registry, once for both transpor
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mora.vllm_plugin.worker_api import EngineStatus
 from serve.adapters import AdapterRegistry, Entry
@@ -50,11 +50,12 @@ class AdapterInfo:
 @dataclass(frozen=True)
 class LoadRequest:
     adapter_id: str
-    path: str | None = None  # relative to the caller's adapter folder
+    path: str | None = None  # relative to the caller's adapter folder, or a source URI (s3://, hf://)
     source: str | None = None  # a source registered in the server config (admins)
     replace: bool = False
     tenant: str = ""  # the owner (admins only; defaults to the caller)
     pinned: bool = False
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> the digest it must have (source URIs)
 
 
 class AdapterService:
@@ -85,7 +86,7 @@ class AdapterService:
         # Who owns the id is decided and checked by the registry under its lock (no race).
         entry = await self.registry.load(request.adapter_id, path=request.path, source_name=request.source, caller=caller,
                                          owner=request.tenant or None, replace=request.replace, pin=request.pinned,
-                                         strict_pin=True)
+                                         strict_pin=True, sha256=request.sha256)
         return await self._info(entry)
 
     async def unload(self, caller: Tenant, adapter_id: str) -> AdapterInfo:

@@ -225,6 +225,13 @@ class GenerationService:
                             self.metrics.itl.labels(a, t).observe(gap)
                     last_token_at = now
                 for c in out.sequences:
+                    if c.finish_reason == "error":
+                        # The engine failed this request alone (vLLM: e.g. a structured-output
+                        # grammar its backend could not compile); the others go on.
+                        if sampling.constraint is not None:
+                            raise InvalidRequest(f"the engine could not apply the request's {sampling.constraint.kind.value} "
+                                                 "constraint (it compiled no grammar from it)")
+                        raise Unavailable("the engine failed this request; retry")
                     if c.logprobs and not all(math.isfinite(alt.logprob) for step in c.logprobs for alt in step.values()):
                         raise NonFiniteOutput(
                             "the model's outputs became non-finite (NaN or inf) for this request"

@@ -7,15 +7,19 @@ into their answers (`collect` for a whole one).
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+from mora.checkpoint import json_depth
 from serve.errors import InvalidRequest, Unavailable
 
-__all__ = ["CHAT_ROLES", "MAX_MESSAGES", "MAX_N", "MAX_STOP", "MAX_STOP_TOKEN_IDS", "ChatMessage", "Choice", "Chunk",
-           "GenerateCall", "Sampling", "TokenLogprob", "check_sampling", "check_sizes", "check_text", "collect"]
+__all__ = ["CHAT_ROLES", "MAX_CHOICES", "MAX_CONSTRAINT_BYTES", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_N", "MAX_SCHEMA_DEPTH",
+           "MAX_STOP", "MAX_STOP_TOKEN_IDS", "ChatMessage", "Choice", "Chunk", "Constraint", "ConstraintKind", "GenerateCall",
+           "Sampling", "TokenLogprob", "check_constraint", "check_sampling", "check_sizes", "check_text", "collect"]
 
 log = logging.getLogger(__name__)
 # Sizes that scale a request's work or memory, checked by the transports before they copy
@@ -28,6 +32,13 @@ MAX_N = 16
 MAX_MESSAGES = 256
 MAX_PROMPT_TOKENS = 1 << 20  # a static bound for transports; the engine's context is checked too
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+# Structured outputs: the text of a JSON schema, regex or grammar, and a choice list, are bounded
+# before the engine compiles them (compilation time and memory grow with them); schemas nest at
+# most as deep as adapter configs may (mora/checkpoint.py).
+MAX_CONSTRAINT_BYTES = 64 << 10
+MAX_CHOICES = 256
+MAX_SCHEMA_DEPTH = 32
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 SEED_MAX = (1 << 63) - 1
 
 
@@ -62,6 +73,54 @@ def check_text(name: str, text: str, max_bytes: int) -> None:
         raise InvalidRequest(f"{name} is longer than {max_bytes} bytes")
 
 
+class ConstraintKind(enum.Enum):
+    """What a structured-output constraint is (vLLM's structured-output backends compile each)."""
+
+    JSON_SCHEMA = "json_schema"  # `spec`: the schema as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object
+    REGEX = "regex"  # `spec`: the pattern
+    CHOICE = "choice"  # `choices`: the text is exactly one of them
+    GRAMMAR = "grammar"  # `spec`: an EBNF (GBNF) or Lark grammar
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Every generated text of a request must match this (whatever adapter serves it)."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+
+def check_constraint(c: Constraint) -> Constraint:
+    """`c` within the limits (sizes, schema depth, valid text); the engine compiles it, and what it
+    cannot compile is INVALID_ARGUMENT with its reason (serve/engine)."""
+    what = c.kind.value
+    if c.kind is ConstraintKind.CHOICE:
+        if not 1 <= len(c.choices) <= MAX_CHOICES:
+            raise InvalidRequest(f"choice: give 1 to {MAX_CHOICES} choices")
+        if sum(len(x) for x in c.choices) > MAX_CONSTRAINT_BYTES:
+            raise InvalidRequest(f"choice: the choices together are longer than {MAX_CONSTRAINT_BYTES} bytes")
+        for i, x in enumerate(c.choices):
+            check_text(f"choice[{i}]", x, MAX_CONSTRAINT_BYTES)
+        return c
+    if c.kind is ConstraintKind.JSON_OBJECT:
+        return c
+    check_text(what, c.spec, MAX_CONSTRAINT_BYTES)
+    if not c.spec.strip():
+        raise InvalidRequest(f"{what} is empty")
+    if c.kind is ConstraintKind.JSON_SCHEMA:
+        try:
+            schema = json.loads(c.spec)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InvalidRequest(f"json_schema is not valid JSON: {str(e)[:120]}") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("json_schema must be a JSON object (a JSON Schema)")
+        if json_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(f"json_schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    return c
+
+
 @dataclass
 class Sampling:
     """Sampling options with vLLM's meaning; None takes vLLM's default."""
@@ -82,6 +141,8 @@ class Sampling:
     skip_special_tokens: bool = True
     n: int = 1  # completions per prompt
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+    constraint: Constraint | None = None  # structured output: what the text must match
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100 to 100)
 
 
 @dataclass
@@ -191,7 +252,15 @@ def check_sampling(sp: Sampling, max_tokens_left: int, max_logprobs: int) -> Sam
         raise InvalidRequest("min_tokens exceeds max_tokens (or the context left)")
     if sp.logprobs is not None and not 0 <= sp.logprobs <= max_logprobs:
         raise InvalidRequest(f"logprobs (top_logprobs) must be between 0 and {max_logprobs}")
-    resolved = replace(sp, max_tokens=max_tokens, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids))
+    if sp.constraint is not None:
+        check_constraint(sp.constraint)
+    if len(sp.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
+    for token, bias in sp.logit_bias.items():
+        if _finite(f"logit_bias[{token}]", bias) is not None and not -100 <= bias <= 100:
+            raise InvalidRequest(f"logit_bias[{token}] must be between -100 and 100")
+    resolved = replace(sp, max_tokens=max_tokens, stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids),
+                       logit_bias=dict(sp.logit_bias))
     if sp.n > 1 and (sp.temperature if sp.temperature is not None else 1.0) < 1e-5:
         # vLLM refuses n > 1 with greedy decoding; OpenAI's API answers n identical greedy
         # completions. Top-1 sampling picks the argmax at every step: the same tokens.
