@@ -276,7 +276,7 @@ def _cpuinfo_flags() -> set[str]:
         text = open("/proc/cpuinfo").read()
     except OSError:
         pytest.skip("no /proc/cpuinfo to compare the library's CPU check with")
-    line = next(l for l in text.splitlines() if l.startswith("flags"))
+    line = next(row for row in text.splitlines() if row.startswith("flags"))
     return set(line.split(":", 1)[1].split())
 
 

@@ -12,6 +12,11 @@ before anything imports torch. Then:
   environment variables, and the native MoRA kernel takes its AVX2 path (`MORA_CPU_ISA`);
   variables already set are left as they are.
 
+Compiled code is cached apart (`TORCHINDUCTOR_CACHE_DIR`, `VLLM_CACHE_ROOT`): torch's inductor cache
+does not key its entries by the vector ISA, so an emulated run that reused kernels compiled for
+AVX-512 by an ordinary run computed wrong results (measured: vLLM's vocabulary-shard masking at
+tensor-parallel 2 read out of range). A real AVX2 machine never holds AVX-512 artifacts.
+
 CPUID itself cannot be changed: code that reads it directly still sees the real CPU. Without
 `MORA_EMULATE_CPU=avx2` this module does nothing.
 """
@@ -22,6 +27,12 @@ if os.environ.get("MORA_EMULATE_CPU", "").strip().lower() == "avx2":
     for name, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("DNNL_MAX_CPU_ISA", "AVX2"),
                         ("MKL_ENABLE_INSTRUCTIONS", "AVX2"), ("MORA_CPU_ISA", "avx2")):
         os.environ.setdefault(name, value)
+    import getpass
+    import tempfile
+
+    _user = getpass.getuser()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{_user}_avx2"))
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "vllm-emulated-avx2"))
     try:
         import torch.cpu
     except ImportError:  # a Python without torch (a tool's venv) on the same PYTHONPATH
