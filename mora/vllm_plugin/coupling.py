@@ -83,7 +83,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.remove_adapter", "overridden: a merged adapter stays"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.set_adapter_mapping",
              "overridden: the step's adapter-mapping step, where MoRA compacts slots, hides MoRA tokens from "
-             "vLLM's mapping and prepares the step (must be given the step's unpadded mapping)",
+             "vLLM's mapping and prepares the step",
              calls="_set_adapter_mapping"),
     Internal("vllm.lora.layers", "LoRAMapping", "the step's adapters by token (index_mapping) and by sampled row "
              "(prompt_mapping): read on the host, rebuilt without the MoRA adapters", calls="prompt_mapping"),

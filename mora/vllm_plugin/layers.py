@@ -108,14 +108,14 @@ class MoraLayerMixin(MoraSlots):
             torch.ops.mora.stock_lora(out2, x2, self.mora_handle, rt.step.handle)
             self.mora_update(x2, out2)
             return output
-        # CPU: the host knows which slots this step's tokens use, so each layer runs only the
-        # work they need. A resident LoRA adapter costs nothing in steps without its tokens,
-        # and a merged adapter's own steps take the plain base path.
+        # CPU: the host knows the step's kind and which table rows its tokens use, so each layer
+        # runs only the work they need. A resident LoRA adapter costs nothing in steps without
+        # its tokens, and a merged adapter's own steps take the plain base path.
+        if StepKind.LORA in rt.kind and self._lora_slots:
+            output = super()._apply_lora_to_output(x, output)
         merged = self.mora_group.merged_row
         meta = rt.meta_for(self._num_rows(x), merged)
         present = meta.present_slots
-        if not present.isdisjoint(self._lora_slots):
-            output = super()._apply_lora_to_output(x, output)
         if (present & self._mora_slots) - {merged} or (merged >= 0 and not present <= {merged}):
             x2 = x.flatten(0, -2) if x.ndim == 3 else x
             out2 = output.flatten(0, -2) if output.ndim == 3 else output
