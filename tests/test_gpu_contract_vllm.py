@@ -106,6 +106,38 @@ def test_unservable_configurations_are_refused_at_start():
         refuse_configuration(config(False, True), torch.device("cuda"))
 
 
+def test_vllm_never_sees_mora_tokens():
+    """The model manager's split of a step's mapping: vLLM's mapping (its LoRA kernels' input)
+    has the MoRA adapters replaced by "no adapter", so its shrink and expand never run over a
+    MoRA token (nor at all in a step without a stock LoRA token); the MoRA runtime gets each
+    token's table row (the merged adapter's: the reserved row) and the step's kind."""
+    from types import SimpleNamespace
+
+    from vllm.lora.layers import LoRAMapping
+
+    from mora.kernels import StepKind
+    from mora.vllm_plugin.manager import MoraLoRAModelManager
+    from mora.vllm_plugin.models import MoraLoRAModel
+
+    def manager(target: int | None, merged: bool) -> SimpleNamespace:
+        cache = {1: MoraLoRAModel(1, 4), 2: object(), 3: MoraLoRAModel(3, 4)}  # 2: a stock LoRA adapter
+        return SimpleNamespace(
+            mora_merges=SimpleNamespace(target=target, merged_id=target if merged else None),
+            lora_index_to_id=[1, 2, None, 3], _registered_adapters=SimpleNamespace(cache=cache),
+            mora_runtime=SimpleNamespace(merged_row=4))
+
+    mapping = LoRAMapping((1, 1, 2, 0, 3), (1, 2, 0, 3), is_prefill=True)
+    stock, rows, kind = MoraLoRAModelManager.split_mapping(manager(None, False), mapping)
+    assert stock.index_mapping == (0, 0, 2, 0, 0) and stock.prompt_mapping == (0, 2, 0, 0) and stock.is_prefill
+    assert rows.tolist() == [0, 0, -1, -1, 3] and kind == StepKind.MORA | StepKind.LORA
+    stock, rows, kind = MoraLoRAModelManager.split_mapping(manager(3, True), LoRAMapping((3, 3), (3,)))
+    assert stock.index_mapping == (0, 0) and rows.tolist() == [4, 4] and kind == StepKind.NONE  # merged only
+    _, rows, kind = MoraLoRAModelManager.split_mapping(manager(3, False), LoRAMapping((3, 0), (3, 0)))
+    assert rows.tolist() == [4, -1] and kind == StepKind.MORA  # being merged: layers not merged yet add it
+    unchanged = LoRAMapping((2, 0), (2, 0))
+    assert MoraLoRAModelManager.split_mapping(manager(None, False), unchanged)[0] is unchanged
+
+
 # vLLM's CPU engine, compiled as the plugin keeps it (Dynamo traced once, guards dropped: what
 # vLLM does on a GPU; the eager backend, vLLM's CPU-CI setting, to keep the test short). vLLM's
 # CPU platform would turn compilation off with LoRA; the plugin keeps it and runs every LoRA
