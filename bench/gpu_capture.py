@@ -6,7 +6,7 @@ addresses of their arguments, and a replay runs exactly those, reading whatever 
 holds by then; no Python runs. The CPU has no graphs, so the recorder stands in for one:
 
 * capture: the forward runs with the launch points patched (`mora.kernels.triton_gpu.launch`,
-  the Triton backend, under `TRITON_INTERPRET=1`; `gpu_contract.LAUNCHERS["stock"]`, the stock
+  the Triton backend, under `TRITON_INTERPRET=1`; `gpu_model.LAUNCHERS["stock"]`, the stock
   LoRA kernel), and every launch is recorded with its grid and arguments, grouped by op call;
 * replay: the forward runs again (its base GEMMs and element-wise ops are the graph's other
   kernels), and each op call runs only the launches recorded for it, with its `y` and `x`
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 import bench.gpu_contract as gc
+import bench.gpu_model as gm
 import mora.kernels.fused_op as fused_op
 import mora.kernels.triton_gpu as triton_gpu
 from mora.kernels import StepKind, TableGroup
@@ -39,17 +40,17 @@ from mora.vllm_plugin.graphs import MORA_ONLY, kind_of_case
 __all__ = ["Recorder", "capture_as_vllm", "case_for_kind", "count_launches", "lora_cases", "warmup_mapping"]
 
 
-def lora_cases(cfg: gc.Config) -> list[int]:
+def lora_cases(cfg: gm.Config) -> list[int]:
     """vLLM's capture cases (`cudagraph_specialize_lora`) with the plugin's MoRA-only one."""
     return [0, MORA_ONLY, cfg.adapters + 1]
 
 
-def case_for_kind(kind: StepKind, cfg: gc.Config) -> int:
+def case_for_kind(kind: StepKind, cfg: gm.Config) -> int:
     """The case a step of `kind` replays (`graphs.py`'s dispatch)."""
     return cfg.adapters + 1 if StepKind.LORA in kind else MORA_ONLY if StepKind.MORA in kind else 0
 
 
-def warmup_mapping(case: int, size: int, cfg: gc.Config) -> list[int]:
+def warmup_mapping(case: int, size: int, cfg: gm.Config) -> list[int]:
     """vLLM's warm-up mapping (`maybe_select_dummy_loras`): a case above 0 spreads its dummy
     adapters over the tokens; 0 and MORA_ONLY activate none."""
     k = min(case, cfg.adapters)
@@ -90,20 +91,20 @@ def _run(kind: str, grid: tuple, args: tuple, kwargs: dict) -> None:
 
 
 _TRITON_LAUNCH = triton_gpu.launch
-_STOCK_LAUNCH = gc.LAUNCHERS["stock"]
+_STOCK_LAUNCH = gm.LAUNCHERS["stock"]
 _GROUP_APPLY = TableGroup.apply
-_STOCK_APPLY = gc.StockLora.apply
+_STOCK_APPLY = gm.StockLora.apply
 
 
 @contextlib.contextmanager
 def _patched(group_apply: Callable, stock_apply: Callable, triton: Callable, stock: Callable) -> Iterator[None]:
-    TableGroup.apply, gc.StockLora.apply = group_apply, stock_apply
-    triton_gpu.launch, gc.LAUNCHERS["stock"] = triton, stock
+    TableGroup.apply, gm.StockLora.apply = group_apply, stock_apply
+    triton_gpu.launch, gm.LAUNCHERS["stock"] = triton, stock
     try:
         yield
     finally:
-        TableGroup.apply, gc.StockLora.apply = _GROUP_APPLY, _STOCK_APPLY
-        triton_gpu.launch, gc.LAUNCHERS["stock"] = _TRITON_LAUNCH, _STOCK_LAUNCH
+        TableGroup.apply, gm.StockLora.apply = _GROUP_APPLY, _STOCK_APPLY
+        triton_gpu.launch, gm.LAUNCHERS["stock"] = _TRITON_LAUNCH, _STOCK_LAUNCH
 
 
 @contextlib.contextmanager

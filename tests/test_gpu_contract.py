@@ -264,7 +264,7 @@ def test_prepare_is_sync_and_allocation_free():
     seen: list[str] = []
 
     class Strict(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = func.__name__.split(".")[0]
             seen.append(name)

@@ -173,7 +173,7 @@ def test_engine_refuses_to_serve_without_the_mora_wrappers(answer, error, monkey
         errored = False
         model_config = None  # start() stops at the check or reads this
 
-        async def collective_rpc(self, method, args=()):  # noqa: ANN001
+        async def collective_rpc(self, method, args=()):
             assert method == "mora_status"
             if isinstance(answer, Exception):
                 raise answer
