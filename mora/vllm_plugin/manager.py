@@ -113,7 +113,11 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         # memory in bf16, and no conversion each time the adapter takes a slot. The tables cast
         # to this dtype anyway, so what is served is unchanged bit for bit.
         dtype = self.lora_config.lora_dtype if isinstance(self.lora_config.lora_dtype, torch.dtype) else None
-        mora = {m: (adapter.weights[m].to(dtype=dtype or adapter.weights[m].dtype).contiguous(), spec) for m, spec in bound.specs.items()}
+        # In pinned memory for a GPU: taking a slot then copies asynchronously (from pageable
+        # memory the copy would hold the host).
+        pin = torch.device(self.device).type == "cuda"
+        mora = {m: (_host_copy(adapter.weights[m].to(dtype=dtype or adapter.weights[m].dtype), pin), spec)
+                for m, spec in bound.specs.items()}
         return MoraLoRAModel(lora_int_id, adapter.config.r, mora=mora, name=adapter.name)
 
     # -- vLLM manager hooks ---------------------------------------------------------------
@@ -282,6 +286,11 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             lora_slots=self.lora_slots, max_pinned=self.mora_max_pinned, mora_layers=len(self.mora_layers()),
             graph_safe=self.mora_runtime.graph_safe,
         )
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    t = t.contiguous()
+    return t.pin_memory() if pin else t
 
 
 def compiled_or_captured(vllm_config: object) -> bool:

@@ -76,8 +76,8 @@ class MoraSlots:
         for table, entry in zip(self.mora_tables, entries, strict=True):
             if entry is None:
                 table.clear_slot(index)
-            else:
-                table.set_slot(index, entry[0].to(device=table.M.device, dtype=table.dtype), entry[1])
+            else:  # asynchronous from the pinned host copy the manager keeps (a GPU)
+                table.set_slot(index, entry[0].to(device=table.M.device, dtype=table.dtype, non_blocking=True), entry[1])
         if any(e is not None for e in entries):
             self._mora_slots.add(index)
         else:
