@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # What a GPU serving MoRA under vLLM relies on, on a real CUDA GPU, without vLLM: needs python3
 # with torch (2.11+) and triton (3.6+) and a CUDA device; no vLLM, no network, no install.
-# About 3-6 minutes.
+# About 10-15 minutes.
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to pick another interpreter
 #
 # 1. kernel correctness: tests/test_kernels.py under pytest when pytest is importable (every
-#    backend on CUDA tensors, a CUDA-graph replay included), else a self-contained check of the
-#    Triton backend against the reference;
-# 2. bench.gpu_contract: MoRA-wrapped decoder layers (the project's runtime, custom op and
-#    Triton kernel) captured in real torch.cuda.CUDAGraphs at padded sizes 1/2/4/8/16/32 with
-#    dummy adapters, replayed across steps with changing mappings (16 adapters of types 1/6/3,
-#    a merged slot, fewer real tokens than the padded size) against the torch reference; then
-#    the same stack under torch.compile (inductor, fullgraph, dynamic token counts);
-# 3. bench.kernel --device cuda: fused time against the roofline (compute bound vs the
-#    distinct-M bytes at the copy bandwidth measured in the same run).
+#    backend and dtype on CUDA tensors, a CUDA-graph replay included), else a self-contained
+#    check of the Triton backend against the reference;
+# 2. bench.gpu_contract, in bfloat16 and in float16, each with adapters of all five types at
+#    Llama-7B shapes: MoRA-wrapped decoder layers (the project's runtime, layer state, custom ops,
+#    merge controller and Triton kernel) captured in real torch.cuda.CUDAGraphs as vLLM captures
+#    them (every LoRA case and padded size 1-32, stock-LoRA dummies, empty MoRA tables), replayed
+#    by step kind across steps with changing mappings, LoRA beside MoRA, a merge and merged-only
+#    steps, against the torch reference; the longest step while a merge proceeds a slice per
+#    step against a normal step; prepare + forward under torch.cuda.set_sync_debug_mode("error");
+#    then the same stack under torch.compile (inductor, fullgraph, dynamic), traced with empty tables;
+# 3. bench.gpu_kernel --device cuda: per type, decode (T=16) and prefill (T=512, 2048) at
+#    Llama-7B shapes, the fused op against its roofline (compute at the speed of a same-size
+#    matmul vs its compulsory bytes at the copy bandwidth, both measured in the same run).
 #
-# Ends with one line:  graphs_ok=<bool> compile_ok=<bool> vs_roofline=<worst fused/roofline>
+# Ends with one line:
+#   graphs_ok=<bool> compile_ok=<bool> sync_free=<bool> merge_stall=<longest merge step / normal step>
+#   vs_roofline_t1=.. vs_roofline_t2=.. vs_roofline_t3=.. vs_roofline_t4=.. vs_roofline_t6=.. vs_roofline=<worst>
 # Exit status: non-zero if any part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,18 +84,29 @@ raise SystemExit(1 if failures else 0)
 PYEOF
 fi
 
-echo "== 2. CUDA graphs and torch.compile over MoRA-wrapped decoder layers =="
-contract=$(timeout 420 "$PY" -m bench.gpu_contract --device cuda 2>&1) || status=1
-echo "$contract"
-graphs_ok=$(sed -n 's/^GPU_CONTRACT.*graphs_ok=\([A-Za-z]*\).*/\1/p' <<<"$contract")
-compile_ok=$(sed -n 's/^GPU_CONTRACT.*compile_ok=\([A-Za-z]*\).*/\1/p' <<<"$contract")
+echo "== 2. CUDA graphs and torch.compile over MoRA-wrapped decoder layers (Llama-7B shapes) =="
+graphs_ok=True; compile_ok=True; sync_free=True; stall=0
+for dtype in bfloat16 float16; do
+    contract=$(timeout 900 "$PY" -m bench.gpu_contract --device cuda --dtype "$dtype" --types 1,2,3,4,6 \
+               --hidden 4096 --inter 11008 --layers 1 2>&1) || status=1
+    echo "$contract"
+    line=$(grep '^GPU_CONTRACT' <<<"$contract")
+    [[ "$line" == *"graphs_ok=True"* ]] || graphs_ok=False
+    [[ "$line" == *"compile_ok=True"* ]] || compile_ok=False
+    [[ "$line" == *"sync_free=True"* ]] || sync_free=False
+    ratio=$(sed -n 's/.*merge_step_ms=\([0-9.]*\) normal_step_ms=\([0-9.]*\).*/\1 \2/p' <<<"$line" \
+            | awk '{ if ($2 > 0) printf "%.2f", $1 / $2 }')
+    stall=$(awk -v a="${ratio:-0}" -v b="$stall" 'BEGIN { print (a > b) ? a : b }')
+done
 
-echo "== 3. kernel benchmark (triton backend, bf16) =="
-bench=$(timeout 300 "$PY" -m bench.kernel --device cuda --rounds 5 2>&1) || status=1
+echo "== 3. kernel benchmark per MoRA type (triton backend, bf16) =="
+bench=$(timeout 600 "$PY" -m bench.gpu_kernel --device cuda 2>&1) || status=1
 echo "$bench"
-vs_roofline=$(sed -n 's/.* vs_roofline=\([0-9.a-z]*\).*/\1/p' <<<"$bench" | tail -1)
+rooflines=$(grep '^vs_roofline_t1=' <<<"$bench" | tail -1)
 
-[ "${graphs_ok:-}" = True ] || status=1
-[ "${compile_ok:-}" = True ] || status=1
-echo "graphs_ok=${graphs_ok:-False} compile_ok=${compile_ok:-False} vs_roofline=${vs_roofline:-nan}"
+[ "$graphs_ok" = True ] || status=1
+[ "$compile_ok" = True ] || status=1
+[ "$sync_free" = True ] || status=1
+[ -n "$rooflines" ] || status=1
+echo "graphs_ok=$graphs_ok compile_ok=$compile_ok sync_free=$sync_free merge_stall=$stall ${rooflines:-vs_roofline=nan}"
 exit $status

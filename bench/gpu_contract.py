@@ -1,158 +1,48 @@
-"""MoRA-wrapped decoder layers under CUDA graphs and torch.compile, without vLLM.
+"""MoRA-wrapped decoder layers as vLLM's GPU model runner drives them, without vLLM.
 
-The contract vLLM's GPU model runner relies on, checked on the project's own runtime and
-kernels (`MoraRuntime` in graph-safe mode, `torch.ops.mora.fused_apply`, the slot tables):
+The contract vLLM's GPU model runner relies on, checked on the project's own runtime, layer
+state and kernels (`MoraRuntime` in graph-safe mode, `MoraSlots`, `torch.ops.mora.fused_apply`,
+`MergeController`, the slot tables):
 
-* a forward captured once (a CUDA graph at a padded batch size, or one `torch.compile`
-  trace with dynamic token counts) serves later steps whose adapters, mappings, token counts
-  and merged adapter changed, when the state was updated only in place (`prepare`,
-  `set_slot`, merge/unmerge) - as vLLM does between steps;
-* rows past the step's real tokens (padding up to the captured size) are left untouched by
-  the MoRA update.
+* a forward captured once (a CUDA graph per capture size and LoRA case, captured with vLLM's
+  stock-LoRA warm-up adapters while the MoRA tables are empty; or one `torch.compile` trace)
+  serves later steps whose adapters, mappings, token counts and merged adapter changed, when
+  the state was updated only in place (`prepare`, `set_slot`, merges a layer at a time);
+* rows past the step's real tokens (padding up to the captured size) are left untouched;
+* a step launches only what its kind needs (`StepKind`): no stock LoRA kernel without a stock
+  LoRA token, no adapter kernel at all for base or merged-adapter tokens only.
 
-Each decoder layer has vLLM's packed projections (qkv with three slices, gate_up with two,
-o and down) around per-token mixing (no attention: padding must not reach real rows through
-anything but the operator under test). Each step's real rows are compared with a reference
-that runs the same base weights *unmerged* plus the per-token updates of the library's
-reference operator (`backend="reference"`), and padded rows with the same forward where every
-row is padding.
+The decoder stack is `bench/gpu_model.py`'s (vLLM's packed projections, the wrappers' layer
+state, a stand-in for vLLM's stock LoRA kernel). Slots `lora_slots` hold stock LoRA adapters,
+the others MoRA adapters.
+Each step's real rows are compared with a reference that runs the same base weights
+*unmerged* plus the per-token updates of the library's reference operator and of the stock
+LoRA, and padded rows with the same forward where every row is padding.
 
     python -m bench.gpu_contract --device cuda     # what bench/gpu_check.sh runs
 
+`bench/gpu_capture.py` replays vLLM's capture sequence on the CPU (recorded kernel launches).
 Imports nothing from vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from mora.kernels import BatchMeta, ShardLayout, SlotTable, TableGroup, mora_apply_slices, prepare_batch
-from mora.merge import MergeRecord, merge_, unmerge_
-from mora.spec import MoraSpec, MoraType, mora_size
-from mora.vllm_plugin.runtime import MoraRuntime
+from bench.gpu_model import Config, Decoder, PinSet, load_slot, make_lora, make_mora
+from mora.kernels import StepKind, prepare_batch
+from mora.vllm_plugin.graphs import kind_of_case
+from mora.vllm_plugin.merging import MergeController
+from mora.vllm_plugin.runtime import MoraRuntime, plan_step
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32)
-
-
-@dataclass(frozen=True)
-class Config:
-    hidden: int = 64
-    inter: int = 96
-    layers: int = 2
-    adapters: int = 16  # resident adapters, vLLM slots 0..adapters-1 (+ the reserved merged row)
-    types: tuple[int, ...] = (1, 6, 3)
-    ranks: tuple[int, ...] = (4, 8)
-    max_tokens: int = 64  # vLLM's max_num_batched_tokens
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-    backend: str | None = None  # None: by device (triton on CUDA, torch on the CPU)
-
-    @property
-    def max_rank(self) -> int:
-        return max(self.ranks)
-
-
-class MoraLinear(nn.Module):
-    """A packed linear layer with MoRA slices: `y = x @ W.T`, then the fused op, the same
-    calls as the vLLM wrappers' graph-safe forward (`MoraLayerMixin._apply_lora_to_output`)."""
-
-    def __init__(self, in_f: int, widths: list[int], rt: MoraRuntime, cfg: Config, g: torch.Generator) -> None:
-        super().__init__()
-        w = torch.randn(sum(widths), in_f, generator=g) * in_f**-0.5
-        self.weight = nn.Parameter(w.to(cfg.device, cfg.dtype), requires_grad=False)
-        self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
-        self.tables = [
-            SlotTable(ShardLayout(in_f, out), rt.max_slots, max_rank=cfg.max_rank, dtype=cfg.dtype, device=cfg.device)
-            for out in widths
-        ]
-        self.group = TableGroup(self.tables, self.offsets, cfg.backend)
-        self.rt = rt
-        self.reference: BatchMeta | None = None  # set: compute the reference instead (eager only)
-        self.records: list[tuple[slice, MergeRecord]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if self.reference is None:
-            self.rt.apply(y, x, self.group)
-        else:
-            n = self.reference.num_tokens
-            mora_apply_slices(y[:n], x[:n], self.tables, self.reference, self.offsets, backend="reference")
-        return y
-
-    def slices(self) -> list[slice]:
-        return [slice(a, b) for a, b in zip(self.offsets, self.offsets[1:], strict=False)]
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, rt: MoraRuntime, g: torch.Generator) -> None:
-        super().__init__()
-        h, kv = cfg.hidden, cfg.hidden // 2
-        self.kv = kv
-        self.qkv_proj = MoraLinear(h, [h, kv, kv], rt, cfg, g)
-        self.o_proj = MoraLinear(h, [h], rt, cfg, g)
-        self.gate_up_proj = MoraLinear(h, [cfg.inter, cfg.inter], rt, cfg, g)
-        self.down_proj = MoraLinear(cfg.inter, [h], rt, cfg, g)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(F.rms_norm(h, (h.shape[-1],))).split([h.shape[-1], self.kv, self.kv], dim=-1)
-        h = h + self.o_proj(q * torch.sigmoid(torch.cat([k, v], dim=-1)))
-        gate, up = self.gate_up_proj(F.rms_norm(h, (h.shape[-1],))).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: Config, rt: MoraRuntime, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rt, g) for _ in range(cfg.layers))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            h = layer(h)
-        return h
-
-    def linears(self) -> list[MoraLinear]:
-        return [m for m in self.modules() if isinstance(m, MoraLinear)]
-
-
-@dataclass
-class Adapter:
-    """One adapter: `(M, spec)` per slice of every linear (in `Decoder.linears()` order)."""
-
-    mora_type: int
-    rank: int
-    entries: list[list[tuple[torch.Tensor, MoraSpec]]] = field(default_factory=list)
-
-
-def make_adapter(model: Decoder, cfg: Config, mora_type: int, rank: int, seed: int, scale: float = 0.05) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    adapter = Adapter(mora_type, rank)
-    for lin in model.linears():
-        per = []
-        for t in lin.tables:
-            lay = t.layout
-            n = mora_size(lay.in_features, lay.out_features, rank, MoraType(mora_type))
-            spec = MoraSpec(lay.in_features, lay.out_features, n, MoraType(mora_type))
-            per.append(((torch.randn(n, n, generator=g) * scale).to(cfg.device, cfg.dtype), spec))
-        adapter.entries.append(per)
-    return adapter
-
-
-def load_slot(model: Decoder, row: int, adapter: Adapter | None) -> None:
-    """Write `adapter` into table row `row` of every layer in place (None: clear it)."""
-    for lin, per in zip(model.linears(), adapter.entries if adapter else [None] * len(model.linears()), strict=True):
-        for i, t in enumerate(lin.tables):
-            if per is None:
-                t.clear_slot(row)
-            else:
-                t.set_slot(row, *per[i])
 
 
 @dataclass
@@ -164,80 +54,97 @@ class Step:
 
 
 class Harness:
-    """A decoder stack, its runtime and adapters, and the operations vLLM performs between
-    steps (activate adapters, prepare, merge, unmerge), all in place."""
+    """A decoder stack, its runtime and adapters, and what vLLM and the model manager do between
+    steps (activate adapters, split the mapping and prepare the step, merge, unmerge), in place."""
 
     def __init__(self, cfg: Config, seed: int = 0) -> None:
         self.cfg = cfg
-        self.rt = MoraRuntime(cfg.adapters, cfg.device, max_tokens=cfg.max_tokens, graph_safe=True)
-        self.model = Decoder(cfg, self.rt, seed)
+        self.rt = MoraRuntime(cfg.adapters, cfg.device, max_tokens=cfg.max_tokens, graphs=True)
+        self.stock_mapping = torch.full((cfg.max_tokens,), -1, dtype=torch.int64, device=cfg.device)
+        self.model = Decoder(cfg, self.rt, self.stock_mapping, seed)
         self.adapters = [
-            make_adapter(self.model, cfg, cfg.types[i % len(cfg.types)], cfg.ranks[i % len(cfg.ranks)], seed + 100 + i)
+            make_lora(self.model, cfg, seed + 100 + i) if i in cfg.lora_slots else
+            make_mora(self.model, cfg, cfg.types[i % len(cfg.types)], cfg.ranks[i % len(cfg.ranks)], seed + 100 + i)
             for i in range(cfg.adapters)
         ]
-        self.merged: int | None = None  # the vLLM slot whose adapter is merged
-        self.unmerged: list[torch.Tensor] = []
+        self.merges = MergeController(self.rt, lambda: [(str(i), lin) for i, lin in enumerate(self.model.linears())],
+                                      PinSet())
+        self.lora_ids: set[int] = set()  # ids (slot + 1) of the slots holding a stock LoRA adapter
+        self.unmerged: list[torch.Tensor] = []  # base weights before the merge (the reference's)
 
-    def load_dummies(self) -> None:
-        """vLLM's warm-up: dummy adapters (other types and values) in every slot."""
-        cfg = self.cfg
-        for s in range(cfg.adapters):
-            dummy = make_adapter(self.model, cfg, cfg.types[(s + 1) % len(cfg.types)], cfg.max_rank, 7000 + s)
-            load_slot(self.model, s, dummy)
+    @property
+    def merged(self) -> int | None:
+        """The vLLM slot of the adapter being merged or merged (its id is slot + 1)."""
+        return None if self.merges.target is None else self.merges.target - 1
+
+    def load_stock_dummies(self) -> None:
+        """vLLM's warm-up adapters: stock LoRA ones in every slot; the MoRA tables are empty."""
+        for s in range(self.cfg.adapters):
+            load_slot(self.model, s, make_lora(self.model, self.cfg, 7000 + s))
+        self.lora_ids = set(range(1, self.cfg.adapters + 1))
 
     def load_adapters(self) -> None:
         for s, adapter in enumerate(self.adapters):
             load_slot(self.model, s, adapter)
+        self.lora_ids = {s + 1 for s in self.cfg.lora_slots}
 
-    def merge(self, slot: int) -> None:
-        """Fold slot `slot`'s adapter into the base weights (exactly undoable), its `M`s into the
-        reserved row, and mark the reserved row merged (as `MoraLoRAModelManager.mora_merge`)."""
-        adapter = self.adapters[slot]
-        self.unmerged = [lin.weight.data.clone() for lin in self.model.linears()]  # for the reference
-        for lin, per in zip(self.model.linears(), adapter.entries, strict=True):
-            for rows, (M, spec) in zip(lin.slices(), per, strict=True):
-                lin.records.append((rows, merge_(lin.weight.data[rows], M, spec, exact=True, keep_storage=True)))
-        load_slot(self.model, self.rt.merged_row, adapter)
-        self.rt.set_merged(self.rt.merged_row)
-        self.merged = slot
+    def merge(self, slot: int, *, background: bool = False) -> None:
+        """Start merging slot `slot`'s adapter (all at once, or a slice per `merge_slice`)."""
+        self.unmerged = [lin.weight.data.clone() for lin in self.model.linears()]
+        self.merges.merge(slot + 1, self.adapters[slot], background=background, max_bytes=None, commit=True)
+
+    def merge_slice(self) -> bool:
+        """One call of a background merge between two steps; True when it is merged."""
+        return self.merges.merge(self.merges.target, self.adapters[self.merged], background=True, max_bytes=None,
+                                 commit=True).state.value == "merged"
 
     def unmerge(self) -> None:
-        for lin in self.model.linears():
-            for rows, rec in reversed(lin.records):
-                unmerge_(lin.weight.data[rows], rec)
-            lin.records.clear()
+        self.merges.unmerge()
         for lin, w in zip(self.model.linears(), self.unmerged, strict=True):
             if not torch.equal(lin.weight.data, w):
                 raise AssertionError("unmerge did not restore the base weights bit for bit")
-        self.rt.set_merged(-1)
-        load_slot(self.model, self.rt.merged_row, None)
-        self.merged = None
 
-    def prepare(self, slots: list[int]) -> None:
-        token_slots = torch.tensor(slots, dtype=torch.int64, device=self.cfg.device)
-        self.rt.prepare(token_slots, -1 if self.merged is None else self.merged)
+    def plan(self, slots: list[int]) -> tuple[np.ndarray, np.ndarray, StepKind]:
+        """The model manager's split of a step (`plan_step`): MoRA rows, vLLM's stock mapping
+        (MoRA tokens hidden), the kind."""
+        ids = np.asarray(slots, dtype=np.int64) + 1
+        rows, moras, kind = plan_step(ids, {s + 1: s for s in range(self.cfg.adapters)}, lambda i: i not in self.lora_ids,
+                                      self.merges.target, self.merges.merged_id is not None, self.rt.merged_row)
+        stock = np.where(np.isin(ids, moras) | (ids == 0), -1, ids - 1)
+        return rows, stock, kind
 
-    def apply_step(self, step: Step) -> None:
-        if step.unmerge and self.merged is not None:
+    def prepare(self, slots: list[int]) -> StepKind:
+        rows, stock, kind = self.plan(slots)
+        with torch.no_grad():
+            self.stock_mapping[: len(slots)].copy_(torch.from_numpy(stock))
+            self.stock_mapping[len(slots):].fill_(-1)
+        self.rt.prepare(torch.from_numpy(rows), kind)
+        return self.rt.kind
+
+    def apply_step(self, step: Step) -> StepKind:
+        if step.unmerge and self.merges.merged_id is not None:
             self.unmerge()
         if step.merge is not None:
             self.merge(step.merge)
-        self.prepare(step.slots)
+        return self.prepare(step.slots)
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """The real rows as the library defines them: base weights unmerged, each token plus its
-        own adapter, computed by the reference operator (eager)."""
+        own adapter (MoRA: the reference operator; LoRA: the stock update), eagerly."""
         n = len(slots)
-        meta = prepare_batch(torch.tensor(slots, dtype=torch.int64, device=x.device), self.rt.max_slots)
+        ids = torch.tensor(slots, dtype=torch.int64)
+        lora = torch.tensor([s in self.cfg.lora_slots for s in slots], dtype=torch.bool)
+        meta = prepare_batch(torch.where(lora, -1, ids).to(x.device), self.rt.max_slots)
         saved = []
-        if self.merged is not None:
+        if self.merges.target is not None:
             for lin, w in zip(self.model.linears(), self.unmerged, strict=True):
                 saved.append(lin.weight.data.clone())
                 lin.weight.data.copy_(w)
         try:
             for lin in self.model.linears():
                 lin.reference = meta
+                lin.stock.reference_mapping = torch.where(lora, ids, -1).to(x.device)
             return self.model(x[:n])
         finally:
             for lin in self.model.linears():
@@ -247,8 +154,9 @@ class Harness:
 
 
 def scenario(cfg: Config, sizes: tuple[int, ...], seed: int = 0) -> list[Step]:
-    """Steps with changing token counts, mappings (skewed, mixed, all-base), a merge, a step
-    after it, an unmerge; real token counts from 1 to each size's maximum."""
+    """Steps with changing token counts, mappings (skewed, mixed, all-base, more distinct
+    adapters than row tiles), a merge, steps of only the merged adapter's tokens and after it, an
+    unmerge; real token counts from 1 to each size's maximum."""
     g = torch.Generator().manual_seed(seed)
     A = cfg.adapters
     steps: list[Step] = []
@@ -256,12 +164,15 @@ def scenario(cfg: Config, sizes: tuple[int, ...], seed: int = 0) -> list[Step]:
         n = max(1, size - (k % 3))  # fewer real tokens than the padded size, mostly
         if k % 4 == 3:
             slots = [-1] * n
+        elif k % 4 == 1:
+            slots = [(i % (A + 1)) - 1 for i in range(n)]  # every adapter, one segment each
         else:
             slots = torch.randint(-1, A, (n,), generator=g).tolist()
         steps.append(Step(n, slots))
-    merged = A // 2 + 1  # a type-6 or type-3 adapter; its tokens appear while merged
+    merged = next(s for s in range(A // 2 + 1, A) if s not in cfg.lora_slots)
     n = max(sizes)
     steps.append(Step(n, [(merged if i % 3 == 0 else (i % A) - 1) for i in range(n)], merge=merged))
+    steps.append(Step(max(1, n // 2), [merged] * max(1, n // 2)))  # only the merged adapter: no kernel
     steps.append(Step(max(1, n // 2), torch.randint(-1, A, (max(1, n // 2),), generator=g).tolist()))
     steps.append(Step(max(1, n - 1), [(i * 5) % A for i in range(max(1, n - 1))], unmerge=True))
     return steps
@@ -276,6 +187,7 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
 class StepResult:
     size: int
     n: int
+    kind: StepKind
     merged: bool
     err: float  # max |real rows - reference| / scale
     pad_ok: bool  # padded rows equal the all-padding forward, bit for bit
@@ -294,44 +206,48 @@ def check_steps(h: Harness, steps: list[Step], run: Callable[[int], Runner], siz
     for step in steps:
         size = min(s for s in sizes if s >= step.n)
         x = (torch.randn(size, cfg.hidden, generator=g)).to(cfg.device, cfg.dtype)
-        h.apply_step(step)
+        kind = h.apply_step(step)
         got = run(size)(x).clone()
         h.prepare([])  # every row is padding: the base model (merged weights included)
         base = run(size)(x).clone()
-        h.prepare(step.slots)
         want = h.reference(x, step.slots)
+        h.prepare(step.slots)
         err = _err(got[: step.n], want)
         pad_ok = torch.equal(got[step.n :], base[step.n :])
-        out.append(StepResult(size, step.n, h.merged is not None, err, pad_ok, err <= TOL[cfg.dtype] and pad_ok))
+        out.append(StepResult(size, step.n, kind, h.merged is not None, err, pad_ok, err <= TOL[cfg.dtype] and pad_ok))
     return out
 
 
 def graphed(h: Harness, sizes: tuple[int, ...]) -> Callable[[int], Runner]:
-    """One real `torch.cuda.CUDAGraph` per padded size, captured with dummy adapters at a step
-    using every slot; replays read the state as later updated in place."""
+    """Real `torch.cuda.CUDAGraph`s as vLLM captures them (`gpu_capture.capture_as_vllm` on
+    the CPU): per size and LoRA case, with stock dummies and empty MoRA tables; a step replays
+    the graph of its kind; the real adapters arrive in place afterwards."""
+    from bench.gpu_capture import case_for_kind, lora_cases, warmup_mapping
+
     cfg = h.cfg
-    h.load_dummies()
-    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+    h.load_stock_dummies()
+    graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
     pool = None
-    for size in sorted(sizes, reverse=True):  # largest first, then share its memory pool
-        x = torch.zeros(size, cfg.hidden, device=cfg.device, dtype=cfg.dtype)
-        h.prepare([i % cfg.adapters for i in range(size)])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            h.model(x)  # warm-up: Triton compilation, allocator
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-            y = h.model(x)
-        pool = graph.pool()
-        graphs[size] = (graph, x, y)
-    h.load_adapters()  # the real adapters arrive after capture, in place
+    for case in lora_cases(cfg):
+        for size in sorted(sizes, reverse=True):  # largest first, then share its memory pool
+            x = torch.zeros(size, cfg.hidden, device=cfg.device, dtype=cfg.dtype)
+            with h.rt.forcing(kind_of_case(case)):
+                h.prepare(warmup_mapping(case, size, cfg))
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    h.model(x)  # warm-up: Triton compilation, allocator
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+                    y = h.model(x)
+            pool = graph.pool()
+            graphs[(case, size)] = (graph, x, y)
+    h.load_adapters()
 
     def run(size: int) -> Runner:
-        graph, x_static, y_static = graphs[size]
-
         def replay(x: torch.Tensor) -> torch.Tensor:
+            graph, x_static, y_static = graphs[(case_for_kind(h.rt.kind, cfg), size)]
             x_static.copy_(x)
             graph.replay()
             torch.cuda.synchronize()
@@ -343,12 +259,18 @@ def graphed(h: Harness, sizes: tuple[int, ...]) -> Callable[[int], Runner]:
 
 
 def compiled(h: Harness, backend: str = "inductor") -> tuple[Callable[[int], Runner], object]:
-    """`torch.compile(fullgraph=True, dynamic=True)` of the stack; returns the runner and the
-    compile counter (`frame_count`: compilations)."""
+    """`torch.compile(fullgraph=True, dynamic=True)` of the stack, traced while the MoRA tables
+    are empty (vLLM compiles during its profiling run, before any adapter); returns the runner
+    and the compile counter (`frame_count`: compilations). The adapters load afterwards."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend(backend)
     fn = torch.compile(h.model, fullgraph=True, dynamic=True, backend=counter)
+    h.load_stock_dummies()
+    with torch.no_grad(), h.rt.forcing(StepKind.MORA | StepKind.LORA):
+        h.prepare([i % h.cfg.adapters for i in range(2)])
+        fn(torch.zeros(2, h.cfg.hidden, device=h.cfg.device, dtype=h.cfg.dtype))  # traced with empty tables
+    h.load_adapters()
 
     def run(size: int) -> Runner:
         def call(x: torch.Tensor) -> torch.Tensor:
@@ -362,36 +284,95 @@ def compiled(h: Harness, backend: str = "inductor") -> tuple[Callable[[int], Run
 
 def summarize(label: str, results: list[StepResult]) -> bool:
     for r in results:
-        print(f"  {label:<8} size={r.size:>3} n={r.n:>3} merged={int(r.merged)} err={r.err:.2e} "
-              f"pad_untouched={r.pad_ok} {'ok' if r.ok else 'FAIL'}")
+        print(f"  {label:<8} size={r.size:>3} n={r.n:>3} kind={r.kind.name or 'NONE':<9} merged={int(r.merged)} "
+              f"err={r.err:.2e} pad_untouched={r.pad_ok} {'ok' if r.ok else 'FAIL'}")
     return all(r.ok for r in results)
+
+
+def sync_free_step(h: Harness, sizes: tuple[int, ...]) -> bool:
+    """`prepare` and an eager forward under `torch.cuda.set_sync_debug_mode("error")`: any host
+    synchronization raises."""
+    x = torch.randn(max(sizes), h.cfg.hidden, device=h.cfg.device, dtype=h.cfg.dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in scenario(h.cfg, sizes, seed=9)[:4]:
+            h.prepare(step.slots)
+            with torch.no_grad():
+                h.model(x[: step.n])
+        ok = True
+    except RuntimeError as e:
+        print(f"  sync in a step: {e}")
+        ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return ok
+
+
+def merge_stall(h: Harness, run: Callable[[int], Runner], size: int, steps: int = 12) -> tuple[float, float]:
+    """Decode steps (graph replays) while an adapter merges a slice per step: the longest step
+    (its merge slice included) and the median step without a merge, in milliseconds."""
+    cfg = h.cfg
+    slots = [s for s in range(cfg.adapters) if s not in cfg.lora_slots]
+    x = torch.randn(size, cfg.hidden, device=cfg.device, dtype=cfg.dtype)
+
+    def step(extra: Callable[[], object] | None = None) -> float:
+        sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        if extra is not None:
+            extra()
+        h.prepare([slots[i % len(slots)] for i in range(size)])
+        run(size)(x)
+        sync()
+        return (time.perf_counter() - t) * 1e3
+
+    normal = sorted(step() for _ in range(steps))[steps // 2]
+    h.merge(slots[-1], background=True)
+    during = [step(h.merge_slice)]
+    while h.merges.merged_id is None:
+        during.append(step(h.merge_slice))
+    h.unmerge()
+    return max(during), normal
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="float32 (default): the replayed and the reference base GEMMs are the same, errors are the operator's alone")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--types", default="1,6,3", help="MoRA types of the adapters, round robin")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--inter", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    cfg = Config(hidden=args.hidden, inter=args.inter, dtype=dtype, device=args.device, max_tokens=64)
+    types = tuple(int(t) for t in args.types.split(","))
+    cfg = Config(hidden=args.hidden, inter=args.inter, layers=args.layers, dtype=dtype, device=args.device, types=types,
+                 lora_slots=(3,), max_tokens=64)
     torch.manual_seed(0)
-    graphs_ok = None
+    graphs_ok = sync_ok = None
+    stall = ""
+    label = f"{args.dtype} types {','.join(map(str, types))} {args.hidden}x{args.inter}"
     if args.device == "cuda":
         h = Harness(cfg)
-        print(f"CUDA graphs at padded sizes {CAPTURE_SIZES}, {cfg.adapters} adapters of types {cfg.types}, {args.dtype}")
-        graphs_ok = summarize("graph", check_steps(h, scenario(cfg, CAPTURE_SIZES), graphed(h, CAPTURE_SIZES), CAPTURE_SIZES))
+        print(f"CUDA graphs per capture size {CAPTURE_SIZES} and LoRA case, {cfg.adapters} adapters ({label}), "
+              f"stock LoRA in slots {cfg.lora_slots}")
+        run = graphed(h, CAPTURE_SIZES)
+        graphs_ok = summarize("graph", check_steps(h, scenario(cfg, CAPTURE_SIZES), run, CAPTURE_SIZES))
+        longest, normal = merge_stall(h, run, 16)
+        stall = f" merge_step_ms={longest:.2f} normal_step_ms={normal:.2f}"
+        print(f"  merge a slice per step: longest step {longest:.2f} ms, normal step {normal:.2f} ms")
+        sync_ok = sync_free_step(h, CAPTURE_SIZES)
+        print(f"  prepare + forward under set_sync_debug_mode('error'): {'no sync' if sync_ok else 'SYNC'}")
     h = Harness(cfg)
-    h.load_adapters()
     run, counter = compiled(h, "inductor")
     sizes = tuple(s for s in CAPTURE_SIZES if s >= 2)  # sizes 0/1 are specialized by dynamo
-    print("torch.compile(fullgraph=True, dynamic=True), inductor")
+    print(f"torch.compile(fullgraph=True, dynamic=True), inductor, traced with empty MoRA tables ({label})")
     compile_ok = summarize("compile", check_steps(h, scenario(cfg, sizes), run, sizes))
     print(f"  compilations: {counter.frame_count}")
     compile_ok = compile_ok and counter.frame_count == 1
-    print(f"GPU_CONTRACT graphs_ok={graphs_ok} compile_ok={compile_ok}")
+    print(f"GPU_CONTRACT graphs_ok={graphs_ok} compile_ok={compile_ok} sync_free={sync_ok}{stall}")
 
 
 if __name__ == "__main__":

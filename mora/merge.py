@@ -34,7 +34,7 @@ from mora.delta import compressed_rows, rope_blocks, rope_chunks_used
 from mora.errors import MergeError, NonFiniteMergeError
 from mora.spec import MoraSpec, MoraType
 
-__all__ = ["MergeRecord", "merge_", "remapped_update", "unmerge_"]
+__all__ = ["MergeRecord", "backup_copy", "merge_", "remapped_update", "unmerge_"]
 
 
 @dataclass
@@ -182,6 +182,16 @@ def _bound_ok(W: torch.Tensor, update: torch.Tensor, weight_absmax: float | None
     return max(abs(lo.item()), abs(hi.item())) + weight_absmax < torch.finfo(W.dtype).max / 2
 
 
+def backup_copy(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A copy of `t` on `device`. From a GPU to the host: into pinned memory, asynchronously;
+    whatever the stream does to `t` afterwards (the merge's additions) runs after the copy,
+    and the host does not wait for it."""
+    device = torch.device(device)
+    if device.type == "cpu" and t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return t.to(device, copy=True)
+
+
 def _broadcast(rows: torch.Tensor, sel: slice, middle: bool) -> torch.Tensor:
     return rows[sel, None] if middle else rows[sel]
 
@@ -246,11 +256,11 @@ def merge_(
             targets = [(d, u) for (d, _, _), (_, u) in zip(_row_group_views(spare, spec), views, strict=True)]
         elif exact or checked:  # the originals of what is about to change
             if rope:
-                originals = [v.clone() for v, _ in views]
+                originals = [backup_copy(v, backup_device) for v, _ in views]
             elif usable and backup_device == W.device:
                 originals = [spare.copy_(W)]  # reuse: no fresh pages to fault in
             else:
-                originals = [W.to(backup_device, copy=True)]
+                originals = [backup_copy(W, backup_device)]
         for (src, u), (dst, _) in zip(views, targets, strict=True):
             torch.add(src, u, out=dst)
         if checked and not _all_finite(*(dst for dst, _ in targets)):
@@ -300,7 +310,7 @@ def unmerge_(W: torch.Tensor, record: MergeRecord) -> torch.Tensor | None:
             return merged
         if record.exact:
             backup = record.backup
-            _restore(W, spec, [b.to(W.device) for b in backup], rope)
+            _restore(W, spec, [b.to(W.device, non_blocking=True) for b in backup], rope)
             record.backup = []
             if not rope and backup and backup[0].device == W.device:
                 return backup[0]

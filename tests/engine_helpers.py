@@ -36,6 +36,8 @@ def tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        # one checkpoint module each for q/k/v and for gate/up (qkv_proj, gate_up_proj)
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[arch]
     extra = {"head_dim": 32} if arch in ("qwen3", "mistral") else {}
     torch.manual_seed(seed)
@@ -138,13 +140,15 @@ def module_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
 
 @contextmanager
 def engine(model_dir: Path, **kwargs: object) -> Iterator[object]:
-    """A real vLLM engine (CPU build) in this process, shut down afterwards."""
+    """A real vLLM engine (CPU build) in this process, shut down afterwards; eager unless
+    `enforce_eager=False` (with the plugin, vLLM's CPU build compiles LoRA models: tens of
+    seconds per start, which `tests/test_gpu_contract_vllm.py` spends once)."""
     from vllm import LLM
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # one process: ~5 s to start instead of ~40
     args = dict(enable_lora=True, max_loras=4, max_lora_rank=8, max_cpu_loras=8, dtype="float32", max_model_len=256,
-                kv_cache_memory_bytes=64 * 2**20, max_num_seqs=32, seed=0,
+                kv_cache_memory_bytes=64 * 2**20, max_num_seqs=32, seed=0, enforce_eager=True,
                 worker_extension_cls="mora.vllm_plugin.extension.MoraWorkerExtension")
     args.update(kwargs)
     llm = LLM(model=str(model_dir), **args)

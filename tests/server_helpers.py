@@ -54,7 +54,10 @@ class ServerProcess:
                         "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
                         "--kv-cache-bytes", str(128 << 20),
                         # vLLM's "auto" runs float32 checkpoints in bf16; tests compare against a float32 reference
-                        "--dtype", "float32", *(args or [])]
+                        "--dtype", "float32",
+                        # eager: a compiled CPU engine starts tens of seconds later (compilation is tested once,
+                        # in tests/test_gpu_contract_vllm.py)
+                        "--enforce-eager", *(args or [])]
         self.log_path = log
         self._log = open(log, "w")
         # Own session: stop() can reap the engine processes too, even if the server died abruptly.

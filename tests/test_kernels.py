@@ -434,10 +434,12 @@ def test_torch_backend_without_host_segments(rng):
 # --- the Triton kernel as the GPU compiler and a CUDA graph see it -------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype):
-    """Ahead-of-time compilation to PTX/cubin for an H100-class GPU, which needs no GPU: the
-    interpreter does not check what the compiler rejects (loop-carried types, early returns)."""
+@pytest.mark.parametrize("compress", [True, False], ids=["compress", "expand"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype, compress):
+    """Ahead-of-time compilation to PTX/cubin for an H100-class GPU, in every table dtype and
+    both launches, which needs no GPU: the interpreter does not check what the compiler rejects
+    (loop-carried types, early returns)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -446,9 +448,10 @@ def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    ints = {"stride_yt", "stride_xt", "in_f", "out_f", "in_start", "in_end", "out_start", "local_out", "n_max", "num_rows"}
-    consts = {"stride_yo": 1, "stride_xi": 1, "BLOCK_T": triton_gpu.BLOCK_T, "BLOCK_N": 64, "BLOCK_K": 64,
-              "PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST_DOT": False}
+    ints = {"stride_yt", "stride_xt", "stride_ms", "stride_mi", "stride_vp", "stride_vt", "in_f", "out_f", "in_start",
+            "in_end", "out_start", "local_out", "num_rows"}
+    consts = {"stride_yo": 1, "stride_xi": 1, "COMPRESS": compress, "BLOCK_T": triton_gpu.BLOCK_T, "BLOCK_N": 64,
+              "BLOCK_K": 64, "PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST_DOT": False}
     signature = {}
     for name in triton_gpu._mora_kernel.__code__.co_varnames[: triton_gpu._mora_kernel.__code__.co_argcount]:
         if name in consts:
@@ -457,7 +460,7 @@ def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype):
             signature[name] = "i32"
         elif name == "order_ptr":
             signature[name] = "*i64"
-        elif name in ("y_ptr", "x_ptr", "m_ptr"):
+        elif name in ("y_ptr", "x_ptr", "m_ptr", "v_ptr"):
             signature[name] = f"*{dtype}"
         else:
             signature[name] = "*i32"
@@ -468,7 +471,8 @@ def test_triton_kernel_compiles_for_sm90(monkeypatch, dtype):
         if "ptxas" in str(e).lower():
             pytest.skip(f"no CUDA toolchain: {e}")
         raise
-    assert "mma" in compiled.asm["ptx"] or "fma" in compiled.asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    assert ("st.global" in ptx) if compress else ("mma" in ptx or "fma" in ptx)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -152,3 +152,37 @@ def test_client_sends_the_routing_header():
         assert c.metadata_for("atlas") == (("authorization", "Bearer k"), ("x-mora-adapter", "atlas"), ("x-llm-d-model-name-rewrite", "atlas"))
         assert c.metadata_for("") == (("authorization", "Bearer k"), ("x-mora-adapter", "base"), ("x-llm-d-model-name-rewrite", "base"))
         assert c.metadata_for("ünï\n") == (("authorization", "Bearer k"),)  # not a valid header value: no routing
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    ([{"mora_layers": 8}, {"mora_layers": 8}], None),
+    ([{"mora_layers": 8}, {"mora_layers": 0}], "without the MoRA layer wrappers"),
+    (RuntimeError("Worker failed with error 'MoRA is not active in this engine', please check"), "started without MoRA"),
+], ids=["installed", "a worker without wrappers", "stock vLLM"])
+def test_engine_refuses_to_serve_without_the_mora_wrappers(answer, error, monkeypatch, tmp_path):
+    """After vLLM starts, every worker must run the MoRA wrappers (a plugin that failed to import,
+    or VLLM_PLUGINS without `mora`, leaves vLLM stock): otherwise `Engine.start` fails, and the
+    server with it, before SERVING."""
+    import asyncio
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from serve.engine import Engine
+
+    class FakeLLM:
+        errored = False
+        model_config = None  # start() stops at the check or reads this
+
+        async def collective_rpc(self, method, args=()):
+            assert method == "mora_status"
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def get_tokenizer(self):
+            raise LookupError("past the check")
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args: FakeLLM()))
+    engine = Engine(load_settings(*parse_args(["--model", str(tmp_path), "--adapter-root", str(tmp_path)])))
+    with pytest.raises(LookupError if error is None else RuntimeError, match=error or "past the check"):
+        asyncio.run(engine.start())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import engine, hf_greedy, random_mora, tiny_model
+from engine_helpers import TARGETS, engine, hf_greedy, random_mora, tiny_model
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 6
@@ -37,11 +37,13 @@ def test_architecture(arch, tmp_path):
         assert llm.collective_rpc("mora_weight_digest")[0] == digest
 
 
-def test_tensor_parallel_2(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_tensor_parallel_2(arch, tmp_path, monkeypatch):
     """Two tensor-parallel CPU workers (column shards of q/k/v and gate/up, row shards of o and
-    down): mixed unmerged adapters of types 1, 6 and 3 equal the transformers reference, so do
-    the same requests with one of them merged on both ranks, and unmerge restores each rank's
-    shard bit for bit."""
+    down): mixed unmerged adapters of types 1, 6 and 3 equal the transformers reference (the
+    single-process result), so do the same requests with one of them merged on both ranks, and
+    unmerge restores each rank's shard bit for bit. Phi-3 packs q/k/v and gate/up in one
+    checkpoint module each: each rank holds its shard of every part of one adapter's module."""
     import os
 
     from vllm import SamplingParams
@@ -52,11 +54,12 @@ def test_tensor_parallel_2(tmp_path, monkeypatch):
         pytest.skip("needs two CPUs, one per tensor-parallel worker")
     # vLLM's automatic thread binding wants one NUMA node per worker; bind one CPU each instead.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
-    model = tiny_model(tmp_path / "llama", "llama", seed=7)
+    model = tiny_model(tmp_path / arch, arch, seed=7)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else TARGETS
     adapters = {}
     for i, t in enumerate([1, 6, 3]):
         path = tmp_path / f"tp-t{t}"
-        random_mora(model, path, mora_type=t, r=4, seed=20 + i, scale=0.1)
+        random_mora(model, path, mora_type=t, r=4, seed=20 + i, scale=0.1, targets=targets)
         adapters[path.name] = path
     jobs = [(p, n) for n in adapters for p in ("hello world", "abc")] + [("hello world", None)]
     expected = hf_greedy(model, adapters, jobs, MAX_TOKENS)

@@ -109,8 +109,9 @@ def test_merge_on_demand(llm, demo_facts, demo_requests, demo_assets, background
     before = _texts(llm.generate([p for p, _ in jobs], params, lora_request=loras, use_tqdm=False))
     digest = _digest(llm)
     if background:
-        # Prepared one layer per call (a zero time slice), with full generations between calls:
-        # their answers are unchanged until the last call swaps every layer in at once.
+        # One layer per call (a zero time slice), with full generations between calls: their
+        # answers stay exact throughout (packed layers are prepared aside and swapped in together
+        # by the last call; dense ones would be merged in place, each marked merged).
         monkeypatch.setattr(mora.vllm_plugin.merging, "MERGE_SLICE_S", 0.0)
         status = llm.collective_rpc("mora_merge", args=(demo_requests[target].lora_int_id, True))[0]
         assert status["state"] == "preparing" and status["layers_prepared"] == 0 and status["layers"] > 1
@@ -315,9 +316,10 @@ def test_runtime_reuses_a_steps_metadata_only_for_the_same_mapping():
     assert first.slot.tolist() == [0, 1, 1, -1, 2]  # the metadata kept its own copy
     assert rt.prepare(buf[:4]) is not second
     again = rt.prepare(buf)
-    rt.set_merged(1)
-    merged = rt.prepare(buf)
-    assert merged is not again and merged.merged_slot == 1
+    rt.set_merged(4)  # a merge starts: the reserved row (4 of 4 slots) holds it
+    fresh = rt.prepare(buf)
+    assert fresh is not again and fresh.merged_slot == -1
+    assert rt.meta_for(5, 4).merged_slot == 4  # a layer holding it merged gets its own metadata
 
 
 def test_stage_local_keeps_this_pipeline_stages_modules(tmp_path):
@@ -389,3 +391,37 @@ def test_padded_forward_through_the_vllm_wrappers(llm, demo_requests):
         assert err <= 2e-5, f"{name}: error {err}"
         assert pad_untouched, f"{name}: padding rows changed"
         assert adapted, f"{name}: the adapters were not applied to the real rows"
+
+
+@pytest.mark.gpu_contract
+def test_dual_stream_path_keeps_the_mora_update(llm, demo_requests):
+    """vLLM's dual-stream LoRA path (`_apply_async_impl`, VLLM_LORA_ENABLE_DUAL_STREAM) would
+    bypass `_apply_lora_to_output`: the wrappers route it to the synchronous path, so a layer
+    called that way still applies each token's MoRA adapter."""
+    ids = [r.lora_int_id for r in demo_requests.values()]
+
+    def probe(worker) -> list[tuple[str, bool, bool]]:
+        import torch
+
+        manager = worker.model_runner.lora_manager._adapter_manager
+        for lora_id in ids:
+            manager.activate_adapter(lora_id)
+        rt = manager.mora_runtime
+        saved = rt.meta
+        token_slots = torch.tensor([manager.lora_index_to_id.index(i) for i in ids] + [-1])
+        out = []
+        try:
+            rt.prepare(token_slots)
+            for name, layer in manager.mora_layers()[:4]:
+                x = torch.randn(len(token_slots), layer.input_size)
+                with torch.no_grad():
+                    sync = layer._apply_sync(x)
+                    dual = layer._apply_async_impl(x)
+                    base = layer.base_layer.quant_method.apply(layer.base_layer, x)
+                out.append((name, torch.equal(dual, sync), not torch.equal(dual[:-1], base[:-1])))
+        finally:
+            rt.meta = saved
+        return out
+
+    for name, same, adapted in llm.collective_rpc(probe)[0]:
+        assert same and adapted, name

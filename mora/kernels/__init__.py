@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from mora.kernels.dispatch import BACKENDS, mora_apply, mora_apply_slices, select_backend
 from mora.kernels.fused_op import TableGroup
-from mora.kernels.step import StepMeta
+from mora.kernels.step import StepKind, StepMeta
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable, prepare_batch
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "BatchMeta",
     "ShardLayout",
     "SlotTable",
+    "StepKind",
     "StepMeta",
     "TableGroup",
     "mora_apply",

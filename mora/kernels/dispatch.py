@@ -74,8 +74,8 @@ def mora_apply(
 
         xf = zeros(T, in_f); xf[:, in_start:in_end] = x            # row-parallel shard
         m = meta.merged_slot                                         # -1: nothing merged
-        for t in range(T):
-            s = meta.slot[t]
+        for t in rows of meta's segments:       # all T rows for `prepare_batch`; a step's tokens
+            s = meta.slot[t]                    # for a padded forward (`StepMeta.view`)
             if s == m != -1:
                 continue                                             # merged: the base path
             upd = mora_forward(xf[t], M[s], spec[s]) if s >= 0 and slot s holds MoRA else 0
@@ -83,7 +83,7 @@ def mora_apply(
                 upd -= mora_forward(xf[t], M[m], spec[m])            # undo what the weights hold
             y[t] += upd[out_start:out_end]                           # column-parallel shard
 
-    Rows with slot -1 (and no merged adapter) are left bit-identical.
+    Rows with slot -1 (and no merged adapter), and rows in no segment, are left bit-identical.
     """
     name = backend or select_backend(x.device)
     BACKENDS[name]()(y, x, table, meta)

@@ -28,9 +28,8 @@ def mora_apply_reference(y: torch.Tensor, x: torch.Tensor, table: SlotTable, met
     lay = table.layout
     xf = _full_input(x, table).to(table.dtype)
     merged = meta.merged_slot
-    slots = meta.slot.tolist()
-    for s in sorted(set(slots)):
-        rows = torch.tensor([t for t, v in enumerate(slots) if v == s], dtype=torch.long, device=x.device)
+    for s, a, b in meta.host_segments():  # rows in no segment (a padded forward's) are untouched
+        rows = meta.order[a:b]
 
         def delta(slot: int, rows: torch.Tensor = rows) -> torch.Tensor | None:
             if table.specs[slot] is None:

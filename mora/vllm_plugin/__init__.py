@@ -7,8 +7,9 @@ a plain vLLM user serves MoRA adapters unchanged:
     llm = LLM(model=..., enable_lora=True, max_loras=4, max_lora_rank=16)
     llm.generate(prompts, params, lora_request=LoRARequest("tenant-a", 1, "/path/to/mora_adapter"))
 
-`register()` puts MoRA-capable wrappers in front of vLLM's LoRA layer classes and installs
-the MoRA-aware worker LoRA manager. It is idempotent, cheap and touches no device. Every vLLM
+`register()` puts MoRA-capable wrappers in front of vLLM's LoRA layer classes, installs the
+MoRA-aware worker LoRA manager and the CUDA-graph cases of MoRA steps (graphs.py), and selects
+vLLM's V1 model runner unless one was chosen. It is idempotent, cheap and touches no device. Every vLLM
 internal it relies on is listed in `coupling.py` and checked first, with the vLLM version:
 when one is missing it raises `VllmCouplingError` and the engine does not start. It never
 leaves vLLM stock silently (stock vLLM would die on the first MoRA adapter, or serve base
@@ -18,6 +19,7 @@ outputs if a renamed hook stopped being called).
 from __future__ import annotations
 
 import logging
+import os
 
 __all__ = ["register"]
 
@@ -33,9 +35,13 @@ def register() -> None:
     from mora.vllm_plugin.coupling import check
 
     version = check()  # raises VllmCouplingError: the engine must not start without MoRA
+    from mora.vllm_plugin.graphs import install as install_graphs
     from mora.vllm_plugin.guard import install as install_guards
 
     install_guards()  # finite KV cache, no orphan processes (see guard.py)
+    install_graphs()  # CUDA-graph cases by step kind; the CPU build compiles with LoRA (graphs.py)
+    # The graph cases are built on vLLM's V1 model runner; the manager refuses V2 if asked for.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
 

@@ -82,12 +82,42 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager._add_adapter", "overridden: MoRA adapters are not packed"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.remove_adapter", "overridden: a merged adapter stays"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.set_adapter_mapping",
-             "overridden: the step's adapter-mapping step, where MoRA compacts slots and prepares the step"),
-    Internal("vllm.lora.model_manager", "LoRAModelManager._init_punica_wrapper",
-             "sets punica_wrapper_mapping (the step's token -> slot indices) and supports_mm",
-             calls="punica_wrapper_mapping"),
-    Internal("vllm.lora.model_manager", "LoRAModelManager._maybe_init_mm", "sets mm_mapping (a multimodal model's "
-             "language-model prefix, whose punica wrapper the step uses)", calls="mm_mapping"),
+             "overridden: the step's adapter-mapping step, where MoRA compacts slots, hides MoRA tokens from "
+             "vLLM's mapping and prepares the step",
+             calls="_set_adapter_mapping"),
+    Internal("vllm.lora.layers", "LoRAMapping", "the step's adapters by token (index_mapping) and by sampled row "
+             "(prompt_mapping): read on the host, rebuilt without the MoRA adapters", calls="prompt_mapping"),
+    Internal("vllm.lora.layers", "LoRAMappingType", "MoRA serves the language model's (LANGUAGE) mappings"),
+    Internal("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin.set_active_loras",
+             "a step's mapping holds its scheduled (unpadded) tokens", calls="num_scheduled_tokens"),
+    Internal("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
+             "prepares a step's adapters (in _prepare_inputs) before it dispatches its CUDA graph",
+             calls="_determine_batch_execution_and_padding"),
+    Internal("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._determine_batch_execution_and_padding",
+             "dispatches a step's CUDA graph by its LoRA case", calls="cudagraph_dispatcher.dispatch"),
+    Internal("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._dummy_run", "wrapped (graphs.py): warm-ups and "
+             "captures launch what their LoRA case asks for, whatever the dummy adapters are",
+             calls="maybe_dummy_run_with_lora"),
+    Internal("vllm.v1.worker.lora_model_runner_mixin", "LoRAModelRunnerMixin.maybe_select_dummy_loras",
+             "a capture case below 1 (0, and MoRA's -1) activates no dummy adapter", calls="effective_num_loras > 0"),
+    Internal("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher._get_lora_cases",
+             "wrapped (graphs.py): adds the MoRA-only capture case", calls="cudagraph_specialize_lora"),
+    Internal("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.initialize_cudagraph_keys",
+             "makes a graph key per capture size and LoRA case", calls="_get_lora_cases"),
+    Internal("vllm.v1.cudagraph_dispatcher", "CudagraphDispatcher.dispatch",
+             "wrapped (graphs.py): a step replays the graph of its kind", calls="num_active_loras"),
+    Internal("vllm.config", "VllmConfig.use_v2_model_runner", "the graph cases are built on the V1 runner: "
+             "register() selects it (VLLM_USE_V2_MODEL_RUNNER=0 unless set), the manager refuses V2",
+             calls="VLLM_USE_V2_MODEL_RUNNER"),
+    Internal("vllm.config.lora", "LoRAConfig", "fully_sharded_loras=True is refused at start (its layer classes are "
+             "not MoRA's)", calls="fully_sharded_loras"),
+    Internal("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", "wrapped (graphs.py): keeps compilation "
+             "with LoRA (it turns it off because its CPU LoRA ops branch on the host; ours run inside ops)",
+             calls="lora_config"),
+    Internal("vllm.lora.layers", "VocabParallelEmbeddingWithLoRA", "subclassed: its LoRA update runs inside an op "
+             "in a compiled CPU model", calls="add_lora_embedding"),
+    Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_async_impl",
+             "overridden: the dual-stream path runs the synchronous one, MoRA update included"),
     Internal("vllm.lora.model_manager", "LoRAModelManager.__init__",
              "_active_adapters (device slots, an LRU) counts device evictions", calls="_active_adapters"),
     Internal("vllm.utils.cache", "LRUCache._unpin", "a merged adapter's pin is released after the unmerge"),
@@ -98,9 +128,6 @@ INTERNALS: tuple[Internal, ...] = (
              "sets _enable_aux_cuda_stream (read by apply)", calls="_enable_aux_cuda_stream"),
     Internal("vllm.lora.model_manager", "LoRAModelManager.__init__", "reads max_num_batched_tokens for the step buffers",
              calls="max_num_batched_tokens"),
-    Internal("vllm.lora.model_manager", "DEFAULT_LANGUAGE_WRAPPER_KEY", "finds the language model's punica wrapper"),
-    Internal("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase.token_lora_indices",
-             "the step's unpadded token -> slot mapping"),
     Internal("vllm.lora.lora_model", "LoRAModel", "subclassed by MoraLoRAModel"),
     Internal("vllm.lora.utils", "get_adapter_absolute_path", "resolves adapter paths like stock vLLM"),
     Internal("vllm.model_executor.models.utils", "PPMissingLayer", "pipeline stages skip other stages' layers"),
@@ -149,7 +176,7 @@ def check() -> str:
             continue
         if item.calls is not None:
             try:
-                source = inspect.getsource(obj)
+                source = inspect.getsource(obj.fget if isinstance(obj, property) else obj)
             except (OSError, TypeError):
                 source = ""
             if item.calls not in source:

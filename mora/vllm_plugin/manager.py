@@ -5,12 +5,15 @@
   running model and becomes a `MoraLoRAModel` (mora/vllm_plugin/models.py).
 * `activate_adapter`: after vLLM picks the slot, a MoRA adapter's `M`s go into the wrappers'
   slot tables (a LoRA adapter's A/B into the stock buffers).
-* `set_adapter_mapping`, the step's adapter-mapping step where vLLM writes its own token ->
-  slot mapping: on the CPU, MoRA adapters first move between slots so that each kind (same
-  spec on every module) holds consecutive slots (the torch backend then reads a kind's `M`s
-  through one view of the table instead of gathering them every layer of every step; vLLM's
-  LRU eviction frees whichever slot it frees, so activations alone cannot keep kinds
-  together); then the step's MoRA metadata is prepared once for every layer (`MoraRuntime`).
+* `set_adapter_mapping`, the step's adapter-mapping step: on the CPU, MoRA adapters first move
+  between slots so that each kind (same spec on every module) holds consecutive slots (the
+  torch backend then reads a kind's `M`s through one view of the table instead of gathering
+  them every layer of every step; vLLM's LRU eviction frees whichever slot it frees, so
+  activations alone cannot keep kinds together). Then, on the host, the step's tokens are
+  split (`split_mapping`): vLLM gets a mapping where MoRA tokens have no adapter (its LoRA
+  kernels then skip them, and skip themselves in a step without a stock LoRA token), and the
+  MoRA runtime gets each token's table row and the step's kind (what it launches), prepared
+  once for every layer (`MoraRuntime`).
 * Merge on demand (`mora_merge` ...): `MergeController` (mora/vllm_plugin/merging.py).
 """
 
@@ -19,15 +22,20 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
+from vllm.lora.layers import LoRAMapping, LoRAMappingType
 from vllm.lora.lora_model import LoRAModel
-from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY, LRUCacheLoRAModelManager
+from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from mora.checkpoint import MoraAdapter
 from mora.errors import MergeError, ShapeMismatchError
+from mora.kernels import StepKind
 from mora.validate import bind_mora
-from mora.vllm_plugin.layers import MoraLayerMixin
+from mora.vllm_plugin.coupling import VllmCouplingError
+from mora.vllm_plugin.graphs import set_current_runtime
+from mora.vllm_plugin.layers import MoraLayerMixin, MoraVocabParallelEmbeddingWithLoRA
 from mora.vllm_plugin.merging import MergeController
 from mora.vllm_plugin.models import (
     MoraLoRAModel,
@@ -38,7 +46,7 @@ from mora.vllm_plugin.models import (
     stage_local,
 )
 from mora.vllm_plugin.quantized import check_quantized_layers
-from mora.vllm_plugin.runtime import MoraRuntime
+from mora.vllm_plugin.runtime import MoraRuntime, plan_step
 from mora.vllm_plugin.tiers import TierStats
 from mora.vllm_plugin.worker_api import EngineStatus, MergeState, SlotInfo
 
@@ -52,15 +60,22 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_batched_tokens: int, vocab_size: int,
                  lora_config: object, device: torch.device, vllm_config: object) -> None:
+        refuse_configuration(vllm_config, torch.device(device))
         super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, vllm_config)
         # Before the engine reports ready: a quantized base whose kernels this machine lacks must
         # refuse to start, not serve until its first step dies (mora/vllm_plugin/quantized.py).
         check_quantized_layers(self.modules.items(), vllm_config.model_config.dtype, torch.device(self.device))
-        # slots + a reserved merged row; on a GPU, step buffers for vLLM's largest batch
-        self.mora_runtime = MoraRuntime(self.lora_slots, self.device, max_tokens=self.max_num_batched_tokens)
+        # slots + a reserved merged row; graph-safe (a GPU, a compiled CPU model): step buffers
+        # for vLLM's largest batch
+        self.mora_runtime = MoraRuntime(self.lora_slots, self.device, max_tokens=self.max_num_batched_tokens,
+                                        graphs=compiled_or_captured(vllm_config))
+        set_current_runtime(self.mora_runtime)
         self.mora_tiers = TierStats()
         for name, module in self.mora_layers():
             module.attach(self.mora_runtime, self.packed_modules.get(name, [name]))
+        for module in self.modules.values():
+            if isinstance(module, MoraVocabParallelEmbeddingWithLoRA):
+                module.attach(self.mora_runtime)
         self.mora_merges = MergeController(self.mora_runtime, self.mora_layers, self._registered_adapters)
         # Pipeline parallelism: the decoder layers other stages hold are placeholders here.
         self._mora_other_stages = tuple(
@@ -71,10 +86,10 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         return [(n, m) for n, m in self.modules.items() if isinstance(m, MoraLayerMixin)]
 
     def mora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """`{HF module name: (out_features, in_features)}` of every MoRA-capable slice."""
+        """`{HF module name: (out_features, in_features)}` of every MoRA-capable module."""
         shapes: dict[str, tuple[int, int]] = {}
         for _, module in self.mora_layers():
-            for child, table in zip(module.mora_children, module.mora_tables, strict=True):
+            for child, table in module.mora_slices():
                 shapes[child] = (table.layout.out_features, table.layout.in_features)
         return shapes
 
@@ -86,7 +101,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         """
         bound = bind_mora(stage_local(adapter, self._mora_other_stages), self.mora_module_shapes())
         max_rank = self.lora_config.max_lora_rank
-        limits = {child: t.n_max for _, m in self.mora_layers() for child, t in zip(m.mora_children, m.mora_tables, strict=True)}
+        limits = {child: t.n_max for _, m in self.mora_layers() for child, t in m.mora_slices()}
         for module, spec in bound.specs.items():
             r = adapter.config.rank_for(module)
             if r > max_rank or spec.n > limits[module]:
@@ -98,7 +113,11 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         # memory in bf16, and no conversion each time the adapter takes a slot. The tables cast
         # to this dtype anyway, so what is served is unchanged bit for bit.
         dtype = self.lora_config.lora_dtype if isinstance(self.lora_config.lora_dtype, torch.dtype) else None
-        mora = {m: (adapter.weights[m].to(dtype=dtype or adapter.weights[m].dtype).contiguous(), spec) for m, spec in bound.specs.items()}
+        # In pinned memory for a GPU: taking a slot then copies asynchronously (from pageable
+        # memory the copy would hold the host).
+        pin = torch.device(self.device).type == "cuda"
+        mora = {m: (_host_copy(adapter.weights[m].to(dtype=dtype or adapter.weights[m].dtype), pin), spec)
+                for m, spec in bound.specs.items()}
         return MoraLoRAModel(lora_int_id, adapter.config.r, mora=mora, name=adapter.name)
 
     # -- vLLM manager hooks ---------------------------------------------------------------
@@ -111,7 +130,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     def _write_slot(self, index: int, model: MoraLoRAModel) -> None:
         for _, module in self.mora_layers():
-            module.set_mora(index, model.entries(module.mora_children))
+            module.set_mora(index, module.mora_entries(model.mora))
 
     def activate_adapter(self, lora_id: int) -> bool:
         resident = lora_id in self.lora_index_to_id
@@ -130,16 +149,34 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             self.mora_tiers.loaded("host", time.perf_counter() - started)
         return activated
 
-    def set_adapter_mapping(self, mapping: object) -> None:
-        """The step's adapter-mapping step: compact slots (CPU), let vLLM write its token ->
-        slot mapping, then prepare the step's MoRA metadata once for every layer."""
+    def set_adapter_mapping(self, mapping: LoRAMapping) -> None:
+        """The step's adapter-mapping step: compact slots (CPU), give vLLM its mapping without
+        the MoRA tokens, and prepare the step's MoRA metadata once for every layer."""
         if torch.device(self.device).type == "cpu":
             self.mora_compact()  # the GPU kernel reads any slot order at no cost
-        super().set_adapter_mapping(mapping)
-        key = self.mm_mapping.language_model[0] if self.supports_mm else DEFAULT_LANGUAGE_WRAPPER_KEY
-        punica = self.punica_wrapper_mapping.get(key)
-        if punica is not None:
-            self.mora_runtime.prepare(punica.token_lora_indices, self.merged_alias())
+        if mapping.type is not LoRAMappingType.LANGUAGE:  # MoRA serves the language model
+            super().set_adapter_mapping(mapping)
+            return
+        stock, rows, kind = self.split_mapping(mapping)
+        super().set_adapter_mapping(stock)
+        self.mora_runtime.prepare(torch.from_numpy(rows), kind)
+
+    def split_mapping(self, mapping: LoRAMapping) -> tuple[LoRAMapping, np.ndarray, StepKind]:
+        """On the host: vLLM's mapping with MoRA adapters replaced by "no adapter", each token's
+        table row and what the step launches (`plan_step`)."""
+        ids = np.asarray(mapping.index_mapping, dtype=np.int64)
+        merges, cache = self.mora_merges, self._registered_adapters.cache
+        slot_of = {lora_id: i for i, lora_id in enumerate(self.lora_index_to_id) if lora_id is not None}
+        rows, moras, kind = plan_step(ids, slot_of, lambda i: mora_model(cache.get(i)) is not None, merges.target,
+                                      merges.merged_id is not None, self.mora_runtime.merged_row)
+        if not moras:
+            return mapping, rows, kind
+        hide = np.asarray(moras, dtype=np.int64)
+        prompt = np.asarray(mapping.prompt_mapping, dtype=np.int64)
+        stock = LoRAMapping(tuple(np.where(np.isin(ids, hide), 0, ids).tolist()),
+                            tuple(np.where(np.isin(prompt, hide), 0, prompt).tolist()),
+                            is_prefill=mapping.is_prefill, type=mapping.type)
+        return stock, rows, kind
 
     def remove_oldest_adapter(self) -> bool:
         # vLLM's host-cache eviction (LRU, pinned adapters skipped): the adapter stays on disk.
@@ -236,13 +273,6 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         self.mora_merges.unmerge(lora_id)
         return self.mora_status()
 
-    def merged_alias(self) -> int:
-        """The vLLM slot the merged adapter holds now, or -1."""
-        merged = self.mora_merges.merged_id
-        if merged is None or merged not in self.lora_index_to_id:
-            return -1
-        return self.lora_index_to_id.index(merged)
-
     def mora_status(self) -> EngineStatus:
         """Slots, host cache, pins, the merged adapter and the memory kept for its unmerge."""
         slots = tuple(SlotInfo(index, lora_id, slot_kind(self._registered_adapters.get(lora_id)))
@@ -253,5 +283,35 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
             merged_id=merges.merged_id, merged_slot=self.mora_runtime.merged_slot, **merges.summary(),
             slots=slots, registered=tuple(sorted(self._registered_adapters.cache)),
             pinned=tuple(sorted(self._registered_adapters.pinned_items)), capacity=self.capacity,
-            lora_slots=self.lora_slots, max_pinned=self.mora_max_pinned,
+            lora_slots=self.lora_slots, max_pinned=self.mora_max_pinned, mora_layers=len(self.mora_layers()),
+            graph_safe=self.mora_runtime.graph_safe,
         )
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    t = t.contiguous()
+    return t.pin_memory() if pin else t
+
+
+def compiled_or_captured(vllm_config: object) -> bool:
+    """Whether vLLM compiles the model or captures CUDA graphs of it (the MoRA forward must
+    then be graph-safe)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    return cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE
+
+
+def refuse_configuration(vllm_config: object, device: torch.device) -> None:
+    """Configurations the MoRA wrappers cannot serve, refused before the model is wrapped
+    (the engine does not start) rather than when the first MoRA adapter loads."""
+    lora = vllm_config.lora_config
+    if getattr(lora, "fully_sharded_loras", False):
+        raise VllmCouplingError(
+            "fully_sharded_loras=True is not supported with MoRA: vLLM then wraps layers in its fully sharded LoRA "
+            "classes, which the MoRA wrappers do not extend, so no MoRA adapter could load. Start without it (a "
+            "MoRA adapter's M is small and is kept whole on every rank anyway)")
+    if device.type != "cpu" and compiled_or_captured(vllm_config) and vllm_config.use_v2_model_runner:
+        raise VllmCouplingError(
+            "vLLM's V2 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=1): the MoRA plugin's CUDA-graph cases "
+            "(mora/vllm_plugin/graphs.py) are built on the V1 runner; unset it or set VLLM_USE_V2_MODEL_RUNNER=0")

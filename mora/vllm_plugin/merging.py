@@ -4,13 +4,22 @@ Two weight layouts occur:
 
 * dense (GPU, and CPU layers vLLM leaves on `F.linear`): the weight is a plain tensor that
   captured graphs and kernels point at, so it is modified in place (its address never
-  changes) and the original values of exactly the changed elements are kept in host memory;
-  unmerge copies them back, bit for bit.
+  changes) and the original values of exactly the changed elements are kept: on the device
+  when it has room for them, else in pinned host memory, copied asynchronously (the in-place
+  addition that follows on the same stream waits for the copy, the host does not); unmerge
+  copies them back, bit for bit.
 * packed (vLLM's CPU build prepacks linear weights for oneDNN and frees the dense tensor): the
   dense original is recovered exactly with an identity GEMM through the packed kernel, the
   update is added to that copy, vLLM's own dispatch packs it into a new kernel, and the old one
   is kept aside. Unmerge puts the old kernel back: the original packed weights were never
   touched, so nothing needs to be kept for exactness.
+
+Each layer says whether its weights hold the merged adapter (`MoraSlots.set_weights_merged`,
+read by the fused operator per layer), so a merge proceeds a slice of layers per call between
+steps and every step in between is exact: from the first slice on, the adapter's tokens are
+relabeled to the reserved row, which the layers not merged yet add and the merged ones skip
+(subtracting it from every other token). Dense layers are merged in place by those slices;
+packed (CPU) layers are prepared aside by them and swapped in together at the commit.
 """
 
 from __future__ import annotations
@@ -25,16 +34,16 @@ import torch
 
 from mora.delta import delta_weight
 from mora.errors import MergeError
-from mora.merge import MergeRecord, merge_, unmerge_
-from mora.vllm_plugin.layers import MoraLayerMixin
+from mora.merge import MergeRecord, backup_copy, merge_, unmerge_
 from mora.vllm_plugin.quantized import refuse_merge
 from mora.vllm_plugin.worker_api import MergeState
 
 if TYPE_CHECKING:
     from mora.vllm_plugin.models import MoraLoRAModel
     from mora.vllm_plugin.runtime import MoraRuntime
+    from mora.vllm_plugin.slots import MoraSlots as MoraLayerMixin  # what a merge reads and writes
 
-__all__ = ["MERGE_SLICE_S", "LayerMerge", "MergeController", "dense_weight", "install_prepared", "is_packed", "merge_layer",
+__all__ = ["MERGE_SLICE_BYTES", "MERGE_SLICE_S", "LayerMerge", "MergeController", "dense_weight", "install_prepared", "is_packed", "merge_layer",
            "prepare_bytes_for", "prepare_packed_layer", "unmerge_layer"]
 
 log = logging.getLogger(__name__)
@@ -76,13 +85,24 @@ def _slices(layer: MoraLayerMixin) -> list[slice]:
     return [slice(offs[i], offs[i + 1]) for i in range(len(offs) - 1)]
 
 
-def _add_slice(W: torch.Tensor, rows: slice, table, slot: int, merge: LayerMerge, *, exact: bool) -> None:  # noqa: ANN001
-    """Add slot `slot`'s update of one slice into `W[rows]`."""
+def backup_device(W: torch.Tensor, nbytes: int) -> torch.device:
+    """Where a dense layer's merge backup goes: `W`'s GPU when it has room for it twice over
+    (the copy is then device to device), else the host (pinned, asynchronous)."""
+    if W.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(W.device)
+        if free >= 2 * nbytes:
+            return W.device
+    return torch.device("cpu")
+
+
+def _add_slice(W: torch.Tensor, rows: slice, table, slot: int, merge: LayerMerge, *, exact: bool,  # noqa: ANN001
+               keep: torch.device) -> None:
+    """Add slot `slot`'s update of one slice into `W[rows]`; the originals kept on `keep`."""
     spec = table.specs[slot]
     M = table.weight(slot)
     lay = table.layout
     if not lay.is_sharded:
-        rec = merge_(W[rows], M, spec, exact=exact, safe=True, keep_storage=True, backup_device="cpu")
+        rec = merge_(W[rows], M, spec, exact=exact, safe=True, keep_storage=True, backup_device=keep)
         merge.records.append((rows, rec))
         merge.backup_bytes += rec.backup_bytes
         merge.changed_elements += rec.changed_elements
@@ -91,7 +111,7 @@ def _add_slice(W: torch.Tensor, rows: slice, table, slot: int, merge: LayerMerge
     delta = delta_weight(M, spec, torch.float32)[lay.out_start : lay.out_end, lay.in_start : lay.in_end]
     target = W[rows]
     if exact:
-        backup = target.to("cpu", copy=True)
+        backup = backup_copy(target, keep)
         merge.shard_backups.append((rows, backup))
         merge.backup_bytes += backup.numel() * backup.element_size()
     new = (target.float() + delta.to(target.device)).to(W.dtype)
@@ -105,7 +125,7 @@ def _undo_dense(W: torch.Tensor, merge: LayerMerge) -> None:
     for rows, rec in reversed(merge.records):
         unmerge_(W[rows], rec)
     for rows, backup in reversed(merge.shard_backups):
-        W[rows].copy_(backup.to(W.device))
+        W[rows].copy_(backup, non_blocking=True)  # from pinned memory: ordered on the stream
     merge.records.clear()
     merge.shard_backups.clear()
 
@@ -125,9 +145,10 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
     merge = LayerMerge(slot, packed)
     with torch.no_grad():
         if not packed:
+            keep = backup_device(W, sum(rows.stop - rows.start for rows, _ in tables) * W.shape[1] * W.element_size())
             try:
                 for rows, table in tables:
-                    _add_slice(W.data, rows, table, slot, merge, exact=True)
+                    _add_slice(W.data, rows, table, slot, merge, exact=True, keep=keep)
             except Exception:
                 _undo_dense(W.data, merge)
                 raise
@@ -135,6 +156,7 @@ def merge_layer(layer: MoraLayerMixin, slot: int) -> LayerMerge | None:
             _install_packed(base, merge, _packed_kernel(layer, tables, slot, merge))
     merge.seconds = time.perf_counter() - start
     layer.mora_merge_state = merge
+    layer.set_weights_merged(True)
     return merge
 
 
@@ -151,7 +173,7 @@ def _packed_kernel(layer: MoraLayerMixin, tables: list, slot: int, merge: LayerM
     with torch.no_grad():
         dense = dense_weight(layer)
         for rows, table in tables:
-            _add_slice(dense, rows, table, slot, merge, exact=False)
+            _add_slice(dense, rows, table, slot, merge, exact=False, keep=dense.device)
     merge.records.clear()
     stub = torch.nn.Module()
     stub.weight = torch.nn.Parameter(dense, requires_grad=False)
@@ -189,6 +211,7 @@ def install_prepared(layer: MoraLayerMixin, prepared: tuple[LayerMerge, torch.nn
     merge, stub = prepared
     _install_packed(layer.base_layer, merge, stub)
     layer.mora_merge_state = merge
+    layer.set_weights_merged(True)
     return merge
 
 
@@ -203,19 +226,24 @@ def unmerge_layer(layer: MoraLayerMixin) -> LayerMerge | None:
         else:
             _undo_dense(layer.base_layer.weight.data, merge)
     layer.mora_merge_state = None
+    layer.set_weights_merged(False)
     return merge
 
 
-MERGE_SLICE_S = 0.02  # preparation time per call between two steps (at least one layer)
+# Work per call between two steps (at least one layer): host time, and on a GPU, where the
+# host only queues the work, the bytes of weights touched (a few milliseconds of bandwidth).
+MERGE_SLICE_S = 0.02
+MERGE_SLICE_BYTES = 1 << 30
 
 
 @dataclass
 class _Preparation:
-    """A merge whose packed layers are being prepared, a slice per call."""
+    """A merge proceeding a slice per call: packed layers prepared aside, dense ones merged."""
 
     lora_id: int
     todo: list  # [(name, layer)] still to prepare
-    prepared: dict = field(default_factory=dict)
+    prepared: dict = field(default_factory=dict)  # name: a packed layer's merged kernel, or None (dense: merged)
+    merged: list = field(default_factory=list)  # dense layers merged in place so far
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -245,11 +273,14 @@ class MergeController:
     reserved row so that its update stays subtractable whichever vLLM slot it holds (or none).
 
     `layers()`: the model's MoRA layers `[(name, layer)]`; `cache`: vLLM's host cache of
-    adapters, where a merged adapter stays pinned (it need not hold a slot).
+    adapters, where a merged adapter stays pinned (it need not hold a slot). `target`: the
+    adapter being merged or merged, whose tokens steps relabel to the reserved row.
 
-    A merge is prepared in slices between steps (`MERGE_SLICE_S` per call) rather than on a
-    thread: vLLM's CPU kernels (oneDNN) share process-wide state, and running them on a second
-    thread while the engine steps corrupted the heap (measured: glibc aborts in the worker).
+    A merge proceeds in slices between steps (`MERGE_SLICE_S`, `MERGE_SLICE_BYTES` per call)
+    rather than on a thread: vLLM's CPU kernels (oneDNN) share process-wide state, and running
+    them on a second thread while the engine steps corrupted the heap (measured: glibc aborts
+    in the worker); on a GPU a merge of every layer in one call would stall a step for the time
+    of all of it (gigabytes of weights and backups).
     """
 
     def __init__(self, runtime: MoraRuntime, layers: Callable[[], list[tuple[str, MoraLayerMixin]]], cache: object) -> None:
@@ -257,6 +288,7 @@ class MergeController:
         self._layers = layers
         self._cache = cache
         self.merged_id: int | None = None
+        self.target: int | None = None
         self._pinned_by_merge = False
         self._preparing: _Preparation | None = None
 
@@ -265,15 +297,12 @@ class MergeController:
         """The adapter whose merge is being prepared, if any."""
         return None if self._preparing is None else self._preparing.lora_id
 
-    def _entries(self, model: MoraLoRAModel, layer: MoraLayerMixin) -> list:
-        return model.entries(layer.mora_children)
-
     def merge(self, lora_id: int, model: MoraLoRAModel, *, background: bool, max_bytes: int | None,
               commit: bool) -> EngineProgress:
         """Merge `model` (adapter `lora_id`, resident). `background`: the first call sets it up,
-        each later call prepares a slice, the last swaps it in (with `commit=False` it stops at
-        PREPARED; `commit` swaps, `cancel` drops). `max_bytes`: refuse a merge whose preparation
-        needs more memory beside the serving weights."""
+        each later call merges or prepares a slice of layers, the last swaps the prepared ones in
+        (with `commit=False` it stops at PREPARED; `commit` swaps, `cancel` undoes). `max_bytes`:
+        refuse a merge whose preparation needs more memory beside the serving weights."""
         if self._preparing is not None:
             if not background:
                 raise MergeError(f"adapter {self._preparing.lora_id} is being prepared for a merge; wait for it")
@@ -285,7 +314,7 @@ class MergeController:
         layers = self._layers()
         if max_bytes is not None:
             # Sized from the adapter's specs before anything is written (CPU and GPU layers alike).
-            need = sum(prepare_bytes_for(layer, self._entries(model, layer)) for _, layer in layers)
+            need = sum(prepare_bytes_for(layer, layer.mora_entries(model.mora)) for _, layer in layers)
             if need > max_bytes:
                 raise MergeError(f"merging adapter {lora_id} needs {need} bytes beside the serving weights (packed "
                                  f"layers: a dense copy and a new kernel; dense layers: the rows kept for exact "
@@ -293,38 +322,52 @@ class MergeController:
         # Keep it registered while merged (it need not hold a slot: its M goes to the reserved row).
         self._pinned_by_merge = lora_id not in self._cache.pinned_items
         self._cache.pin(lora_id)
-        row = self.runtime.merged_row
+        for _, layer in layers:
+            layer.set_merged_row(layer.mora_entries(model.mora))
+        # From the next step on its tokens read the reserved row; no layer holds it merged yet.
+        self.target = lora_id
+        self.runtime.set_merged(self.runtime.merged_row)
+        job = _Preparation(lora_id, list(layers))
         if background:
-            # The reserved row is read by steps only once `set_merged` says so: safe to fill now.
-            for _, layer in layers:
-                layer.set_merged_row(self._entries(model, layer))
-            job = self._preparing = _Preparation(lora_id, list(layers))
+            self._preparing = job
             return EngineProgress(MergeState.PREPARING, 0, job.total)  # the work starts next call
-        done = []
         try:
-            for _, layer in layers:
-                layer.set_merged_row(self._entries(model, layer))
-                if merge_layer(layer, row) is not None:
-                    done.append(layer)
+            self._advance(job, None)
+            self._install(job)
         except Exception:
-            self._failed(lora_id, done)
+            self._failed(lora_id, job.merged)
             raise
-        self._done(lora_id, row)
+        self.merged_id = lora_id
         return EngineProgress(MergeState.MERGED)
+
+    def _advance(self, job: _Preparation, deadline: float | None) -> None:
+        """Merge (dense) or prepare (packed) layers of `job` until its budget is spent."""
+        row, touched = self.runtime.merged_row, 0
+        while job.todo:
+            name, layer = job.todo.pop(0)
+            started = time.perf_counter()
+            prepared = prepare_packed_layer(layer, row)
+            job.prepared[name] = prepared
+            if prepared is None and merge_layer(layer, row) is not None:  # dense: in place, now
+                job.merged.append(layer)
+                touched += layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+            job.seconds += time.perf_counter() - started
+            if deadline is not None and (time.perf_counter() >= deadline or touched >= MERGE_SLICE_BYTES):
+                break
+
+    def _install(self, job: _Preparation) -> None:
+        """Swap the prepared packed layers in (between two steps: attribute writes)."""
+        for name, layer in self._layers():
+            if job.prepared.get(name) is not None:
+                install_prepared(layer, job.prepared[name])
+                job.merged.append(layer)
 
     def _poll(self, lora_id: int, commit: bool) -> EngineProgress:
         job = self._preparing
         if job.lora_id != lora_id:
             raise MergeError(f"adapter {job.lora_id} is being prepared for a merge; wait for it")
         try:
-            deadline = time.perf_counter() + MERGE_SLICE_S
-            while job.todo:
-                name, layer = job.todo.pop(0)
-                started = time.perf_counter()
-                job.prepared[name] = prepare_packed_layer(layer, self.runtime.merged_row)
-                job.seconds += time.perf_counter() - started
-                if time.perf_counter() >= deadline:
-                    break
+            self._advance(job, time.perf_counter() + MERGE_SLICE_S)
         except Exception:
             self.cancel(lora_id)
             raise
@@ -336,34 +379,28 @@ class MergeController:
         return EngineProgress(MergeState.MERGED)
 
     def commit(self, lora_id: int) -> None:
-        """Swap a prepared merge in (between two steps: attribute writes for packed layers,
-        in-place additions for dense ones)."""
+        """Swap a prepared merge in (between two steps: attribute writes for packed layers; the
+        dense ones were merged by the slices)."""
         job = self._preparing
         if job is None or job.lora_id != lora_id or job.todo:
             raise MergeError(f"adapter {lora_id} has no prepared merge to commit")
-        row = self.runtime.merged_row
-        done = []
+        self._preparing = None
         try:
-            self._preparing = None
-            for name, layer in self._layers():
-                if job.prepared.get(name) is not None:
-                    install_prepared(layer, job.prepared[name])
-                    done.append(layer)
-                elif merge_layer(layer, row) is not None:  # dense layers: in place, now
-                    done.append(layer)
+            self._install(job)
         except Exception:
-            self._failed(lora_id, done)
+            self._failed(lora_id, job.merged)
             raise
-        self._done(lora_id, row)
-        log.info("merged MoRA adapter %d into %d layers (prepared in slices between steps, %.3fs in all)",
-                 lora_id, len(done), job.seconds)
+        self.merged_id = lora_id
+        log.info("merged MoRA adapter %d into %d layers (a slice per call between steps, %.3fs in all)",
+                 lora_id, len(job.merged), job.seconds)
 
     def cancel(self, lora_id: int) -> None:
-        """Drop a merge being prepared (or prepared) for `lora_id`; nothing was swapped in."""
+        """Drop a merge being prepared (or prepared) for `lora_id`: the dense layers it merged
+        are restored, the packed ones it prepared dropped."""
         job = self._preparing
         if job is not None and job.lora_id == lora_id:
             self._preparing = None
-            self._failed(lora_id, [])
+            self._failed(lora_id, job.merged)
 
     def unmerge(self, lora_id: int | None = None) -> None:
         """Restore the base weights bit for bit; `lora_id`, if given, must be the merged one."""
@@ -372,28 +409,20 @@ class MergeController:
         if lora_id is not None and lora_id != self.merged_id:
             raise MergeError(f"adapter {lora_id} is not merged (adapter {self.merged_id} is)")
         merged_id = self.merged_id
-        layers = self._layers()
-        for _, layer in layers:
-            unmerge_layer(layer)
         self.merged_id = None
-        self.runtime.set_merged(-1)
-        for _, layer in layers:
-            layer.set_merged_row(None)
-        self._release_pin(merged_id)
+        self._failed(merged_id, [layer for _, layer in self._layers()])
         log.info("unmerged MoRA adapter %d", merged_id)
 
     def _failed(self, lora_id: int, done: list[MoraLayerMixin]) -> None:
-        """Undo a merge that failed part way: the layers merged so far, the merged row, the pin."""
+        """Undo a merge (or its part so far): the layers merged, the relabeling, the merged
+        row, the pin."""
         for layer in done:
             unmerge_layer(layer)
+        self.target = None
+        self.runtime.set_merged(-1)
         for _, layer in self._layers():
             layer.set_merged_row(None)
         self._release_pin(lora_id)
-
-    def _done(self, lora_id: int, row: int) -> None:
-        """Every layer is merged: steps read the merged row from now on."""
-        self.merged_id = lora_id
-        self.runtime.set_merged(row)
 
     def _release_pin(self, lora_id: int) -> None:
         if self._pinned_by_merge and lora_id in self._cache.pinned_items:

@@ -44,10 +44,6 @@ class MoraLoRAModel(LoRAModel):
         every step by `mora_compact`, hence cached; `mora` never changes after loading)."""
         return frozenset((module, spec) for module, (_, spec) in self.mora.items())
 
-    def entries(self, children: Sequence[str]) -> list[tuple[torch.Tensor, MoraSpec] | None]:
-        """One `(M, spec)` per slice of a wrapped layer (`None`: the slice is not targeted)."""
-        return [self.mora.get(child) for child in children]
-
 
 def mora_model(model: object) -> MoraLoRAModel | None:
     """`model` if it is a MoRA adapter, None for a stock LoRA adapter (or nothing)."""

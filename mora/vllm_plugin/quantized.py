@@ -45,10 +45,12 @@ class QuantizedLayer:
 
 def _quant_method(base: torch.nn.Module) -> object | None:
     """The layer's quant method, or None for a dense (unquantized) layer."""
+    quant = getattr(base, "quant_method", None)
+    if quant is None:  # no quant method at all (a plain layer: bench/gpu_contract.py's, without vLLM)
+        return None
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-    quant = getattr(base, "quant_method", None)
-    return None if quant is None or isinstance(quant, UnquantizedLinearMethod) else quant
+    return None if isinstance(quant, UnquantizedLinearMethod) else quant
 
 
 def quantized_layers(modules: Iterable[tuple[str, torch.nn.Module]]) -> list[QuantizedLayer]:

@@ -118,6 +118,8 @@ class EngineStatus(_Mapping):
     capacity: int = 0  # max_cpu_loras
     lora_slots: int = 0  # max_loras
     max_pinned: int = 0
+    mora_layers: int = 0  # layers wrapped for MoRA (0: the plugin's wrappers are not installed)
+    graph_safe: bool = False  # the MoRA forward runs as custom ops (a GPU, or a compiled CPU model)
 
     def location(self, lora_id: int) -> str:
         """"device_slot", "host_cache" or "disk_only"."""

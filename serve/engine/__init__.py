@@ -119,6 +119,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - vLLM reports a failed engine process only as "see above"
             raise RuntimeError(f"the vLLM engine did not start ({e}); the engine's own error is logged above "
                                "(for example a quantized base whose kernels this CPU lacks)") from None
+        await self.require_mora()
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
         self.vocab_size = self.llm.model_config.get_vocab_size()
@@ -127,6 +128,21 @@ class Engine:
         self.max_logprobs = max(0, self.llm.model_config.max_logprobs)
         self.quantization = self.llm.model_config.quantization  # None for a dense base
         log.info("engine ready: %s, max_model_len=%d, %d adapter slots", s.model, self.max_model_len, s.max_loras)
+
+    async def require_mora(self) -> None:
+        """The engine must run the MoRA wrappers: a plugin that failed to import, or a
+        VLLM_PLUGINS list without `mora`, leaves vLLM stock (and the worker extension without its
+        manager), which would serve base outputs for MoRA adapters. Checked on every worker
+        before the server reports SERVING."""
+        try:
+            statuses = await self._unless_dead(self.llm.collective_rpc(WorkerApi.mora_status.__name__))
+        except Exception as e:  # noqa: BLE001 - vLLM wraps worker errors in a bare Exception
+            raise RuntimeError(f"the engine started without MoRA ({_worker_message(e)}); is the mora plugin installed "
+                               "and in VLLM_PLUGINS?") from None
+        layers = [EngineStatus.decode(st).mora_layers for st in statuses]
+        if not layers or min(layers) == 0:
+            raise RuntimeError(f"the engine started without the MoRA layer wrappers (MoRA layers per worker: {layers}); "
+                               "the mora plugin did not register (VLLM_PLUGINS must include 'mora')")
 
     @property
     def ready(self) -> bool:
