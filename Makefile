@@ -84,6 +84,7 @@ bench: install
 	$(PY) -m bench.isolation
 	$(PY) -m bench.serving
 	$(PY) -m bench.load --quick
+	$(PY) -m bench.scale --quick
 
 lint: install
 	$(VENV)/bin/ruff check mora serve tests bench

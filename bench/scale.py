@@ -120,13 +120,16 @@ def _is_wrong(got: list[int], ref: tuple[list[int], list[float]]) -> bool:
 class Traffic:
     """64 clients, zipf(1.0) over `names` (rank 1 the hottest), streaming greedy requests."""
 
-    def __init__(self, srv, names: list[str], refs: dict, seconds: float, fold_to: int | None = None) -> None:
-        self.srv, self.names, self.refs, self.seconds, self.fold_to = srv, names, refs, seconds, fold_to
+    def __init__(self, srv, names: list[str], refs: dict, fold_to: int | None = None) -> None:
+        self.srv, self.names, self.refs, self.fold_to = srv, names, refs, fold_to
         self.lock = threading.Lock()
         self.records: list[tuple[str, str, float | None, bool, str]] = []  # adapter, code, ttft, cold, wrong?
         self.seen: set[str] = set()
         self.checked = 0
         self.wrong = 0
+        self.ok = 0  # completed requests and seconds of the measured runs (warm-up runs excluded)
+        self.elapsed = 0.0
+        self.batch: list[float] = []  # vLLM's running batch, sampled during the measured runs
 
     def _client(self, seed: int, stop: threading.Event) -> None:
         rng = random.Random(seed)
@@ -155,18 +158,40 @@ class Traffic:
                         self.checked += 1
                         self.wrong += _is_wrong(tokens, ref)
 
-    def run(self) -> float:
+    def run(self, seconds: float, measured: bool = True) -> None:
+        """`seconds` of traffic from CLIENTS clients; a warm-up run (`measured=False`) is checked
+        for wrong answers but counts in no throughput or running batch."""
         stop = threading.Event()
         threads = [threading.Thread(target=self._client, args=(i, stop), daemon=True) for i in range(CLIENTS)]
+        done_before = sum(r[1] == "OK" for r in self.records)
+        sampler = Sampler(self.srv) if measured else None
         started = time.monotonic()
         for t in threads:
             t.start()
-        time.sleep(self.seconds)
+        time.sleep(seconds)
         stop.set()
         for t in threads:
             t.join()
-        elapsed = time.monotonic() - started
-        return sum(r[1] == "OK" for r in self.records) / elapsed
+        if sampler is not None:
+            sampler.stop()
+            self.batch.extend(sampler.values)
+            self.ok += sum(r[1] == "OK" for r in self.records) - done_before
+            self.elapsed += time.monotonic() - started
+
+    def throughput(self) -> float:
+        return self.ok / self.elapsed if self.elapsed else float("nan")
+
+    def mean_batch(self) -> float:
+        return sum(self.batch) / len(self.batch) if self.batch else float("nan")
+
+
+def alternate(folded: Traffic, spread: Traffic, seconds: float, rounds: int) -> None:
+    """Both traffics, `seconds` each in all, in alternating runs after a warm-up (the server's
+    first steps at each batch size compile): side by side, so drift hits both alike."""
+    folded.run(min(10.0, seconds / 4), measured=False)
+    for _ in range(rounds):
+        folded.run(seconds / rounds)
+        spread.run(seconds / rounds)
 
 
 class Sampler:
@@ -191,9 +216,6 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values) if self.values else float("nan")
 
 
 def slot_bound(n: int, best: bool = False, trials: int = 2000) -> float:
@@ -315,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the demo model and shorter phases (< 15 min on 2 cores)")
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=None, help="length of each traffic phase")
+    p.add_argument("--rounds", type=int, default=4, help="alternating runs of the folded and the spread traffic")
     p.add_argument("--slots-bytes", type=int, default=SLOTS_BYTES,
                    help="the server's adapter_slots_bytes (max_loras auto: slots sized by this memory budget)")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
@@ -335,12 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     srv = _serve(base, root, names, args.cache / "scale-server-16.log", ["--max-loras", str(MAX_LORAS)])
     try:
         _register(srv, names)
-        hot16 = Traffic(srv, names, refs, seconds / 2, fold_to=16)
-        tput_16_on_16 = hot16.run()
-        spread16 = Traffic(srv, names, refs, seconds / 2)
-        spread16_batch = Sampler(srv)
-        tput_all_on_16 = spread16.run()
-        spread16_batch.stop()
+        hot16, spread16 = Traffic(srv, names, refs, fold_to=16), Traffic(srv, names, refs)
+        alternate(hot16, spread16, seconds / 2, args.rounds)
     finally:
         srv.stop()
     # 2. max_loras auto: the slot count the memory budget gives, the same traffic.
@@ -351,20 +370,21 @@ def main(argv: list[str] | None = None) -> int:
         rss_before = _rss(srv.proc.pid)
         register_s = _register(srv, names)
         rss_registered = _rss(srv.proc.pid)
-        hot = Traffic(srv, names, refs, seconds, fold_to=16)
-        hot_batch = Sampler(srv)
-        tput_16 = hot.run()
-        hot_batch.stop()
-        rss_warm = _rss(srv.proc.pid)
-        spread = Traffic(srv, names, refs, seconds)
-        spread_batch = Sampler(srv)
-        tput_all = spread.run()
-        spread_batch.stop()
+        hot, spread = Traffic(srv, names, refs, fold_to=16), Traffic(srv, names, refs)
+        hot.run(min(10.0, seconds / 4), measured=False)
+        hot.run(seconds / args.rounds)
+        rss_warm = _rss(srv.proc.pid)  # every buffer a batch needs is allocated, nothing paged
+        spread.run(seconds / args.rounds)
+        for _ in range(args.rounds - 1):
+            hot.run(seconds / args.rounds)
+            spread.run(seconds / args.rounds)
         rss = _rss(srv.proc.pid)
         normal = _token_gaps(srv, names[0], seconds / 2, None)
         merging = _token_gaps(srv, names[0], seconds / 2, names[1])
     finally:
         srv.stop()
+    tput_16_on_16, tput_all_on_16 = hot16.throughput(), spread16.throughput()
+    tput_16, tput_all = hot.throughput(), spread.throughput()
 
     records = spread.records + hot.records + spread16.records + hot16.records
     failed = sum(r[1] != "OK" for r in records)
@@ -380,18 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     # With max_loras slots a step holds requests of at most that many adapters: on a model whose
     # step time hardly grows with the batch, throughput follows the running batch.
     fcfs, best = slot_bound(len(names)), slot_bound(len(names), best=True)
-    print(f"{MAX_LORAS} slots: running batch {spread16_batch.mean():.1f} of {CLIENTS} clients "
-          f"(share {spread16_batch.mean() / CLIENTS:.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
+    print(f"{MAX_LORAS} slots: running batch {spread16.mean_batch():.1f} of {CLIENTS} clients "
+          f"(share {spread16.mean_batch() / CLIENTS:.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
           f"{best:.2f} best {MAX_LORAS} adapters per step); spread vs folded throughput {tput_all_on_16 / tput_16_on_16:.2f}",
           flush=True)
-    print(f"max_loras auto: {slots} slots in {args.slots_bytes >> 20} MiB; running batch: {spread_batch.mean():.1f} spread, "
-          f"{hot_batch.mean():.1f} hot (ratio {spread_batch.mean() / max(hot_batch.mean(), 1e-9):.2f}); folded traffic "
+    print(f"max_loras auto: {slots} slots in {args.slots_bytes >> 20} MiB; running batch: {spread.mean_batch():.1f} spread, "
+          f"{hot.mean_batch():.1f} hot (ratio {spread.mean_batch() / max(hot.mean_batch(), 1e-9):.2f}); folded traffic "
           f"{tput_16 / tput_16_on_16:.2f}x its throughput in {MAX_LORAS} slots (the cost of {slots - MAX_LORAS} idle slots)",
           flush=True)
     print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={wrong} slots={slots} "
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
           f"tput_vs_16={tput_all / tput_16:.2f} tput_vs_16_in_16_slots={tput_all_on_16 / tput_16_on_16:.2f} "
-          f"share_16={spread16_batch.mean() / CLIENTS:.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
+          f"share_16={spread16.mean_batch() / CLIENTS:.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
           f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
     if args.plot is not None:
         _plot(args.plot, warm, cold, [r[2] for r in hot.records if r[1] == "OK" and r[2] is not None],

@@ -1,6 +1,7 @@
 """Offline decode throughput with vLLM (CPU build): base, merged, unmerged, mixed, LoRA.
 
-For each model (the demo base model, and a larger Llama-shaped model with random weights):
+For the 100M Llama-shaped model with random weights (and with `--models both`, the demo model
+first; its ~15 ms steps show mostly a LoRA engine's fixed per-step costs):
 
 * base      - vLLM with LoRA disabled, eager like every LoRA engine on the CPU (vLLM turns
               torch.compile off whenever LoRA is enabled there); measured before and after
@@ -18,8 +19,10 @@ Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), `
 times interleaved; throughput is tokens/s, medians. Merge and unmerge latency of a whole
 adapter are timed through the worker extension.
 
-    python -m bench.serving     # ends with: merged_vs_base=X mixed16_vs_base=Y mora_vs_lora=Z
-                                 # (ratios for the larger model; Z = MoRA unmerged time / LoRA time)
+    python -m bench.serving     # < 10 minutes on 2 cores; ends with one line:
+    merged_vs_base=.. mixed16_vs_base=.. mora_vs_lora=.. merged_vs_base_lora=.. mora_only_vs_base_lora=..
+    merged_vs_base_compiled=.. mixed16_vs_base_compiled=.. isa=.. seconds=..
+    (mora_vs_lora = MoRA unmerged time / LoRA time; isa: the native kernel's path)
 """
 
 from __future__ import annotations
@@ -235,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/serving_*")
+    parser.add_argument("--models", choices=("100m", "both"), default="100m",
+                        help="the 100M model only (the summary's), or the demo model first as well")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from mora.demo import build_demo_assets
 
@@ -243,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = args.cache / "demo"
     if not (demo / "demo.json").is_file():
         build_demo_assets(demo, log=lambda _: None)
-    models = {"demo (3M)": demo / "base", "llama-shaped (100M)": _larger_model(args.cache / "llama-100m")}
+    models = {"llama-shaped (100M)": _larger_model(args.cache / "llama-100m")}
+    if args.models == "both":
+        models = {"demo (3M)": demo / "base", **models}
     reports = []
     for name, path in models.items():
         rep = bench_model(name, path, args.cache / f"adapters-{path.parent.name}-{path.name}", args)
@@ -253,14 +261,17 @@ def main(argv: list[str] | None = None) -> None:
         reports.append(rep)
     if not args.no_docs:
         _write_docs(reports, args)
+    from mora.kernels.native import native_isa
+
     t = reports[-1]["throughput"]
-    print(f"merged_vs_base={t['merged'] / t['base']:.2f} mixed16_vs_base={t['mixed16'] / t['base']:.2f} "
-          f"mora_vs_lora={t['lora'] / t['unmerged']:.2f}")
     # the same engine's base requests (zero overhead where promised: merged and MoRA-only steps
     # launch no stock LoRA kernel), and the compiled LoRA engine against the compiled base
-    print(f"merged_vs_base_lora={t['merged'] / t['base_lora']:.2f} mora_only_vs_base_lora={t['unmerged'] / t['base_lora']:.2f} "
+    print(f"merged_vs_base={t['merged'] / t['base']:.2f} mixed16_vs_base={t['mixed16'] / t['base']:.2f} "
+          f"mora_vs_lora={t['lora'] / t['unmerged']:.2f} "
+          f"merged_vs_base_lora={t['merged'] / t['base_lora']:.2f} mora_only_vs_base_lora={t['unmerged'] / t['base_lora']:.2f} "
           f"merged_vs_base_compiled={t['merged_compiled'] / t['base_compiled']:.2f} "
-          f"mixed16_vs_base_compiled={t['mixed16_compiled'] / t['base_compiled']:.2f}")
+          f"mixed16_vs_base_compiled={t['mixed16_compiled'] / t['base_compiled']:.2f} "
+          f"isa={native_isa() or 'blas'} seconds={time.monotonic() - started:.0f}")
 
 
 if __name__ == "__main__":

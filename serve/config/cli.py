@@ -107,10 +107,13 @@ def _metavar(name: str, field: FieldInfo, fallback: str) -> str:
     if extra.get("metavar"):
         return str(extra["metavar"])
     ann = field.annotation
-    for a in (get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)):
-        if get_origin(a) is Literal:
-            return "{" + ",".join(map(str, get_args(a))) + "}"
-    return fallback
+    members = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+    if not any(get_origin(a) is Literal for a in members):
+        return fallback
+    # `int | Literal["auto"]` reads {N,auto}: a number or one of the words
+    words = ["N" if a is int else "X" if a is float else None for a in members if get_origin(a) is not Literal]
+    words += [str(v) for a in members if get_origin(a) is Literal for v in get_args(a)]
+    return "{" + ",".join(w for w in words if w) + "}"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Path | None]:
