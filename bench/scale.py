@@ -197,7 +197,7 @@ def alternate(folded: Traffic, spread: Traffic, seconds: float, rounds: int) -> 
 class Sampler:
     """The mean of vLLM's running batch (`vllm:num_requests_running`), sampled from /metrics."""
 
-    def __init__(self, srv, every: float = 0.25) -> None:
+    def __init__(self, srv, every: float = 2.0) -> None:  # a scrape renders every adapter's series (~0.2 s of a core with 1,000)
         from server_helpers import metric_value
 
         self.values: list[float] = []
@@ -309,11 +309,11 @@ def _plot(path: Path, warm: list[float], cold: list[float], hot: list[float], tp
     plt.close(fig)
 
 
-def _serve(base: Path, root: Path, names: list[str], log: Path, slots: list[str]) -> object:
+def _serve(base: Path, root: Path, names: list[str], log: Path, slots: list[str], extra: list[str]) -> object:
     from server_helpers import ServerProcess
 
     srv = ServerProcess(base, root, log, args=[
-        *slots, "--max-cpu-loras", str(MAX_CPU_LORAS), "--max-adapters", str(len(names) + 16),
+        *slots, *extra, "--max-cpu-loras", str(MAX_CPU_LORAS), "--max-adapters", str(len(names) + 16),
         "--max-num-seqs", str(CLIENTS), "--max-pending-requests", str(4 * CLIENTS), "--no-auto-merge", "--max-lora-rank", "8"])
     srv.wait_serving()
     return srv
@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's adapter_slots_bytes (max_loras auto: slots sized by this memory budget)")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     p.add_argument("--plot", type=Path, default=None, help="write an SVG: TTFT distributions and throughput per phase")
+    p.add_argument("--server-arg", dest="server_args", action="append", default=[],
+                   help="one more mora-serve argument for both servers (repeatable: --server-arg=--page-ins-per-tenant=8)")
     args = p.parse_args(argv)
     seconds = args.seconds or (40.0 if args.quick else 120.0)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. MAX_LORAS slots: what adapter-aware admission (vLLM's skip + mora's bound) makes of
     #    spread traffic in 16 slots, against the FCFS and best-16 bounds; and the folded traffic's
     #    throughput there (the cost of idle slots is phase 2's over this).
-    srv = _serve(base, root, names, args.cache / "scale-server-16.log", ["--max-loras", str(MAX_LORAS)])
+    srv = _serve(base, root, names, args.cache / "scale-server-16.log", ["--max-loras", str(MAX_LORAS)], args.server_args)
     try:
         _register(srv, names)
         hot16, spread16 = Traffic(srv, names, refs, fold_to=16), Traffic(srv, names, refs)
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         srv.stop()
     # 2. max_loras auto: the slot count the memory budget gives, the same traffic.
     srv = _serve(base, root, names, args.cache / "scale-server.log",
-                 ["--max-loras", "auto", "--adapter-slots-bytes", str(args.slots_bytes)])
+                 ["--max-loras", "auto", "--adapter-slots-bytes", str(args.slots_bytes)], args.server_args)
     try:
         slots = _slots(srv)
         rss_before = _rss(srv.proc.pid)

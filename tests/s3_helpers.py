@@ -75,7 +75,9 @@ class FaultProxy:
       only `n` bytes of its body, then the connection is closed (a truncated transfer);
     * `down_after_cut`: after such a cut, every new connection is refused (the endpoint went
       down mid-download); `cut_once`: after such a cut, transfers pass again;
-    * `refusing`: every new connection is closed at once.
+    * `refusing`: every new connection is closed at once;
+    * `hold = "text"`: a GET of a key containing it waits until `release()` (the key is in
+      `held` meanwhile): downloads kept in flight for as long as a test needs.
 
     `requests` records each request line seen (method and path).
     """
@@ -90,6 +92,9 @@ class FaultProxy:
         self.cut_once = False
         self.refusing = False
         self.requests: list[str] = []
+        self.hold: str | None = None
+        self.held: list[str] = []
+        self._released = threading.Event()
         self._lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -98,6 +103,15 @@ class FaultProxy:
             self.cut_after.clear()
             self.down_after_cut = self.cut_once = self.refusing = False
             self.requests.clear()
+            self.hold = None
+            self.held.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        """Held GETs go on, and no later one is held."""
+        with self._lock:
+            self.hold = None
+        self._released.set()
 
     def gets(self, suffix: str) -> int:
         return sum(1 for r in self.requests if r.startswith("GET ") and r.split(" ")[1].split("?")[0].endswith(suffix))
@@ -128,6 +142,14 @@ class FaultProxy:
             if method == "GET":
                 key = path.split("?")[0]
                 cut = next((n for s, n in self.cut_after.items() if key.endswith(s)), None)
+                with self._lock:
+                    held = self.hold is not None and self.hold in key
+                    if held:
+                        self.held.append(key)
+                if held:
+                    self._released.wait(120)
+                    with self._lock:
+                        self.held.remove(key)
             # one request per connection: tell both ends to close after this answer (not a signed header)
             lines = [h for h in head.split(b"\r\n") if not h.lower().startswith(b"connection:")]
             head = b"\r\n".join(lines[:1] + [b"Connection: close"] + lines[1:])

@@ -524,3 +524,19 @@ def test_bf16_gemm_dot_products_follow_the_cpu(fresh_status):
     assert (ops.cpu_has("AVX2") and ops.cpu_has("FMA")) == (not ops.isa_missing("avx2"))
     with pytest.raises(RuntimeError, match="unknown CPU feature 'SSE9'"):
         ops.cpu_has("SSE9")
+
+
+@needs_x86
+def test_slot_order_is_free_only_where_every_product_is_native(monkeypatch, fresh_status):
+    """The vLLM manager compacts slots (one kind in consecutive slots) only for BLAS's batched
+    products: the native kernel reads each `M` in its slot, so moving adapters would be waste
+    (bench.scale with 78 slots, profiled: compaction was half of the worker's adapter bookkeeping)."""
+    from mora.kernels import slot_order_is_free
+    from mora.kernels.torch_native import bf16_gemm_has_dot_products
+
+    monkeypatch.setenv(native.ENV_KERNEL, "auto")
+    assert slot_order_is_free(torch.float32)
+    assert slot_order_is_free(torch.bfloat16) is not bf16_gemm_has_dot_products()  # bf16 prefill may take BLAS
+    assert not slot_order_is_free(torch.float16)
+    monkeypatch.setenv(native.ENV_KERNEL, "blas")
+    assert not slot_order_is_free(torch.float32)

@@ -86,7 +86,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     srv = ServerProcess(base, root, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_CPU_LORAS),
         "--max-adapters", str(MANY + 200), "--adapter-disk-bytes", str(budget), "--preload", "atlas=atlas",
-        "--no-auto-merge"], holdable=True)
+        "--no-auto-merge", "--page-ins-per-tenant", "2"], holdable=True)
     try:
         srv.wait_serving()
         yield {"srv": srv, "root": root, "base": base, "keys": keys}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     })
     server = ServerProcess(demo_assets / "base", local, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--snapshot-dir", str(top / "snapshots"),
-        "--preload", "atlas=s3://adapters/shared/atlas",
+        "--preload", "atlas=s3://adapters/shared/atlas", "--page-ins-per-tenant", "2",
     ], env={**s3.env(proxy.url), "MORA_SERVE_S3_ADDRESSING_STYLE": "path", "MORA_SERVE_SOURCE_RETRIES": "2",
             "MORA_SERVE_SOURCE_BACKOFF_S": "0.05", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(top / "hub")})
     try:
@@ -159,6 +160,43 @@ def test_on_demand_from_the_tenants_prefix(env, demo_facts):
     assert missing == absent == (grpc.StatusCode.NOT_FOUND, "adapter 'nothing-here' is not loaded")
     with pytest.raises(openai.NotFoundError):
         acme.completions.create(model="nothing-here", prompt="hi", max_tokens=2)
+
+
+def test_on_demand_downloads_take_the_tenants_page_in_turns(env, demo_facts):
+    """First requests of three ids at acme's on-demand prefix, their downloads held by the
+    store: two run at once (page_ins_per_tenant), the third waits its turn, nothing fails; once
+    the store answers, all three are served exactly."""
+    from server_helpers import metric_value
+
+    proxy, server = env["proxy"], env["server"]
+    proxy.reset()
+    names = [f"held-{i}" for i in range(3)]
+    for name in names:
+        shutil.copytree(env["buckets"] / "acme" / "od-draco", env["buckets"] / "acme" / name, dirs_exist_ok=True)
+    facts = demo_facts["draco"][0]
+
+    def page_ins(state: str) -> float:
+        return metric_value(server.scrape(), "mora_adapter_page_ins", tenant="acme", state=state)
+
+    def downloading() -> set[str]:
+        return {k.split("/")[-2] for k in list(proxy.held)}
+
+    proxy.hold = "/acme/held-"
+    try:
+        with _client(env, "acme") as a, ThreadPoolExecutor(3) as pool:
+            firsts = [pool.submit(a.generate, facts["prompt"], n, max_tokens=48, temperature=0) for n in names]
+            deadline = time.monotonic() + 60
+            while not (page_ins("reading") == 2 and page_ins("waiting") == 1 and len(downloading()) == 2):
+                assert time.monotonic() < deadline, (page_ins("reading"), page_ins("waiting"), proxy.held)
+                time.sleep(0.05)
+            assert len(downloading()) == 2 and not any(f.done() for f in firsts), "the third download waits its turn"
+            proxy.release()
+            assert [f.result(timeout=300).text for f in firsts] == [facts["completion"]] * 3
+            for name in names:
+                a.unload_adapter(name)
+    finally:
+        proxy.release()
+    assert page_ins("reading") == page_ins("waiting") == 0
 
 
 def _leftovers(env) -> list[str]:

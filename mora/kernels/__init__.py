@@ -21,6 +21,7 @@ from mora.kernels.dispatch import BACKENDS, mora_apply, mora_apply_slices, selec
 from mora.kernels.fused_op import TableGroup
 from mora.kernels.step import StepKind, StepMeta
 from mora.kernels.table import BatchMeta, ShardLayout, SlotTable, prepare_batch
+from mora.kernels.torch_native import slot_order_is_free
 
 __all__ = [
     "BACKENDS",
@@ -34,5 +35,6 @@ __all__ = [
     "mora_apply_slices",
     "prepare_batch",
     "select_backend",
+    "slot_order_is_free",
 ]
 

@@ -26,7 +26,7 @@ from mora.kernels.torch_plan import Pass, Plan
 from mora.ops import rope_signed_tables
 from mora.spec import MoraType
 
-__all__ = ["DirectOp", "bind_direct", "bind_product"]
+__all__ = ["DirectOp", "bind_direct", "bind_product", "slot_order_is_free"]
 
 DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
@@ -41,6 +41,15 @@ def _native_for(p: Pass, dtype: torch.dtype) -> bool:
     if dtype not in NATIVE_DTYPES or not native_enabled():
         return False
     return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS or not bf16_gemm_has_dot_products()
+
+
+def slot_order_is_free(dtype: torch.dtype) -> bool:
+    """Whether every product over `dtype` tables runs in the native kernel, which reads each
+    adapter's `M` in whatever slot it sits: then the slots need no compaction (BLAS's batched
+    products want the `M`s of one kind in consecutive slots)."""
+    if dtype not in NATIVE_DTYPES or not native_enabled():
+        return False
+    return dtype == torch.float32 or not bf16_gemm_has_dot_products()
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from mora.checkpoint import MoraAdapter
 from mora.errors import MergeError, ShapeMismatchError
-from mora.kernels import StepKind
+from mora.kernels import StepKind, slot_order_is_free
 from mora.validate import bind_mora
 from mora.vllm_plugin.coupling import VllmCouplingError
 from mora.vllm_plugin.graphs import set_current_runtime
@@ -76,6 +76,8 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         for module in self.modules.values():
             if isinstance(module, MoraVocabParallelEmbeddingWithLoRA):
                 module.attach(self.mora_runtime)
+        tables = [t for _, m in self.mora_layers() for _, t in m.mora_slices()]
+        self.mora_table_dtype = tables[0].dtype if tables else torch.float32
         self.mora_merges = MergeController(self.mora_runtime, self.mora_layers, self._registered_adapters)
         # Pipeline parallelism: the decoder layers other stages hold are placeholders here.
         self._mora_other_stages = tuple(
@@ -152,8 +154,10 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     def set_adapter_mapping(self, mapping: LoRAMapping) -> None:
         """The step's adapter-mapping step: compact slots (CPU), give vLLM its mapping without
         the MoRA tokens, and prepare the step's MoRA metadata once for every layer."""
-        if torch.device(self.device).type == "cpu":
-            self.mora_compact()  # the GPU kernel reads any slot order at no cost
+        if torch.device(self.device).type == "cpu" and not slot_order_is_free(self.mora_table_dtype):
+            # The GPU kernel and the native CPU kernel read any slot order at no cost; with
+            # spread traffic compaction would move many adapters per step (bench.scale).
+            self.mora_compact()
         if mapping.type is not LoRAMappingType.LANGUAGE:  # MoRA serves the language model
             super().set_adapter_mapping(mapping)
             return

@@ -27,7 +27,7 @@ from typing import Any
 
 from mora.vllm_plugin.worker_api import PageInState, Residence, TierReport
 
-__all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats", "read_snapshot"]
+__all__ = ["MAX_LOAD_EVENTS", "Stager", "TierStats", "read_snapshot", "snapshot_in_page_cache"]
 
 MAX_LOAD_EVENTS = 4096  # load durations kept between two drains (the server drains every second)
 _CHUNK = 1 << 20
@@ -45,6 +45,39 @@ def read_snapshot(path: str | os.PathLike) -> int:
                 while chunk := f.read(_CHUNK):
                     total += len(chunk)
     return total
+
+
+CACHED_CHECK_BYTES = 8 << 20  # larger snapshots are always read on the stager's thread
+
+
+def snapshot_in_page_cache(path: str | os.PathLike, limit: int = CACHED_CHECK_BYTES) -> bool:
+    """Whether every file of the adapter folder `path` (at most `limit` bytes in all) is in the
+    OS page cache, found by reading it with `RWF_NOWAIT` (a read that would wait for the disk
+    fails at once instead). Never waits for the disk, so a step's thread may ask: an adapter
+    read recently (by its snapshot's validation, or evicted from the host cache since) is
+    then staged without a round trip through the stager's thread."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    try:
+        files = [e for e in os.scandir(path) if e.is_file(follow_symlinks=False)]
+        if sum(e.stat(follow_symlinks=False).st_size for e in files) > limit:
+            return False
+        buf = bytearray(_CHUNK)
+        for entry in files:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                size, offset = os.fstat(fd).st_size, 0
+                while offset < size:
+                    got = os.preadv(fd, [buf], offset, flag)
+                    if got <= 0:
+                        return False  # a short read: not all of it is cached
+                    offset += got
+            finally:
+                os.close(fd)
+    except OSError:  # BlockingIOError (not cached), EOPNOTSUPP (this file system): the thread reads it
+        return False
+    return True
 
 
 class TierStats:
@@ -81,8 +114,10 @@ class Stager:
     `capacity` staged adapters are remembered; the oldest is forgotten (read again if needed).
     """
 
-    def __init__(self, load: Callable[[Any], Any], stats: TierStats, capacity: int) -> None:
+    def __init__(self, load: Callable[[Any], Any], stats: TierStats, capacity: int,
+                 cached: Callable[[Any], bool] = lambda request: False) -> None:
         self._load = load
+        self._cached = cached
         self._stats = stats
         self.capacity = max(1, capacity)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mora-stage")
@@ -108,10 +143,21 @@ class Stager:
         current = self.state(lora_id)
         if current is not None and current.residence in (Residence.STAGED, Residence.LOADING):
             return current
+        if self._cached(request):  # nothing to wait for: staged now, in one round trip
+            with self._lock:
+                self._errors.pop(lora_id, None)
+                self._stage(lora_id, 0)
+            self._stats.loaded("disk", 0.0)
+            return PageInState(Residence.STAGED)
         with self._lock:
             self._errors.pop(lora_id, None)
             self._pending[lora_id] = self._pool.submit(self._run, request)
         return PageInState(Residence.LOADING)
+
+    def _stage(self, lora_id: int, model: Any) -> None:  # under the lock
+        self._staged[lora_id] = model
+        while len(self._staged) > self.capacity:
+            self._staged.popitem(last=False)
 
     def _run(self, request: Any) -> None:
         lora_id = request.lora_int_id
@@ -129,9 +175,7 @@ class Stager:
             if lora_id in self._dropped:
                 self._dropped.discard(lora_id)
                 return
-            self._staged[lora_id] = model
-            while len(self._staged) > self.capacity:
-                self._staged.popitem(last=False)
+            self._stage(lora_id, model)
 
     def take(self, lora_id: int) -> Any | None:
         with self._lock:

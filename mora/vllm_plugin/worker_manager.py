@@ -25,7 +25,7 @@ from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from mora.checkpoint import load_mora_adapter
 from mora.vllm_plugin.manager import MoraLoRAModelManager
 from mora.vllm_plugin.models import MoraLoRAModel
-from mora.vllm_plugin.tiers import Stager, read_snapshot
+from mora.vllm_plugin.tiers import Stager, read_snapshot, snapshot_in_page_cache
 from mora.vllm_plugin.worker_api import PageIn, PageInState, Residence
 
 __all__ = ["MoraWorkerLoRAManager"]
@@ -58,7 +58,8 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         if self._mora_stager is None:
             manager = self._adapter_manager
             self._mora_stager = Stager(lambda r: read_snapshot(get_adapter_absolute_path(r.lora_path)),
-                                       manager.mora_tiers, manager.capacity)
+                                       manager.mora_tiers, manager.capacity,
+                                       cached=lambda r: snapshot_in_page_cache(get_adapter_absolute_path(r.lora_path)))
         return self._mora_stager
 
     def _read_mora(self, lora_request) -> MoraLoRAModel:  # noqa: ANN001
