@@ -5,9 +5,10 @@ zipf(1.0) traffic from 64 clients, on two servers one after the other:
 
 1. `max_loras=16`: what adapter-aware admission (vLLM admits requests whose adapter has a slot
    ahead of one whose adapter has none; mora's scheduler bounds how often a request is passed
-   over) makes of spread traffic: the share of the clients a step runs (`share_16`) against the
-   share one 16-slot step can hold of this traffic admitted in arrival order (`share_fcfs`) and
-   at best (`share_best`); and the traffic folded onto 16 adapters, for phase 2's slot cost.
+   over) makes of spread traffic: the share of the requests in the engine that its steps run
+   (`share_16`: running / running + waiting, sampled) against the share one 16-slot step can
+   hold of this traffic admitted in arrival order (`share_fcfs`) and at best (`share_best`);
+   and the traffic folded onto 16 adapters, for phase 2's slot cost.
 2. `max_loras auto`: as many slots as `--slots-bytes` holds for this model (`slots=`), the same
    traffic, measured side by side:
 
@@ -130,6 +131,7 @@ class Traffic:
         self.ok = 0  # completed requests and seconds of the measured runs (warm-up runs excluded)
         self.elapsed = 0.0
         self.batch: list[float] = []  # vLLM's running batch, sampled during the measured runs
+        self.waiting: list[float] = []  # and its waiting queue, at the same moments
 
     def _client(self, seed: int, stop: threading.Event) -> None:
         rng = random.Random(seed)
@@ -175,6 +177,7 @@ class Traffic:
         if sampler is not None:
             sampler.stop()
             self.batch.extend(sampler.values)
+            self.waiting.extend(sampler.waiting)
             self.ok += sum(r[1] == "OK" for r in self.records) - done_before
             self.elapsed += time.monotonic() - started
 
@@ -183,6 +186,12 @@ class Traffic:
 
     def mean_batch(self) -> float:
         return sum(self.batch) / len(self.batch) if self.batch else float("nan")
+
+    def share(self) -> float:
+        """The share of the requests the engine holds that its steps run (running / running +
+        waiting): what the slot bounds (`slot_bound`) bound."""
+        held = sum(self.batch) + sum(self.waiting)
+        return sum(self.batch) / held if held else float("nan")
 
 
 def alternate(folded: Traffic, spread: Traffic, seconds: float, rounds: int) -> None:
@@ -195,18 +204,22 @@ def alternate(folded: Traffic, spread: Traffic, seconds: float, rounds: int) -> 
 
 
 class Sampler:
-    """The mean of vLLM's running batch (`vllm:num_requests_running`), sampled from /metrics."""
+    """vLLM's running batch and waiting queue (`vllm:num_requests_running`, `_waiting`),
+    sampled from /metrics."""
 
     def __init__(self, srv, every: float = 2.0) -> None:  # a scrape renders every adapter's series (~0.2 s of a core with 1,000)
         from server_helpers import metric_value
 
         self.values: list[float] = []
+        self.waiting: list[float] = []
         self._stop = threading.Event()
 
         def run() -> None:
             while not self._stop.wait(every):
                 try:
-                    self.values.append(metric_value(srv.scrape(), "vllm:num_requests_running"))
+                    scrape = srv.scrape()
+                    self.values.append(metric_value(scrape, "vllm:num_requests_running"))
+                    self.waiting.append(metric_value(scrape, "vllm:num_requests_waiting"))
                 except Exception:  # noqa: BLE001 - a missed sample
                     pass
 
@@ -402,8 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     # With max_loras slots a step holds requests of at most that many adapters: on a model whose
     # step time hardly grows with the batch, throughput follows the running batch.
     fcfs, best = slot_bound(len(names)), slot_bound(len(names), best=True)
-    print(f"{MAX_LORAS} slots: running batch {spread16.mean_batch():.1f} of {CLIENTS} clients "
-          f"(share {spread16.mean_batch() / CLIENTS:.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
+    print(f"{MAX_LORAS} slots: running batch {spread16.mean_batch():.1f} of {CLIENTS} clients, "
+          f"{sum(spread16.waiting) / max(len(spread16.waiting), 1):.1f} waiting "
+          f"(share run {spread16.share():.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
           f"{best:.2f} best {MAX_LORAS} adapters per step); spread vs folded throughput {tput_all_on_16 / tput_16_on_16:.2f}",
           flush=True)
     print(f"max_loras auto: {slots} slots in {args.slots_bytes >> 20} MiB; running batch: {spread.mean_batch():.1f} spread, "
@@ -413,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={wrong} slots={slots} "
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
           f"tput_vs_16={tput_all / tput_16:.2f} tput_vs_16_in_16_slots={tput_all_on_16 / tput_16_on_16:.2f} "
-          f"share_16={spread16.mean_batch() / CLIENTS:.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
+          f"share_16={spread16.share():.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
           f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
     if args.plot is not None:
         _plot(args.plot, warm, cold, [r[2] for r in hot.records if r[1] == "OK" and r[2] is not None],
