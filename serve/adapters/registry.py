@@ -198,7 +198,10 @@ class AdapterRegistry:
                 raise InvalidRequest("your adapter folder does not exist on the server")
             directory = resolve_under_root(allowed, path, "the adapter root" if allowed == self.settings.adapter_root else "your adapter folder")
         started = time.perf_counter()
-        with self.management_slot(caller):
+        # A registration on first use (a request's, `lazy`) waits for the tenant's page-in turns
+        # (a download) or its place in the validation queue (a local folder) instead of taking
+        # one of its management calls: a burst of first requests queues, none is refused.
+        with contextlib.nullcontext() if lazy else self.management_slot(caller):
             self._claim(adapter_id, caller, owner, replace)  # fail fast; checked again under the lock
             if uri is None:
                 adapter, report = await self._validate(adapter_id, caller, directory, allowed, started)
