@@ -17,33 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from bench.kernel import sample_seconds
 from mora.kernels import ShardLayout, SlotTable, mora_apply, prepare_batch, select_backend
 from mora.spec import MoraSpec, MoraType
 
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)}  # (out_features, in_features)
 SMALL = {"q_proj": (72, 64), "gate_proj": (112, 64)}
 TYPES = (1, 2, 3, 4, 6)
-
-
-def _sample(fn: Callable[[], object], reps: int, device: str) -> float:
-    """Seconds per call over `reps` back-to-back calls."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -84,7 +68,7 @@ def case(module: str, shape: tuple[int, int], mora_type: int, T: int, A: int, dt
 
     fn = _graphed(fused) if device == "cuda" else fused
     fn()
-    seconds = statistics.median(_sample(fn, reps, device) for _ in range(3))
+    seconds = statistics.median(sample_seconds(fn, reps, device) for _ in range(3))
     el = x.element_size()
     traffic = el * (T * in_f + min(T, A) * spec.n * spec.n + 2 * T * out_f)
     roofline = max(update_flops(spec, T) / rate, traffic / bandwidth)
@@ -97,10 +81,10 @@ def measure_machine(dtype: torch.dtype, device: str, reps: int, small: bool) -> 
     n = 256 if small else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    mm = _sample(lambda: a @ b, reps, device)
+    mm = sample_seconds(lambda: a @ b, reps, device)
     src = torch.empty((8 if small else 512) << 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy = _sample(lambda: dst.copy_(src), reps, device)
+    copy = sample_seconds(lambda: dst.copy_(src), reps, device)
     return 2 * n**3 / mm, 2 * src.numel() / copy
 
 

@@ -141,7 +141,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _sample(fn: Callable[[], object], reps: int, device: str) -> float:
+def sample_seconds(fn: Callable[[], object], reps: int, device: str) -> float:
     """Seconds per call over `reps` back-to-back calls."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -168,7 +168,7 @@ def measure(case: Case, rounds: int, device: str, budget_s: float) -> dict[str, 
     for name, fn in case.run.items():
         fn()  # warm-up: caches, allocator, lazy kernel compilation
         _sync(device)
-        t = _sample(fn, 1, device)
+        t = sample_seconds(fn, 1, device)
         reps[name] = max(1, min(200, int(2e-3 / max(t, 1e-7))))
         want[name] = max(3, min(rounds, int(budget_s / max(t, 1e-9))))
     samples: dict[str, list[float | None]] = {name: [None] * rounds for name in case.run}
@@ -178,7 +178,7 @@ def measure(case: Case, rounds: int, device: str, budget_s: float) -> dict[str, 
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             if r < want[name]:
-                samples[name][r] = _sample(case.run[name], reps[name], device)
+                samples[name][r] = sample_seconds(case.run[name], reps[name], device)
     return samples
 
 
