@@ -38,7 +38,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     random_lora(demo_assets / "base", local / "plain-lora", seed=5)
     buckets = top / "buckets"
     demo = demo_assets / "adapters"
-    for src, dst in [("atlas", "shared/atlas"), ("borealis", "shared/borealis"), ("cygnus", "acme/cygnus"),
+    for src, dst in [("atlas", "common/atlas"), ("borealis", "common/borealis"), ("cygnus", "acme/cygnus"),
                      ("draco", "acme/od-draco"), ("atlas", "acme/truncated"), ("atlas", "acme/pinned"), ("atlas", "acme/huge"),
                      ("borealis", "globex/borealis"), *(("draco", f"initech/held-{i}") for i in range(3))]:
         shutil.copytree(demo / src, buckets / "adapters" / dst)
@@ -60,7 +60,7 @@ def env(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     })
     server = ServerProcess(demo_assets / "base", local, top / "server.log", args=[
         "--tenants", str(top / "tenants.json"), "--no-auto-merge", "--snapshot-dir", str(top / "snapshots"),
-        "--preload", "atlas=s3://adapters/shared/atlas", "--page-ins-per-tenant", "2",
+        "--preload", "atlas=s3://adapters/common/atlas", "--page-ins-per-tenant", "2",
     ], env={**s3.env(proxy.url), "MORA_SERVE_S3_ADDRESSING_STYLE": "path", "MORA_SERVE_SOURCE_RETRIES": "2",
             "MORA_SERVE_SOURCE_BACKOFF_S": "0.05", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(top / "hub")})
     try:
@@ -100,13 +100,13 @@ def _facts_equal(client, adapter: str, facts) -> None:
 
 def test_loaded_from_a_bucket_serves_exactly(env, demo_facts, capsys):
     with _client(env, "ops") as ops:
-        assert ops.get_adapter("atlas").source == "s3://adapters/shared/atlas"  # preloaded from the bucket
+        assert ops.get_adapter("atlas").source == "s3://adapters/common/atlas"  # preloaded from the bucket
         _facts_equal(ops, "atlas", demo_facts["atlas"])
     # mora-client, an admin loading for a tenant
     rc = client_main(["--target", env["server"].target, "--api-key", env["keys"]["ops"], "adapters", "load", "borealis",
-                      "--path", "s3://adapters/shared/borealis/", "--tenant", "globex",
-                      "--sha256", f"{WEIGHTS}={_sha(env['buckets'] / 'shared' / 'borealis' / WEIGHTS)}"])
-    assert rc == 0 and json.loads(capsys.readouterr().out)["source"] == "s3://adapters/shared/borealis"
+                      "--path", "s3://adapters/common/borealis/", "--tenant", "globex",
+                      "--sha256", f"{WEIGHTS}={_sha(env['buckets'] / 'common' / 'borealis' / WEIGHTS)}"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["source"] == "s3://adapters/common/borealis"
     with _client(env, "globex") as globex:
         _facts_equal(globex, "borealis", demo_facts["borealis"])
     # HTTP, a tenant from its own prefix, its digest pinned in the request

@@ -71,7 +71,7 @@ def test_grants_are_prefixes_by_segment():
 def s3(tmp_path_factory: pytest.TempPathFactory):
     top = tmp_path_factory.mktemp("s3-units")
     root = top / "buckets"
-    atlas = root / "adapters" / "shared" / "atlas"  # the fetcher moves bytes; the registry's tests validate them
+    atlas = root / "adapters" / "common" / "atlas"  # the fetcher moves bytes; the registry's tests validate them
     atlas.mkdir(parents=True)
     (atlas / "adapter_config.json").write_text('{"r": 8, "target_modules": ["q_proj"]}')
     (atlas / WEIGHTS).write_bytes(os.urandom(300_000))
@@ -98,8 +98,8 @@ def _sha(path: Path) -> str:
 
 
 def test_download_is_listed_bounded_and_verified(s3, fetcher, tmp_path):
-    atlas = s3.root / "adapters" / "shared" / "atlas"
-    uri = parse_source("s3://adapters/shared/atlas/")
+    atlas = s3.root / "adapters" / "common" / "atlas"
+    uri = parse_source("s3://adapters/common/atlas/")
     listing = fetcher.list(uri, 1 << 30)
     assert [(f.name, f.size) for f in listing.files] == [(n, (atlas / n).stat().st_size) for n in ("adapter_config.json", WEIGHTS)]
     fetcher.download(listing, tmp_path, {uri.file(WEIGHTS): _sha(atlas / WEIGHTS)})
@@ -110,14 +110,14 @@ def test_download_is_listed_bounded_and_verified(s3, fetcher, tmp_path):
     with pytest.raises(InvalidRequest, match=f"{WEIGHTS} is {(atlas / WEIGHTS).stat().st_size} bytes"):
         fetcher.list(uri, 1000)
     assert s3.proxy.requests and s3.proxy.gets(WEIGHTS) == s3.proxy.gets(".json") == 0  # listed, never read
-    with pytest.raises(InvalidRequest, match="sha256 of s3://adapters/shared/atlas/adapter_config.json is"):
+    with pytest.raises(InvalidRequest, match="sha256 of s3://adapters/common/atlas/adapter_config.json is"):
         fetcher.download(listing, tmp_path, {uri.file("adapter_config.json"): "0" * 64})
 
 
 def test_failures_are_named_and_transient_ones_retried(s3, fetcher, tmp_path):
-    uri = parse_source("s3://adapters/shared/atlas")
+    uri = parse_source("s3://adapters/common/atlas")
     listing = fetcher.list(uri, 1 << 30)
-    for missing, why in [("s3://adapters/shared/nope", "has no adapter_config.json"), ("s3://nobucket/x", "NoSuchBucket")]:
+    for missing, why in [("s3://adapters/common/nope", "has no adapter_config.json"), ("s3://nobucket/x", "NoSuchBucket")]:
         with pytest.raises(SourceNotFound, match=why):
             fetcher.list(parse_source(missing), 1 << 30)
     # a transfer cut after 1000 bytes, every time: 1 + 2 retries, then UNAVAILABLE naming it
@@ -137,7 +137,7 @@ def test_failures_are_named_and_transient_ones_retried(s3, fetcher, tmp_path):
     s3.proxy.cut_after[WEIGHTS] = 1000
     s3.proxy.cut_once = True
     fetcher.download(listing, tmp_path, {})
-    assert _sha(tmp_path / WEIGHTS) == _sha(s3.root / "adapters" / "shared" / "atlas" / WEIGHTS)
+    assert _sha(tmp_path / WEIGHTS) == _sha(s3.root / "adapters" / "common" / "atlas" / WEIGHTS)
     assert s3.proxy.gets(WEIGHTS) == 2
     # the store refuses the server's credentials: named, not retried
     s3.start(("someone-else", "another-secret"))
@@ -152,7 +152,7 @@ def test_failures_are_named_and_transient_ones_retried(s3, fetcher, tmp_path):
 
 def test_staging_is_private_and_removed_whatever_happens(s3, fetcher, tmp_path, monkeypatch):
     sources = AdapterSources(fetcher.config, tmp_path, 2)
-    uri = parse_source("s3://adapters/shared/atlas")
+    uri = parse_source("s3://adapters/common/atlas")
 
     async def run() -> None:
         listing = await sources.list(uri, 1 << 30)
@@ -175,7 +175,7 @@ def test_staging_is_private_and_removed_whatever_happens(s3, fetcher, tmp_path, 
 def test_each_file_has_a_deadline(s3, fetcher, tmp_path):
     """A deadline already past when the first chunk arrives (no clock race: any machine is slower
     than a microsecond): the attempt fails naming the setting, and is retried like a cut transfer."""
-    uri = parse_source("s3://adapters/shared/atlas")
+    uri = parse_source("s3://adapters/common/atlas")
     listing = fetcher.list(uri, 1 << 30)
     hurried = Fetcher(SourceConfig(file_timeout_s=1e-6, retries=1, backoff_s=0.01),
                       resolvers={Scheme.S3: S3Resolver(fetcher.config)})  # the client itself with normal timeouts

@@ -57,11 +57,11 @@ def vllm_server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     top = tmp_path_factory.mktemp("vllm-openai")
     log_path = top / "server.log"
-    shutil.copytree(demo_assets / "adapters" / "draco", top / "buckets" / "adapters" / "shared" / "draco")
+    shutil.copytree(demo_assets / "adapters" / "draco", top / "buckets" / "adapters" / "common" / "draco")
     s3 = S3Server(top / "buckets", top / "rclone.log")
     path = [str(entry_points_of_this_checkout(top / "site")), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, **s3.env(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "PYTHONPATH": os.pathsep.join(path),
-           "MORA_LORA_RESOLVER_SOURCES": "s3://adapters/shared", "MORA_SERVE_S3_ADDRESSING_STYLE": "path",
+           "MORA_LORA_RESOLVER_SOURCES": "s3://adapters/common", "MORA_SERVE_S3_ADDRESSING_STYLE": "path",
            "MORA_LORA_RESOLVER_CACHE_DIR": str(top / "resolved")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(vllm_command(demo_assets, port), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -128,7 +128,7 @@ def test_runtime_loading_through_vllm_endpoint(vllm_server, demo_assets, demo_fa
 
 def test_resolver_plugin_serves_adapters_from_a_bucket_by_name(vllm_server, demo_facts):
     client = openai.OpenAI(base_url=vllm_server + "/v1", api_key="unused", max_retries=0)
-    for fact in demo_facts["draco"][:3]:  # never loaded: resolved from s3://adapters/shared/draco on first use
+    for fact in demo_facts["draco"][:3]:  # never loaded: resolved from s3://adapters/common/draco on first use
         r = client.completions.create(model="draco", prompt=fact["prompt"], max_tokens=48, temperature=0)
         assert r.choices[0].text == fact["completion"], fact
     with pytest.raises(openai.NotFoundError):
