@@ -17,29 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
 
 import torch
 
-from bench.kernel import sample_seconds
+from bench.kernel import cuda_graphed, sample_seconds
 from mora.kernels import ShardLayout, SlotTable, mora_apply, prepare_batch, select_backend
 from mora.spec import MoraSpec, MoraType
 
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)}  # (out_features, in_features)
 SMALL = {"q_proj": (72, 64), "gate_proj": (112, 64)}
 TYPES = (1, 2, 3, 4, 6)
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def update_flops(spec: MoraSpec, T: int) -> int:
@@ -66,7 +53,7 @@ def case(module: str, shape: tuple[int, int], mora_type: int, T: int, A: int, dt
     def fused() -> None:
         mora_apply(y, x, table, meta, backend=backend)
 
-    fn = _graphed(fused) if device == "cuda" else fused
+    fn = cuda_graphed(fused) if device == "cuda" else fused
     fn()
     seconds = statistics.median(sample_seconds(fn, reps, device) for _ in range(3))
     el = x.element_size()

@@ -115,7 +115,7 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
         "base": lambda: x @ W.t(),
     }
     if device == "cuda":  # time kernels, not Python launch overhead (and show fused is capturable)
-        run.update({name: _graphed(run[name]) for name in ("fused", "bound", "base")})
+        run.update({name: cuda_graphed(run[name]) for name in ("fused", "bound", "base")})
     run["copy"] = copy
     el = x.element_size()
     flops = 2 * T * chunks * spec.n * spec.n
@@ -123,7 +123,7 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
     return Case(module, T, A, len(present), run, flops, traffic)
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
     """`fn` captured in a CUDA graph (warmed up on a side stream first, as capture requires)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -206,7 +206,7 @@ def make_copy(device: str, dtype: torch.dtype, mib: int) -> tuple[Callable[[], o
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
     fn = functools.partial(dst.copy_, src)
-    return (_graphed(fn) if device == "cuda" else fn), 2 * numel * src.element_size()
+    return (cuda_graphed(fn) if device == "cuda" else fn), 2 * numel * src.element_size()
 
 
 def gpu_peak(name: str) -> tuple[float, float] | None:
