@@ -107,7 +107,8 @@ def zipf_sizes(groups: int, total: int, gen: torch.Generator) -> list[int]:
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 37, 100, 348])
-@pytest.mark.parametrize("sizes", [[1], [16], [17], [3, 0, 40, 1], [12] * 5, list(range(1, 20)), "zipf"])
+# [100]: units of 15 rows and a last of 10, run as 4 + 3 panel-interleaved (a run of unequal units)
+@pytest.mark.parametrize("sizes", [[1], [16], [17], [3, 0, 40, 1], [12] * 5, [100], list(range(1, 20)), "zipf"])
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_semantics(isa, n, sizes, alpha, dtype):

@@ -4,6 +4,7 @@
 // hold baseline x86-64 instructions only, whichever copy the linker keeps.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -83,25 +84,40 @@ struct Problem {
   Rope<T> rope{};  // rope_apply (rope.y set): rows are (token, chunk) pairs read from x and added into y
 };
 
-// A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table), `pack` scratch
-// of pack_floats(n) floats, `next` the M of the thread's next unit where that is another M.
+// A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
+// them (as float32, k-major) into `dst` (unit_floats(n) floats), with `scratch` (2n floats) for a
+// rotation; `panels` multiplies the packed rows by panels [q0, q1) of the group's M, `next` the M
+// the thread reads after this group's (its first panels are prefetched past the last, null:
+// none); `np` is the panels one of its blocks multiplies at once.
 template <typename T>
-using RowsFn = void (*)(const Problem<T>& p, int64_t row0, float* pack, const T* next);
+struct Unit {
+  void (*pack)(const Problem<T>& p, int64_t row0, float* dst, float* scratch);
+  void (*panels)(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const T* next);
+  int np;
+};
 
-inline int64_t pack_floats(int64_t n) { return kMaxRows * n + 2 * n; }  // V rows, and a rotation's two rows
+// Up to kRun units of one group run panel-interleaved: each chunk of panels of M is multiplied
+// by every unit's rows before the next is read, so M streams from memory once per run, under
+// the run's compute. One unit after another, the first read M at memory speed with idle FMAs
+// and the others from L2 with an idle memory bus: 64 adapters x 2 decode tokens ran 1.6x the
+// roofline so.
+constexpr int kRun = 4;
+
+inline int64_t unit_floats(int64_t n) { return kMaxRows * n; }
+inline int64_t pack_floats(int64_t n) { return kRun * unit_floats(n) + 2 * n; }  // a run's rows, a rotation's two
 
 // Each path's table of kernels by unit size (index 0 unused), from its isa_*.cpp.
 namespace isa_portable {
-const RowsFn<float>* rows_float();
-const RowsFn<bf16>* rows_bf16();
+const Unit<float>* units_float();
+const Unit<bf16>* units_bf16();
 }  // namespace isa_portable
 namespace isa_avx2 {
-const RowsFn<float>* rows_float();
-const RowsFn<bf16>* rows_bf16();
+const Unit<float>* units_float();
+const Unit<bf16>* units_bf16();
 }  // namespace isa_avx2
 namespace isa_avx512 {
-const RowsFn<float>* rows_float();
-const RowsFn<bf16>* rows_bf16();
+const Unit<float>* units_float();
+const Unit<bf16>* units_bf16();
 }  // namespace isa_avx512
 
 }  // namespace mora_native

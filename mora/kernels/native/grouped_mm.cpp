@@ -63,16 +63,16 @@ bool cpu_has(const std::string& feature) {
 // An ISA path: its kernels, and the CPU features it needs.
 struct Path {
   const char* name;
-  const RowsFn<float>* (*rows_float)();
-  const RowsFn<bf16>* (*rows_bf16)();
+  const Unit<float>* (*units_float)();
+  const Unit<bf16>* (*units_bf16)();
   std::vector<const char*> needs;
 };
 
 // Best first.
 const std::vector<Path> kPaths = {
-    {"avx512", isa_avx512::rows_float, isa_avx512::rows_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"}},
-    {"avx2", isa_avx2::rows_float, isa_avx2::rows_bf16, {"AVX2", "FMA"}},
-    {"portable", isa_portable::rows_float, isa_portable::rows_bf16, {}}};
+    {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"}},
+    {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, {"AVX2", "FMA"}},
+    {"portable", isa_portable::units_float, isa_portable::units_bf16, {}}};
 
 // The features path `name` needs that this CPU lacks, space-separated ("" where it runs).
 std::string missing_for(const Path& path) {
@@ -151,28 +151,41 @@ struct Groups {
 };
 
 // Every unit, on torch's thread pool, on the path active when the call starts: `problem(g)` is
-// group g's problem. A call of a few microseconds of work (a small model's decode step) runs
-// without a fork/join.
+// group g's problem. A thread's consecutive units of one group run as runs of up to kRun units,
+// panel-interleaved (common.h). A call of a few microseconds of work (a small model's decode
+// step) runs without a fork/join.
 template <typename T, typename MakeProblem>
 void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem problem) {
   const Path* path = active.load();
-  const RowsFn<T>* kernel;
-  if constexpr (std::is_same_v<T, float>) kernel = path->rows_float();
-  else kernel = path->rows_bf16();
+  const Unit<T>* kernel;
+  if constexpr (std::is_same_v<T, float>) kernel = path->units_float();
+  else kernel = path->units_bf16();
   const T* m = data<T>(Mt);
-  const int64_t lds = Mt.stride(0);
+  const int64_t lds = Mt.stride(0), panels = (n + kPanel - 1) / kPanel;
   const auto& units = groups.units;
   const int64_t count = static_cast<int64_t>(units.size());
   const int64_t grain = groups.rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, count) : 1;
   at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> pack;
     if (static_cast<int64_t>(pack.size()) < pack_floats(n)) pack.resize(pack_floats(n));
-    for (int64_t u = lo; u < hi; ++u) {
-      const auto [g, r] = units[u];
+    float* scratch = pack.data() + kRun * unit_floats(n);
+    for (int64_t u = lo; u < hi;) {
+      const int64_t g = units[u].first;
+      int64_t end = u + 1;
+      while (end < hi && end - u < kRun && units[end].first == g) ++end;
       const Problem<T> p = problem(g, m + groups.slot[g] * lds);
-      // The next unit of this thread reads another M only when it starts another group.
-      const T* next = u + 1 < hi && units[u + 1].first != g ? m + groups.slot[units[u + 1].first] * lds : nullptr;
-      kernel[std::min<int64_t>(groups.step[g], groups.size(g) - r)](p, r, pack.data(), next);
+      // The M this thread reads next, where the next run starts another group.
+      const T* next = end < hi && units[end].first != g ? m + groups.slot[units[end].first] * lds : nullptr;
+      auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[g], groups.size(g) - units[v].second); };
+      for (int64_t v = u; v < end; ++v)
+        kernel[rows(v)].pack(p, units[v].second, pack.data() + (v - u) * unit_floats(n), scratch);
+      // One unit: all panels at once. Several: a chunk of its blocks' panels at a time.
+      const int64_t chunk = end - u == 1 ? panels : kernel[rows(u)].np;
+      for (int64_t q = 0; q < panels; q += chunk)
+        for (int64_t v = u; v < end; ++v)
+          kernel[rows(v)].panels(p, pack.data() + (v - u) * unit_floats(n), units[v].second, q,
+                                 std::min(q + chunk, panels), next);
+      u = end;
     }
   });
 }

@@ -127,8 +127,8 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 
 }  // namespace
 
-const RowsFn<float>* rows_float() { return kRows<float>; }
-const RowsFn<bf16>* rows_bf16() { return kRows<bf16>; }
+const Unit<float>* units_float() { return kUnits<float>; }
+const Unit<bf16>* units_bf16() { return kUnits<bf16>; }
 
 }  // namespace mora_native::isa_avx2
 #pragma GCC pop_options

@@ -163,30 +163,43 @@ void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, cons
   block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * p.n, row0 + (parts - 1) * SUB, q, next);
 }
 
-// Rows [row0, row0 + RB) of one group: packed (as float32, k-major, each block's rows apart),
-// then every column panel.
+// Rows [row0, row0 + RB) of one group, packed as float32, k-major, each block's rows apart.
 template <int RB, typename T>
-void rows(const Problem<T>& p, int64_t row0, float* pack, const T* next) {
+void pack(const Problem<T>& p, int64_t row0, float* dst, float* scratch) {
   constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
-  constexpr int NP = panels_for<SUB, T>();
   for (int i = 0; i < RB; ++i) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
-    float* dst = pack + s * SUB * p.n + (i - s * SUB);
+    float* d = dst + s * SUB * p.n + (i - s * SUB);
     if (p.rope.y) {
-      rotate(p.rope, row0 + i, dst, in, pack + RB * p.n);
+      rotate(p.rope, row0 + i, d, in, scratch);
     } else {
       const T* src = p.V + (row0 + i) * p.ldv;
-      for (int64_t k = 0; k < p.n; ++k) dst[k * in] = Scalar<T>::get(src[k]);
+      for (int64_t k = 0; k < p.n; ++k) d[k * in] = Scalar<T>::get(src[k]);
     }
   }
-  const int64_t full = p.n / kPanel;
-  int64_t q = 0;
-  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, pack, row0, q, next);
-  for (; q < full; ++q) sweep<RB, 1, false>(p, pack, row0, q, next);
-  if (p.n % kPanel) sweep<RB, 1, true>(p, pack, row0, full, next);
+}
+
+// The packed rows times panels [q0, q1) of M: NP at a time, then one at a time, the partial
+// last panel (where n is not a multiple of 16) as its own.
+template <int RB, typename T>
+void panels(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const T* next) {
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
+  constexpr int NP = panels_for<SUB, T>();
+  const int64_t full = std::min(q1, p.n / kPanel);
+  int64_t q = q0;
+  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, packed, row0, q, next);
+  for (; q < full; ++q) sweep<RB, 1, false>(p, packed, row0, q, next);
+  if (q1 > p.n / kPanel && p.n % kPanel) sweep<RB, 1, true>(p, packed, row0, p.n / kPanel, next);
+}
+
+template <int RB, typename T>
+constexpr Unit<T> unit() {
+  constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
+  return {pack<RB, T>, panels<RB, T>, panels_for<SUB, T>()};
 }
 
 template <typename T>
-constexpr RowsFn<T> kRows[kMaxRows + 1] = {
-    nullptr,      rows<1, T>,  rows<2, T>,  rows<3, T>,  rows<4, T>,  rows<5, T>,  rows<6, T>,  rows<7, T>, rows<8, T>,
-    rows<9, T>,   rows<10, T>, rows<11, T>, rows<12, T>, rows<13, T>, rows<14, T>, rows<15, T>, rows<16, T>};
+constexpr Unit<T> kUnits[kMaxRows + 1] = {
+    {},          unit<1, T>(),  unit<2, T>(),  unit<3, T>(),  unit<4, T>(),  unit<5, T>(),  unit<6, T>(),
+    unit<7, T>(),  unit<8, T>(),  unit<9, T>(),  unit<10, T>(), unit<11, T>(), unit<12, T>(), unit<13, T>(),
+    unit<14, T>(), unit<15, T>(), unit<16, T>()};
