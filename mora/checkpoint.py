@@ -565,8 +565,8 @@ def load_adapter(path: str | Path, name: str | None = None, *, allowed: Path | R
             a = raw.a.get(module)
             if a is None:
                 raise AdapterWeightsError("lora_B without lora_A", adapter=name, module=module)
-            _check_finite(name, module, b)
             if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b):
+                _check_finite(name, module, b)  # a NaN in the copy is named as such (equal to a finite A, B is finite)
                 raise TiedWeightMismatchError(
                     "the lora_B copy differs from lora_A (MoRA stores one matrix twice)", adapter=name, module=module
                 )

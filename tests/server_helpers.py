@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -131,9 +132,11 @@ class ServerProcess:
         f = self.hold_dir / "aborts"
         return len(f.read_text().split()) if f.exists() else 0
 
-    def scrape(self, token: str | None = None) -> str:
+    def scrape(self, token: str | None = None, names: tuple[str, ...] = ()) -> str:
+        """/metrics; only the series of `names` where given (Prometheus' `name[]` filter)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        request = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics", headers=headers)
+        query = ("?" + urllib.parse.urlencode([("name[]", n) for n in names])) if names else ""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics{query}", headers=headers)
         return urllib.request.urlopen(request, timeout=10).read().decode()
 
     def stop(self, timeout: float = 120) -> int:

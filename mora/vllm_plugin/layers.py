@@ -74,9 +74,14 @@ class MoraLayerMixin(MoraSlots):
     # -- slots ----------------------------------------------------------------------------
 
     def reset_lora(self, index: int) -> None:
-        super().reset_lora(index)
-        self.clear_mora(index)
-        self._lora_slots.discard(index)
+        # Only what the slot holds: vLLM resets every module of a slot each time an adapter
+        # takes it, and for a MoRA adapter the stock buffers are zeros already (they are only
+        # written by `set_lora`, tracked in `_lora_slots`).
+        if index in self._lora_slots:
+            super().reset_lora(index)
+            self._lora_slots.discard(index)
+        if index in self._mora_slots:  # the other rows' tables are clear
+            self.clear_mora(index)
 
     def set_lora(self, index: int, lora_a, lora_b) -> None:  # noqa: ANN001
         super().set_lora(index, lora_a, lora_b)
@@ -85,7 +90,7 @@ class MoraLayerMixin(MoraSlots):
 
     def set_mora(self, index: int, entries: list[Entry]) -> None:
         """Put a MoRA adapter into slot `index`: one entry per slice (`mora_entries`)."""
-        if index != self.merged_row:
+        if index != self.merged_row and index in self._lora_slots:
             super().reset_lora(index)
             self._lora_slots.discard(index)
         MoraSlots.set_mora(self, index, entries)
