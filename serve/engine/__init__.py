@@ -25,6 +25,7 @@ from mora.vllm_plugin.worker_api import (
 )
 from serve.config import ServerSettings
 from serve.engine.outputs import Alternative, EngineOutput, SequenceDelta
+from serve.engine.read_ins import ReadIns
 from serve.engine.sampling import sampling_params
 from serve.errors import InvalidRequest, Unavailable
 from serve.services.requests import Sampling
@@ -82,6 +83,7 @@ class Engine:
         self.dtype: Any = None  # torch dtype the engine serves in (adapters are validated in it)
         self.max_logprobs = 0
         self.quantization: str | None = None
+        self._read_ins = ReadIns(self.prefetch)
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
@@ -268,10 +270,9 @@ class Engine:
         return decode_page_ins(await self._call(WorkerApi.mora_prefetch, items))
 
     async def read_in(self, item: PageIn) -> PageInState:
-        """Read one adapter into the host cache off the step loop; its settled state."""
-        states, _ = await self._call_until(lambda s: decode_page_ins(s)[item.lora_id].settled, WorkerApi.mora_prefetch,
-                                           [item])
-        return decode_page_ins(states)[item.lora_id]
+        """Read one adapter into the host cache off the step loop; its settled state (reads
+        asked for at the same time share each call: `ReadIns`)."""
+        return await self._read_ins.read_in(item)
 
     async def pin(self, engine_id: int) -> EngineStatus:
         return EngineStatus.decode(await self._call(WorkerApi.mora_pin, engine_id))
