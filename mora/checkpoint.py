@@ -69,6 +69,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_TENSOR_ELEMENTS = 1 << 28
 MAX_FILE_BYTES = 8 << 30
 MAX_HEADER_BYTES = 16 << 20
+SMALL_READ_BYTES = 1 << 20  # a safetensors file up to this size is read in one go
 MAX_JSON_DEPTH = 32
 MAX_KEY_CHARS = 1024
 MAX_PATTERN_CHARS = 4096
@@ -95,12 +96,13 @@ def _compile(pattern: str, what: str = "pattern") -> Any:
 
 def json_depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value (iterative: no recursion on hostile input)."""
+    if not isinstance(value, dict | list):
+        return 0
     depth, stack = 0, [(value, 1)]
-    while stack:
+    while stack:  # containers only: a header's scalars outnumber them
         v, d = stack.pop()
-        if isinstance(v, dict | list):
-            depth = max(depth, d)
-            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+        depth = max(depth, d)
+        stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list))
     return depth
 
 
@@ -431,16 +433,19 @@ def _read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, b
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    head = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8)
+    # A first read of up to SMALL_READ_BYTES: a small adapter's whole file (one open instead of
+    # three: page-ins under spread traffic read many), a large one's header's start. Memory is
+    # bounded by that read, then by the header as before.
+    head = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=SMALL_READ_BYTES)
     if len(head) < 8:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: shorter than its header", adapter=name)
-    n = int.from_bytes(head, "little")
+    n = int.from_bytes(head[:8], "little")
     if n > MAX_HEADER_BYTES:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header of {n} bytes (limit {MAX_HEADER_BYTES})", adapter=name)
-    data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n)
+    data = head if len(head) >= 8 + n else _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n)
     if len(data) < 8 + n:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header claims {n} bytes, file has {len(data) - 8}", adapter=name)
-    header = loads_bounded(data[8:], SAFETENSORS_WEIGHTS + " header", name, AdapterWeightsError)
+    header = loads_bounded(data[8 : 8 + n], SAFETENSORS_WEIGHTS + " header", name, AdapterWeightsError)
     if not isinstance(header, dict):
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header", adapter=name)
     end = 0
@@ -461,7 +466,12 @@ def _read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, b
                 or offsets[1] - offsets[0] != numel * itemsize or offsets[0] < 0):
             raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad data offsets for {key[:96]!r}", adapter=name)
         end = max(end, offsets[1])
-    data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n + end)
+    if len(head) >= 8 + n + end:
+        data = head[: 8 + n + end]
+    elif len(head) < SMALL_READ_BYTES:  # the whole file was read: it is shorter than its header says
+        data = head
+    else:
+        data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n + end)
     if len(data) != 8 + n + end:
         raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: truncated tensor data", adapter=name)
     try:

@@ -278,6 +278,26 @@ def test_truncated_safetensors(tmp_path):
         load_adapter(tmp_path / "x")
 
 
+@pytest.mark.parametrize("first_read", ["whole file", "header only", "part of the header"])
+def test_safetensors_read_in_one_or_more_reads(tmp_path, monkeypatch, first_read):
+    """A file up to SMALL_READ_BYTES is read in one go; a larger one header first, then data.
+    Every way the first read can end gives the same tensors, and truncation is caught in each."""
+    import mora.checkpoint as ck
+
+    reference_checkpoint(tmp_path / "x")
+    f = tmp_path / "x" / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    want = load_adapter(tmp_path / "x").weights
+    limit = {"whole file": 1 << 20, "header only": header_end + 4, "part of the header": 12}[first_read]
+    monkeypatch.setattr(ck, "SMALL_READ_BYTES", limit)
+    got = load_adapter(tmp_path / "x").weights
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    f.write_bytes(raw[:-100])
+    with pytest.raises(AdapterWeightsError, match="truncated"):
+        load_adapter(tmp_path / "x")
+
+
 class _Evil:
     def __reduce__(self):
         return (exec, ("open('/tmp/mora_pwned', 'w').write('x')",))

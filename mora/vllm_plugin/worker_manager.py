@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,8 +35,19 @@ __all__ = ["MoraWorkerLoRAManager"]
 
 def _declares_mora(path: Path) -> bool:
     """Whether the adapter config asks for MoRA (then MoRA's rules apply, errors included)."""
+    config = path / "adapter_config.json"
     try:
-        raw = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        st = os.stat(config)
+    except OSError:
+        return False  # vLLM's loader reports missing configs
+    # Asked at every page-in and prefetch: read again only when the file changed.
+    return _config_declares_mora(str(config), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_declares_mora(config: str, inode: int, size: int, mtime_ns: int) -> bool:
+    try:
+        raw = json.loads(Path(config).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False  # vLLM's loader reports unreadable configs
     return isinstance(raw, dict) and raw.get("use_mora") is True
