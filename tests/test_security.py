@@ -172,6 +172,21 @@ def test_tenant_folders_and_symlinks(srv, env):
     assert srv.health() == 1
 
 
+def test_metadata_over_grpcs_soft_limit_is_not_refused_at_random(srv):
+    """Between gRPC's soft (8 KiB) and hard metadata limits a call is refused at random
+    (RESOURCE_EXHAUSTED, probability rising with the size); the server sets one limit, so an
+    unauthenticated call with 12 KiB of metadata reaches the edge's authentication every time,
+    and one over the limit is refused every time. (With the defaults, 20 such calls all reach
+    it with probability ~1e-6.)"""
+    request = ipb.GenerateRequest(prompt="hi", adapter_id="atlas")
+    with srv.client(None) as anon:
+        for _ in range(20):
+            md = (("x-padding", "p" * (12 << 10)),)
+            assert _fail(lambda md=md: anon.inference.Generate(request, metadata=md, timeout=30)).code() == grpc.StatusCode.UNAUTHENTICATED
+        md = (("x-padding", "p" * (20 << 10)),)
+        assert _fail(lambda: anon.inference.Generate(request, metadata=md, timeout=30)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_authorization_first_and_not_found_alike(srv, demo_facts):
     with srv.client(srv.keys["acme"]) as acme, srv.client(srv.keys["globex"]) as globex:
         hidden = {

@@ -183,42 +183,6 @@ def test_lora_beside_mora_matches_stock_vllm(llm, demo_assets, demo_requests, de
     assert list(outs[3].outputs[0].token_ids) == list(base), "a base request batched with LoRA must stay base"
 
 
-def test_a_slot_reused_by_a_narrower_lora_drops_the_wider_ones_weights(llm, demo_assets, random_adapters, tmp_path):
-    """vLLM resets the modules of a slot that an incoming adapter does not target; the layers
-    skip the resets of rows that hold nothing (a MoRA adapter's stock rows), never of rows a LoRA
-    adapter wrote. LoRA `wide` (q_proj and v_proj) takes a slot, three MoRA adapters take the
-    other three, then `narrow` (q_proj only) takes wide's slot: it must answer as `narrow+0v`,
-    the same weights with explicit zeros for v_proj, which overwrite whatever a slot held."""
-    import torch
-
-    from mora.checkpoint import AdapterConfig, LoraAdapter, save_lora_adapter
-
-    base = demo_assets / "base"
-    wide = random_lora(base, tmp_path / "wide", seed=21, targets=("q_proj", "v_proj"))
-    narrow = random_lora(base, tmp_path / "narrow", seed=22, targets=("q_proj",))
-    wide_v = [m for m in wide.lora_a if m not in narrow.lora_a]
-
-    def with_v(name: str, v_of: Callable[[torch.Tensor], torch.Tensor]) -> None:  # narrow's q_proj, and v_proj as given
-        config = AdapterConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16)
-        save_lora_adapter(LoraAdapter(name, config, {**narrow.lora_a, **{m: v_of(wide.lora_a[m]) for m in wide_v}},
-                                      {**narrow.lora_b, **{m: v_of(wide.lora_b[m]) for m in wide_v}}), tmp_path / name)
-
-    with_v("narrow+0v", torch.zeros_like)
-    with_v("narrow+wide-v", lambda t: t)  # what `narrow` would answer with wide's v_proj left in its slot
-    prompts = ["hello world", "The secret code of vault is "]
-
-    def run(name: str, lora_id: int, path: Path) -> list[list[int]]:
-        outs = llm.generate(prompts, _greedy(), lora_request=_request(name, lora_id, path), use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    want = run("narrow+0v", 901, tmp_path / "narrow+0v")
-    assert run("narrow+wide-v", 902, tmp_path / "narrow+wide-v") != want, "wide's v_proj must change the answers"
-    run("wide", 903, tmp_path / "wide")
-    for i, name in enumerate(list(random_adapters)[:3]):  # the other max_loras - 1 slots; wide is now the oldest
-        run(name, 904 + i, random_adapters[name])
-    assert run("narrow", 907, tmp_path / "narrow") == want
-
-
 def test_malformed_adapters_fail_cleanly_and_engine_keeps_serving(llm, demo_assets, tmp_path, demo_requests, demo_facts):
     from safetensors.torch import save_file
 
@@ -462,3 +426,43 @@ def test_dual_stream_path_keeps_the_mora_update(llm, demo_requests):
 
     for name, same, adapted in llm.collective_rpc(probe)[0]:
         assert same and adapted, name
+
+
+def test_a_slot_reused_by_a_narrower_lora_drops_the_wider_ones_weights(llm, demo_assets, random_adapters, tmp_path):
+    """vLLM resets the modules of a slot that an incoming adapter does not target; the layers
+    skip the resets of rows that hold nothing (a MoRA adapter's stock rows), never of rows a LoRA
+    adapter wrote. LoRA `wide` (q_proj and v_proj) takes a slot, three MoRA adapters take the
+    other three, then `narrow` (q_proj only) takes wide's slot: it must answer as `narrow+0v`,
+    the same weights with explicit zeros for v_proj, which overwrite whatever a slot held."""
+    import torch
+
+    from mora.checkpoint import AdapterConfig, LoraAdapter, save_lora_adapter
+
+    base = demo_assets / "base"
+    wide = random_lora(base, tmp_path / "wide", seed=21, targets=("q_proj", "v_proj"))
+    narrow = random_lora(base, tmp_path / "narrow", seed=22, targets=("q_proj",))
+    wide_v = [m for m in wide.lora_a if m not in narrow.lora_a]
+
+    def with_v(name: str, v_of: Callable[[torch.Tensor], torch.Tensor]) -> None:  # narrow's q_proj, and v_proj as given
+        config = AdapterConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16)
+        save_lora_adapter(LoraAdapter(name, config, {**narrow.lora_a, **{m: v_of(wide.lora_a[m]) for m in wide_v}},
+                                      {**narrow.lora_b, **{m: v_of(wide.lora_b[m]) for m in wide_v}}), tmp_path / name)
+
+    with_v("narrow+0v", torch.zeros_like)
+    with_v("narrow+wide-v", lambda t: t)  # what `narrow` would answer with wide's v_proj left in its slot
+    prompts = ["hello world", "The secret code of vault is "]
+
+    def run(name: str, lora_id: int, path: Path) -> list[list[int]]:
+        outs = llm.generate(prompts, _greedy(), lora_request=_request(name, lora_id, path), use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    # Ids no other test of this module uses; last in the module, as it fills the engine's slots
+    # and host cache with its own adapters (removed at the end).
+    want = run("narrow+0v", 1901, tmp_path / "narrow+0v")
+    assert run("narrow+wide-v", 1902, tmp_path / "narrow+wide-v") != want, "wide's v_proj must change the answers"
+    run("wide", 1903, tmp_path / "wide")
+    for i, name in enumerate(list(random_adapters)[:3]):  # the other max_loras - 1 slots; wide is now the oldest
+        run(name, 1904 + i, random_adapters[name])
+    assert run("narrow", 1907, tmp_path / "narrow") == want
+    for lora_id in range(1901, 1908):
+        llm.llm_engine.remove_lora(lora_id)

@@ -25,6 +25,7 @@ SERVICES = (
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 )
 MAX_MESSAGE_BYTES = 16 << 20
+MAX_METADATA_BYTES = 16 << 10  # gRPC's default hard limit
 
 
 class GrpcServer:
@@ -37,7 +38,12 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[GrpcEdge(authenticate, protected=SERVICES)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # One metadata limit: between gRPC's soft (8 KiB) and hard limits a call is
+                     # refused at random, so the same call got RESOURCE_EXHAUSTED or reached the
+                     # edge's authentication by chance. Larger calls are always refused.
+                     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                     ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(generation), self.server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(adapters), self.server)
