@@ -25,7 +25,7 @@ from mora.vllm_plugin.worker_api import (
 )
 from serve.config import ServerSettings
 from serve.engine.outputs import Alternative, EngineOutput, SequenceDelta
-from serve.engine.read_ins import ReadIns
+from serve.engine.read_ins import FIRST_DELAY_S, MAX_DELAY_S, ReadIns
 from serve.engine.sampling import sampling_params
 from serve.errors import InvalidRequest, Unavailable
 from serve.services.requests import Sampling
@@ -253,9 +253,10 @@ class Engine:
 
     async def _call_until(self, done: Callable[[T], bool], method: Callable[..., T], *args: Any) -> tuple[T, float]:
         """`_call(method, *args)` until `done(answer)`, 5 ms apart at first and 50 ms at most
-        (each call runs between two engine steps); the last answer and the longest call."""
+        (each call runs between two engine steps; `ReadIns` polls on the same schedule); the
+        last answer and the longest call."""
         loop = asyncio.get_running_loop()
-        longest, delay = 0.0, 0.005
+        longest, delay = 0.0, FIRST_DELAY_S
         while True:
             started = loop.time()
             answer = await self._call(method, *args)
@@ -263,7 +264,7 @@ class Engine:
             if done(answer):
                 return answer, longest
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, MAX_DELAY_S)
 
     async def prefetch(self, items: list[PageIn]) -> dict[int, PageInState]:
         """Where each adapter is; a cold MoRA adapter starts reading off the step loop."""
