@@ -183,6 +183,42 @@ def test_every_path_gives_the_same_bits(monkeypatch, fresh_status, dtype):
             assert torch.equal(a, b), f"{isa} differs from {first} in case {case}"
 
 
+@pytest.mark.parametrize("where", ["subnormal V", "subnormal M", "tiny V and M", "one value of V", "one value of M"])
+def test_dot_products_give_the_same_bits_with_tiny_values(monkeypatch, fresh_status, where):
+    """avx512_bf16's vdpbf16ps reads subnormal operands as 0 and flushes subnormal sums; values
+    under 2^-56 (products and sums near the subnormal range) send a unit (tiny V rows) or a block
+    (tiny panels of M) to the widened kernel, so every path still gives the same bits.
+
+    Each case differs on the dot-product path with the checks removed (tried)."""
+    if X86_64 and use_path(monkeypatch, "avx512_bf16"):
+        pytest.skip("the CPU has no AVX512_BF16")
+    n, sizes = 37, [16, 3, 1, 9]  # rows 0-15 use slot 0, 16-18 slot 1, 19 slot 2, 20-28 slot 1
+    V, offsets, slots, Mt, out = problem(n, sizes, [0, 1, 2, 1], 3, n_max=40, seed=2)
+    V, Mt = V.clone(), Mt.clone()
+    if where == "subnormal V":
+        V[:16] *= 2.0**-128
+    elif where == "subnormal M":
+        Mt[1] *= 2.0**-130
+    elif where == "tiny V and M":  # normal operands, subnormal products
+        V[16:19] *= 2.0**-64
+        Mt[1] *= 2.0**-64
+    elif where == "one value of V":
+        V[5] = 0.0
+        V[5, 3] = 2.0**-130
+    elif where == "one value of M":
+        Mt[0] = 0.0
+        Mt[0, 30, 17] = 2.0**-128
+    V, Mt, out = V.bfloat16(), Mt.bfloat16(), out.bfloat16()
+
+    def run():
+        o = out.clone()
+        grouped_mm(V, offsets, slots, Mt, n, 1.0, o)
+        return bits(o)
+
+    got = each_path(monkeypatch, run)
+    assert all(torch.equal(got["avx512_bf16"], b) for b in got.values()), where
+
+
 def test_reads_a_slot_table_in_place(isa):
     """The table's storage (rows padded to 64-byte lines on the CPU) is what the kernel reads."""
     table = SlotTable(ShardLayout(348, 700), 3, n_max=348)
@@ -252,7 +288,7 @@ def test_cpu_not_x86_64(monkeypatch, fresh_status, caplog):
 
 def test_isa_is_validated(monkeypatch, fresh_status):
     monkeypatch.setenv(native.ENV_ISA, "sse9")
-    with pytest.raises(NativeKernelError, match="MORA_CPU_ISA='sse9': expected one of auto, avx512, avx2, portable"):
+    with pytest.raises(NativeKernelError, match="MORA_CPU_ISA='sse9': expected one of auto, avx512_bf16, avx512, avx2, portable"):
         native_status()
 
 
@@ -266,10 +302,18 @@ def test_auto_runs_the_best_path_the_cpu_has(monkeypatch, fresh_status):
     monkeypatch.setenv(native.ENV_ISA, "auto")
     enabled, why = native_status()
     runs = [isa for isa in ISAS if not native._missing(isa)]
-    assert enabled and runs[-1] == "portable" and native_isa() == runs[0] and f"isa={runs[0]} (" in why
+    # avx512_bf16's dot products pay on AMD CPUs only (kernel_dp.h): elsewhere auto takes the next
+    best = next(isa for isa in runs if isa != "avx512_bf16" or _cpu_vendor() == "AuthenticAMD")
+    assert enabled and runs[-1] == "portable" and native_isa() == best and f"isa={best} (" in why
     flags = _cpuinfo_flags()
+    assert ("avx512_bf16" in runs) == ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags)
     assert ("avx512" in runs) == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags)
     assert ("avx2" in runs) == ({"avx2", "fma"} <= flags)
+
+
+def _cpu_vendor() -> str:
+    return next(row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo").read().splitlines()
+                if row.startswith("vendor_id"))
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -296,7 +340,7 @@ def test_forcing_a_path_the_cpu_lacks_is_refused(monkeypatch, fresh_status, mode
 
 @needs_x86
 def test_the_library_refuses_paths_it_does_not_know():
-    with pytest.raises(RuntimeError, match="unknown ISA path 'neon': expected auto, avx512, avx2 or portable"):
+    with pytest.raises(RuntimeError, match="unknown ISA path 'neon': expected auto, avx512_bf16, avx512, avx2 or portable"):
         torch.ops.mora_native.set_isa("neon")
     assert torch.ops.mora_native.isa_missing("portable") == ""
 
@@ -330,7 +374,8 @@ def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
                  " torch.eye(2)[None] * 3, 2, 1.0, o); print(o.tolist())")
         loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
         assert loaded.returncode == 0, loaded.stderr
-        best = next(isa for isa in ISAS if not native._missing(isa))
+        best = next(isa for isa in ISAS if not native._missing(isa) and (isa != "avx512_bf16" or
+                                                                          _cpu_vendor() == "AuthenticAMD"))
         assert loaded.stdout.splitlines() == [f"native grouped_mm, isa={best} ({library})", "[[3.0, 3.0]]"]
     finally:
         for path in [tmp_path / "native", *(tmp_path / "native").rglob("*")]:
@@ -493,8 +538,10 @@ def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dty
     (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])
 def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, tokens, native_path):
     """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM where it runs on
-    the CPU's bf16 dot products; float32, decode-sized bfloat16, and any bfloat16 where torch's
-    bf16 GEMM has no dot products to run on (AVX2 CPUs: a generic loop) take the native kernel."""
+    the CPU's bf16 dot products and the native kernel does not (or the CPU has AMX); float32,
+    decode-sized bfloat16, and any bfloat16 where torch's bf16 GEMM has no dot products to run
+    on (AVX2 CPUs: a generic loop) or the native kernel has them too (avx512_bf16 without AMX)
+    take the native kernel."""
     from mora.kernels import mora_apply, prepare_batch, torch_native
     from mora.kernels.torch_native import BF16_MAX_ROWS
     from mora.kernels.torch_plan import plan_module
@@ -509,7 +556,8 @@ def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, toke
     x, y = torch.randn(tokens, 40).to(dtype), torch.zeros(tokens, 72, dtype=dtype)
     mora_apply(y, x, table, meta, backend="torch")
     (program,) = plan_module([table], meta, tokens).programs.values()
-    assert (program.gather is None) == (native_path or not dot_products)
+    blas_wins = dot_products and (isa != "avx512_bf16" or torch.ops.mora_native.cpu_has("AMX_BF16"))
+    assert (program.gather is None) == (native_path or not blas_wins)
 
 
 @needs_x86
@@ -537,7 +585,14 @@ def test_slot_order_is_free_only_where_every_product_is_native(monkeypatch, fres
 
     monkeypatch.setenv(native.ENV_KERNEL, "auto")
     assert slot_order_is_free(torch.float32)
-    assert slot_order_is_free(torch.bfloat16) is not bf16_gemm_has_dot_products()  # bf16 prefill may take BLAS
+    ops = torch.ops.mora_native
+    blas_wins = bf16_gemm_has_dot_products() and (native_isa() != "avx512_bf16" or ops.cpu_has("AMX_BF16"))
+    assert slot_order_is_free(torch.bfloat16) is not blas_wins  # bf16 prefill may take BLAS
+    if not ops.isa_missing("avx512_bf16"):  # the dot-product path takes every bf16 product where the CPU has no AMX
+        monkeypatch.setenv(native.ENV_ISA, "avx512_bf16")
+        assert slot_order_is_free(torch.bfloat16) is not ops.cpu_has("AMX_BF16")
+        monkeypatch.setenv(native.ENV_ISA, "avx512")
+        assert slot_order_is_free(torch.bfloat16) is not bf16_gemm_has_dot_products()
     assert not slot_order_is_free(torch.float16)
     monkeypatch.setenv(native.ENV_KERNEL, "blas")
     assert not slot_order_is_free(torch.float32)

@@ -8,7 +8,7 @@
   gets one addition of one product per token, as on the general path.
 
 Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`) or where
-torch's bf16 GEMM has no bf16 dot products to run on, where the native kernel is in use
+torch's bf16 GEMM is not faster (`bf16_blas_beats_native`), where the native kernel is in use
 (`native_enabled`).
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mora.kernels.native import native_enabled
+from mora.kernels.native import native_enabled, native_isa
 from mora.kernels.table import SlotTable
 from mora.kernels.torch_plan import Pass, Plan
 from mora.ops import rope_signed_tables
@@ -40,7 +40,7 @@ BF16_MAX_ROWS = 16
 def _native_for(p: Pass, dtype: torch.dtype) -> bool:
     if dtype not in NATIVE_DTYPES or not native_enabled():
         return False
-    return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS or not bf16_gemm_has_dot_products()
+    return dtype == torch.float32 or max(p.sizes) <= BF16_MAX_ROWS or not bf16_blas_beats_native()
 
 
 def slot_order_is_free(dtype: torch.dtype) -> bool:
@@ -49,7 +49,18 @@ def slot_order_is_free(dtype: torch.dtype) -> bool:
     products want the `M`s of one kind in consecutive slots)."""
     if dtype not in NATIVE_DTYPES or not native_enabled():
         return False
-    return dtype == torch.float32 or not bf16_gemm_has_dot_products()
+    return dtype == torch.float32 or not bf16_blas_beats_native()
+
+
+def bf16_blas_beats_native() -> bool:
+    """Whether torch's bfloat16 GEMM beats the native kernel on products with more rows per
+    adapter than one decode token's: where it runs on the CPU's bf16 dot products and the
+    native kernel widens to float32 lanes, or where it has AMX. Where the native kernel runs
+    on the dot products too (`avx512_bf16`, no AMX: AMD Zen 4) it takes every size, as its fused
+    `rope_apply` also saves the general path's elementwise passes."""
+    if not bf16_gemm_has_dot_products():
+        return False
+    return native_isa() != "avx512_bf16" or bool(torch.ops.mora_native.cpu_has("AMX_BF16"))
 
 
 @functools.cache

@@ -16,12 +16,16 @@ ahead of time with `python -m mora.kernels.native` (the CPU image and `make inst
 One library runs on every x86-64 CPU: it holds the kernel once per ISA path, each compiled for
 its instruction set alone, and picks the path at run time from the CPU (`native_isa`):
 
+* `avx512_bf16` - `avx512`, with bfloat16 products on the CPU's bf16 dot products (`vdpbf16ps`,
+  AVX512_BF16); `auto` takes it on AMD CPUs, where they issue as fast as FMAs (Zen 4), and
+  not on Intel's, where they issue at half that rate;
 * `avx512` - AVX-512F/BW/VL;
 * `avx2` - AVX2 and FMA;
 * `portable` - plain C++, one `std::fma` per term (for CPUs without AVX2; slow).
 
 Each output is the same sum in the same order with one rounding per term on every path, so
-results (float32, and bfloat16 widened to float32 lanes) are bit-identical across paths.
+results (float32, and bfloat16 in float32 lanes or dot products) are bit-identical across paths
+(`kernel_dp.h` says how the dot products keep them).
 
 `MORA_CPU_KERNEL` (read when first needed) chooses:
 
@@ -30,9 +34,9 @@ results (float32, and bfloat16 widened to float32 lanes) are bit-identical acros
 * `native` - native or an error (`NativeKernelError`) naming what is missing;
 * `blas` - torch's BLAS (`bmm`/`mm`), never native.
 
-`MORA_CPU_ISA` (read with it) forces a path: `auto` (default: the best the CPU has), `avx512`,
-`avx2` or `portable`; a path the CPU cannot run is an error (`NativeKernelError`) naming the
-features it lacks.
+`MORA_CPU_ISA` (read with it) forces a path: `auto` (default: the best the CPU has),
+`avx512_bf16`, `avx512`, `avx2` or `portable`; a path the CPU cannot run is an error
+(`NativeKernelError`) naming the features it lacks.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ ENV_KERNEL = "MORA_CPU_KERNEL"
 ENV_ISA = "MORA_CPU_ISA"
 ENV_DIR = "MORA_NATIVE_DIR"
 MODES = ("auto", "native", "blas")
-ISAS = ("avx512", "avx2", "portable")  # best first
+ISAS = ("avx512_bf16", "avx512", "avx2", "portable")  # best first
 SOURCE_DIR = Path(__file__).parent
 # No -m flags: each isa_*.cpp selects its instruction set with a target pragma, all else is
 # baseline x86-64. No FMA contraction: a path must not fuse a multiply and an add that another

@@ -85,8 +85,8 @@ struct Problem {
 };
 
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
-// them (as float32, k-major) into `dst` (unit_floats(n) floats), with `scratch` (2n floats) for a
-// rotation; `panels` multiplies the packed rows by panels [q0, q1) of the group's M, `next` the M
+// them (as float32, k-major; the dot-product units as pairs of bf16) into `dst` (unit_floats(n)
+// floats), with `scratch` (3n floats) for a rotation; `panels` multiplies the packed rows by panels [q0, q1) of the group's M, `next` the M
 // the thread reads after this group's (its first panels are prefetched past the last, null:
 // none); `np` is the panels one of its blocks multiplies at once.
 template <typename T>
@@ -103,8 +103,10 @@ struct Unit {
 // roofline so.
 constexpr int kRun = 4;
 
-inline int64_t unit_floats(int64_t n) { return kMaxRows * n; }
-inline int64_t pack_floats(int64_t n) { return kRun * unit_floats(n) + 2 * n; }  // a run's rows, a rotation's two
+// A unit's packed rows, after one 64-byte header (the dot-product units' choice, kernel_dp.h).
+inline int64_t unit_floats(int64_t n) { return kMaxRows * n + kPanel; }
+// A run's rows, then a rotation's scratch (2n) and its rotated row (n).
+inline int64_t pack_floats(int64_t n) { return kRun * unit_floats(n) + 3 * n; }
 
 // Each path's table of kernels by unit size (index 0 unused), from its isa_*.cpp.
 namespace isa_portable {
@@ -118,6 +120,7 @@ const Unit<bf16>* units_bf16();
 namespace isa_avx512 {
 const Unit<float>* units_float();
 const Unit<bf16>* units_bf16();
+const Unit<bf16>* units_bf16_dot();  // vdpbf16ps (AVX512_BF16): kernel_dp.h
 }  // namespace isa_avx512
 
 }  // namespace mora_native

@@ -17,14 +17,14 @@
 // One library for every x86-64 CPU: the kernel (kernel.h) is compiled once per ISA path, each
 // file under its own target pragma (no -m flags: all else is baseline x86-64), and the path is
 // chosen at run time from the CPU (set_isa; by default the best it has):
+//   avx512_bf16 - avx512, with bfloat16 products on vdpbf16ps (AVX512_BF16, kernel_dp.h); `auto`
+//              takes it on AMD CPUs only (see there);
 //   avx512   - AVX-512F/BW/VL, a panel per zmm register (isa_avx512.cpp);
 //   avx2     - AVX2 + FMA, a panel per two ymm, blocks of up to 6 rows (isa_avx2.cpp);
 //   portable - plain C++ with std::fma (isa_portable.cpp).
 // Every path sums the same terms in the same order with one rounding each (FMA contraction is
 // off, -ffp-contract=off, so no path fuses what another rounds twice): results are bit-identical
-// across paths. No bf16 dot products (vdpbf16ps): they would give the same bits (each is two
-// FMAs in order, subnormals aside), but on the Xeon at hand (Emerald Rapids) one issues every
-// 2 cycles against two FMAs per cycle: bf16 products ran at half the widened path's speed.
+// across paths, avx512_bf16's dot products included (kernel_dp.h says why).
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -60,19 +60,33 @@ bool cpu_has(const std::string& feature) {
   TORCH_CHECK(false, "unknown CPU feature '", feature, "'");
 }
 
-// An ISA path: its kernels, and the CPU features it needs.
+// An ISA path: its kernels, the CPU features it needs, and whether `auto` takes it where they are.
 struct Path {
   const char* name;
   const Unit<float>* (*units_float)();
   const Unit<bf16>* (*units_bf16)();
   std::vector<const char*> needs;
+  bool (*pays)();
 };
+
+bool always() { return true; }
+
+// vdpbf16ps sums two terms per instruction: on AMD (Zen 4) it issues once per cycle as an FMA
+// does, twice the widened kernel's terms; on Intel's Sapphire/Emerald Rapids every second cycle,
+// the widened kernel's rate at best (kernel_dp.h).
+bool dot_products_pay() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+}
 
 // Best first.
 const std::vector<Path> kPaths = {
-    {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"}},
-    {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, {"AVX2", "FMA"}},
-    {"portable", isa_portable::units_float, isa_portable::units_bf16, {}}};
+    {"avx512_bf16", isa_avx512::units_float, isa_avx512::units_bf16_dot,
+     {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL", "AVX512_BF16"}, dot_products_pay},
+    {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"},
+     always},
+    {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, {"AVX2", "FMA"}, always},
+    {"portable", isa_portable::units_float, isa_portable::units_bf16, {}, always}};
 
 // The features path `name` needs that this CPU lacks, space-separated ("" where it runs).
 std::string missing_for(const Path& path) {
@@ -84,8 +98,8 @@ std::string missing_for(const Path& path) {
 
 const Path& path_named(const std::string& name) {
   for (const Path& path : kPaths)
-    if (name == path.name || (name == "auto" && missing_for(path).empty())) return path;
-  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512, avx2 or portable");
+    if (name == path.name || (name == "auto" && missing_for(path).empty() && path.pays())) return path;
+  TORCH_CHECK(false, "unknown ISA path '", name, "': expected auto, avx512_bf16, avx512, avx2 or portable");
 }
 
 std::string isa_missing(const std::string& name) { return missing_for(path_named(name)); }

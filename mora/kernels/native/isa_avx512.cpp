@@ -1,5 +1,8 @@
-// The avx512 path: kernel.h with one panel as one zmm register (AVX-512F/BW/VL).
+// The avx512 path: kernel.h with one panel as one zmm register (AVX-512F/BW/VL); and the
+// avx512_bf16 path's bfloat16 units (kernel_dp.h), which add AVX512_BF16.
 #include <immintrin.h>
+
+#include <vector>
 
 #include "common.h"
 
@@ -82,10 +85,17 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 
 #include "kernel.h"
 
+// The avx512_bf16 path's bf16 units: the same, plus AVX512_BF16 (run only where the CPU has it).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
+#include "kernel_dp.h"
+#pragma GCC pop_options
+
 }  // namespace
 
 const Unit<float>* units_float() { return kUnits<float>; }
 const Unit<bf16>* units_bf16() { return kUnits<bf16>; }
+const Unit<bf16>* units_bf16_dot() { return kDotUnits; }
 
 }  // namespace mora_native::isa_avx512
 #pragma GCC pop_options

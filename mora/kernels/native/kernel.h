@@ -20,8 +20,11 @@ void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf
   const float* u = buf;
   if (std::is_same_v<T, float> && base + n <= rope.in_f) {
     u = reinterpret_cast<const float*>(xr + base);
-  } else {  // widened, and the last chunk may read the padding: the first features again
-    for (int64_t k = 0; k < n; ++k) buf[k] = S::get(xr[base + k < rope.in_f ? base + k : base + k - rope.in_f]);
+  } else {  // widened, and the last chunk may read the padding: the first features again (two
+            // plain loops, vectorized: one with a select per element ran as scalar loads)
+    const int64_t inside = std::clamp<int64_t>(rope.in_f - base, 0, n);
+    for (int64_t k = 0; k < inside; ++k) buf[k] = S::get(xr[base + k]);
+    for (int64_t k = inside; k < n; ++k) buf[k] = S::get(xr[base + k - rope.in_f]);
   }
   float* o = buf + n;
   for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
@@ -100,6 +103,32 @@ void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)
   }
 }
 
+// A block's accumulators times alpha, stored: into out, or (rope_apply) rounded to T and added
+// into y at the rows' targets. Only the last panel of a TAIL block has fewer than kPanel columns
+// inside [0, n). Inlined into each block (and the dot-product blocks, kernel_dp.h), unrolled as
+// their loops over acc: indexed by constants only, the accumulators stay registers.
+template <int RB, int NP, bool TAIL, typename T>
+__attribute__((always_inline)) inline void finish(const Problem<T>& p, const Vec (&acc)[RB][NP], int64_t row0,
+                                                  int64_t p0, int lanes, const Target<T> (&tgt)[RB]) {
+  const Vec alpha = bcast(p.alpha);
+#pragma GCC unroll 8
+  for (int j = 0; j < NP; ++j) {
+    const int cols = TAIL && j == NP - 1 ? lanes : kPanel;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
+      if (p.rope.y) {
+        alignas(64) float tile[kPanel];
+        to_floats(tile, round_to<T>(v));
+        add_to_y(p.rope, shifted(p.rope, tgt[i], j), cols, tile);
+      } else {
+        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
+        cols == kPanel ? store<T>(dst, v) : store<T>(mask_of(cols), dst, v);
+      }
+    }
+  }
+}
+
 // RB rows (packed k-major at Vp) x NP panels from panel p0: every accumulator a register.
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
@@ -132,26 +161,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
       for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
     }
   }
-  // Times alpha, stored: into out, or (rope_apply) rounded to T and added into y. Only the last
-  // panel of a TAIL block has fewer than kPanel columns inside [0, n).
-  // (Unrolled, as the loops over acc above: indexed by constants only, it stays registers.)
-  const Vec alpha = bcast(p.alpha);
-#pragma GCC unroll 8
-  for (int j = 0; j < NP; ++j) {
-    const int cols = TAIL && j == NP - 1 ? lanes : kPanel;
-#pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
-      if (p.rope.y) {
-        alignas(64) float tile[kPanel];
-        to_floats(tile, round_to<T>(v));
-        add_to_y(p.rope, shifted(p.rope, tgt[i], j), cols, tile);
-      } else {
-        T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
-        cols == kPanel ? store<T>(dst, v) : store<T>(mask_of(cols), dst, v);
-      }
-    }
-  }
+  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, tgt);
 }
 
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:

@@ -1,0 +1,152 @@
+// The avx512_bf16 path's bfloat16 units: kernel.h's blocks with vdpbf16ps (AVX512_BF16), two
+// terms of k per instruction. isa_avx512.cpp includes it after kernel.h, under a target that
+// adds AVX512_BF16; its float32 units and everything else are the avx512 path's.
+//
+// Why: on AMD Zen 4 vdpbf16ps issues once per cycle, as an FMA does, so it sums twice the terms;
+// oneDNN's bf16 GEMM runs on it there, and the widened kernel ran at 2.2-4x that GEMM's time
+// (bench.kernel --dtype bfloat16). On Intel's Sapphire/Emerald Rapids it issues every second
+// cycle (half the widened kernel's rate) and oneDNN has AMX: `auto` keeps the avx512 path there.
+//
+// The same bits as the widened kernel. vdpbf16ps adds a pair's two products into a float32 lane
+// one after the other, the pair's high half first, each an FMA of an exact product (measured on
+// Zen 4: 320,000 sums of 256 terms, bit for bit). So k's earlier term goes in the high half: a
+// lane's sum is over k in order, one rounding per term, from +0. Unlike an FMA it reads subnormal
+// operands as 0 and flushes subnormal results (DAZ, FTZ). Those never arise where every nonzero
+// value of V and M is at least 2^-56 in magnitude: each is then a multiple of 2^-63, each product
+// a multiple of 2^-126, and so is every partial sum (a multiple of 2^-126 below 2^-102 is a float
+// exactly; above, the ulp is a multiple of it): zero or normal. A unit whose rows hold a smaller
+// nonzero value runs the widened kernel (found while packing); a block whose panels of M do,
+// checked as it reads them, throws its sums away before storing anything and runs widened.
+
+// bf16 bits without the sign below this are a nonzero value under 2^-56 (biased exponent 71), or 0.
+constexpr uint32_t kTinyBelow = 71 << 7;
+
+// A unit's V rows (the header's first word 0): pairs of k, pk[q * RB + i] = row i's
+// bits(v[2q]) << 16 | bits(v[2q + 1]) (0 past n). Or (first word 1: a value too small) kernel.h's
+// float32 packing, after the header. Each row's pairs are made in a row of their own (loops the
+// compiler vectorizes), then stored RB apart.
+template <int RB>
+void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) {
+  static_assert(RB <= kBlockRows<bf16>, "a unit is one block");
+  uint32_t* head = reinterpret_cast<uint32_t*>(dst);
+  uint32_t* pk = head + kPanel;
+  const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
+  const float* rotated = scratch + 2 * n;
+  uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // rotate()'s buffer, free once it returns
+  uint32_t small = 0;
+  for (int i = 0; i < RB; ++i) {
+    if (p.rope.y) {  // rotated rows hold bf16 values: their bits are the float's upper half
+      rotate(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
+      const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
+      for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
+      if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
+    } else {
+      const bf16* src = p.V + (row0 + i) * p.ldv;
+      for (int64_t q = 0; q < half; ++q) {
+        uint32_t w;
+        std::memcpy(&w, src + 2 * q, 4);
+        row[q] = w << 16 | w >> 16;
+      }
+      if (n % 2) row[half] = static_cast<uint32_t>(src[n - 1]) << 16;
+    }
+    for (int64_t q = 0; q < pairs; ++q) {  // |bits| - 1 below kTinyBelow - 1: nonzero and under 2^-56
+      const uint32_t w = row[q];
+      small |= static_cast<uint32_t>(((w >> 16) & 0x7FFF) - 1 < kTinyBelow - 1) |
+               static_cast<uint32_t>((w & 0x7FFF) - 1 < kTinyBelow - 1);
+    }
+    for (int64_t q = 0; q < pairs; ++q) pk[q * RB + i] = row[q];
+  }
+  head[0] = small;
+  if (small) pack<RB, bf16>(p, row0, dst + kPanel, scratch);
+}
+
+// The pairs of a unit's rows as kernel.h's float32 packing (k-major, RB apart).
+template <int RB>
+void unpair(const uint32_t* pk, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k)
+    for (int i = 0; i < RB; ++i) dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * RB + i] >> (k % 2 ? 0 : 16)));
+}
+
+// RB rows (pairs at Vp) x NP panels from panel p0, as kernel.h's block.
+template <int RB, int NP, bool TAIL>
+void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t row0, int64_t p0, const bf16* next) {
+  Vec acc[RB][NP];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+  const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
+  const Mask tail = mask_of(lanes);
+  const bf16* ahead[NP];
+  lookahead<NP>(p, p0, next, ahead);
+  Target<bf16> tgt[RB];
+  if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
+  // Word 2l of a pair's panel: row k + 1's column l (the low half), 2l + 1: row k's (the high).
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), one = _mm512_set1_epi16(1);
+  __m512i least = _mm512_set1_epi16(-1);  // unsigned min of (|bits| - 1): 0 wraps to the top
+  const bf16* base = p.Mt + p0 * kPanel;
+  const int64_t pairs = (p.n + 1) / 2;
+  for (int64_t q = 0; q < pairs; ++q) {
+    const bf16* row = base + 2 * q * p.ldm;
+    const bool two = 2 * q + 1 < p.n;
+    __m512i b[NP];
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+      __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);                // prefetcht0, both rows
+      __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
+      if (ahead[j]) {
+        __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                   // prefetcht1
+        __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
+      }
+      const bf16* at = row + j * kPanel;
+      const bool part = TAIL && j == NP - 1;  // never past n
+      const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+      const __m256i lo = !two ? _mm256_setzero_si256()
+                         : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
+      b[j] = _mm512_permutexvar_epi16(order, both);
+    }
+    const uint32_t* a = Vp + q * RB;
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i])));
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
+    }
+  }
+  if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
+    thread_local std::vector<float> wide;
+    if (static_cast<int64_t>(wide.size()) < RB * p.n) wide.resize(RB * p.n);
+    unpair<RB>(Vp, p.n, wide.data());
+    block<RB, NP, TAIL>(p, wide.data(), row0, p0, next);
+    return;
+  }
+  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, tgt);
+}
+
+// The packed rows times panels [q0, q1) of M, as kernel.h's panels (a unit is one block).
+template <int RB>
+void dot_panels(const Problem<bf16>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const bf16* next) {
+  if (reinterpret_cast<const uint32_t*>(packed)[0]) return panels<RB, bf16>(p, packed + kPanel, row0, q0, q1, next);
+  const uint32_t* pk = reinterpret_cast<const uint32_t*>(packed) + kPanel;
+  constexpr int NP = panels_for<RB, bf16>();
+  const int64_t full = std::min(q1, p.n / kPanel);
+  int64_t q = q0;
+  for (; q + NP <= full; q += NP) dot_block<RB, NP, false>(p, pk, row0, q, next);
+  for (; q < full; ++q) dot_block<RB, 1, false>(p, pk, row0, q, next);
+  if (q1 > p.n / kPanel && p.n % kPanel) dot_block<RB, 1, true>(p, pk, row0, p.n / kPanel, next);
+}
+
+template <int RB>
+constexpr Unit<bf16> dot_unit() {
+  return {dot_pack<RB>, dot_panels<RB>, panels_for<RB, bf16>()};
+}
+
+constexpr Unit<bf16> kDotUnits[kMaxRows + 1] = {
+    {},           dot_unit<1>(),  dot_unit<2>(),  dot_unit<3>(),  dot_unit<4>(),  dot_unit<5>(),
+    dot_unit<6>(),  dot_unit<7>(),  dot_unit<8>(),  dot_unit<9>(),  dot_unit<10>(), dot_unit<11>(),
+    dot_unit<12>(), dot_unit<13>(), dot_unit<14>(), dot_unit<15>(), dot_unit<16>()};
