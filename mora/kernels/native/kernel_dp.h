@@ -62,14 +62,14 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
 
 // The pairs of a unit's rows as kernel.h's float32 packing (k-major, RB apart).
 template <int RB>
-void unpair(const uint32_t* pk, int64_t n, float* dst) {
+void unpair(const uint32_t* pk, int64_t ldq, int64_t n, float* dst) {
   for (int64_t k = 0; k < n; ++k)
-    for (int i = 0; i < RB; ++i) dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * RB + i] >> (k % 2 ? 0 : 16)));
+    for (int i = 0; i < RB; ++i) dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * ldq + i] >> (k % 2 ? 0 : 16)));
 }
 
-// RB rows (pairs at Vp) x NP panels from panel p0, as kernel.h's block.
+// RB rows (pairs at Vp, a pair's rows ldq apart) x NP panels from panel p0, as kernel.h's block.
 template <int RB, int NP, bool TAIL>
-void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t row0, int64_t p0, const bf16* next) {
+void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t row0, int64_t p0, const bf16* next) {
   Vec acc[RB][NP];
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
@@ -110,7 +110,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t row0, int64_t
       least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
       b[j] = _mm512_permutexvar_epi16(order, both);
     }
-    const uint32_t* a = Vp + q * RB;
+    const uint32_t* a = Vp + q * ldq;
 #pragma GCC unroll 16
     for (int i = 0; i < RB; ++i) {
       const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i])));
@@ -121,29 +121,53 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t row0, int64_t
   if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
     thread_local std::vector<float> wide;
     if (static_cast<int64_t>(wide.size()) < RB * p.n) wide.resize(RB * p.n);
-    unpair<RB>(Vp, p.n, wide.data());
+    unpair<RB>(Vp, ldq, p.n, wide.data());
     block<RB, NP, TAIL>(p, wide.data(), row0, p0, next);
     return;
   }
   finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, tgt);
 }
 
-// The packed rows times panels [q0, q1) of M, as kernel.h's panels (a unit is one block).
+// A dot-product block holds up to kDotRows rows x dot_panels_for panels: with 8 rows, two
+// panels (one 64-byte line of each row of Mt) per pair of k; a unit of 9-16 rows runs as two
+// blocks back to back over the same panels, the second reading them from L1.
+constexpr int kDotRows = 8;
+
+template <int SUB>
+constexpr int dot_panels_for() {
+  return SUB >= 5 ? 2 : SUB >= 3 ? 4 : 8;
+}
+
+template <int RB, int NP, bool TAIL>
+void dot_sweep(const Problem<bf16>& p, const uint32_t* pk, int64_t row0, int64_t q, const bf16* next) {
+  constexpr int parts = (RB + kDotRows - 1) / kDotRows, SUB = (RB + parts - 1) / parts;
+  static_assert(parts <= 2, "a unit is at most two blocks");
+  dot_block<SUB, NP, TAIL>(p, pk, RB, row0, q, next);
+  if constexpr (parts == 2) dot_block<RB - SUB, NP, TAIL>(p, pk + SUB, RB, row0 + SUB, q, next);
+}
+
+template <int RB>
+constexpr int dot_np() {
+  constexpr int parts = (RB + kDotRows - 1) / kDotRows;
+  return dot_panels_for<(RB + parts - 1) / parts>();
+}
+
+// The packed rows times panels [q0, q1) of M, as kernel.h's panels.
 template <int RB>
 void dot_panels(const Problem<bf16>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const bf16* next) {
   if (reinterpret_cast<const uint32_t*>(packed)[0]) return panels<RB, bf16>(p, packed + kPanel, row0, q0, q1, next);
   const uint32_t* pk = reinterpret_cast<const uint32_t*>(packed) + kPanel;
-  constexpr int NP = panels_for<RB, bf16>();
+  constexpr int NP = dot_np<RB>();
   const int64_t full = std::min(q1, p.n / kPanel);
   int64_t q = q0;
-  for (; q + NP <= full; q += NP) dot_block<RB, NP, false>(p, pk, row0, q, next);
-  for (; q < full; ++q) dot_block<RB, 1, false>(p, pk, row0, q, next);
-  if (q1 > p.n / kPanel && p.n % kPanel) dot_block<RB, 1, true>(p, pk, row0, p.n / kPanel, next);
+  for (; q + NP <= full; q += NP) dot_sweep<RB, NP, false>(p, pk, row0, q, next);
+  for (; q < full; ++q) dot_sweep<RB, 1, false>(p, pk, row0, q, next);
+  if (q1 > p.n / kPanel && p.n % kPanel) dot_sweep<RB, 1, true>(p, pk, row0, p.n / kPanel, next);
 }
 
 template <int RB>
 constexpr Unit<bf16> dot_unit() {
-  return {dot_pack<RB>, dot_panels<RB>, panels_for<RB, bf16>()};
+  return {dot_pack<RB>, dot_panels<RB>, dot_np<RB>()};
 }
 
 constexpr Unit<bf16> kDotUnits[kMaxRows + 1] = {
