@@ -129,6 +129,22 @@ __attribute__((always_inline)) inline void finish(const Problem<T>& p, const Vec
   }
 }
 
+// What a block needs besides its accumulators: its last panel's columns inside [0, n) (`lanes`,
+// `tail`), where its prefetches run ahead, and (rope_apply) its rows' targets in y.
+template <int RB, int NP, bool TAIL, typename T>
+struct Edges {
+  int lanes;
+  Mask tail;
+  const T* ahead[NP];
+  Target<T> tgt[RB];
+
+  Edges(const Problem<T>& p, int64_t row0, int64_t p0, const T* next)
+      : lanes(TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel), tail(mask_of(lanes)) {
+    lookahead<NP>(p, p0, next, ahead);
+    if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
+  }
+};
+
 // RB rows (packed k-major at Vp) x NP panels from panel p0: every accumulator a register.
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
@@ -137,12 +153,10 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[i][j] = zero();
-  const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
-  const Mask tail = mask_of(lanes);
-  const T* ahead[NP];
-  lookahead<NP>(p, p0, next, ahead);
-  Target<T> tgt[RB];
-  if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
+  const Edges<RB, NP, TAIL, T> e(p, row0, p0, next);
+  const int lanes = e.lanes;
+  const Mask tail = e.tail;
+  const T* const(&ahead)[NP] = e.ahead;
   const T* base = p.Mt + p0 * kPanel;
   for (int64_t k = 0; k < p.n; ++k) {
     Vec b[NP];
@@ -161,7 +175,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
       for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
     }
   }
-  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, tgt);
+  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, e.tgt);
 }
 
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:

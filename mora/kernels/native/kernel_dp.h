@@ -75,12 +75,9 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[i][j] = zero();
-  const int lanes = TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel;
-  const Mask tail = mask_of(lanes);
-  const bf16* ahead[NP];
-  lookahead<NP>(p, p0, next, ahead);
-  Target<bf16> tgt[RB];
-  if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
+  const Edges<RB, NP, TAIL, bf16> e(p, row0, p0, next);
+  const Mask tail = e.tail;
+  const bf16* const(&ahead)[NP] = e.ahead;
   // Word 2l of a pair's panel: row k + 1's column l (the low half), 2l + 1: row k's (the high).
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -125,7 +122,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
     block<RB, NP, TAIL>(p, wide.data(), row0, p0, next);
     return;
   }
-  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, tgt);
+  finish<RB, NP, TAIL>(p, acc, row0, p0, e.lanes, e.tgt);
 }
 
 // A dot-product block holds up to kDotRows rows x dot_panels_for panels: with 8 rows, two
