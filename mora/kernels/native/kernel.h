@@ -129,6 +129,15 @@ __attribute__((always_inline)) inline void finish(const Problem<T>& p, const Vec
   }
 }
 
+// A block's accumulators to +0 (inlined and unrolled: they stay registers).
+template <int RB, int NP>
+__attribute__((always_inline)) inline void clear(Vec (&acc)[RB][NP]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+}
+
 // What a block needs besides its accumulators: its last panel's columns inside [0, n) (`lanes`,
 // `tail`), where its prefetches run ahead, and (rope_apply) its rows' targets in y.
 template <int RB, int NP, bool TAIL, typename T>
@@ -149,10 +158,7 @@ struct Edges {
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
   Vec acc[RB][NP];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+  clear(acc);
   const Edges<RB, NP, TAIL, T> e(p, row0, p0, next);
   const int lanes = e.lanes;
   const Mask tail = e.tail;

@@ -71,10 +71,7 @@ void unpair(const uint32_t* pk, int64_t ldq, int64_t n, float* dst) {
 template <int RB, int NP, bool TAIL>
 void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t row0, int64_t p0, const bf16* next) {
   Vec acc[RB][NP];
-#pragma GCC unroll 16
-  for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) acc[i][j] = zero();
+  clear(acc);
   const Edges<RB, NP, TAIL, bf16> e(p, row0, p0, next);
   const Mask tail = e.tail;
   const bf16* const(&ahead)[NP] = e.ahead;
