@@ -86,9 +86,10 @@ struct Problem {
 
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
 // them (as float32, k-major; the dot-product units as pairs of bf16) into `dst` (unit_floats(n)
-// floats), with `scratch` (3n floats) for a rotation; `panels` multiplies the packed rows by panels [q0, q1) of the group's M, `next` the M
-// the thread reads after this group's (its first panels are prefetched past the last, null:
-// none); `np` is the panels one of its blocks multiplies at once.
+// floats), with `scratch` (3n floats) for a rotation; `panels` multiplies the packed rows by
+// panels [q0, q1) of the group's M, `next` the M the thread reads after this group's (its first
+// panels are prefetched past the last, null: none); `np` is the panels one of its blocks
+// multiplies at once.
 template <typename T>
 struct Unit {
   void (*pack)(const Problem<T>& p, int64_t row0, float* dst, float* scratch);

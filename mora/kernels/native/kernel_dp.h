@@ -27,7 +27,7 @@ constexpr uint32_t kTinyBelow = 71 << 7;
 // compiler vectorizes), then stored RB apart.
 template <int RB>
 void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) {
-  static_assert(RB <= kBlockRows<bf16>, "a unit is one block");
+  static_assert(RB <= kBlockRows<bf16>, "the widened fallback packs a unit as one block");
   uint32_t* head = reinterpret_cast<uint32_t*>(dst);
   uint32_t* pk = head + kPanel;
   const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
@@ -64,7 +64,8 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
 template <int RB>
 void unpair(const uint32_t* pk, int64_t ldq, int64_t n, float* dst) {
   for (int64_t k = 0; k < n; ++k)
-    for (int i = 0; i < RB; ++i) dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * ldq + i] >> (k % 2 ? 0 : 16)));
+    for (int i = 0; i < RB; ++i)  // k even: the high half
+      dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * ldq + i] >> (k % 2 ? 0 : 16)));
 }
 
 // RB rows (pairs at Vp, a pair's rows ldq apart) x NP panels from panel p0, as kernel.h's block.
@@ -96,7 +97,8 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
       }
       const bf16* at = row + j * kPanel;
       const bool part = TAIL && j == NP - 1;  // never past n
-      const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+      const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at)
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
       const __m256i lo = !two ? _mm256_setzero_si256()
                          : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
                                 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
