@@ -302,8 +302,7 @@ def test_auto_runs_the_best_path_the_cpu_has(monkeypatch, fresh_status):
     monkeypatch.setenv(native.ENV_ISA, "auto")
     enabled, why = native_status()
     runs = [isa for isa in ISAS if not native._missing(isa)]
-    # avx512_bf16's dot products pay on AMD CPUs only (kernel_dp.h): elsewhere auto takes the next
-    best = next(isa for isa in runs if isa != "avx512_bf16" or _cpu_vendor() == "AuthenticAMD")
+    best = _auto_path()
     assert enabled and runs[-1] == "portable" and native_isa() == best and f"isa={best} (" in why
     flags = _cpuinfo_flags()
     assert ("avx512_bf16" in runs) == ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags)
@@ -311,9 +310,12 @@ def test_auto_runs_the_best_path_the_cpu_has(monkeypatch, fresh_status):
     assert ("avx2" in runs) == ({"avx2", "fma"} <= flags)
 
 
-def _cpu_vendor() -> str:
-    return next(row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo").read().splitlines()
-                if row.startswith("vendor_id"))
+def _auto_path() -> str:
+    """The path `auto` should take: the first this CPU runs, but avx512_bf16 on AMD CPUs only (its
+    dot products pay there, kernel_dp.h)."""
+    vendor = next(row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo").read().splitlines()
+                  if row.startswith("vendor_id"))
+    return next(isa for isa in ISAS if not native._missing(isa) and (isa != "avx512_bf16" or vendor == "AuthenticAMD"))
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -374,8 +376,7 @@ def test_prebuilt_library_loads_from_a_read_only_folder(tmp_path):
                  " torch.eye(2)[None] * 3, 2, 1.0, o); print(o.tolist())")
         loaded = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
         assert loaded.returncode == 0, loaded.stderr
-        best = next(isa for isa in ISAS if not native._missing(isa) and (isa != "avx512_bf16" or
-                                                                          _cpu_vendor() == "AuthenticAMD"))
+        best = _auto_path()
         assert loaded.stdout.splitlines() == [f"native grouped_mm, isa={best} ({library})", "[[3.0, 3.0]]"]
     finally:
         for path in [tmp_path / "native", *(tmp_path / "native").rglob("*")]:
