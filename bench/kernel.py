@@ -33,17 +33,15 @@ timed with events, and achieved TFLOP/s and GB/s are printed against the GPU's p
     MORA_CPU_KERNEL=blas python -m bench.kernel   # CPU products by torch's BLAS, not the native kernel
 
 On the CPU the summary line ends with the native kernel's ISA path (`isa=avx512`), or with
-`products=blas`. `--isa` forces a path (`MORA_CPU_ISA`); a path below the CPU's own also
-restricts torch's GEMMs (MKL, oneDNN, ATen's kernels: `ISA_LIMITS`) to that instruction set, so
-that `bound` and `base` are what that CPU would run: the process restarts itself with those
-variables set, as torch reads them when it loads.
+`products=blas`. `--isa` forces a path (`MORA_CPU_ISA`); avx2 and portable also hold torch's
+GEMMs (MKL, oneDNN, ATen's kernels) to that instruction set, so that `bound` and `base` are what
+that CPU would run (`bench.isa`: the process restarts itself so held).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import time
@@ -52,8 +50,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.isa import add_isa_argument, emulated, isa_held, run_on
 from mora.kernels import ShardLayout, SlotTable, mora_apply, prepare_batch, select_backend
-from mora.kernels.native import ENV_ISA, ISAS, native_isa, native_status
+from mora.kernels.native import native_isa, native_status
 from mora.ops import mora_forward, rope_chunks
 from mora.spec import MoraSpec
 
@@ -61,11 +60,6 @@ SHAPES = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)}  # name: (out_feat
 TOKENS = (16, 128, 512)
 ADAPTERS = (1, 4, 16, 64)
 CANDIDATES = ("fused", "loop", "bound", "base")
-# What a CPU of each ISA path would run torch's GEMMs with (the avx512 path: this CPU's own).
-ISA_LIMITS = {
-    "avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
-    "portable": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"},
-}
 COPY_MIB = 256  # the bandwidth probe: larger than any last-level cache
 # Dense bf16 tensor-core TFLOP/s and memory TB/s by device-name fragment (first match wins).
 GPU_PEAKS = [
@@ -228,11 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, nargs="+", default=list(ADAPTERS))
     parser.add_argument("--modules", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--copy-mib", type=int, default=COPY_MIB, help="size of the bandwidth probe")
-    parser.add_argument("--isa", choices=["auto", *ISAS], default=None,
-                        help=f"the native kernel's ISA path ({ENV_ISA}); below the CPU's own, torch's GEMMs too")
+    add_isa_argument(parser)
     args = parser.parse_args(argv)
     if args.isa:
-        _restart_limited(args.isa, sys.argv[1:] if argv is None else argv)
+        run_on(args.isa, "bench.kernel", sys.argv[1:] if argv is None else argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
@@ -246,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         isa = native_isa()
         where += ", products: " + (f"native grouped_mm, isa={isa}" if isa else f"torch BLAS ({native_status()[1]})")
         where += f"; torch's GEMMs: capability {torch.backends.cpu.get_cpu_capability()}"
-        where += "".join(f", {k}={os.environ[k]}" for k in ISA_LIMITS["avx2"] if k in os.environ)
+        where += f"; {isa_held()}" if isa_held() else ""
     if device == "cuda":
         gpu = torch.cuda.get_device_name()
         peak = gpu_peak(gpu)
@@ -293,18 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     x = min(speedups) if speedups else float("nan")
     per_t = " ".join(f"vs_roofline_t{T}={max(v):.2f}" for T, v in sorted(roof.items()))
     worst = max(max(v) for v in roof.values())
-    where = "" if device == "cuda" else f" isa={native_isa()}" if native_isa() else " products=blas"
+    where = "" if device == "cuda" else (f" isa={native_isa()}" if native_isa() else " products=blas") + emulated()
     print(f"speedup_vs_loop_a16={x:.2f} vs_bound={max(ratios):.2f} vs_roofline={worst:.2f} {per_t}{where}")
 
-
-def _restart_limited(isa: str, argv: list[str]) -> None:
-    """Run on path `isa` with torch's GEMMs limited to its instruction set: set the variables
-    and, unless they were set already, restart (torch has read them when it was imported)."""
-    want = {ENV_ISA: isa, **ISA_LIMITS.get(isa, {})}
-    if all(os.environ.get(k) == v for k, v in want.items()):
-        return
-    os.environ.update(want)
-    os.execv(sys.executable, [sys.executable, "-m", "bench.kernel", *argv])
 
 
 if __name__ == "__main__":

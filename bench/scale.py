@@ -28,10 +28,12 @@ zipf(1.0) traffic from 64 clients, on two servers one after the other:
 
     python -m bench.scale --quick   # the demo model, < 20 minutes on 2 CPU cores
     python -m bench.scale           # the 100M model of bench.serving
+    python -m bench.scale --quick --isa avx2   # as on a CPU without AVX-512 (bench.isa)
 
 Ends with one line: adapters= requests= failed= wrong= slots= p50_ttft_warm_ms= p99_ttft_cold_ms=
 tput_vs_16= tput_vs_16_in_16_slots= share_16= share_fcfs= share_best= rss_mb= rss_bound_mb=
-merge_stall_p99_vs_normal=
+merge_stall_p99_vs_normal= isa= (the native kernel's path; then `emulated=avx2` when `--isa avx2`
+runs everything as a CPU without AVX-512 does)
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from pathlib import Path
 
 import grpc
 import psutil
+
+from bench.isa import add_isa_argument, emulated, isa_held, run_on
+from mora.kernels.native import native_isa
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the loopback server harness shared with the tests
@@ -359,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=None, help="write an SVG: TTFT distributions and throughput per phase")
     p.add_argument("--server-arg", dest="server_args", action="append", default=[],
                    help="one more mora-serve argument for both servers (repeatable: --server-arg=--page-ins-per-tenant=8)")
+    add_isa_argument(p)
     args = p.parse_args(argv)
+    if args.isa:
+        run_on(args.isa, "bench.scale", sys.argv[1:] if argv is None else argv)
+    if isa_held():
+        print(isa_held(), flush=True)
     seconds = args.seconds or (40.0 if args.quick else 120.0)
     args.cache.mkdir(parents=True, exist_ok=True)
     base, root, names = _prepare(args.cache, args.quick, args.adapters)
@@ -430,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
           f"tput_vs_16={tput_all / tput_16:.2f} tput_vs_16_in_16_slots={tput_all_on_16 / tput_16_on_16:.2f} "
           f"share_16={spread16.share():.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
-          f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f}")
+          f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f} "
+          f"isa={native_isa() or 'blas'}{emulated()}")
     if args.plot is not None:
         _plot(args.plot, warm, cold, [r[2] for r in hot.records if r[1] == "OK" and r[2] is not None],
               tput_all, tput_16, normal, merging)

@@ -22,7 +22,10 @@ adapter are timed through the worker extension.
     python -m bench.serving     # < 10 minutes on 2 cores; ends with one line:
     merged_vs_base=.. mixed16_vs_base=.. mora_vs_lora=.. merged_vs_base_lora=.. mora_only_vs_base_lora=..
     merged_vs_base_compiled=.. mixed16_vs_base_compiled=.. isa=.. seconds=..
-    (mora_vs_lora = MoRA unmerged time / LoRA time; isa: the native kernel's path)
+    (mora_vs_lora = MoRA unmerged time / LoRA time; isa: the native kernel's path; `emulated=avx2`
+    follows when `--isa avx2` runs everything as a CPU without AVX-512 does)
+    python -m bench.serving --isa avx2   # as on a CPU without AVX-512: the native kernel's AVX2
+                                         # path, torch's and vLLM's kernels held to AVX2 (bench.isa)
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+from bench.isa import add_isa_argument, emulated, isa_held, run_on
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -240,7 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/serving_*")
     parser.add_argument("--models", choices=("100m", "both"), default="100m",
                         help="the 100M model only (the summary's), or the demo model first as well")
+    add_isa_argument(parser)
     args = parser.parse_args(argv)
+    if args.isa:
+        run_on(args.isa, "bench.serving", sys.argv[1:] if argv is None else argv)
+    if isa_held():
+        print(isa_held(), flush=True)
     started = time.monotonic()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from mora.demo import build_demo_assets
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
           f"merged_vs_base_lora={t['merged'] / t['base_lora']:.2f} mora_only_vs_base_lora={t['unmerged'] / t['base_lora']:.2f} "
           f"merged_vs_base_compiled={t['merged_compiled'] / t['base_compiled']:.2f} "
           f"mixed16_vs_base_compiled={t['mixed16_compiled'] / t['base_compiled']:.2f} "
-          f"isa={native_isa() or 'blas'} seconds={time.monotonic() - started:.0f}")
+          f"isa={native_isa() or 'blas'}{emulated()} seconds={time.monotonic() - started:.0f}")
 
 
 if __name__ == "__main__":
