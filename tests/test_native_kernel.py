@@ -534,6 +534,56 @@ def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dty
         assert (diff <= outs["blas"].float().abs() * 2**-7 + 1e-6).all(), diff.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_type_6_passes_run_directly_beside_other_types(isa, monkeypatch, dtype):
+    """In a slice that mixes type 6 with types 1 and 4 (a mixed batch), the type-6 passes run as
+    rope_apply calls and only the others take the general path, its rows of theirs zeroed. So a
+    token gets the same bits in a mixed batch as alone, whatever its type: the general path
+    rotates with torch's elementwise ops, whose vectorized addcmul_ rounds once where rope_apply
+    (and torch at its scalar capability) rounds twice, and a type-6 token that took it in mixed
+    batches only was a ulp away from itself alone. Rows without an adapter keep their bits."""
+    from mora.kernels import mora_apply, mora_apply_slices, prepare_batch, torch_cpu
+    from mora.kernels.torch_plan import plan_module
+    from mora.spec import MoraSpec, MoraType
+
+    gen = torch.Generator().manual_seed(8)
+    lays = [ShardLayout(40, 72), ShardLayout(40, 24)]
+    tables = [SlotTable(lay, 6, n_max=16, dtype=dtype) for lay in lays]
+    kinds = [(12, MoraType.ROPE), (8, MoraType.SHARING), (8, MoraType.ROPE), (12, MoraType.ROPE),
+             (6, MoraType.SHARING_REPEATED)]
+    for s, (n, kind) in enumerate(kinds):
+        for i, table in enumerate(tables):  # the second slice: type 6 only
+            spec = MoraSpec(40, table.layout.out_features, n, kind if i == 0 else MoraType.ROPE)
+            table.set_slot(s, (torch.randn(n, n, generator=gen) * 0.1).to(dtype), spec)
+    slot = torch.tensor([2, 0, -1, 1, 4, 0, 3, 2, -1, 1, 0, 4, 3, 1])
+    x = torch.randn(len(slot), 40, generator=gen).to(dtype)
+    y0 = torch.randn(len(slot), 96, generator=gen).to(dtype)
+
+    def run(rows: list[int]) -> tuple[torch.Tensor, object]:
+        meta, y = prepare_batch(slot[rows], 6), y0[rows].clone()
+        mora_apply_slices(y, x[rows], tables, meta, [0, 72, 96], backend="torch")
+        plan = plan_module(tables, meta, len(rows))  # None: no work (a row without an adapter)
+        return y, plan and next(iter(plan.programs.values()))
+
+    y, program = run(list(range(len(slot))))
+    assert program.gather is not None and [i for i, _ in program.direct] == [0, 1]
+    assert [i for i, _ in program.slices] == [0]  # the mixed slice's types 1 and 4
+    for r in range(len(slot)):
+        assert torch.equal(y[r], run([r])[0][0]), (r, kinds[slot[r]] if slot[r] >= 0 else None)
+    assert torch.equal(y[slot == -1], y0[slot == -1])
+    want = y0.clone()
+    for i, table in enumerate(tables):
+        mora_apply(want[:, [0, 72][i] : [72, 96][i]], x, table, prepare_batch(slot, 6), backend="reference")
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y, want, **tol)
+    # the general path alone: the same bits on every row it computes (types 1 and 4)
+    monkeypatch.setattr(torch_cpu, "bind_direct", lambda passes, *_: (None, passes))
+    general, program = run(list(range(len(slot))))
+    assert not program.direct
+    other = torch.tensor([s >= 0 and kinds[s][1] is not MoraType.ROPE for s in slot.tolist()])
+    assert torch.equal(y[other, :72], general[other, :72])
+
+
 @pytest.mark.parametrize("dot_products", [True, False])
 @pytest.mark.parametrize(("dtype", "tokens", "native_path"), [
     (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])

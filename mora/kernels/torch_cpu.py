@@ -273,13 +273,14 @@ def _bind_scatter(part: torch.Tensor, lo: int, hi: int, width: int, plan: Plan, 
 
 def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: torch.Tensor, offsets: Sequence[int], meta: BatchMeta) -> _Program:
     direct: list[tuple[int, DirectOp]] = []
+    left: list[list[Pass]] = []  # per slice, the passes the general path runs
     for i, table in enumerate(tables):
-        op = bind_direct(plan.passes[i], plan, table, x, y, offsets[i], offsets[i + 1]) if table is not None else None
+        op, rest = bind_direct(plan.passes[i], plan, table, x, y, offsets[i], offsets[i + 1]) if table is not None else (None, [])
         if op is not None:
             direct.append((i, op))
-    if len(direct) == sum(1 for i, t in enumerate(tables) if t is not None and plan.passes[i]):
+        left.append(rest)
+    if not any(left):
         return _Program(None, [], [], [], direct)
-    done = {i for i, _ in direct}
     live = [t for t in tables if t is not None]
     lay0 = live[0].layout
     in_f, device = lay0.in_features, x.device
@@ -312,8 +313,8 @@ def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: to
     slices: list[tuple[int, list[Op | tuple[TableOp]]]] = []
     spans: list[tuple[int, int]] = []  # column ranges of D written, merged where adjacent
     for i, table in enumerate(tables):
-        passes = plan.passes[i]
-        if table is None or not passes or i in done:
+        passes = left[i]
+        if table is None or not passes:
             continue
         lo, hi = offsets[i], offsets[i + 1]
         dst = D[:, lo:hi]
@@ -328,8 +329,9 @@ def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: to
             before, product, after = _bind_multiply(p, V, out_c, meta)
             copy = p.sign < 0 or not subtract_first
             ops += ops_t + before + [(product,)] + after + _bind_expand(p, table.layout, out_c, dst[p.a : p.b], copy, meta)
-        if not subtract_first:
+        if not subtract_first:  # rows no pass writes here: none, or a direct pass's (added into y by it)
             ops += [dst[a:b].zero_ for a, b in plan.uncovered[i]]
+            ops += [dst[p.a : p.b].zero_ for p in plan.passes[i] if all(p is not q for q in passes)]
         slices.append((i, ops))
         if spans and spans[-1][1] == lo:
             spans[-1] = (spans[-1][0], hi)

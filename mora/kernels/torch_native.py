@@ -1,11 +1,12 @@
 """The torch backend's calls into the native CPU kernels (`mora.kernels.native`), bound per plan.
 
 * `bind_product`: a pass's per-adapter products, one `grouped_mm` call for all its adapters;
-* `bind_direct`: a slice whose only work is type-6 passes runs as one `rope_apply` call per
-  pass, from `x` straight into `y` (rotation, product and periodic expansion in the kernel): no
-  gathered input, rotated rows, products or expanded rows are written to memory and read back,
-  which at decode sizes costs as much as the products themselves. Every output column still
-  gets one addition of one product per token, as on the general path.
+* `bind_direct`: a slice's type-6 passes run as one `rope_apply` call each, from `x` straight
+  into `y` (rotation, product and periodic expansion in the kernel): no gathered input, rotated
+  rows, products or expanded rows are written to memory and read back, which at decode sizes
+  costs as much as the products themselves. The slice's other passes (types 1-4 beside them in
+  a mixed batch) stay on the general path. Every output column still gets one addition of one
+  product per token, as on the general path.
 
 Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`) or where
 torch's bf16 GEMM is not faster (`bf16_blas_beats_native`), where the native kernel is in use
@@ -95,15 +96,19 @@ def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[Slo
 
 
 def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
-                hi: int) -> DirectOp | None:
-    """The slice `y[:, lo:hi]` as one `rope_apply` call per pass, or None where the general path
-    is needed: other types, a merged adapter to subtract, a row-parallel shard, mixed dtypes.
+                hi: int) -> tuple[DirectOp | None, list[Pass]]:
+    """The slice `y[:, lo:hi]`'s type-6 passes as one `rope_apply` call each, and the passes left
+    to the general path (all of them where the slice cannot run direct: a merged adapter to
+    subtract, whose pass the general path must write first, a row-parallel shard, mixed dtypes).
     Passes cover disjoint rows, so each column of `y` still gets one addition per token."""
     lay = table.layout
     if (not passes or lay.local_in != lay.in_features or not x.dtype == y.dtype == table.dtype
-            or any(p.spec.mora_type is not MoraType.ROPE or p.sign < 0 or not _native_for(p, x.dtype) for p in passes)):
-        return None
-    calls = [_rope_call(p, plan, lay.out_start, x.dtype) for p in passes]
+            or any(p.sign < 0 for p in passes)):
+        return None, passes
+    mine = [p for p in passes if p.spec.mora_type is MoraType.ROPE and _native_for(p, x.dtype)]
+    if not mine:
+        return None, passes
+    calls = [_rope_call(p, plan, lay.out_start, x.dtype) for p in mine]
     whole = lo == 0 and hi == y.shape[1]
     op = torch.ops.mora_native.rope_apply
 
@@ -114,7 +119,7 @@ def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tenso
         for tokens, offsets, slots, cos, ssin, k_lo, period, out_start in calls:
             op(x, tokens, offsets, slots, table.Mt, cos, ssin, k_lo, period, out_start, 1.0, dst)
 
-    return direct
+    return direct, [p for p in passes if all(p is not q for q in mine)]
 
 
 def _rope_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tuple:
