@@ -475,6 +475,94 @@ def test_rope_apply_gives_the_same_bits_on_every_path(monkeypatch, fresh_status,
             assert torch.equal(a, b), f"{isa} differs from {first} in {ROPE_CASES[case]}"
 
 
+# --- share_apply: type 1 from x straight into y ---------------------------------------------
+
+
+SHARE_CASES = [  # (in_f, n, out_start, width)
+        (40, 12, 0, 72),       # input padded (the last chunk wraps), outputs tiled
+        (72, 16, 20, 24),      # a column shard inside one tile
+        (96, 32, 50, 100),     # a shard crossing tile boundaries
+        (348, 348, 0, 1000),   # one chunk, n not a multiple of 16
+        (4096, 362, 0, 512),   # 12 chunks, the last padded
+]
+
+
+def share_problem(in_f, n, out_start, width, dtype):
+    """share_apply's operands but alpha and y (a tuple), and a y, for 23 tokens over 6 slots."""
+    gen = torch.Generator().manual_seed(in_f + n + 1)
+    T, S = 23, 6
+    sizes = zipf_sizes(4, 19, gen)  # skewed popularity; 4 of 23 rows have no adapter
+    tokens = torch.randperm(T, generator=gen)[: sum(sizes)].contiguous()
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+    slots = torch.randint(0, S, (len(sizes),), generator=gen)
+    Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1).to(dtype)[:, :, :n]
+    x = torch.randn(T, in_f, generator=gen).to(dtype)
+    y = torch.randn(T, width, generator=gen).to(dtype)
+    return (x, tokens, offsets, slots, Mt, n, -(-in_f // n), out_start), y
+
+
+@pytest.mark.parametrize(("in_f", "n", "out_start", "width"), SHARE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_share_apply_matches_semantics(isa, in_f, n, out_start, width, dtype):
+    """share_apply against its docstring's semantics in float64, and the chunk sum against
+    torch.sum (what the general path and the reference compress with) to within its roundings."""
+    from mora.kernels.native import share_apply
+
+    (x, tokens, offsets, slots, Mt, n, chunks, out_start), y = share_problem(in_f, n, out_start, width, dtype)
+    before, ref = y.clone(), y.double().clone()
+    xp = torch.cat([x, x[:, : chunks * n - in_f]], 1)
+    cols = (out_start + torch.arange(width)) % n
+    for g in range(len(slots)):
+        for t in tokens[offsets[g] : offsets[g + 1]].tolist():
+            v = xp[t].view(chunks, n).double().sum(0)
+            ref[t] += ((v @ Mt[int(slots[g]), :n, :n].double()) * 0.5)[cols]
+    share_apply(x, tokens, offsets, slots, Mt, n, chunks, out_start, 0.5, y)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=2e-5 * (n * chunks) ** 0.5)
+    else:  # bf16 roundings of the sum, the product and the addition
+        torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2 * max(1.0, ref.abs().max().item()))
+    others = torch.ones(len(y), dtype=torch.bool)
+    others[tokens] = False
+    assert torch.equal(y[others], before[others]), "rows without an adapter changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_share_apply_gives_the_same_bits_on_every_path(monkeypatch, fresh_status, dtype):
+    from mora.kernels.native import share_apply
+
+    cases = [share_problem(*case, dtype) for case in SHARE_CASES]
+
+    def run():
+        outs = []
+        for case, (args, y) in enumerate(cases):
+            y = y.clone()
+            share_apply(*args, -0.5 if case % 2 else 1.0, y)
+            outs.append(bits(y))
+        return outs
+
+    (first, want), *others = each_path(monkeypatch, run).items()
+    for isa, got in others:
+        for case, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert torch.equal(a, b), f"{isa} differs from {first} in {SHARE_CASES[case]}"
+
+
+def test_share_apply_refuses_bad_operands(isa):
+    from mora.kernels.native import share_apply
+
+    base = dict(x=torch.randn(3, 40), tokens=torch.tensor([0, 2]), offsets=torch.tensor([0, 2]), slots=torch.tensor([0]),
+                Mt=torch.randn(1, 12, 12), n=12, chunks=4, out_start=0, alpha=1.0, y=torch.zeros(3, 16))
+    for change, message in [
+        (dict(tokens=torch.tensor([0, 3])), "token row out of range"),
+        (dict(chunks=3), "chunks must be ceil"),  # 36 < 40 features: some would be dropped
+        (dict(chunks=5), "chunks must be ceil"),
+        (dict(n=16), "n must fit Mt"),
+        (dict(slots=torch.tensor([1])), "slot out of range"),
+        (dict(y=torch.zeros(3, 16, dtype=torch.float64)), "CPU tensors of one dtype, float32 or bfloat16"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            share_apply(**{**base, **change})
+
+
 def test_rope_apply_refuses_bad_operands(isa):
     from mora.kernels.native import rope_apply
 
@@ -535,13 +623,14 @@ def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_type_6_passes_run_directly_beside_other_types(isa, monkeypatch, dtype):
-    """In a slice that mixes type 6 with types 1 and 4 (a mixed batch), the type-6 passes run as
-    rope_apply calls and only the others take the general path, its rows of theirs zeroed. So a
-    token gets the same bits in a mixed batch as alone, whatever its type: the general path
-    rotates with torch's elementwise ops, whose vectorized addcmul_ rounds once where rope_apply
-    (and torch at its scalar capability) rounds twice, and a type-6 token that took it in mixed
-    batches only was a ulp away from itself alone. Rows without an adapter keep their bits."""
+def test_direct_passes_run_beside_other_types(isa, monkeypatch, dtype):
+    """In a slice that mixes types 6, 1 and 4 (a mixed batch), the type-6 and type-1 passes run
+    as rope_apply and share_apply calls and only type 4 takes the general path, its rows of
+    theirs zeroed. So a token gets the same bits in a mixed batch as alone, whatever its type:
+    the general path rotates with torch's elementwise ops, whose vectorized addcmul_ rounds once
+    where rope_apply (and torch at its scalar capability) rounds twice, and a type-6 token that
+    took it in mixed batches only was a ulp away from itself alone. Rows without an adapter keep
+    their bits."""
     from mora.kernels import mora_apply, mora_apply_slices, prepare_batch, torch_cpu
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
@@ -567,7 +656,7 @@ def test_type_6_passes_run_directly_beside_other_types(isa, monkeypatch, dtype):
 
     y, program = run(list(range(len(slot))))
     assert program.gather is not None and [i for i, _ in program.direct] == [0, 1]
-    assert [i for i, _ in program.slices] == [0]  # the mixed slice's types 1 and 4
+    assert [i for i, _ in program.slices] == [0]  # the mixed slice's type 4
     for r in range(len(slot)):
         assert torch.equal(y[r], run([r])[0][0]), (r, kinds[slot[r]] if slot[r] >= 0 else None)
     assert torch.equal(y[slot == -1], y0[slot == -1])
@@ -576,12 +665,12 @@ def test_type_6_passes_run_directly_beside_other_types(isa, monkeypatch, dtype):
         mora_apply(want[:, [0, 72][i] : [72, 96][i]], x, table, prepare_batch(slot, 6), backend="reference")
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(y, want, **tol)
-    # the general path alone: the same bits on every row it computes (types 1 and 4)
+    # the general path alone: the same bits on the rows it computes either way (type 4)
     monkeypatch.setattr(torch_cpu, "bind_direct", lambda passes, *_: (None, passes))
     general, program = run(list(range(len(slot))))
     assert not program.direct
-    other = torch.tensor([s >= 0 and kinds[s][1] is not MoraType.ROPE for s in slot.tolist()])
-    assert torch.equal(y[other, :72], general[other, :72])
+    other = torch.tensor([s >= 0 and kinds[s][1] is MoraType.SHARING_REPEATED for s in slot.tolist()])
+    assert other.any() and torch.equal(y[other, :72], general[other, :72])
 
 
 @pytest.mark.parametrize("dot_products", [True, False])

@@ -1,12 +1,12 @@
 """The torch backend's calls into the native CPU kernels (`mora.kernels.native`), bound per plan.
 
 * `bind_product`: a pass's per-adapter products, one `grouped_mm` call for all its adapters;
-* `bind_direct`: a slice's type-6 passes run as one `rope_apply` call each, from `x` straight
-  into `y` (rotation, product and periodic expansion in the kernel): no gathered input, rotated
-  rows, products or expanded rows are written to memory and read back, which at decode sizes
-  costs as much as the products themselves. The slice's other passes (types 1-4 beside them in
-  a mixed batch) stay on the general path. Every output column still gets one addition of one
-  product per token, as on the general path.
+* `bind_direct`: a slice's type-6 and type-1 passes (the kinds the paper recommends) run as one
+  `rope_apply` or `share_apply` call each, from `x` straight into `y` (rotation or chunk sum,
+  product and periodic expansion in the kernel): no gathered input, compressed rows, products
+  or expanded rows are written to memory and read back, which at decode sizes costs as much as
+  the products themselves. The slice's other passes (types 2-4) stay on the general path.
+  Every output column still gets one addition of one product per token, as on the general path.
 
 Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`) or where
 torch's bf16 GEMM is not faster (`bf16_blas_beats_native`), where the native kernel is in use
@@ -36,6 +36,7 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's B
 # or two decode tokens of one adapter) BLAS is as fast or faster; with up to this many (decode,
 # one token per adapter) the native kernel is up to 1.9x faster (bench.kernel --dtype bfloat16).
 BF16_MAX_ROWS = 16
+DIRECT_TYPES = (MoraType.ROPE, MoraType.SHARING)  # bind_direct's: one native call from x into y
 
 
 def _native_for(p: Pass, dtype: torch.dtype) -> bool:
@@ -97,36 +98,41 @@ def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[Slo
 
 def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
                 hi: int) -> tuple[DirectOp | None, list[Pass]]:
-    """The slice `y[:, lo:hi]`'s type-6 passes as one `rope_apply` call each, and the passes left
-    to the general path (all of them where the slice cannot run direct: a merged adapter to
-    subtract, whose pass the general path must write first, a row-parallel shard, mixed dtypes).
-    Passes cover disjoint rows, so each column of `y` still gets one addition per token."""
+    """The slice `y[:, lo:hi]`'s type-6 and type-1 passes as one `rope_apply` or `share_apply`
+    call each, and the passes left to the general path (types 2-4; all of them where the slice
+    cannot run direct: a merged adapter to subtract, whose pass the general path must write
+    first, a row-parallel shard, mixed dtypes). Passes cover disjoint rows, so each column of `y`
+    still gets one addition per token."""
     lay = table.layout
     if (not passes or lay.local_in != lay.in_features or not x.dtype == y.dtype == table.dtype
             or any(p.sign < 0 for p in passes)):
         return None, passes
-    mine = [p for p in passes if p.spec.mora_type is MoraType.ROPE and _native_for(p, x.dtype)]
+    mine = [p for p in passes if p.spec.mora_type in DIRECT_TYPES and _native_for(p, x.dtype)]
     if not mine:
         return None, passes
-    calls = [_rope_call(p, plan, lay.out_start, x.dtype) for p in mine]
+    calls = [_direct_call(p, plan, lay.out_start, x.dtype) for p in mine]
     whole = lo == 0 and hi == y.shape[1]
-    op = torch.ops.mora_native.rope_apply
 
     def direct(table: SlotTable, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.stride(1) != 1:
             x = x.contiguous()
         dst = y if whole else y[:, lo:hi]
-        for tokens, offsets, slots, cos, ssin, k_lo, period, out_start in calls:
-            op(x, tokens, offsets, slots, table.Mt, cos, ssin, k_lo, period, out_start, 1.0, dst)
+        for call in calls:
+            call(x, table.Mt, dst)
 
     return direct, [p for p in passes if all(p is not q for q in mine)]
 
 
-def _rope_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tuple:
-    """`rope_apply`'s operands for pass `p` (all but x, Mt, alpha and y); the tables in `dtype`,
-    as the general path rounds them."""
+
+def _direct_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """Pass `p`'s direct op with every operand but x, Mt and y bound; the rope tables in
+    `dtype`, as the general path rounds them."""
     spec = p.spec
-    cos, ssin = rope_signed_tables(spec.n, spec.num_chunks, p.k_lo, p.k_lo + p.chunks, dtype, torch.device("cpu"))
     offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
     tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
-    return tokens, offsets, slots, cos, ssin, p.k_lo, spec.num_chunks * spec.n, out_start
+    if spec.mora_type is MoraType.SHARING:
+        share = torch.ops.mora_native.share_apply
+        return lambda x, Mt, y: share(x, tokens, offsets, slots, Mt, spec.n, spec.num_chunks, out_start, 1.0, y)
+    cos, ssin = rope_signed_tables(spec.n, spec.num_chunks, p.k_lo, p.k_lo + p.chunks, dtype, torch.device("cpu"))
+    rope, period = torch.ops.mora_native.rope_apply, spec.num_chunks * spec.n
+    return lambda x, Mt, y: rope(x, tokens, offsets, slots, Mt, cos, ssin, p.k_lo, period, out_start, 1.0, y)

@@ -5,7 +5,8 @@ adapter, where one sgemm call per adapter packs a whole `M` for those rows (see 
 C++ ops read every `M` straight from the slot table, registered as custom ops:
 
 * `torch.ops.mora_native.grouped_mm` - every adapter's rows times its `M`;
-* `torch.ops.mora_native.rope_apply` - type-6 adapters from `x` straight into `y`.
+* `torch.ops.mora_native.rope_apply` - type-6 adapters from `x` straight into `y`;
+* `torch.ops.mora_native.share_apply` - type-1 adapters from `x` straight into `y`.
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
@@ -51,7 +52,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ENV_ISA", "ENV_KERNEL", "ISAS", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_isa",
-           "native_status", "rope_apply"]
+           "native_status", "rope_apply", "share_apply"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
@@ -227,3 +228,30 @@ def rope_apply(x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, slo
     """
     _require()
     torch.ops.mora_native.rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, alpha, y)
+
+
+def share_apply(x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, slots: torch.Tensor, Mt: torch.Tensor,
+                n: int, chunks: int, out_start: int, alpha: float, y: torch.Tensor) -> None:
+    """Type-1 (sharing) adapters' updates added into `y`, read from `x`, in one call (float32
+    or bfloat16, one dtype for every tensor; in bfloat16 the chunk sum is float32, rounded once,
+    as torch.sum rounds it, and the product and the addition round as in `rope_apply`).
+
+    Semantics::
+
+        # x [T, in_f], y [T, width] (rows contiguous); Mt [S, >= n, >= n] with Mt[s] = M[s].T;
+        # chunks = ceil(in_f / n); tokens int64 [N] (rows of x and y), offsets int64 [G + 1]
+        # (into tokens), slots int64 [G]
+        xp = cat(x, x[:, :chunks * n - in_f], dim=1)                      # the padded input
+        for g in range(G):
+            for t in tokens[offsets[g]:offsets[g + 1]]:
+                v = xp[t].view(chunks, n).float().sum(0).to(x.dtype)     # compress: the chunks' sum
+                o = alpha * (v @ Mt[slots[g], :n, :n])                    # [n]
+                for j in range(width):
+                    y[t, j] += o[(out_start + j) % n]                     # decompress: the tiled output
+
+    The chunks are summed in order from +0, one rounding per addition (torch.sum may sum in
+    another order: within a few ulps of it). Each column of `y` gets one addition per token;
+    rows of `y` not in `tokens` are not touched.
+    """
+    _require()
+    torch.ops.mora_native.share_apply(x, tokens, offsets, slots, Mt, n, chunks, out_start, alpha, y)

@@ -58,7 +58,9 @@ struct Scalar<bf16> {
 // Type 6 straight from x to y (rope_apply): row r of a group is chunk k_lo + r % chunks of the
 // group's token r / chunks. Its V row is that chunk of the padded input, rotated; its product's
 // column q is output column (c * n + q) of every period `period`, added into y's columns
-// [out_start, out_start + width). Roundings follow the general path's torch ops.
+// [out_start, out_start + width). Type 1 (share_apply) is the same with one row per token
+// (chunks 1, k_lo 0, period n: the tiled output), its V row the sum of the token's sum_chunks
+// chunks of the padded input. Roundings are those of the reference's elementwise torch ops.
 template <typename T>
 struct Rope {
   const T* x;
@@ -69,6 +71,7 @@ struct Rope {
   int64_t n, chunks, k_lo, period, out_start, width;
   T* y;  // null: grouped_mm
   int64_t ldy;
+  int64_t sum_chunks = 0;  // share_apply (type 1): row r's V is the sum of its token's chunks 0..sum_chunks-1
 };
 
 template <typename T>

@@ -1,7 +1,8 @@
 // mora_native::grouped_mm - one call multiplies every adapter's rows by that adapter's M;
 // mora_native::rope_apply - the same product for type-6 adapters, from x straight into y (the
-// rotation done while packing the rows, the periodic expansion while storing them). Their
-// semantics are stated in mora/kernels/native/__init__.py.
+// rotation done while packing the rows, the periodic expansion while storing them);
+// mora_native::share_apply - the same for type-1 adapters (the chunks summed while packing, the
+// output tiled while storing). Their semantics are stated in mora/kernels/native/__init__.py.
 //
 // Why not BLAS: an adapter's rows are few (a decode token's 12-16 rotated chunks, 1-4 compressed
 // rows), so each sgemm call packs a whole M for a handful of rows and runs at a third to a half
@@ -225,36 +226,67 @@ void grouped_mm(const at::Tensor& V, const at::Tensor& offsets, const at::Tensor
   V.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
 }
 
+// A direct op's call: the groups of `tokens`, each token `per` rows, from x into y on `base`.
+template <typename T>
+void run_direct(const char* op, const Rope<T>& base, const at::Tensor& x, const at::Tensor& tokens,
+                const at::Tensor& offsets, const at::Tensor& slots, const at::Tensor& Mt, double alpha,
+                const at::Tensor& y) {
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), op, ": tokens must be int64");
+  const Groups groups(op, offsets, slots, tokens.numel(), Mt.size(0), base.chunks);
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t rows_x = std::min(x.size(0), y.size(0));
+  for (int64_t t = groups.off[0]; t < groups.off[slots.numel()]; ++t)
+    TORCH_CHECK(0 <= tok[t] && tok[t] < rows_x, op, ": token row out of range");
+  const float a = static_cast<float>(alpha);
+  const int64_t ldm = Mt.stride(1);
+  run<T>(groups, Mt, base.n, [&](int64_t g, const T* M) {
+    Problem<T> p{nullptr, 0, M, ldm, base.n, nullptr, 0, a, base};
+    p.rope.tokens = tok + groups.off[g];
+    return p;
+  });
+}
+
+void check_direct(const char* op, const at::Tensor& x, const at::Tensor& Mt, const at::Tensor& y, int64_t n,
+                  int64_t out_start) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && Mt.dim() == 3, op, ": x [T, in_f], y [T, width], Mt [S, >=n, >=n]");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && Mt.stride(2) == 1, op, ": rows must be contiguous");
+  TORCH_CHECK(n > 0 && Mt.size(1) >= n && Mt.size(2) >= n, op, ": n must fit Mt");
+  TORCH_CHECK(out_start >= 0, op, ": out_start must be >= 0");
+}
+
 void rope_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& slots,
                 const at::Tensor& Mt, const at::Tensor& cos, const at::Tensor& ssin, int64_t k_lo, int64_t period,
                 int64_t out_start, double alpha, at::Tensor& y) {
   check_dtypes("rope_apply", {&x, &Mt, &cos, &ssin, &y});
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && Mt.dim() == 3 && cos.dim() == 2 && cos.sizes() == ssin.sizes(),
-              "rope_apply: x [T, in_f], y [T, width], Mt [S, >=n, >=n], cos and ssin [chunks, n]");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && Mt.stride(2) == 1 && cos.is_contiguous() && ssin.is_contiguous(),
-              "rope_apply: rows must be contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == ssin.sizes() && cos.is_contiguous() && ssin.is_contiguous(),
+              "rope_apply: cos and ssin [chunks, n], contiguous");
   const int64_t chunks = cos.size(0), n = cos.size(1), in_f = x.size(1);
-  TORCH_CHECK(n > 0 && n % 2 == 0 && Mt.size(1) >= n && Mt.size(2) >= n, "rope_apply: n must be even and fit Mt");
+  check_direct("rope_apply", x, Mt, y, n, out_start);
+  TORCH_CHECK(n % 2 == 0, "rope_apply: n must be even");
   TORCH_CHECK(k_lo >= 0 && chunks > 0 && (k_lo + chunks) * n <= 2 * in_f && period >= (k_lo + chunks) * n,
               "rope_apply: chunks out of range");
-  TORCH_CHECK(out_start >= 0, "rope_apply: out_start must be >= 0");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), "rope_apply: tokens must be int64");
-  const Groups groups("rope_apply", offsets, slots, tokens.numel(), Mt.size(0), chunks);
-  const int64_t* tok = tokens.data_ptr<int64_t>();
-  const int64_t rows_x = std::min(x.size(0), y.size(0));
-  for (int64_t t = groups.off[0]; t < groups.off[slots.numel()]; ++t)
-    TORCH_CHECK(0 <= tok[t] && tok[t] < rows_x, "rope_apply: token row out of range");
-  const float a = static_cast<float>(alpha);
   auto go = [&](auto zero) {
     using T = decltype(zero);
-    const Rope<T> base{data<T>(x), x.stride(0), in_f, tok, data<T>(cos), data<T>(ssin),
+    const Rope<T> base{data<T>(x), x.stride(0), in_f, nullptr, data<T>(cos), data<T>(ssin),
                        n, chunks, k_lo, period, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
-    const int64_t ldm = Mt.stride(1);
-    run<T>(groups, Mt, n, [&](int64_t g, const T* M) {
-      Problem<T> p{nullptr, 0, M, ldm, n, nullptr, 0, a, base};
-      p.rope.tokens = tok + groups.off[g];
-      return p;
-    });
+    run_direct<T>("rope_apply", base, x, tokens, offsets, slots, Mt, alpha, y);
+  };
+  x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
+}
+
+void share_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& slots,
+                 const at::Tensor& Mt, int64_t n, int64_t chunks, int64_t out_start, double alpha, at::Tensor& y) {
+  check_dtypes("share_apply", {&x, &Mt, &y});
+  check_direct("share_apply", x, Mt, y, n, out_start);
+  const int64_t in_f = x.size(1);
+  TORCH_CHECK(chunks > 0 && in_f <= chunks * n && chunks * n < in_f + n && chunks * n <= 2 * in_f,
+              "share_apply: chunks must be ceil(in_f / n), the chunks of the padded input");
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    Rope<T> base{data<T>(x), x.stride(0), in_f, nullptr, nullptr, nullptr,
+                 n, 1, 0, n, out_start, y.size(1), mutable_data<T>(y), y.stride(0)};
+    base.sum_chunks = chunks;
+    run_direct<T>("share_apply", base, x, tokens, offsets, slots, Mt, alpha, y);
   };
   x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
 }
@@ -272,9 +304,13 @@ TORCH_LIBRARY(mora_native, lib) {
   lib.def(
       "rope_apply(Tensor x, Tensor tokens, Tensor offsets, Tensor slots, Tensor Mt, Tensor cos, Tensor ssin, "
       "int k_lo, int period, int out_start, float alpha, Tensor(a!) y) -> ()");
+  lib.def(
+      "share_apply(Tensor x, Tensor tokens, Tensor offsets, Tensor slots, Tensor Mt, int n, int chunks, "
+      "int out_start, float alpha, Tensor(a!) y) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mora_native, CPU, lib) {
   lib.impl("grouped_mm", &grouped_mm);
   lib.impl("rope_apply", &rope_apply);
+  lib.impl("share_apply", &share_apply);
 }

@@ -7,8 +7,10 @@
 // order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
 
 // The rotated chunk of row r into v[k * stride] (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
-// ssin[k] + u[k] * cos[k] (u = the chunk), rounded as torch's mul then addcmul_ round it; `buf`:
-// 2n floats. Elementwise, no FMA contraction: the same bits at every vector width.
+// ssin[k] + u[k] * cos[k] (u = the chunk), each product rounded, then their sum, as the
+// reference's `u * cos + rotate_half(u) * sin` rounds (torch's vectorized addcmul_, on the
+// general path, fuses the second product into the sum); `buf`: 2n floats. Elementwise, no FMA
+// contraction: the same bits at every vector width.
 template <typename T>
 void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
   using S = Scalar<T>;
@@ -34,7 +36,31 @@ void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf
   for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
 }
 
-// Where a product row goes in y (rope_apply): its token's row of y, and for the panel at hand
+// Type 1's row r (share_apply: one per token) into v[k * stride]: the sum of the token's
+// sum_chunks chunks of the padded input, in chunk order from +0, each addition rounded (float32),
+// then rounded to T once, as torch.sum rounds its float32 accumulator. `buf`: n floats.
+template <typename T>
+void chunk_sum(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  using S = Scalar<T>;
+  const int64_t n = rope.n;
+  const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
+  for (int64_t k = 0; k < n; ++k) buf[k] = 0.0f;
+  for (int64_t c = 0; c < rope.sum_chunks; ++c) {  // the last chunk may wrap: the first features again
+    const int64_t base = c * n, inside = std::clamp<int64_t>(rope.in_f - base, 0, n);
+    for (int64_t k = 0; k < inside; ++k) buf[k] += S::get(xr[base + k]);
+    for (int64_t k = inside; k < n; ++k) buf[k] += S::get(xr[base + k - rope.in_f]);
+  }
+  for (int64_t k = 0; k < n; ++k) v[k * stride] = S::round(buf[k]);
+}
+
+// A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: 2n floats.
+template <typename T>
+void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  if (rope.sum_chunks) chunk_sum(rope, r, v, stride, buf);
+  else rotate(rope, r, v, stride, buf);
+}
+
+// Where a product row goes in y (rope_apply, share_apply): its token's row of y, and for the panel at hand
 // the column of its lane 0 in the first period that reaches column 0 (and every period after).
 template <typename T>
 struct Target {
@@ -201,7 +227,7 @@ void pack(const Problem<T>& p, int64_t row0, float* dst, float* scratch) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
     float* d = dst + s * SUB * p.n + (i - s * SUB);
     if (p.rope.y) {
-      rotate(p.rope, row0 + i, d, in, scratch);
+      direct_row(p.rope, row0 + i, d, in, scratch);
     } else {
       const T* src = p.V + (row0 + i) * p.ldv;
       for (int64_t k = 0; k < p.n; ++k) d[k * in] = Scalar<T>::get(src[k]);

@@ -32,11 +32,11 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
   uint32_t* pk = head + kPanel;
   const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
   const float* rotated = scratch + 2 * n;
-  uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // rotate()'s buffer, free once it returns
+  uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // direct_row()'s buffer, free once it returns
   uint32_t small = 0;
   for (int i = 0; i < RB; ++i) {
-    if (p.rope.y) {  // rotated rows hold bf16 values: their bits are the float's upper half
-      rotate(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
+    if (p.rope.y) {  // rotated or summed rows hold bf16 values: their bits are the float's upper half
+      direct_row(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
       const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
       for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
       if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
