@@ -416,23 +416,29 @@ ROPE_CASES = [
 
 
 def rope_problem(in_f, n, k_lo, chunks, out_start, width, dtype):
-    """rope_apply's operands but alpha and y (a tuple), and a y, for 23 tokens over 6 slots."""
+    """rope_apply's operands but alpha and y (a tuple), and a y (`direct_operands`)."""
     from mora.ops import rope_tables
 
-    gen = torch.Generator().manual_seed(in_f + n)
     period = -(-in_f // n) * n
     cos, sin = rope_tables(n, period // n, dtype)
     cos = cos[k_lo : k_lo + chunks].contiguous()
     ssin = torch.cat([-sin[k_lo : k_lo + chunks, : n // 2], sin[k_lo : k_lo + chunks, n // 2 :]], 1).contiguous()
+    (x, tokens, offsets, slots, Mt), y = direct_operands(in_f, n, width, dtype, torch.Generator().manual_seed(in_f + n))
+    return (x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start), y
+
+
+def direct_operands(in_f, n, width, dtype, gen):
+    """A direct op's x, tokens, offsets, slots and Mt (a tuple), and a y: 23 tokens over 6 slots
+    with skewed popularity, 4 of them without an adapter."""
     T, S = 23, 6
-    sizes = zipf_sizes(4, 19, gen)  # skewed popularity; 4 of 23 rows have no adapter
+    sizes = zipf_sizes(4, 19, gen)
     tokens = torch.randperm(T, generator=gen)[: sum(sizes)].contiguous()
     offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
     slots = torch.randint(0, S, (len(sizes),), generator=gen)
     Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1).to(dtype)[:, :, :n]
     x = torch.randn(T, in_f, generator=gen).to(dtype)
     y = torch.randn(T, width, generator=gen).to(dtype)
-    return (x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start), y
+    return (x, tokens, offsets, slots, Mt), y
 
 
 @pytest.mark.parametrize(("in_f", "n", "k_lo", "chunks", "out_start", "width"), ROPE_CASES)
@@ -455,26 +461,6 @@ def test_rope_apply_matches_semantics(isa, in_f, n, k_lo, chunks, out_start, wid
     assert torch.equal(y[others], before[others]), "rows without an adapter changed"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_apply_gives_the_same_bits_on_every_path(monkeypatch, fresh_status, dtype):
-    from mora.kernels.native import rope_apply
-
-    cases = [rope_problem(*case, dtype) for case in ROPE_CASES]
-
-    def run():
-        outs = []
-        for case, (args, y) in enumerate(cases):
-            y = y.clone()
-            rope_apply(*args, -0.5 if case % 2 else 1.0, y)
-            outs.append(bits(y))
-        return outs
-
-    (first, want), *others = each_path(monkeypatch, run).items()
-    for isa, got in others:
-        for case, (a, b) in enumerate(zip(want, got, strict=True)):
-            assert torch.equal(a, b), f"{isa} differs from {first} in {ROPE_CASES[case]}"
-
-
 # --- share_apply: type 1 from x straight into y ---------------------------------------------
 
 
@@ -488,17 +474,9 @@ SHARE_CASES = [  # (in_f, n, out_start, width)
 
 
 def share_problem(in_f, n, out_start, width, dtype):
-    """share_apply's operands but alpha and y (a tuple), and a y, for 23 tokens over 6 slots."""
-    gen = torch.Generator().manual_seed(in_f + n + 1)
-    T, S = 23, 6
-    sizes = zipf_sizes(4, 19, gen)  # skewed popularity; 4 of 23 rows have no adapter
-    tokens = torch.randperm(T, generator=gen)[: sum(sizes)].contiguous()
-    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
-    slots = torch.randint(0, S, (len(sizes),), generator=gen)
-    Mt = (torch.randn(S, n, n + 9, generator=gen) * 0.1).to(dtype)[:, :, :n]
-    x = torch.randn(T, in_f, generator=gen).to(dtype)
-    y = torch.randn(T, width, generator=gen).to(dtype)
-    return (x, tokens, offsets, slots, Mt, n, -(-in_f // n), out_start), y
+    """share_apply's operands but alpha and y (a tuple), and a y (`direct_operands`)."""
+    operands, y = direct_operands(in_f, n, width, dtype, torch.Generator().manual_seed(in_f + n + 1))
+    return (*operands, n, -(-in_f // n), out_start), y
 
 
 @pytest.mark.parametrize(("in_f", "n", "out_start", "width"), SHARE_CASES)
@@ -526,24 +504,27 @@ def test_share_apply_matches_semantics(isa, in_f, n, out_start, width, dtype):
     assert torch.equal(y[others], before[others]), "rows without an adapter changed"
 
 
+@pytest.mark.parametrize("op", ["rope_apply", "share_apply"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_share_apply_gives_the_same_bits_on_every_path(monkeypatch, fresh_status, dtype):
-    from mora.kernels.native import share_apply
+def test_direct_ops_give_the_same_bits_on_every_path(monkeypatch, fresh_status, op, dtype):
+    from mora.kernels import native as ops
 
-    cases = [share_problem(*case, dtype) for case in SHARE_CASES]
+    apply, make, shapes = {"rope_apply": (ops.rope_apply, rope_problem, ROPE_CASES),
+                           "share_apply": (ops.share_apply, share_problem, SHARE_CASES)}[op]
+    cases = [make(*case, dtype) for case in shapes]
 
     def run():
         outs = []
         for case, (args, y) in enumerate(cases):
             y = y.clone()
-            share_apply(*args, -0.5 if case % 2 else 1.0, y)
+            apply(*args, -0.5 if case % 2 else 1.0, y)
             outs.append(bits(y))
         return outs
 
     (first, want), *others = each_path(monkeypatch, run).items()
     for isa, got in others:
         for case, (a, b) in enumerate(zip(want, got, strict=True)):
-            assert torch.equal(a, b), f"{isa} differs from {first} in {SHARE_CASES[case]}"
+            assert torch.equal(a, b), f"{op}: {isa} differs from {first} in {shapes[case]}"
 
 
 def test_share_apply_refuses_bad_operands(isa):
