@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def held_run() -> list[str]:
     """bench.kernel --isa avx2 on one small case, from an environment that sets nothing."""
+    enabled, why = native.native_status()  # loads the library, which knows the CPU's features
+    if not enabled:
+        pytest.skip(f"no native kernel here: {why}")
     if native._missing("avx2"):
         pytest.skip(f"the CPU lacks {native._missing('avx2')}: no AVX2 path to hold a run to")
     env = {k: v for k, v in os.environ.items()

@@ -561,13 +561,14 @@ def test_rope_apply_refuses_bad_operands(isa):
             rope_apply(**{**base, **change})
 
 
+@pytest.mark.parametrize("kind", ["ROPE", "SHARING"])
 @pytest.mark.parametrize("merged", [-1, 0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dtype):
-    """A float32 (or decode-sized bfloat16) slice whose only work is type 6 runs as rope_apply
-    calls (no gathered input, no scatter); with a merged adapter to subtract it takes the general
-    path. Both equal the reference backend and the BLAS path, and rows without an adapter keep
-    their bits."""
+def test_torch_backend_runs_direct_slices_directly(isa, monkeypatch, kind, merged, dtype):
+    """A float32 (or decode-sized bfloat16) slice whose only work is type 6 (or type 1) runs as
+    rope_apply (share_apply) calls: no gathered input, no scatter; with a merged adapter to
+    subtract it takes the general path. Both equal the reference backend and the BLAS path, and
+    rows without an adapter keep their bits."""
     from mora.kernels import mora_apply, prepare_batch
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
@@ -575,8 +576,8 @@ def test_torch_backend_runs_type_6_slices_directly(isa, monkeypatch, merged, dty
     gen = torch.Generator().manual_seed(5)
     lay = ShardLayout(40, 72)
     table = SlotTable(lay, 4, n_max=16, dtype=dtype)
-    for s, n in enumerate([12, 8, 12]):  # two (type, n): two passes, one rope_apply each
-        table.set_slot(s, (torch.randn(n, n, generator=gen) * 0.1).to(dtype), MoraSpec(40, 72, n, MoraType.ROPE))
+    for s, n in enumerate([12, 8, 12]):  # two (type, n): two passes, one direct call each
+        table.set_slot(s, (torch.randn(n, n, generator=gen) * 0.1).to(dtype), MoraSpec(40, 72, n, MoraType[kind]))
     slot = torch.tensor([2, 0, -1, 1, 0, 2, 2, -1, 1, 0, 0])
     x = torch.randn(len(slot), 40, generator=gen).to(dtype)
     y0 = torch.randn(len(slot), 72, generator=gen).to(dtype)
