@@ -8,10 +8,11 @@ batched ops, multiplies each adapter's rows by its `M`, and writes the decompres
 with whole output periods broadcast into one buffer that is added to `y` with one scatter.
 
 The products of float32 and bfloat16 tables run in the native kernel (`torch_native`,
-`mora.kernels.native`): one call per pass, and a slice's type-6 passes run from `x` straight
-into `y` with none of the buffers above (the general path then only carries its other types). Otherwise (float16, `MORA_CPU_KERNEL=blas`,
-CPUs that are not x86-64) they are BLAS calls: one batched GEMM when the adapters' slots form an arithmetic
-progression or their `M`s are gathered, else one `mm` each.
+`mora.kernels.native`): one call per pass, and a slice's type-6 and type-1 passes run from `x`
+straight into `y` with none of the buffers above (the general path then only carries its other
+types). Otherwise (float16, `MORA_CPU_KERNEL=blas`, CPUs that are not x86-64) they are BLAS
+calls: one batched GEMM when the adapters' slots form an arithmetic progression or their `M`s
+are gathered, else one `mm` each.
 
 A plan is bound once into a program: every op with its operands already sliced out of the
 batch's scratch buffers, so that a layer runs a flat list of torch calls and reads only its

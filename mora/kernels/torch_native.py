@@ -123,7 +123,6 @@ def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tenso
     return direct, [p for p in passes if all(p is not q for q in mine)]
 
 
-
 def _direct_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
     """Pass `p`'s direct op with every operand but x, Mt and y bound; the rope tables in
     `dtype`, as the general path rounds them."""
