@@ -23,9 +23,9 @@ constexpr int kAhead = 4;
 
 using bf16 = uint16_t;  // at::BFloat16's bits
 
-// prefetcht0 that the optimizer keeps: GCC deletes a loop of __builtin_prefetch that does nothing
-// else (it ran none of rope_apply's y prefetches).
-inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+// prefetcht1 (into L2) that the optimizer keeps: GCC deletes a loop of __builtin_prefetch that
+// does nothing else.
+inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
 
 // A storage type's values as float32 and back: `get` widens, `from` rounds (bf16: to nearest
 // even, NaN to 0x7FC0, c10::BFloat16's conversion), `round` is the float32 value `from` stores.
@@ -85,6 +85,10 @@ struct Problem {
   int64_t ldo;
   float alpha;
   Rope<T> rope{};  // rope_apply (rope.y set): rows are (token, chunk) pairs read from x and added into y
+  // rope_apply, share_apply: the products, rounded to T, of rows tile_row0.. (ldt floats apart),
+  // each unit's added into y after its last panel
+  float* tile = nullptr;
+  int64_t tile_row0 = 0, ldt = 0;
 };
 
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
@@ -111,6 +115,10 @@ constexpr int kRun = 4;
 inline int64_t unit_floats(int64_t n) { return kMaxRows * n + kPanel; }
 // A run's rows, then a rotation's scratch (2n) and its rotated row (n).
 inline int64_t pack_floats(int64_t n) { return kRun * unit_floats(n) + 3 * n; }
+// A direct op's tile row: whole panels.
+inline int64_t tile_stride(int64_t n) { return (n + kPanel - 1) / kPanel * kPanel; }
+// A run's tile (direct ops).
+inline int64_t tile_floats(int64_t n) { return kRun * kMaxRows * tile_stride(n); }
 
 // Each path's table of kernels by unit size (index 0 unused), from its isa_*.cpp.
 namespace isa_portable {

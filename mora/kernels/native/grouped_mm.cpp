@@ -1,8 +1,8 @@
 // mora_native::grouped_mm - one call multiplies every adapter's rows by that adapter's M;
 // mora_native::rope_apply - the same product for type-6 adapters, from x straight into y (the
-// rotation done while packing the rows, the periodic expansion while storing them);
+// rotation done while packing the rows, the periodic expansion as a unit's products are added);
 // mora_native::share_apply - the same for type-1 adapters (the chunks summed while packing, the
-// output tiled while storing). Their semantics are stated in mora/kernels/native/__init__.py.
+// output tiled as they are added). Their semantics are stated in mora/kernels/native/__init__.py.
 //
 // Why not BLAS: an adapter's rows are few (a decode token's 12-16 rotated chunks, 1-4 compressed
 // rows), so each sgemm call packs a whole M for a handful of rows and runs at a third to a half
@@ -182,13 +182,14 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
   const int64_t grain = groups.rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, count) : 1;
   at::parallel_for(0, count, grain, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> pack;
-    if (static_cast<int64_t>(pack.size()) < pack_floats(n)) pack.resize(pack_floats(n));
+    if (static_cast<int64_t>(pack.size()) < pack_floats(n) + tile_floats(n)) pack.resize(pack_floats(n) + tile_floats(n));
     float* scratch = pack.data() + kRun * unit_floats(n);
     for (int64_t u = lo; u < hi;) {
       const int64_t g = units[u].first;
       int64_t end = u + 1;
       while (end < hi && end - u < kRun && units[end].first == g) ++end;
-      const Problem<T> p = problem(g, m + groups.slot[g] * lds);
+      Problem<T> p = problem(g, m + groups.slot[g] * lds);
+      p.tile = pack.data() + pack_floats(n), p.tile_row0 = units[u].second, p.ldt = tile_stride(n);
       // The M this thread reads next, where the next run starts another group.
       const T* next = end < hi && units[end].first != g ? m + groups.slot[units[end].first] * lds : nullptr;
       auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[g], groups.size(g) - units[v].second); };

@@ -53,69 +53,51 @@ void chunk_sum(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* 
   for (int64_t k = 0; k < n; ++k) v[k * stride] = S::round(buf[k]);
 }
 
+// Row r's spans of y (rope_apply, share_apply): its chunk c = k_lo + r % chunks lands on y's
+// columns c * n - out_start.. of every period, consecutive columns. at(y, j, lo, hi): columns
+// j + lo.. j + hi - 1 of its token's row of y take the product's columns lo..hi - 1.
+template <typename T, typename At>
+void each_span(const Rope<T>& rope, int64_t r, At at) {
+  const int64_t n = rope.n;
+  T* y = rope.y + rope.tokens[r / rope.chunks] * rope.ldy;
+  const int64_t d = (rope.k_lo + r % rope.chunks) * n - rope.out_start;  // column 0's in period 0
+  const int64_t a = d + n - 1;  // floor(a / period) periods before the first whose span reaches column 0
+  const int64_t before = a >= 0 ? a / rope.period : -((-a + rope.period - 1) / rope.period);
+  for (int64_t j = d - before * rope.period; j < rope.width; j += rope.period)
+    at(y, j, j < 0 ? -j : 0, std::min(n, rope.width - j));
+}
+
+// Row r's lines of y requested into L2 while it is packed, a unit's products ahead of add_rows:
+// spread over tokens and periods, no hardware prefetcher follows them.
+template <typename T>
+void request_y(const Rope<T>& rope, int64_t r) {
+  each_span(rope, r, [](T* y, int64_t j, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; l += 64 / static_cast<int64_t>(sizeof(T))) prefetch_l2(y + j + l);
+    prefetch_l2(y + j + hi - 1);
+  });
+}
+
+// Adds a unit's rounded products (its rows of the tile, n columns each) into y, after its last
+// panel, span after span. (Adding each block's panels at its end, 16-column pieces of y
+// scattered over chunks and periods, took a fifth of a bfloat16 call: y lines fetched twice,
+// and the pieces' targets computed and prefetched per block.)
+template <typename T>
+__attribute__((noinline)) void add_rows(const Problem<T>& p, int64_t row0, int rows) {
+  for (int i = 0; i < rows; ++i) {
+    const float* o = p.tile + (row0 + i - p.tile_row0) * p.ldt;
+    each_span(p.rope, row0 + i, [o](T* y, int64_t j, int64_t lo, int64_t hi) {
+      for (int64_t l = lo; l < hi; l += kPanel)
+        add_lanes<T>(y, j + l, 0, static_cast<int>(std::min<int64_t>(kPanel, hi - l)), o + l);
+    });
+  }
+}
+
 // A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: 2n floats.
 template <typename T>
 void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  request_y(rope, r);
   if (rope.sum_chunks) chunk_sum(rope, r, v, stride, buf);
   else rotate(rope, r, v, stride, buf);
-}
-
-// Where a product row goes in y (rope_apply, share_apply): its token's row of y, and for the panel at hand
-// the column of its lane 0 in the first period that reaches column 0 (and every period after).
-template <typename T>
-struct Target {
-  T* y;
-  int64_t j;
-};
-
-// Row r's chunk columns q0.. land on y's columns c * n + q - out_start of every period.
-template <typename T>
-Target<T> target(const Rope<T>& rope, int64_t r, int64_t q0) {
-  const int64_t d = (rope.k_lo + r % rope.chunks) * rope.n + q0 - rope.out_start;  // lane 0's column in period 0
-  const int64_t a = d + kPanel - 1;  // floor((d + 15) / period) periods before the first reaching column 0
-  const int64_t before = a >= 0 ? a / rope.period : -((-a + rope.period - 1) / rope.period);
-  return {rope.y + rope.tokens[r / rope.chunks] * rope.ldy, d - before * rope.period};
-}
-
-// The target `panels` panels on (no division: these run per panel and row).
-template <typename T>
-Target<T> shifted(const Rope<T>& rope, Target<T> t, int64_t panels) {
-  t.j += panels * kPanel;
-  while (t.j - rope.period + kPanel - 1 >= 0) t.j -= rope.period;
-  return t;
-}
-
-// at(y, j, lo, hi) for every period: lanes [lo, hi) of the panel go to columns j + lo.. of y.
-template <typename T, typename At>
-void each_period(const Rope<T>& rope, Target<T> t, int lanes, At at) {
-  for (int64_t j = t.j; j < rope.width; j += rope.period) {
-    const int lo = j < 0 ? static_cast<int>(-j) : 0;
-    const int hi = rope.width - j < lanes ? static_cast<int>(rope.width - j) : lanes;
-    if (lo < hi) at(t.y, j, lo, hi);
-  }
-}
-
-// The block's rows' targets at its first panel, and their y lines requested while it multiplies:
-// y is read and written once over a call, in lines scattered over chunks and periods that no
-// hardware prefetcher follows.
-template <int RB, int NP, typename T>
-__attribute__((noinline)) void targets(const Problem<T>& p, int64_t row0, int64_t p0, int lanes, Target<T> (&tgt)[RB]) {
-  for (int i = 0; i < RB; ++i) {
-    tgt[i] = target(p.rope, row0 + i, p0 * kPanel);
-    for (int j = 0; j < NP; ++j)
-      each_period(p.rope, shifted(p.rope, tgt[i], j), j == NP - 1 ? lanes : kPanel, [](T* y, int64_t c, int lo, int hi) {
-        prefetch_line(y + c + lo);
-        prefetch_line(y + c + hi - 1);
-      });
-  }
-}
-
-// Adds a product row's panel (v: already rounded to T, its first `lanes` inside [0, n)) into y
-// at target t. Out of line, as targets(): the block's accumulators are never addressed, so they
-// stay registers through its k loop (inlined, these two made GCC keep them in memory too).
-template <typename T>
-__attribute__((noinline)) void add_to_y(const Rope<T>& rope, Target<T> t, int lanes, const float* v) {
-  each_period(rope, t, lanes, [&](T* y, int64_t c, int lo, int hi) { add_lanes<T>(y, c, lo, hi, v); });
 }
 
 // Where the block after this one starts streaming into L2: kAhead panels on (at least one
@@ -129,13 +111,14 @@ void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)
   }
 }
 
-// A block's accumulators times alpha, stored: into out, or (rope_apply) rounded to T and added
-// into y at the rows' targets. Only the last panel of a TAIL block has fewer than kPanel columns
-// inside [0, n). Inlined into each block (and the dot-product blocks, kernel_dp.h), unrolled as
-// their loops over acc: indexed by constants only, the accumulators stay registers.
+// A block's accumulators times alpha, stored: into out, or (rope_apply, share_apply) rounded to
+// T into the tile, as float32 (add_rows adds them into y). Only the last panel of a TAIL block
+// has fewer than kPanel columns inside [0, n) (the tile's rows have room for whole panels).
+// Inlined into each block (and the dot-product blocks, kernel_dp.h), unrolled as their loops
+// over acc: indexed by constants only, the accumulators stay registers.
 template <int RB, int NP, bool TAIL, typename T>
 __attribute__((always_inline)) inline void finish(const Problem<T>& p, const Vec (&acc)[RB][NP], int64_t row0,
-                                                  int64_t p0, int lanes, const Target<T> (&tgt)[RB]) {
+                                                  int64_t p0, int lanes) {
   const Vec alpha = bcast(p.alpha);
 #pragma GCC unroll 8
   for (int j = 0; j < NP; ++j) {
@@ -144,9 +127,7 @@ __attribute__((always_inline)) inline void finish(const Problem<T>& p, const Vec
     for (int i = 0; i < RB; ++i) {
       const Vec v = p.alpha == 1.0f ? acc[i][j] : mul(acc[i][j], alpha);
       if (p.rope.y) {
-        alignas(64) float tile[kPanel];
-        to_floats(tile, round_to<T>(v));
-        add_to_y(p.rope, shifted(p.rope, tgt[i], j), cols, tile);
+        to_floats(p.tile + (row0 + i - p.tile_row0) * p.ldt + (p0 + j) * kPanel, round_to<T>(v));
       } else {
         T* dst = p.out + (row0 + i) * p.ldo + (p0 + j) * kPanel;
         cols == kPanel ? store<T>(dst, v) : store<T>(mask_of(cols), dst, v);
@@ -165,18 +146,16 @@ __attribute__((always_inline)) inline void clear(Vec (&acc)[RB][NP]) {
 }
 
 // What a block needs besides its accumulators: its last panel's columns inside [0, n) (`lanes`,
-// `tail`), where its prefetches run ahead, and (rope_apply) its rows' targets in y.
+// `tail`) and where its prefetches run ahead.
 template <int RB, int NP, bool TAIL, typename T>
 struct Edges {
   int lanes;
   Mask tail;
   const T* ahead[NP];
-  Target<T> tgt[RB];
 
-  Edges(const Problem<T>& p, int64_t row0, int64_t p0, const T* next)
+  Edges(const Problem<T>& p, int64_t p0, const T* next)
       : lanes(TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel), tail(mask_of(lanes)) {
     lookahead<NP>(p, p0, next, ahead);
-    if (p.rope.y) targets<RB, NP>(p, row0, p0, lanes, tgt);
   }
 };
 
@@ -185,7 +164,7 @@ template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
   Vec acc[RB][NP];
   clear(acc);
-  const Edges<RB, NP, TAIL, T> e(p, row0, p0, next);
+  const Edges<RB, NP, TAIL, T> e(p, p0, next);
   const int lanes = e.lanes;
   const Mask tail = e.tail;
   const T* const(&ahead)[NP] = e.ahead;
@@ -207,7 +186,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
       for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
     }
   }
-  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes, e.tgt);
+  finish<RB, NP, TAIL>(p, acc, row0, p0, lanes);
 }
 
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
@@ -246,6 +225,7 @@ void panels(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, 
   for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, packed, row0, q, next);
   for (; q < full; ++q) sweep<RB, 1, false>(p, packed, row0, q, next);
   if (q1 > p.n / kPanel && p.n % kPanel) sweep<RB, 1, true>(p, packed, row0, p.n / kPanel, next);
+  if (p.rope.y && q1 == (p.n + kPanel - 1) / kPanel) add_rows(p, row0, RB);  // the unit's last panel done
 }
 
 template <int RB, typename T>
