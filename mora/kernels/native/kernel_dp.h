@@ -162,7 +162,7 @@ void dot_panels(const Problem<bf16>& p, const float* packed, int64_t row0, int64
   for (; q + NP <= full; q += NP) dot_sweep<RB, NP, false>(p, pk, row0, q, next);
   for (; q < full; ++q) dot_sweep<RB, 1, false>(p, pk, row0, q, next);
   if (q1 > p.n / kPanel && p.n % kPanel) dot_sweep<RB, 1, true>(p, pk, row0, p.n / kPanel, next);
-  if (p.rope.y && q1 == (p.n + kPanel - 1) / kPanel) add_rows(p, row0, RB);
+  after_panels(p, row0, RB, q1);
 }
 
 template <int RB>
