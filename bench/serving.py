@@ -4,8 +4,9 @@ For the 100M Llama-shaped model with random weights (and with `--models both`, t
 first; its ~15 ms steps show mostly a LoRA engine's fixed per-step costs):
 
 * base      - vLLM with LoRA disabled, eager like every LoRA engine on the CPU (vLLM turns
-              torch.compile off whenever LoRA is enabled there); measured before and after
-              the LoRA engine. `base_compiled` is the same with vLLM's default compilation.
+              torch.compile off whenever LoRA is enabled there); its engine runs beside the
+              LoRA engine, in the same rounds. `base_compiled`: the same with vLLM's default
+              compilation, beside the compiled LoRA engine.
 * merged    - one MoRA adapter merged into the base weights (every request uses it)
 * unmerged  - the same adapter unmerged (type 6, the costlier kind)
 * mixed4/16 - requests spread round-robin over 4 / 16 unmerged MoRA adapters (types 1 and 6)
@@ -15,9 +16,11 @@ first; its ~15 ms steps show mostly a LoRA engine's fixed per-step costs):
 * merged_compiled / mixed16_compiled - the LoRA engine compiled (the plugin keeps vLLM's CPU
               compilation with LoRA), against `base_compiled`
 
-Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), `--rounds`
-times interleaved; throughput is tokens/s, medians. Merge and unmerge latency of a whole
-adapter are timed through the worker extension.
+Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), once per round,
+`--rounds` rounds; throughput is tokens/s. A summary ratio is the median over rounds of each
+round's ratio: the base runs in the same round as the scenario it divides, so a machine whose
+speed drifts during the run (shared cores) moves both sides. Merge and unmerge latency of a
+whole adapter are timed through the worker extension.
 
     python -m bench.serving     # < 10 minutes on 2 cores; ends with one line:
     merged_vs_base=.. mixed16_vs_base=.. mora_vs_lora=.. merged_vs_base_lora=.. mora_only_vs_base_lora=..
@@ -123,81 +126,106 @@ def _throughput(llm, prompts, params, loras) -> float:
 
 
 def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Namespace) -> dict:
+    """Each round runs every scenario once, the LoRA-disabled base in the same round: both
+    engines of a phase live side by side, so a round's ratios are taken minutes apart at most
+    and a machine whose speed drifts moves both sides of them (`ratios`: medians of the
+    per-round ratios; `throughput`: medians of each scenario)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
     moras, lora_path = _make_adapters(model, adapter_root)
     prompts = [f"request {i}: the secret code of item {i} is " for i in range(args.seqs)]
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    base_runs: dict[bool, list[float]] = {True: [], False: []}
-
-    def run_base() -> None:
-        for eager in (True, False):
-            llm = _engine(model, lora=False, eager=eager)
-            _throughput(llm, prompts[:4], params, None)  # warm-up (and compilation)
-            base_runs[eager].extend(_throughput(llm, prompts, params, None) for _ in range(args.rounds))
-            _close(llm)
-
-    run_base()
-    llm = _engine(model, lora=True)
     reqs = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(moras)]
     lora_req = LoRARequest("lora-r8", 100, str(lora_path))
-    for r in [*reqs, lora_req]:
-        llm.llm_engine.add_lora(r)
+    merged = [reqs[0]] * len(prompts)
     scenarios = {
         "base_lora": [None] * len(prompts),  # base requests through the LoRA engine (merged_vs_base_lora)
-        "unmerged": [reqs[0]] * len(prompts),
-        "mixed4": [reqs[i % 4] for i in range(len(prompts))],
         "mixed16": [reqs[i % 16] for i in range(len(prompts))],
+        "unmerged": merged,
+        "mixed4": [reqs[i % 4] for i in range(len(prompts))],
         "lora": [lora_req] * len(prompts),
     }
-    results: dict[str, list[float]] = {k: [] for k in [*scenarios, "merged"]}
+    results: dict[str, list[float]] = {k: [] for k in ["base", "merged", *scenarios]}
     merge_s, unmerge_s = [], []
+
+    base = _engine(model, lora=False)
+    llm = _engine(model, lora=True)
+    for r in [*reqs, lora_req]:
+        llm.llm_engine.add_lora(r)
+    _throughput(base, prompts[:4], params, None)  # warm-up
     for loras in scenarios.values():
         _throughput(llm, prompts[:4], params, loras[:4])  # warm-up: activate adapters
+    status = {}
     for _ in range(args.rounds):
-        for key, loras in scenarios.items():
-            results[key].append(_throughput(llm, prompts, params, loras))
         t = time.perf_counter()
         status = llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))[0]
         merge_s.append(time.perf_counter() - t)
         # like every other scenario, measured warm: the first merged step re-activates the
         # adapter's slot and touches the freshly written weights
-        _throughput(llm, prompts[:4], params, scenarios["unmerged"][:4])
-        results["merged"].append(_throughput(llm, prompts, params, scenarios["unmerged"]))
+        _throughput(llm, prompts[:4], params, merged[:4])
+        results["merged"].append(_throughput(llm, prompts, params, merged))
         t = time.perf_counter()
         llm.collective_rpc("mora_unmerge")
         unmerge_s.append(time.perf_counter() - t)
+        results["base"].append(_throughput(base, prompts, params, None))
+        for key, loras in scenarios.items():
+            results[key].append(_throughput(llm, prompts, params, loras))
     _close(llm)
-    results |= _compiled_lora(model, reqs, prompts, params, args)
-    run_base()
-    tput = {k: statistics.median(v) for k, v in results.items()}
-    tput |= {"base": statistics.median(base_runs[True]), "base_compiled": statistics.median(base_runs[False])}
+    _close(base)
+    results |= _compiled(model, reqs, prompts, params, args)
     return {
         "model": name,
-        "throughput": tput,
+        "throughput": {k: statistics.median(v) for k, v in results.items()},
+        "ratios": _ratios(results),
+        "rounds": results,
         "merge_s": statistics.median(merge_s),
         "unmerge_s": statistics.median(unmerge_s),
         "merge_status": {k: status[k] for k in ("layers", "backup_bytes", "merged_copy_bytes", "changed_elements", "packed")},
     }
 
 
-def _compiled_lora(model: Path, reqs: list, prompts: list[str], params, args: argparse.Namespace) -> dict[str, list[float]]:
+def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argparse.Namespace) -> dict[str, list[float]]:
     """Merged and mixed traffic on the LoRA engine compiled (the plugin keeps vLLM's CPU
-    compilation with LoRA; its stock and MoRA updates run inside ops), against the compiled base."""
+    compilation with LoRA; its stock and MoRA updates run inside ops), against the compiled base
+    in the same rounds."""
+    base = _engine(model, lora=False, eager=False)
     llm = _engine(model, lora=True, eager=False)
     for r in reqs:
         llm.llm_engine.add_lora(r)
     mixed = [reqs[i % 16] for i in range(len(prompts))]
-    _throughput(llm, prompts[:4], params, mixed[:4])  # warm-up (and compilation)
-    out: dict[str, list[float]] = {"mixed16_compiled": [], "merged_compiled": []}
-    llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))
-    _throughput(llm, prompts[:4], params, [reqs[0]] * 4)
-    out["merged_compiled"] = [_throughput(llm, prompts, params, [reqs[0]] * len(prompts)) for _ in range(args.rounds)]
-    llm.collective_rpc("mora_unmerge")
-    out["mixed16_compiled"] = [_throughput(llm, prompts, params, mixed) for _ in range(args.rounds)]
+    merged = [reqs[0]] * len(prompts)
+    _throughput(base, prompts[:4], params, None)  # warm-up (and compilation)
+    _throughput(llm, prompts[:4], params, mixed[:4])
+    out: dict[str, list[float]] = {"base_compiled": [], "merged_compiled": [], "mixed16_compiled": []}
+    for _ in range(args.rounds):
+        llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))
+        _throughput(llm, prompts[:4], params, merged[:4])
+        out["merged_compiled"].append(_throughput(llm, prompts, params, merged))
+        llm.collective_rpc("mora_unmerge")
+        out["base_compiled"].append(_throughput(base, prompts, params, None))
+        out["mixed16_compiled"].append(_throughput(llm, prompts, params, mixed))
     _close(llm)
+    _close(base)
     return out
+
+
+# summary key -> (numerator, denominator); mora_vs_lora is a time ratio (LoRA tokens/s over MoRA's)
+RATIOS = {
+    "merged_vs_base": ("merged", "base"),
+    "mixed16_vs_base": ("mixed16", "base"),
+    "mora_vs_lora": ("lora", "unmerged"),
+    "merged_vs_base_lora": ("merged", "base_lora"),
+    "mora_only_vs_base_lora": ("unmerged", "base_lora"),
+    "merged_vs_base_compiled": ("merged_compiled", "base_compiled"),
+    "mixed16_vs_base_compiled": ("mixed16_compiled", "base_compiled"),
+}
+
+
+def _ratios(results: dict[str, list[float]]) -> dict[str, float]:
+    """Each summary ratio as the median over rounds of that round's ratio."""
+    return {key: statistics.median(a / b for a, b in zip(results[num], results[den], strict=True))
+            for key, (num, den) in RATIOS.items()}
 
 
 def _write_docs(reports: list[dict], args: argparse.Namespace) -> None:
@@ -240,8 +268,8 @@ def _write_docs(reports: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/serving_*")
     parser.add_argument("--models", choices=("100m", "both"), default="100m",
@@ -270,20 +298,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in t.items())
               + f"; merge {rep['merge_s']:.3f}s unmerge {rep['unmerge_s']:.3f}s {rep['merge_status']}", flush=True)
         reports.append(rep)
+        for key, (num, den) in RATIOS.items():
+            per_round = [a / b for a, b in zip(rep["rounds"][num], rep["rounds"][den], strict=True)]
+            print(f"  {key} per round: " + " ".join(f"{r:.2f}" for r in per_round), flush=True)
     if not args.no_docs:
         _write_docs(reports, args)
     from mora.kernels.native import native_isa
 
-    t = reports[-1]["throughput"]
-    # the same engine's base requests (zero overhead where promised: merged and MoRA-only steps
-    # launch no stock LoRA kernel), and the compiled LoRA engine against the compiled base
-    print(f"merged_vs_base={t['merged'] / t['base']:.2f} mixed16_vs_base={t['mixed16'] / t['base']:.2f} "
-          f"mora_vs_lora={t['lora'] / t['unmerged']:.2f} "
-          f"merged_vs_base_lora={t['merged'] / t['base_lora']:.2f} mora_only_vs_base_lora={t['unmerged'] / t['base_lora']:.2f} "
-          f"merged_vs_base_compiled={t['merged_compiled'] / t['base_compiled']:.2f} "
-          f"mixed16_vs_base_compiled={t['mixed16_compiled'] / t['base_compiled']:.2f} "
-          f"isa={native_isa() or 'blas'}{emulated()} seconds={time.monotonic() - started:.0f}")
-
+    ratios = reports[-1]["ratios"]
+    print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items())
+          + f" isa={native_isa() or 'blas'}{emulated()} seconds={time.monotonic() - started:.0f}")
 
 if __name__ == "__main__":
     main()
