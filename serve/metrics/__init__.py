@@ -30,6 +30,7 @@ same default registry and are exported unchanged.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -134,6 +135,9 @@ class ServerMetrics:
         self.page_ins = Gauge("mora_adapter_page_ins", "Adapters of a tenant being read from disk (state=reading) or "
                               "waiting for one of the tenant's page_ins_per_tenant turns (state=waiting).", ["tenant", "state"], registry=r)
         self.snapshot_bytes = Gauge("mora_adapter_snapshot_bytes", "Disk used by validated adapter snapshots.", registry=r)
+        self.gc_frozen = Gauge("mora_gc_frozen_objects", "Objects of the server process that start-up moved out of the "
+                               "cyclic GC's reach (gc.freeze), so that no full collection rescans them.", registry=r)
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self._tier_counts: dict[str, int] = {}
 
     def record_tiers(self, stats: TierReport) -> None:
