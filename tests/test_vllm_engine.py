@@ -466,3 +466,52 @@ def test_a_slot_reused_by_a_narrower_lora_drops_the_wider_ones_weights(llm, demo
     assert run("narrow", 1907, tmp_path / "narrow") == want
     for lora_id in range(1901, 1908):
         llm.llm_engine.remove_lora(lora_id)
+
+
+def test_lora_logits_add_runs_only_in_steps_with_lora_tokens(llm, demo_assets, demo_requests, demo_facts, tmp_path):
+    """vLLM's LoRA logits processor adds every token's lm_head LoRA in every step. MoRA adapters
+    have none, and a merged adapter's or a base token maps to no slot: a step without stock
+    LoRA tokens skips that add (mora/vllm_plugin/logits.py), so merged traffic runs no adapter
+    machinery; a step with them still runs it (its outputs: test_lora_beside_mora_matches_stock_vllm)."""
+    lora_dir = tmp_path / "plain-lora"
+    random_lora(demo_assets / "base", lora_dir, seed=5)
+    lora = _request("plain-logits", 60, lora_dir)
+    atlas = demo_requests["atlas"]
+    prompt = demo_facts["atlas"][0]["prompt"]
+
+    def count(worker, start: bool) -> int:
+        from mora.vllm_plugin.logits import MoraLogitsProcessorWithLoRA
+
+        model = worker.model_runner.model
+        (lp,) = [m for m in model.modules() if isinstance(m, MoraLogitsProcessorWithLoRA)]
+        assert lp.mora_runtime is not None, "the logits processor is not attached to the MoRA runtime"
+        pw = lp.punica_wrapper
+        if start:
+            calls = pw.mora_logits_calls = []
+            stock = type(pw).add_lora_logits
+            pw.add_lora_logits = lambda *a, **k: (calls.append(1), stock(pw, *a, **k))[1]
+            return 0
+        n = len(pw.mora_logits_calls)
+        del pw.add_lora_logits, pw.mora_logits_calls
+        return n
+
+    def calls_during(prompts: list[str], loras: list) -> tuple[int, list[list[int]]]:
+        llm.collective_rpc(count, args=(True,))
+        try:
+            outs = llm.generate(prompts, _greedy(), lora_request=loras, use_tqdm=False)
+        finally:
+            n = llm.collective_rpc(count, args=(False,))[0]
+        return n, [list(o.outputs[0].token_ids) for o in outs]
+
+    base_alone = llm.generate(["hello world"], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    assert calls_during(["hello world", prompt], [None, atlas])[0] == 0, "a base + MoRA step ran the LoRA logits add"
+    llm.collective_rpc("mora_merge", args=(atlas.lora_int_id,))
+    try:
+        n, merged = calls_during([prompt, "hello world"], [atlas, None])
+        assert n == 0, "a merged adapter's steps ran the LoRA logits add"
+    finally:
+        llm.collective_rpc("mora_unmerge")
+    assert merged[1] == list(base_alone)
+    n, mixed = calls_during(["hello world", "hello world"], [lora, None])
+    assert n >= MAX_TOKENS, "steps with LoRA tokens must run the LoRA logits add"
+    assert mixed[1] == list(base_alone), "a base request batched with LoRA must stay base"

@@ -42,16 +42,20 @@ def register() -> None:
     install_graphs()  # CUDA-graph cases by step kind; the CPU build compiles with LoRA (graphs.py)
     # The graph cases are built on vLLM's V1 model runner; the manager refuses V2 if asked for.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    import vllm.lora.model_manager as model_manager
     import vllm.lora.utils as lora_utils
     import vllm.v1.worker.lora_model_runner_mixin as runner_mixin
 
     from mora.vllm_plugin.layers import MORA_LAYER_CLASSES
+    from mora.vllm_plugin.logits import mora_logits_processor
     from mora.vllm_plugin.worker_manager import MoraWorkerLoRAManager
 
     # `from_layer` walks this ordered tuple and takes the first class that can replace a
     # layer; ours subclass the stock wrappers, so putting them first is all it takes.
     stock = tuple(c for c in lora_utils._all_lora_classes if c not in MORA_LAYER_CLASSES)
     lora_utils._all_lora_classes = MORA_LAYER_CLASSES + stock
+    # The logits processor is built apart from the other wrappers (logits.py).
+    model_manager.from_layer_logits_processor = mora_logits_processor
     # The v1 model runner builds its worker LoRA manager from this module attribute.
     runner_mixin.LRUCacheWorkerLoRAManager = MoraWorkerLoRAManager
     _registered = True

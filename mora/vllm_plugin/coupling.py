@@ -114,6 +114,13 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", "wrapped (graphs.py): keeps compilation "
              "with LoRA (it turns it off because its CPU LoRA ops branch on the host; ours run inside ops)",
              calls="lora_config"),
+    Internal("vllm.lora.model_manager", "LoRAModelManager._create_lora_modules", "builds the LoRA logits processor "
+             "through the module global register() replaces (logits.py)", calls="from_layer_logits_processor"),
+    Internal("vllm.lora.model_manager", "from_layer_logits_processor", "replaced: builds MoraLogitsProcessorWithLoRA"),
+    Internal("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits",
+             "overridden: a step without LoRA tokens skips its LoRA add (logits.py)", calls="add_lora_logits"),
+    Internal("vllm.model_executor.layers.logits_processor", "LogitsProcessor._get_logits",
+             "the plain logits a step without LoRA tokens takes (logits.py)", calls="_apply_head"),
     Internal("vllm.lora.layers", "VocabParallelEmbeddingWithLoRA", "subclassed: its LoRA update runs inside an op "
              "in a compiled CPU model", calls="add_lora_embedding"),
     Internal("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA._apply_async_impl",

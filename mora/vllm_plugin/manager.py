@@ -36,6 +36,7 @@ from mora.validate import bind_mora
 from mora.vllm_plugin.coupling import VllmCouplingError
 from mora.vllm_plugin.graphs import set_current_runtime
 from mora.vllm_plugin.layers import MoraLayerMixin, MoraVocabParallelEmbeddingWithLoRA
+from mora.vllm_plugin.logits import MoraLogitsProcessorWithLoRA
 from mora.vllm_plugin.merging import MergeController
 from mora.vllm_plugin.models import (
     MoraLoRAModel,
@@ -74,7 +75,7 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         for name, module in self.mora_layers():
             module.attach(self.mora_runtime, self.packed_modules.get(name, [name]))
         for module in self.modules.values():
-            if isinstance(module, MoraVocabParallelEmbeddingWithLoRA):
+            if isinstance(module, (MoraVocabParallelEmbeddingWithLoRA, MoraLogitsProcessorWithLoRA)):
                 module.attach(self.mora_runtime)
         tables = [t for _, m in self.mora_layers() for _, t in m.mora_slices()]
         self.mora_table_dtype = tables[0].dtype if tables else torch.float32
