@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mora.kernels import BatchMeta, ShardLayout, StepKind, mora_apply_slices
+from mora.kernels.custom_op import direct_op
 from mora.kernels.step import step_by_handle
 from mora.spec import MoraSpec, MoraType, mora_size
 from mora.vllm_plugin.runtime import MoraRuntime
@@ -81,7 +82,7 @@ class StockLora:
 _STOCK: dict[int, StockLora] = {}
 
 
-@torch.library.custom_op("mora_bench::stock_lora", mutates_args=("y",))
+@direct_op("mora_bench::stock_lora", mutates_args=("y",))
 def stock_lora_op(y: torch.Tensor, x: torch.Tensor, layer: int, step: int) -> None:
     """The harness's `mora::stock_lora`: the stock update if the step's kind has `LORA`."""
     if StepKind.LORA in step_by_handle(step).kind:

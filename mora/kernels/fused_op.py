@@ -4,7 +4,8 @@ and graph-captured forwards.
 `torch.compile` treats a custom op as opaque: it neither traces into it nor bakes the host-side
 decisions a backend makes (segment lists, `.item()`, set membership) into the graph, and its
 fake (meta) implementation tells the compiler that the op only writes `y` in place. This is
-how vLLM registers its own LoRA kernels (`torch.ops.vllm.lora_shrink`/`lora_expand`).
+how vLLM registers its own LoRA kernels (`torch.ops.vllm.lora_shrink`/`lora_expand`), and,
+like them, it is registered directly with the dispatcher (`custom_op.py`: no per-call wrapper).
 
 The op's tensor arguments are the step's persistent metadata (`StepMeta.tensors`) and the
 layer's merged slot, so a compiled graph and a captured CUDA graph read the buffers that
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mora.kernels.custom_op import direct_op
 from mora.kernels.dispatch import mora_apply_slices
 from mora.kernels.step import StepKind, StepMeta, step_by_handle
 from mora.kernels.table import SlotTable
@@ -68,7 +70,7 @@ class TableGroup:
         torch.ops.mora.fused_apply(y, x, *step.tensors, self.merged, self.handle, step.handle)
 
 
-@torch.library.custom_op("mora::fused_apply", mutates_args=("y",))
+@direct_op("mora::fused_apply", mutates_args=("y",))
 def mora_fused_apply(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -43,6 +43,7 @@ from vllm.lora.layers import (
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
 from mora.kernels import ShardLayout, StepKind, mora_apply_slices
+from mora.kernels.custom_op import direct_op
 from mora.kernels.step import step_by_handle
 from mora.vllm_plugin.runtime import MoraRuntime
 from mora.vllm_plugin.slots import Entry, MoraSlots
@@ -136,7 +137,7 @@ _LAYERS: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDi
 _next_handle = itertools.count(1)
 
 
-@torch.library.custom_op("mora::stock_lora", mutates_args=("y",))
+@direct_op("mora::stock_lora", mutates_args=("y",))
 def stock_lora(y: torch.Tensor, x: torch.Tensor, layer: int, step: int) -> None:
     """vLLM's own LoRA update of layer `layer` (`BaseLinearLayerWithLoRA._apply_lora_to_output`),
     if the step's kind has `StepKind.LORA`; else nothing is launched.
@@ -249,7 +250,7 @@ class MoraVocabParallelEmbeddingWithLoRA(VocabParallelEmbeddingWithLoRA):
         return torch.ops.mora.stock_embedding(x, self.mora_handle, self.mora_step)
 
 
-@torch.library.custom_op("mora::stock_embedding", mutates_args=())
+@direct_op("mora::stock_embedding", mutates_args=())
 def stock_embedding(x: torch.Tensor, layer: int, step: int) -> torch.Tensor:
     """The embedding of `x`, with vLLM's LoRA embedding update if the step's kind has
     `StepKind.LORA`. Semantics::
