@@ -19,7 +19,8 @@ first; its ~15 ms steps show mostly a LoRA engine's fixed per-step costs):
 Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), once per round,
 `--rounds` rounds; throughput is tokens/s. A summary ratio is the median over rounds of each
 round's ratio: the base runs in the same round as the scenario it divides, so a machine whose
-speed drifts during the run (shared cores) moves both sides. Merge and unmerge latency of a
+speed drifts during the run (shared cores) moves both sides; merged and base (eager, and
+compiled) swap order every round, so neither always runs after the other. Merge and unmerge latency of a
 whole adapter are timed through the worker extension.
 
     python -m bench.serving     # < 10 minutes on 2 cores; ends with one line:
@@ -40,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.isa import add_isa_argument, emulated, isa_held, run_on
@@ -157,7 +159,9 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
     for loras in scenarios.values():
         _throughput(llm, prompts[:4], params, loras[:4])  # warm-up: activate adapters
     status = {}
-    for _ in range(args.rounds):
+
+    def run_merged() -> None:
+        nonlocal status
         t = time.perf_counter()
         status = llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))[0]
         merge_s.append(time.perf_counter() - t)
@@ -168,7 +172,13 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
         t = time.perf_counter()
         llm.collective_rpc("mora_unmerge")
         unmerge_s.append(time.perf_counter() - t)
+
+    def run_base() -> None:
         results["base"].append(_throughput(base, prompts, params, None))
+
+    for r in range(args.rounds):
+        for run in _paired_order(r, run_merged, run_base):
+            run()
         for key, loras in scenarios.items():
             results[key].append(_throughput(llm, prompts, params, loras))
     _close(llm)
@@ -198,16 +208,30 @@ def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argpars
     _throughput(base, prompts[:4], params, None)  # warm-up (and compilation)
     _throughput(llm, prompts[:4], params, mixed[:4])
     out: dict[str, list[float]] = {"base_compiled": [], "merged_compiled": [], "mixed16_compiled": []}
-    for _ in range(args.rounds):
+
+    def run_merged() -> None:
         llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))
         _throughput(llm, prompts[:4], params, merged[:4])
         out["merged_compiled"].append(_throughput(llm, prompts, params, merged))
         llm.collective_rpc("mora_unmerge")
+
+    def run_base() -> None:
         out["base_compiled"].append(_throughput(base, prompts, params, None))
+
+    for r in range(args.rounds):
+        for run in _paired_order(r, run_merged, run_base):
+            run()
         out["mixed16_compiled"].append(_throughput(llm, prompts, params, mixed))
     _close(llm)
     _close(base)
     return out
+
+
+def _paired_order(round_index: int, first: Callable[[], None], second: Callable[[], None]) -> tuple[Callable[[], None], ...]:
+    """The merged scenario and the base it is compared with, in alternating order (ABBA): a
+    side that always ran second would always inherit what the first left behind (garbage to
+    collect, a cooled or throttled core), a bias no number of rounds removes."""
+    return (first, second) if round_index % 2 == 0 else (second, first)
 
 
 # summary key -> (numerator, denominator); mora_vs_lora is a time ratio (LoRA tokens/s over MoRA's)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving import RATIOS, _ratios
+from bench.serving import RATIOS, _paired_order, _ratios
 
 
 def _rounds(**scenarios: list[float]) -> dict[str, list[float]]:
@@ -30,3 +30,11 @@ def test_mora_vs_lora_is_a_time_ratio():
 def test_rounds_of_unequal_length_are_refused():
     with pytest.raises(ValueError):
         _ratios(_rounds(base=[100.0, 100.0], merged=[99.0, 99.0, 99.0]))
+
+
+def test_merged_and_base_swap_order_every_round():
+    ran: list[str] = []
+    for r in range(4):
+        for run in _paired_order(r, lambda: ran.append("merged"), lambda: ran.append("base")):
+            run()
+    assert ran == ["merged", "base", "base", "merged", "merged", "base", "base", "merged"]
