@@ -19,9 +19,13 @@ first; its ~15 ms steps show mostly a LoRA engine's fixed per-step costs):
 Each scenario generates `--tokens` tokens for `--seqs` sequences (ignore_eos), once per round,
 `--rounds` rounds; throughput is tokens/s. A summary ratio is the median over rounds of each
 round's ratio: the base runs in the same round as the scenario it divides, so a machine whose
-speed drifts during the run (shared cores) moves both sides; merged and base (eager, and
-compiled) swap order every round, so neither always runs after the other. Merge and unmerge latency of a
-whole adapter are timed through the worker extension.
+speed drifts during the run (shared cores) moves both sides. The merged scenario's rounds run
+in a block of their own, the adapter merged once before them, each paired with a base run in
+alternating order (`base_beside_merged`); the other scenarios' rounds follow, unmerged. Both
+blocks start settled: on the VMs this was measured on, whatever runs in the seconds after a
+merge or an unmerge is 10-30% slower (the base engine beside the merged one too), a one-off cost
+of the merge (timed on its own: merge and unmerge latency of a whole adapter, through the
+worker extension), not of merged traffic.
 
     python -m bench.serving     # < 10 minutes on 2 cores; ends with one line:
     merged_vs_base=.. mixed16_vs_base=.. mora_vs_lora=.. merged_vs_base_lora=.. mora_only_vs_base_lora=..
@@ -35,13 +39,14 @@ whole adapter are timed through the worker extension.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.isa import add_isa_argument, emulated, isa_held, run_on
@@ -131,7 +136,8 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
     """Each round runs every scenario once, the LoRA-disabled base in the same round: both
     engines of a phase live side by side, so a round's ratios are taken minutes apart at most
     and a machine whose speed drifts moves both sides of them (`ratios`: medians of the
-    per-round ratios; `throughput`: medians of each scenario)."""
+    per-round ratios; `throughput`: medians of each scenario). The merged rounds come first,
+    with the adapter merged once, each beside its own base run (module docstring)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -148,8 +154,7 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
         "mixed4": [reqs[i % 4] for i in range(len(prompts))],
         "lora": [lora_req] * len(prompts),
     }
-    results: dict[str, list[float]] = {k: [] for k in ["base", "merged", *scenarios]}
-    merge_s, unmerge_s = [], []
+    results: dict[str, list[float]] = {k: [] for k in ["base", "merged", "base_beside_merged", *scenarios]}
 
     base = _engine(model, lora=False)
     llm = _engine(model, lora=True)
@@ -158,27 +163,15 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
     _throughput(base, prompts[:4], params, None)  # warm-up
     for loras in scenarios.values():
         _throughput(llm, prompts[:4], params, loras[:4])  # warm-up: activate adapters
-    status = {}
-
-    def run_merged() -> None:
-        nonlocal status
-        t = time.perf_counter()
-        status = llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))[0]
-        merge_s.append(time.perf_counter() - t)
-        # like every other scenario, measured warm: the first merged step re-activates the
-        # adapter's slot and touches the freshly written weights
-        _throughput(llm, prompts[:4], params, merged[:4])
-        results["merged"].append(_throughput(llm, prompts, params, merged))
-        t = time.perf_counter()
-        llm.collective_rpc("mora_unmerge")
-        unmerge_s.append(time.perf_counter() - t)
-
-    def run_base() -> None:
+    merge_s, unmerge_s, status = _merge_latency(llm, reqs[0].lora_int_id)
+    with _merged(llm, reqs[0].lora_int_id, lambda: _throughput(llm, prompts, params, merged)):
+        for r in range(args.rounds):
+            for run in _paired_order(r, lambda: results["merged"].append(_throughput(llm, prompts, params, merged)),
+                                     lambda: results["base_beside_merged"].append(_throughput(base, prompts, params, None))):
+                run()
+    _settle(lambda: _throughput(llm, prompts, params, None))
+    for _ in range(args.rounds):
         results["base"].append(_throughput(base, prompts, params, None))
-
-    for r in range(args.rounds):
-        for run in _paired_order(r, run_merged, run_base):
-            run()
         for key, loras in scenarios.items():
             results[key].append(_throughput(llm, prompts, params, loras))
     _close(llm)
@@ -189,8 +182,8 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
         "throughput": {k: statistics.median(v) for k, v in results.items()},
         "ratios": _ratios(results),
         "rounds": results,
-        "merge_s": statistics.median(merge_s),
-        "unmerge_s": statistics.median(unmerge_s),
+        "merge_s": merge_s,
+        "unmerge_s": unmerge_s,
         "merge_status": {k: status[k] for k in ("layers", "backup_bytes", "merged_copy_bytes", "changed_elements", "packed")},
     }
 
@@ -198,7 +191,7 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
 def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argparse.Namespace) -> dict[str, list[float]]:
     """Merged and mixed traffic on the LoRA engine compiled (the plugin keeps vLLM's CPU
     compilation with LoRA; its stock and MoRA updates run inside ops), against the compiled base
-    in the same rounds."""
+    in the same rounds, merged rounds first as in `bench_model`."""
     base = _engine(model, lora=False, eager=False)
     llm = _engine(model, lora=True, eager=False)
     for r in reqs:
@@ -207,24 +200,57 @@ def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argpars
     merged = [reqs[0]] * len(prompts)
     _throughput(base, prompts[:4], params, None)  # warm-up (and compilation)
     _throughput(llm, prompts[:4], params, mixed[:4])
-    out: dict[str, list[float]] = {"base_compiled": [], "merged_compiled": [], "mixed16_compiled": []}
-
-    def run_merged() -> None:
-        llm.collective_rpc("mora_merge", args=(reqs[0].lora_int_id,))
-        _throughput(llm, prompts[:4], params, merged[:4])
-        out["merged_compiled"].append(_throughput(llm, prompts, params, merged))
-        llm.collective_rpc("mora_unmerge")
-
-    def run_base() -> None:
+    out: dict[str, list[float]] = {k: [] for k in ("base_compiled", "merged_compiled", "base_compiled_beside_merged",
+                                                   "mixed16_compiled")}
+    with _merged(llm, reqs[0].lora_int_id, lambda: _throughput(llm, prompts, params, merged)):
+        for r in range(args.rounds):
+            for run in _paired_order(r, lambda: out["merged_compiled"].append(_throughput(llm, prompts, params, merged)),
+                                     lambda: out["base_compiled_beside_merged"].append(_throughput(base, prompts, params, None))):
+                run()
+    _settle(lambda: _throughput(llm, prompts, params, mixed))
+    for _ in range(args.rounds):
         out["base_compiled"].append(_throughput(base, prompts, params, None))
-
-    for r in range(args.rounds):
-        for run in _paired_order(r, run_merged, run_base):
-            run()
         out["mixed16_compiled"].append(_throughput(llm, prompts, params, mixed))
     _close(llm)
     _close(base)
     return out
+
+
+# Runs after a merge or an unmerge before measuring: on this project's VMs whatever runs in the
+# seconds after one is 10-30% slower, the base engine beside the merged one too (the merge
+# allocates and frees ~2x the model's packed weights, which the VM's free page reporting hands
+# back to the host), a one-off cost of the merge that steady merged traffic does not pay.
+SETTLE_RUNS = 3
+
+
+def _settle(run: Callable[[], object]) -> None:
+    for _ in range(SETTLE_RUNS):
+        run()
+
+
+@contextlib.contextmanager
+def _merged(llm, lora_int_id: int, run: Callable[[], object]) -> Iterator[None]:
+    """The adapter merged for the block's rounds, measured settled (`_settle`), then unmerged."""
+    llm.collective_rpc("mora_merge", args=(lora_int_id,))
+    try:
+        _settle(run)
+        yield
+    finally:
+        llm.collective_rpc("mora_unmerge")
+
+
+def _merge_latency(llm, lora_int_id: int, times: int = 3) -> tuple[float, float, dict]:
+    """Median merge and unmerge latency of a whole adapter through the worker extension, and the
+    last merge's status."""
+    merge_s, unmerge_s, status = [], [], {}
+    for _ in range(times):
+        t = time.perf_counter()
+        status = llm.collective_rpc("mora_merge", args=(lora_int_id,))[0]
+        merge_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        llm.collective_rpc("mora_unmerge")
+        unmerge_s.append(time.perf_counter() - t)
+    return statistics.median(merge_s), statistics.median(unmerge_s), status
 
 
 def _paired_order(round_index: int, first: Callable[[], None], second: Callable[[], None]) -> tuple[Callable[[], None], ...]:
@@ -236,12 +262,12 @@ def _paired_order(round_index: int, first: Callable[[], None], second: Callable[
 
 # summary key -> (numerator, denominator); mora_vs_lora is a time ratio (LoRA tokens/s over MoRA's)
 RATIOS = {
-    "merged_vs_base": ("merged", "base"),
+    "merged_vs_base": ("merged", "base_beside_merged"),
     "mixed16_vs_base": ("mixed16", "base"),
     "mora_vs_lora": ("lora", "unmerged"),
     "merged_vs_base_lora": ("merged", "base_lora"),
     "mora_only_vs_base_lora": ("unmerged", "base_lora"),
-    "merged_vs_base_compiled": ("merged_compiled", "base_compiled"),
+    "merged_vs_base_compiled": ("merged_compiled", "base_compiled_beside_merged"),
     "mixed16_vs_base_compiled": ("mixed16_compiled", "base_compiled"),
 }
 

@@ -18,7 +18,7 @@ def test_a_drifting_machine_moves_both_sides_of_a_ratio():
     # Merged keeps pace with base in its round; the machine slows by half from the middle of
     # round 2 on (after base ran in it). The medians of each side would pair merged's slow
     # median with base's fast one: 49.5 / 100.
-    ratios = _ratios(_rounds(base=[100.0, 100.0, 50.0], merged=[99.0, 49.5, 49.5]))
+    ratios = _ratios(_rounds(base_beside_merged=[100.0, 100.0, 50.0], merged=[99.0, 49.5, 49.5]))
     assert ratios["merged_vs_base"] == pytest.approx(0.99)
 
 
