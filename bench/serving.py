@@ -219,7 +219,7 @@ def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argpars
 # seconds after one is 10-30% slower, the base engine beside the merged one too (the merge
 # allocates and frees ~2x the model's packed weights, which the VM's free page reporting hands
 # back to the host), a one-off cost of the merge that steady merged traffic does not pay.
-SETTLE_RUNS = 3
+SETTLE_RUNS = 2
 
 
 def _settle(run: Callable[[], object]) -> None:
@@ -238,7 +238,7 @@ def _merged(llm, lora_int_id: int, run: Callable[[], object]) -> Iterator[None]:
         llm.collective_rpc("mora_unmerge")
 
 
-def _merge_latency(llm, lora_int_id: int, times: int = 3) -> tuple[float, float, dict]:
+def _merge_latency(llm, lora_int_id: int, times: int = 2) -> tuple[float, float, dict]:
     """Median merge and unmerge latency of a whole adapter through the worker extension, and the
     last merge's status."""
     merge_s, unmerge_s, status = [], [], {}
