@@ -39,14 +39,13 @@ worker extension), not of merged traffic.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.isa import add_isa_argument, emulated, isa_held, run_on
@@ -163,11 +162,9 @@ def bench_model(name: str, model: Path, adapter_root: Path, args: argparse.Names
     for loras in scenarios.values():
         _throughput(llm, prompts[:4], params, loras[:4])  # warm-up: activate adapters
     merge_s, unmerge_s, status = _merge_latency(llm, reqs[0].lora_int_id)
-    with _merged(llm, reqs[0].lora_int_id, lambda: _throughput(llm, prompts, params, merged)):
-        for r in range(args.merged_rounds):
-            for run in _paired_order(r, lambda: results["merged"].append(_throughput(llm, prompts, params, merged)),
-                                     lambda: results["base_beside_merged"].append(_throughput(base, prompts, params, None))):
-                run()
+    results["merged"], results["base_beside_merged"] = _merged_rounds(
+        llm, reqs[0].lora_int_id, args.merged_rounds, lambda: _throughput(llm, prompts, params, merged),
+        lambda: _throughput(base, prompts, params, None))
     _settle(lambda: _throughput(llm, prompts, params, None))
     for _ in range(args.rounds):
         results["base"].append(_throughput(base, prompts, params, None))
@@ -201,11 +198,9 @@ def _compiled(model: Path, reqs: list, prompts: list[str], params, args: argpars
     _throughput(llm, prompts[:4], params, mixed[:4])
     out: dict[str, list[float]] = {k: [] for k in ("base_compiled", "merged_compiled", "base_compiled_beside_merged",
                                                    "mixed16_compiled")}
-    with _merged(llm, reqs[0].lora_int_id, lambda: _throughput(llm, prompts, params, merged)):
-        for r in range(args.merged_rounds):
-            for run in _paired_order(r, lambda: out["merged_compiled"].append(_throughput(llm, prompts, params, merged)),
-                                     lambda: out["base_compiled_beside_merged"].append(_throughput(base, prompts, params, None))):
-                run()
+    out["merged_compiled"], out["base_compiled_beside_merged"] = _merged_rounds(
+        llm, reqs[0].lora_int_id, args.merged_rounds, lambda: _throughput(llm, prompts, params, merged),
+        lambda: _throughput(base, prompts, params, None))
     _settle(lambda: _throughput(llm, prompts, params, mixed))
     for _ in range(args.rounds):
         out["base_compiled"].append(_throughput(base, prompts, params, None))
@@ -227,15 +222,21 @@ def _settle(run: Callable[[], object]) -> None:
         run()
 
 
-@contextlib.contextmanager
-def _merged(llm, lora_int_id: int, run: Callable[[], object]) -> Iterator[None]:
-    """The adapter merged for the block's rounds, measured settled (`_settle`), then unmerged."""
+def _merged_rounds(llm, lora_int_id: int, rounds: int, run_merged: Callable[[], float],
+                   run_base: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """The merged block: the adapter merged once, settled (`_settle`), then `rounds` rounds of
+    one merged and one base run in alternating order; unmerged after. Returns both sides' tok/s."""
+    merged: list[float] = []
+    base: list[float] = []
     llm.collective_rpc("mora_merge", args=(lora_int_id,))
     try:
-        _settle(run)
-        yield
+        _settle(run_merged)
+        for r in range(rounds):
+            for run in _paired_order(r, lambda: merged.append(run_merged()), lambda: base.append(run_base())):
+                run()
     finally:
         llm.collective_rpc("mora_unmerge")
+    return merged, base
 
 
 def _merge_latency(llm, lora_int_id: int, times: int = 2) -> tuple[float, float, dict]:
