@@ -334,10 +334,6 @@ def main(argv: list[str] | None = None) -> None:
         print(isa_held(), flush=True)
     started = time.monotonic()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # vLLM 0.32's AOT compile cache fails to load on the CPU build with torch 2.13 ("'function'
-    # object has no attribute 'finalize_loading'"), so each compiled engine compiled again (~30 s
-    # here); its older cache loads (a cached start: 22 s against 49 s).
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     from mora.demo import build_demo_assets
 
     args.cache.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -118,7 +119,12 @@ def _keep_cpu_compilation(orig: Callable) -> Callable:
     made once would bake in. With the plugin every LoRA update in the compiled forward runs
     inside an op (`mora::stock_lora`, `mora::stock_embedding`, `mora::fused_apply`), whose body
     runs every step: the compiled model is exact, and merged or base-only traffic gets the
-    compiled base model's speed. `enforce_eager=True` still turns it off."""
+    compiled base model's speed. `enforce_eager=True` still turns it off.
+
+    It also makes vLLM's older compile cache the CPU default (`VLLM_USE_AOT_COMPILE=0` unless
+    set): the CPU build compiles with the plain Inductor backend, whose AOT artifact vLLM 0.32
+    cannot load ("'function' object has no attribute 'finalize_loading'"), so every start with
+    AOT on compiled the model again; Inductor's own caches load (tests/test_compile_cache.py)."""
 
     @functools.wraps(orig)
     def check_and_update_config(cls: Any, vllm_config: Any) -> None:
@@ -128,6 +134,8 @@ def _keep_cpu_compilation(orig: Callable) -> Callable:
             orig(cls, vllm_config)
         finally:
             vllm_config.lora_config = lora
+        # Read when the model is compiled, after this (the engine-core processes inherit it).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
     check_and_update_config._mora_wrapped = True  # type: ignore[attr-defined]
     return check_and_update_config
