@@ -527,6 +527,41 @@ def test_direct_ops_give_the_same_bits_on_every_path(monkeypatch, fresh_status, 
             assert torch.equal(a, b), f"{op}: {isa} differs from {first} in {shapes[case]}"
 
 
+@pytest.mark.parametrize("where", ["subnormal x", "subnormal products", "negative NaN"])
+def test_rotated_rows_give_the_same_bits_with_special_values(monkeypatch, fresh_status, where):
+    """avx512_bf16 rotates rope_apply's rows with vcvtneps2bf16, which reads subnormal values as 0
+    and keeps a NaN's sign; a row that rounds one is rotated again the widened way, so every path
+    gives the same bits (y starts at 0: a subnormal product is not lost in the sum).
+
+    The subnormal cases differ on the dot-product path with that check removed (tried)."""
+    from mora.kernels.native import rope_apply
+
+    if X86_64 and use_path(monkeypatch, "avx512_bf16"):
+        pytest.skip("the CPU has no AVX512_BF16")
+    (x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start), y = rope_problem(
+        4096, 256, 0, 16, 0, 512, torch.bfloat16)
+    x, y = x.clone(), torch.zeros_like(y)
+    chosen = tokens[offsets[0] : offsets[1]]  # the first group's tokens
+    # a token whose only nonzero inputs are tiny: any other product would swamp theirs
+    if where == "subnormal x":
+        x[chosen[0]] = 0.0
+        x[chosen[0], 300:340] = 2.0**-127
+    elif where == "subnormal products":  # normal x, cos and sin; their products under 2^-126
+        x[chosen[0]] = 0.0
+        x[chosen[0], 300:340] = 2.0**-126
+        cos, ssin = torch.full_like(cos, 0.5), torch.full_like(ssin, -0.75)
+    else:
+        x[chosen[0], 17] = -float("nan")
+
+    def run():
+        out = y.clone()
+        rope_apply(x, tokens, offsets, slots, Mt, cos, ssin, k_lo, period, out_start, 1.0, out)
+        return bits(out)
+
+    got = each_path(monkeypatch, run)
+    assert all(torch.equal(got["avx512_bf16"], b) for b in got.values()), where
+
+
 def test_share_apply_refuses_bad_operands(isa):
     from mora.kernels.native import share_apply
 

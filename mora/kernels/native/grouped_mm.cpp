@@ -18,7 +18,8 @@
 // One library for every x86-64 CPU: the kernel (kernel.h) is compiled once per ISA path, each
 // file under its own target pragma (no -m flags: all else is baseline x86-64), and the path is
 // chosen at run time from the CPU (set_isa; by default the best it has):
-//   avx512_bf16 - avx512, with bfloat16 products on vdpbf16ps (AVX512_BF16, kernel_dp.h); `auto`
+//   avx512_bf16 - avx512, with bfloat16 products on vdpbf16ps and rotations rounded by
+//              vcvtneps2bf16 (AVX512_BF16, AVX512DQ; kernel_dp.h); `auto`
 //              takes it on AMD CPUs only (see there);
 //   avx512   - AVX-512F/BW/VL, a panel per zmm register (isa_avx512.cpp);
 //   avx2     - AVX2 + FMA, a panel per two ymm, blocks of up to 6 rows (isa_avx2.cpp);
@@ -49,7 +50,8 @@ const std::vector<std::pair<std::string, bool>>& features() {
     return std::vector<std::pair<std::string, bool>>{
         {"AVX2", __builtin_cpu_supports("avx2")},         {"FMA", __builtin_cpu_supports("fma")},
         {"AVX512F", __builtin_cpu_supports("avx512f")},   {"AVX512BW", __builtin_cpu_supports("avx512bw")},
-        {"AVX512VL", __builtin_cpu_supports("avx512vl")}, {"AVX512_BF16", __builtin_cpu_supports("avx512bf16")},
+        {"AVX512VL", __builtin_cpu_supports("avx512vl")}, {"AVX512DQ", __builtin_cpu_supports("avx512dq")},
+        {"AVX512_BF16", __builtin_cpu_supports("avx512bf16")},
         {"AMX_BF16", __builtin_cpu_supports("amx-bf16")}};
   }();
   return all;
@@ -83,7 +85,7 @@ bool dot_products_pay() {
 // Best first.
 const std::vector<Path> kPaths = {
     {"avx512_bf16", isa_avx512::units_float, isa_avx512::units_bf16_dot,
-     {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL", "AVX512_BF16"}, dot_products_pay},
+     {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512_BF16"}, dot_products_pay},
     {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"},
      always},
     {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, {"AVX2", "FMA"}, always},

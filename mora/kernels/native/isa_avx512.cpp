@@ -1,5 +1,5 @@
 // The avx512 path: kernel.h with one panel as one zmm register (AVX-512F/BW/VL); and the
-// avx512_bf16 path's bfloat16 units (kernel_dp.h), which add AVX512_BF16.
+// avx512_bf16 path's bfloat16 units (kernel_dp.h), which add AVX512_BF16 and AVX512DQ.
 #include <immintrin.h>
 
 #include <vector>
@@ -85,9 +85,10 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 
 #include "kernel.h"
 
-// The avx512_bf16 path's bf16 units: the same, plus AVX512_BF16 (run only where the CPU has it).
+// The avx512_bf16 path's bf16 units: the same, plus AVX512_BF16 and AVX512DQ (vfpclassps; run only
+// where the CPU has both).
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include "kernel_dp.h"
 #pragma GCC pop_options
 

@@ -1,6 +1,6 @@
 // The avx512_bf16 path's bfloat16 units: kernel.h's blocks with vdpbf16ps (AVX512_BF16), two
 // terms of k per instruction. isa_avx512.cpp includes it after kernel.h, under a target that
-// adds AVX512_BF16; its float32 units and everything else are the avx512 path's.
+// adds AVX512_BF16 and AVX512DQ; its float32 units and everything else are the avx512 path's.
 //
 // Why: on AMD Zen 4 vdpbf16ps issues once per cycle, as an FMA does, so it sums twice the terms;
 // oneDNN's bf16 GEMM runs on it there, and the widened kernel ran at 2.2-4x that GEMM's time
@@ -17,9 +17,61 @@
 // exactly; above, the ulp is a multiple of it): zero or normal. A unit whose rows hold a smaller
 // nonzero value runs the widened kernel (found while packing); a block whose panels of M do,
 // checked as it reads them, throws its sums away before storing anything and runs widened.
+// rope_apply's rows are rotated straight into pairs (rotated_pairs), rounded by vcvtneps2bf16,
+// which rounds as c10::BFloat16 does but for subnormals and NaNs: a row that rounds one is
+// rotated again the widened way (tests/test_native_kernel.py, special values).
 
 // bf16 bits without the sign below this are a nonzero value under 2^-56 (biased exponent 71), or 0.
 constexpr uint32_t kTinyBelow = 71 << 7;
+
+// bf16 bits of float32 lanes by vcvtneps2bf16: bf16_bits' rounding (to nearest even) except on
+// subnormal lanes (read as 0) and NaNs (kept, quieted, not made 0x7FC0); lanes of those kinds
+// are added to `special`, and the caller then rounds by bf16_bits instead.
+inline __m256i rounded_bits(Vec v, __mmask16& special) {
+  special = _kor_mask16(special, _mm512_fpclass_ps_mask(v, 0xA1));  // QNaN 0x01, denormal 0x20, SNaN 0x80
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
+// Row r of a rope_apply unit, rotated, as pairs of bf16 bits into row[0, n / 2): rotate()'s
+// values, the same products, sums and roundings, without its passes over floats. 32 values of k
+// per step: the even k and the odd k of 16 pairs are two vectors (the low and the high halves of
+// the pairs' words), so a pair's two values are one lane of each. (rotate() widens the chunk,
+// rotates it into floats and copies them, and the pairs were cut from those: a fifth of a call.)
+// False, with row[] undefined, for the padded last chunk, a half that splits pairs (n / 2 odd)
+// and rows rounding a subnormal or a NaN: rotate() then.
+inline bool rotated_pairs(const Rope<bf16>& rope, int64_t r, uint32_t* row) {
+  const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
+  const int64_t base = (rope.k_lo + c) * n;
+  if (half % 2 || base + n > rope.in_f) return false;
+  request_y(rope, r);  // as direct_row()
+  const bf16* u = rope.x + rope.tokens[r / rope.chunks] * rope.ldx + base;
+  const bf16* cr = rope.cos + c * n;
+  const bf16* sr = rope.ssin + c * n;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  auto even = [](__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); };
+  auto odd = [&high](__m512i w) { return _mm512_castsi512_ps(_mm512_and_si512(w, high)); };
+  __mmask16 special = 0;
+  // v[k] = round(round(u[k'] * ssin[k]) + u[k] * cos[k]): k' = k + half in the chunk's first
+  // half, k - half in its second; half is even, so every pair lies in one half.
+  for (int64_t at = 0; at < n; at += half) {
+    const bf16* partner = u + (at ? -half : half);
+    for (int64_t k = at; k < at + half; k += 2 * kPanel) {
+      const Mask in = mask_of(static_cast<int>(std::min<int64_t>(kPanel, (at + half - k) / 2)));
+      const __m512i uw = _mm512_maskz_loadu_epi32(in, u + k), pw = _mm512_maskz_loadu_epi32(in, partner + k);
+      const __m512i sw = _mm512_maskz_loadu_epi32(in, sr + k), cw = _mm512_maskz_loadu_epi32(in, cr + k);
+      __mmask16 s = 0;
+      const Vec rot_even = widen(rounded_bits(mul(even(pw), even(sw)), s));
+      const Vec rot_odd = widen(rounded_bits(mul(odd(pw), odd(sw)), s));
+      const __m256i lo = rounded_bits(_mm512_add_ps(rot_even, mul(even(uw), even(cw))), s);
+      const __m256i hi = rounded_bits(_mm512_add_ps(rot_odd, mul(odd(uw), odd(cw))), s);
+      special |= s;
+      // a pair's k first: the high half of its word
+      const __m512i pair = _mm512_or_si512(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16), _mm512_cvtepu16_epi32(hi));
+      _mm512_mask_storeu_epi32(row + k / 2, in, pair);
+    }
+  }
+  return special == 0;
+}
 
 // A unit's V rows (the header's first word 0): pairs of k, pk[q * RB + i] = row i's
 // bits(v[2q]) << 16 | bits(v[2q + 1]) (0 past n). Or (first word 1: a value too small) kernel.h's
@@ -35,12 +87,7 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
   uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // direct_row()'s buffer, free once it returns
   uint32_t small = 0;
   for (int i = 0; i < RB; ++i) {
-    if (p.rope.y) {  // rotated or summed rows hold bf16 values: their bits are the float's upper half
-      direct_row(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
-      const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
-      for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
-      if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
-    } else {
+    if (!p.rope.y) {
       const bf16* src = p.V + (row0 + i) * p.ldv;
       for (int64_t q = 0; q < half; ++q) {
         uint32_t w;
@@ -48,6 +95,13 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
         row[q] = w << 16 | w >> 16;
       }
       if (n % 2) row[half] = static_cast<uint32_t>(src[n - 1]) << 16;
+    } else if (p.rope.sum_chunks || !rotated_pairs(p.rope, row0 + i, row)) {
+      // summed rows, and the rotated ones rotated_pairs leaves, hold bf16 values as floats: their
+      // bits are the float's upper half
+      direct_row(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
+      const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
+      for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
+      if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
     }
     for (int64_t q = 0; q < pairs; ++q) {  // |bits| - 1 below kTinyBelow - 1: nonzero and under 2^-56
       const uint32_t w = row[q];
