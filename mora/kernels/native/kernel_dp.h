@@ -143,11 +143,13 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
     __m512i b[NP];
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) {
-      __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);                // prefetcht0, both rows
-      __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
-      if (ahead[j]) {
-        __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                   // prefetcht1
-        __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
+      if (j % 2 == 0) {  // two panels of bf16 (from an even one) are one 64-byte line: one prefetch
+        __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0, both rows
+        __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
+        if (ahead[j]) {
+          __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                 // prefetcht1
+          __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
+        }
       }
       const bf16* at = row + j * kPanel;
       const bool part = TAIL && j == NP - 1;  // never past n
