@@ -18,7 +18,7 @@ One library runs on every x86-64 CPU: it holds the kernel once per ISA path, eac
 its instruction set alone, and picks the path at run time from the CPU (`native_isa`):
 
 * `avx512_bf16` - `avx512`, with bfloat16 products on the CPU's bf16 dot products (`vdpbf16ps`,
-  AVX512_BF16); `auto` takes it on AMD CPUs, where they issue as fast as FMAs (Zen 4), and
+  AVX512_BF16; AVX512DQ too); `auto` takes it on AMD CPUs, where they issue as fast as FMAs (Zen 4), and
   not on Intel's, where they issue at half that rate;
 * `avx512` - AVX-512F/BW/VL;
 * `avx2` - AVX2 and FMA;
