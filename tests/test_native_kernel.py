@@ -695,10 +695,11 @@ def test_direct_passes_run_beside_other_types(isa, monkeypatch, dtype):
     (torch.float32, 40, True), (torch.bfloat16, 4, True), (torch.bfloat16, 40, False)])
 def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, tokens, native_path):
     """bfloat16 adapters with many rows each (prefill) keep oneDNN's bf16 GEMM where it runs on
-    the CPU's bf16 dot products and the native kernel does not (or the CPU has AMX); float32,
-    decode-sized bfloat16, and any bfloat16 where torch's bf16 GEMM has no dot products to run
-    on (AVX2 CPUs: a generic loop) or the native kernel has them too (avx512_bf16 without AMX)
-    take the native kernel."""
+    the CPU's bf16 dot products and the native kernel does not (or the CPU has AMX): the slice
+    still runs direct, its rows and additions native around that GEMM (test_native_rows.py);
+    float32, decode-sized bfloat16, and any bfloat16 where torch's bf16 GEMM has no dot products
+    to run on (AVX2 CPUs: a generic loop) or the native kernel has them too (avx512_bf16 without
+    AMX) take the native kernel's products (`rope_apply`)."""
     from mora.kernels import mora_apply, prepare_batch, torch_native
     from mora.kernels.torch_native import BF16_MAX_ROWS
     from mora.kernels.torch_plan import plan_module
@@ -714,7 +715,10 @@ def test_bfloat16_prefill_keeps_blas(isa, monkeypatch, dot_products, dtype, toke
     mora_apply(y, x, table, meta, backend="torch")
     (program,) = plan_module([table], meta, tokens).programs.values()
     blas_wins = dot_products and (isa != "avx512_bf16" or torch.ops.mora_native.cpu_has("AMX_BF16"))
-    assert (program.gather is None) == (native_path or not blas_wins)
+    assert program.gather is None
+    ((_, direct),) = program.direct
+    want = ("rope_apply",) if native_path or not blas_wins else ("rope_rows", "blas", "rope_add")
+    assert direct.kernels == want
 
 
 @needs_x86

@@ -32,6 +32,7 @@ the page faults of fresh allocations cost about as much as the arithmetic here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -272,11 +273,28 @@ def _bind_scatter(part: torch.Tensor, lo: int, hi: int, width: int, plan: Plan, 
     return add_permuted
 
 
+def _blas_product(p: Pass, meta: BatchMeta, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[TableOp]]:
+    """A direct pass's product by torch's BLAS (`bind_direct`'s `blas`): its rows' buffer V, the
+    products' buffer, and the ops filling one from the other, batched as the general path's."""
+    rows = (p.b - p.a) * (p.chunks if p.spec.mora_type is MoraType.ROPE else 1)
+    V = _scratch(meta, "v", (rows, p.spec.n), dtype, device)
+    out_c = _scratch(meta, "out", (rows, p.spec.n), dtype, device)
+    # Past _ROWS_MAJOR the batched product runs `M @ v.T` and transposes it back; this product runs
+    # where oneDNN has AMX, on which one `v @ M.T` per item ran 1.8x as fast (q_proj, 16 adapters x
+    # 512 rows: 3.6 vs 6.6 ms a call). Up to it, the batch saves ~20 us of call per adapter.
+    if max(p.sizes) > _ROWS_MAJOR[1]:
+        p = dataclasses.replace(p, m_view=None, m_gather=None, pad_rows=None, keep=None)
+    before, product, after = _bind_multiply(p, V, out_c, meta)
+    return V, out_c, [*[(lambda _t, op=op: op()) for op in before], product, *[(lambda _t, op=op: op()) for op in after]]
+
+
 def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: torch.Tensor, offsets: Sequence[int], meta: BatchMeta) -> _Program:
     direct: list[tuple[int, DirectOp]] = []
     left: list[list[Pass]] = []  # per slice, the passes the general path runs
+    blas = functools.partial(_blas_product, meta=meta, dtype=x.dtype, device=x.device)
     for i, table in enumerate(tables):
-        op, rest = bind_direct(plan.passes[i], plan, table, x, y, offsets[i], offsets[i + 1]) if table is not None else (None, [])
+        op, rest = bind_direct(plan.passes[i], plan, table, x, y, offsets[i], offsets[i + 1], blas) if table is not None else (None, [])
         if op is not None:
             direct.append((i, op))
         left.append(rest)

@@ -10,7 +10,12 @@
 
 Both apply to float32 tables, and to bfloat16 ones at decode sizes (`BF16_MAX_ROWS`) or where
 torch's bf16 GEMM is not faster (`bf16_blas_beats_native`), where the native kernel is in use
-(`native_enabled`).
+(`native_enabled`). Where that GEMM is faster (bfloat16 prefill on AMX CPUs), a slice's type-6
+and type-1 passes still run direct: `rope_rows` (`share_rows`) writes the rows, the general
+path's batched BLAS product multiplies them (`torch_cpu`'s, passed in as `blas`), `rope_add`
+(`share_add`) adds the products into `y`. Their rotation and additions are the kernel's, so a
+token rotates alike at decode and in prefill; the general path's elementwise rotation, expansion
+and scatter took 60-75% of such a call (bench.kernel --dtype bfloat16, a Xeon with AMX).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +33,12 @@ from mora.kernels.torch_plan import Pass, Plan
 from mora.ops import rope_signed_tables
 from mora.spec import MoraType
 
-__all__ = ["DirectOp", "bind_direct", "bind_product", "slot_order_is_free"]
+__all__ = ["DirectOp", "DirectSlice", "bind_direct", "bind_product", "slot_order_is_free"]
 
-DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y)
+DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y): a direct slice, or one of its steps
+# The general path's product of a pass by torch's BLAS: (V, out_c, ops reading the table), with
+# `out_c = V @ M[slot].T` per item once the ops ran (torch_cpu's scratch buffers).
+BlasProduct = Callable[[Pass], tuple[torch.Tensor, torch.Tensor, list[Callable[[SlotTable], object]]]]
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
 # bfloat16 rows are multiplied in float32 lanes, while oneDNN's bf16 GEMM uses the CPU's bf16
 # dot products (AMX, AVX512_BF16): with more rows per adapter than one token's chunks (prefill,
@@ -97,41 +106,93 @@ def bind_product(p: Pass, V: torch.Tensor, out_c: torch.Tensor) -> Callable[[Slo
 
 
 def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tensor, y: torch.Tensor, lo: int,
-                hi: int) -> tuple[DirectOp | None, list[Pass]]:
+                hi: int, blas: BlasProduct) -> tuple[DirectOp | None, list[Pass]]:
     """The slice `y[:, lo:hi]`'s type-6 and type-1 passes as one `rope_apply` or `share_apply`
-    call each, and the passes left to the general path (types 2-4; all of them where the slice
-    cannot run direct: a merged adapter to subtract, whose pass the general path must write
+    call each (where torch's GEMM beats the native products, `_native_for`: their rows, `blas`'s
+    product of them and the products' additions), and the passes left to the general path
+    (types 2-4; all of them where the slice cannot run direct: a merged adapter to subtract, whose pass the general path must write
     first, a row-parallel shard, mixed dtypes). Passes cover disjoint rows, so each column of `y`
     still gets one addition per token."""
     lay = table.layout
     if (not passes or lay.local_in != lay.in_features or not x.dtype == y.dtype == table.dtype
             or any(p.sign < 0 for p in passes)):
         return None, passes
-    mine = [p for p in passes if p.spec.mora_type in DIRECT_TYPES and _native_for(p, x.dtype)]
+    if x.dtype not in NATIVE_DTYPES or not native_enabled():
+        return None, passes
+    mine = [p for p in passes if p.spec.mora_type in DIRECT_TYPES]
     if not mine:
         return None, passes
-    calls = [_direct_call(p, plan, lay.out_start, x.dtype) for p in mine]
-    whole = lo == 0 and hi == y.shape[1]
-
-    def direct(table: SlotTable, x: torch.Tensor, y: torch.Tensor) -> None:
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        dst = y if whole else y[:, lo:hi]
-        for call in calls:
-            call(x, table.Mt, dst)
-
+    calls: list[DirectOp] = []
+    kernels: list[str] = []
+    for p in mine:  # products by the native kernel, or (where torch's GEMM beats it) by that GEMM
+        steps, names = _direct_call(p, plan, lay.out_start, x.dtype) if _native_for(p, x.dtype) else \
+            _rows_blas_add(p, plan, lay.out_start, x.dtype, blas)
+        calls += steps
+        kernels += names
+    direct = DirectSlice(tuple(calls), tuple(kernels), lo, hi, lo == 0 and hi == y.shape[1])
     return direct, [p for p in passes if all(p is not q for q in mine)]
 
 
-def _direct_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    """Pass `p`'s direct op with every operand but x, Mt and y bound; the rope tables in
-    `dtype`, as the general path rounds them."""
+@dataclass(frozen=True)
+class DirectSlice:
+    """A slice's direct calls (`bind_direct`), run in order into `y[:, lo:hi]`; `kernels` names
+    the ops they run, per pass (`rope_apply`; or `rope_rows`, `blas`, `rope_add`)."""
+
+    calls: tuple[DirectOp, ...]
+    kernels: tuple[str, ...]
+    lo: int
+    hi: int
+    whole: bool
+
+    def __call__(self, table: SlotTable, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        dst = y if self.whole else y[:, self.lo : self.hi]
+        for call in self.calls:
+            call(table, x, dst)
+
+
+def _tokens(p: Pass, plan: Plan) -> torch.Tensor:
+    """The rows of x and y of the pass's tokens, in work order."""
+    return (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
+
+
+def _rope_tables(p: Pass, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pass's chunks' (cos, signed sin), in `dtype` as the general path rounds them."""
+    spec = p.spec
+    return rope_signed_tables(spec.n, spec.num_chunks, p.k_lo, p.k_lo + p.chunks, dtype, torch.device("cpu"))
+
+
+def _direct_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tuple[list[DirectOp], list[str]]:
+    """Pass `p` as one `rope_apply` (`share_apply`) call, every operand but x, Mt and y bound."""
     spec = p.spec
     offsets, slots = _offsets([e - s for _, s, e in p.items]), _slots(p)  # in tokens
-    tokens = (plan.rows[p.a : p.b] if plan.rows is not None else torch.arange(p.a, p.b)).contiguous()
+    tokens = _tokens(p, plan)
     if spec.mora_type is MoraType.SHARING:
         share = torch.ops.mora_native.share_apply
-        return lambda x, Mt, y: share(x, tokens, offsets, slots, Mt, spec.n, spec.num_chunks, out_start, 1.0, y)
-    cos, ssin = rope_signed_tables(spec.n, spec.num_chunks, p.k_lo, p.k_lo + p.chunks, dtype, torch.device("cpu"))
+        return [lambda t, x, y: share(x, tokens, offsets, slots, t.Mt, spec.n, spec.num_chunks, out_start, 1.0, y)], \
+            ["share_apply"]
+    cos, ssin = _rope_tables(p, dtype)
     rope, period = torch.ops.mora_native.rope_apply, spec.num_chunks * spec.n
-    return lambda x, Mt, y: rope(x, tokens, offsets, slots, Mt, cos, ssin, p.k_lo, period, out_start, 1.0, y)
+    return [lambda t, x, y: rope(x, tokens, offsets, slots, t.Mt, cos, ssin, p.k_lo, period, out_start, 1.0, y)], \
+        ["rope_apply"]
+
+
+def _rows_blas_add(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype, blas: BlasProduct) -> tuple[list[DirectOp], list[str]]:
+    """Pass `p` as its rows (`rope_rows`), `blas`'s product of them, and the products' additions
+    (`rope_add`); share_* for type 1."""
+    spec, ops = p.spec, torch.ops.mora_native
+    tokens = _tokens(p, plan)
+    V, out_c, product = blas(p)
+    if spec.mora_type is MoraType.SHARING:
+        rows: DirectOp = lambda t, x, y: ops.share_rows(x, tokens, spec.n, spec.num_chunks, V)  # noqa: E731
+        add: DirectOp = lambda t, x, y: ops.share_add(out_c, tokens, spec.n, out_start, y)  # noqa: E731
+        names = ["share_rows", "blas", "share_add"]
+    else:
+        cos, ssin = _rope_tables(p, dtype)
+        period = spec.num_chunks * spec.n
+        rows = lambda t, x, y: ops.rope_rows(x, tokens, cos, ssin, p.k_lo, V)  # noqa: E731
+        add = lambda t, x, y: ops.rope_add(out_c, tokens, spec.n, p.k_lo, p.chunks, period, out_start, y)  # noqa: E731
+        names = ["rope_rows", "blas", "rope_add"]
+    steps = [rows, *[(lambda t, x, y, op=op: op(t)) for op in product], add]
+    return steps, names

@@ -6,7 +6,9 @@ C++ ops read every `M` straight from the slot table, registered as custom ops:
 
 * `torch.ops.mora_native.grouped_mm` - every adapter's rows times its `M`;
 * `torch.ops.mora_native.rope_apply` - type-6 adapters from `x` straight into `y`;
-* `torch.ops.mora_native.share_apply` - type-1 adapters from `x` straight into `y`.
+* `torch.ops.mora_native.share_apply` - type-1 adapters from `x` straight into `y`;
+* `rope_rows`, `share_rows`, `rope_add`, `share_add` - those two ops' rows and additions alone,
+  around products that torch's GEMM computes (bfloat16 prefill where oneDNN's GEMM has AMX).
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
@@ -52,7 +54,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ENV_ISA", "ENV_KERNEL", "ISAS", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_isa",
-           "native_status", "rope_apply", "share_apply"]
+           "native_status", "rope_add", "rope_apply", "rope_rows", "share_add", "share_apply", "share_rows"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
@@ -255,3 +257,71 @@ def share_apply(x: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor, sl
     """
     _require()
     torch.ops.mora_native.share_apply(x, tokens, offsets, slots, Mt, n, chunks, out_start, alpha, y)
+
+
+def rope_rows(x: torch.Tensor, tokens: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor, k_lo: int,
+              V: torch.Tensor) -> None:
+    """The rotated rows `rope_apply` multiplies, written to `V` (float32 or bfloat16, one dtype),
+    for products that torch's GEMM computes (`rope_add` adds them).
+
+    Semantics::
+
+        # x [T, in_f]; tokens int64 [N]; cos, ssin [chunks, n] as rope_apply's; V [N * chunks, >= n]
+        xp = cat(x, x[:, :in_f], dim=1)
+        for j, t in enumerate(tokens):
+            for i in range(chunks):
+                c = k_lo + i
+                u = xp[t, c * n:(c + 1) * n]
+                V[j * chunks + i, :n] = u * cos[i] + cat(u[n // 2:], u[:n // 2]) * ssin[i]  # rounded as rope_apply's v
+
+    Columns of `V` past `n` are not written.
+    """
+    _require()
+    torch.ops.mora_native.rope_rows(x, tokens, cos, ssin, k_lo, V)
+
+
+def share_rows(x: torch.Tensor, tokens: torch.Tensor, n: int, chunks: int, V: torch.Tensor) -> None:
+    """The chunk sums `share_apply` multiplies, written to `V` (`share_add` adds their products).
+
+    Semantics::
+
+        # x [T, in_f]; tokens int64 [N]; chunks = ceil(in_f / n); V [N, >= n]
+        xp = cat(x, x[:, :chunks * n - in_f], dim=1)
+        for j, t in enumerate(tokens):
+            V[j, :n] = xp[t].view(chunks, n).float().sum(0).to(x.dtype)  # summed in order, as share_apply's v
+    """
+    _require()
+    torch.ops.mora_native.share_rows(x, tokens, n, chunks, V)
+
+
+def rope_add(P: torch.Tensor, tokens: torch.Tensor, n: int, k_lo: int, chunks: int, period: int, out_start: int,
+             y: torch.Tensor) -> None:
+    """Products of `rope_rows`' rows added into `y` as `rope_apply` adds its products.
+
+    Semantics::
+
+        # P [N * chunks, >= n], y [T, width], one dtype; tokens int64 [N] (rows of y)
+        for j, t in enumerate(tokens):
+            for i in range(chunks):
+                c, o = k_lo + i, P[j * chunks + i, :n]
+                for col in range(width):
+                    q = (out_start + col) % period
+                    if c * n <= q < (c + 1) * n:
+                        y[t, col] += o[q - c * n]                       # one rounding to y's dtype
+    """
+    _require()
+    torch.ops.mora_native.rope_add(P, tokens, n, k_lo, chunks, period, out_start, y)
+
+
+def share_add(P: torch.Tensor, tokens: torch.Tensor, n: int, out_start: int, y: torch.Tensor) -> None:
+    """Products of `share_rows`' rows added into `y` as `share_apply` adds its products.
+
+    Semantics::
+
+        # P [N, >= n], y [T, width], one dtype; tokens int64 [N] (rows of y)
+        for j, t in enumerate(tokens):
+            for col in range(width):
+                y[t, col] += P[j, (out_start + col) % n]
+    """
+    _require()
+    torch.ops.mora_native.share_add(P, tokens, n, out_start, y)

@@ -104,6 +104,16 @@ struct Unit {
   int np;
 };
 
+// A direct op's rows around products that torch's GEMM computes (rope_rows, share_rows, rope_add,
+// share_add):
+// `v_row` writes row r's V (rotated, or chunk-summed) as T values into dst[0, n); `add_row` adds
+// row r's products (T values at o) into y, as rope_apply adds a unit's. `buf`: 3n floats.
+template <typename T>
+struct RowOps {
+  void (*v_row)(const Rope<T>& rope, int64_t r, T* dst, float* buf);
+  void (*add_row)(const Rope<T>& rope, int64_t r, const T* o, float* buf);
+};
+
 // Up to kRun units of one group run panel-interleaved: each chunk of panels of M is multiplied
 // by every unit's rows before the next is read, so M streams from memory once per run, under
 // the run's compute. One unit after another, the first read M at memory speed with idle FMAs
@@ -124,14 +134,20 @@ inline int64_t tile_floats(int64_t n) { return kRun * kMaxRows * tile_stride(n);
 namespace isa_portable {
 const Unit<float>* units_float();
 const Unit<bf16>* units_bf16();
+const RowOps<float>* rows_float();
+const RowOps<bf16>* rows_bf16();
 }  // namespace isa_portable
 namespace isa_avx2 {
 const Unit<float>* units_float();
 const Unit<bf16>* units_bf16();
+const RowOps<float>* rows_float();
+const RowOps<bf16>* rows_bf16();
 }  // namespace isa_avx2
 namespace isa_avx512 {
 const Unit<float>* units_float();
 const Unit<bf16>* units_bf16();
+const RowOps<float>* rows_float();
+const RowOps<bf16>* rows_bf16();
 const Unit<bf16>* units_bf16_dot();  // vdpbf16ps (AVX512_BF16): kernel_dp.h
 }  // namespace isa_avx512
 

@@ -2,7 +2,9 @@
 // mora_native::rope_apply - the same product for type-6 adapters, from x straight into y (the
 // rotation done while packing the rows, the periodic expansion as a unit's products are added);
 // mora_native::share_apply - the same for type-1 adapters (the chunks summed while packing, the
-// output tiled as they are added). Their semantics are stated in mora/kernels/native/__init__.py.
+// output tiled as they are added);
+// mora_native::rope_rows, share_rows, rope_add, share_add - those two ops' rows and additions
+// alone, around products that torch's GEMM computes (bfloat16 prefill on AMX CPUs). Their semantics are stated in mora/kernels/native/__init__.py.
 //
 // Why not BLAS: an adapter's rows are few (a decode token's 12-16 rotated chunks, 1-4 compressed
 // rows), so each sgemm call packs a whole M for a handful of rows and runs at a third to a half
@@ -68,6 +70,8 @@ struct Path {
   const char* name;
   const Unit<float>* (*units_float)();
   const Unit<bf16>* (*units_bf16)();
+  const RowOps<float>* (*rows_float)();
+  const RowOps<bf16>* (*rows_bf16)();
   std::vector<const char*> needs;
   bool (*pays)();
 };
@@ -84,12 +88,15 @@ bool dot_products_pay() {
 
 // Best first.
 const std::vector<Path> kPaths = {
-    {"avx512_bf16", isa_avx512::units_float, isa_avx512::units_bf16_dot,
+    {"avx512_bf16", isa_avx512::units_float, isa_avx512::units_bf16_dot, isa_avx512::rows_float,
+     isa_avx512::rows_bf16,
      {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512_BF16"}, dot_products_pay},
-    {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"},
+    {"avx512", isa_avx512::units_float, isa_avx512::units_bf16, isa_avx512::rows_float, isa_avx512::rows_bf16,
+     {"AVX2", "FMA", "AVX512F", "AVX512BW", "AVX512VL"},
      always},
-    {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, {"AVX2", "FMA"}, always},
-    {"portable", isa_portable::units_float, isa_portable::units_bf16, {}, always}};
+    {"avx2", isa_avx2::units_float, isa_avx2::units_bf16, isa_avx2::rows_float, isa_avx2::rows_bf16, {"AVX2", "FMA"}, always},
+    {"portable", isa_portable::units_float, isa_portable::units_bf16, isa_portable::rows_float,
+     isa_portable::rows_bf16, {}, always}};
 
 // The features path `name` needs that this CPU lacks, space-separated ("" where it runs).
 std::string missing_for(const Path& path) {
@@ -294,6 +301,108 @@ void share_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor
   x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
 }
 
+// --- A direct op's rows and additions alone (rope_rows, share_rows, rope_add, share_add) ---
+// The V rows rope_apply and share_apply pack, stored as T, and the additions of products into y
+// they make: the torch backend runs them around torch's own batched GEMM where that GEMM beats
+// the kernel's products (bfloat16 prefill on AMX). Row r is token tokens[r / chunks]'s chunk
+// k_lo + r % chunks (share: one row per token).
+
+template <typename T>
+const RowOps<T>* row_ops() {
+  const Path* path = active.load();
+  if constexpr (std::is_same_v<T, float>) return path->rows_float();
+  else return path->rows_bf16();
+}
+
+// body(r, buf) for rows [0, rows) on torch's thread pool; `buf` is 3n floats and a panel.
+template <typename Body>
+void each_row(int64_t rows, int64_t n, Body body) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / n), [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < 3 * n + kPanel) buf.resize(3 * n + kPanel);
+    for (int64_t r = lo; r < hi; ++r) body(r, buf.data());
+  });
+}
+
+// `rows` ([N * per, >= n], rows contiguous) of `tokens` (int64 [N], each below `limit`).
+const int64_t* checked_rows(const char* op, const at::Tensor& rows, const at::Tensor& tokens, int64_t per, int64_t n,
+                            int64_t limit) {
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.dim() == 1 && tokens.is_contiguous(), op,
+              ": tokens must be int64 [N]");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == tokens.numel() * per && rows.size(1) >= n && rows.stride(1) == 1, op,
+              ": rows must be [N * chunks, >= n] with contiguous rows");
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens.numel(); ++t) TORCH_CHECK(0 <= tok[t] && tok[t] < limit, op, ": token row out of range");
+  return tok;
+}
+
+void rope_rows(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& cos, const at::Tensor& ssin,
+               int64_t k_lo, at::Tensor& V) {
+  check_dtypes("rope_rows", {&x, &cos, &ssin, &V});
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rope_rows: x [T, in_f], rows contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == ssin.sizes() && cos.is_contiguous() && ssin.is_contiguous(),
+              "rope_rows: cos and ssin [chunks, n], contiguous");
+  const int64_t chunks = cos.size(0), n = cos.size(1), in_f = x.size(1);
+  TORCH_CHECK(n > 0 && n % 2 == 0, "rope_rows: n must be even");
+  TORCH_CHECK(k_lo >= 0 && chunks > 0 && (k_lo + chunks) * n <= 2 * in_f, "rope_rows: chunks out of range");
+  const int64_t* tok = checked_rows("rope_rows", V, tokens, chunks, n, x.size(0));
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const Rope<T> base{data<T>(x), x.stride(0), in_f, tok, data<T>(cos), data<T>(ssin), n, chunks, k_lo};
+    T* v = mutable_data<T>(V);
+    const RowOps<T>* ops = row_ops<T>();
+    each_row(V.size(0), n, [&](int64_t r, float* buf) { ops->v_row(base, r, v + r * V.stride(0), buf); });
+  };
+  x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
+}
+
+void share_rows(const at::Tensor& x, const at::Tensor& tokens, int64_t n, int64_t chunks, at::Tensor& V) {
+  check_dtypes("share_rows", {&x, &V});
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "share_rows: x [T, in_f], rows contiguous");
+  const int64_t in_f = x.size(1);
+  TORCH_CHECK(n > 0 && chunks > 0 && in_f <= chunks * n && chunks * n < in_f + n && chunks * n <= 2 * in_f,
+              "share_rows: chunks must be ceil(in_f / n), the chunks of the padded input");
+  const int64_t* tok = checked_rows("share_rows", V, tokens, 1, n, x.size(0));
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    Rope<T> base{data<T>(x), x.stride(0), in_f, tok, nullptr, nullptr, n, 1, 0};
+    base.sum_chunks = chunks;
+    T* v = mutable_data<T>(V);
+    const RowOps<T>* ops = row_ops<T>();
+    each_row(V.size(0), n, [&](int64_t r, float* buf) { ops->v_row(base, r, v + r * V.stride(0), buf); });
+  };
+  x.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
+}
+
+// Rows of products P added into y as rope_apply adds them (its `period`, `out_start`: the tiles).
+void add_products(const char* op, const at::Tensor& P, const at::Tensor& tokens, int64_t n, int64_t chunks,
+                  int64_t k_lo, int64_t period, int64_t out_start, at::Tensor& y) {
+  check_dtypes(op, {&P, &y});
+  TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, op, ": y [T, width], rows contiguous");
+  TORCH_CHECK(n > 0 && k_lo >= 0 && chunks > 0 && period >= (k_lo + chunks) * n && out_start >= 0, op,
+              ": chunks, period or out_start out of range");
+  const int64_t* tok = checked_rows(op, P, tokens, chunks, n, y.size(0));
+  auto go = [&](auto zero) {
+    using T = decltype(zero);
+    const Rope<T> base{nullptr, 0, 0, tok, nullptr, nullptr, n, chunks, k_lo, period, out_start, y.size(1),
+                       mutable_data<T>(y), y.stride(0)};
+    const T* o = data<T>(P);
+    const RowOps<T>* ops = row_ops<T>();
+    // a token's rows add into disjoint columns of its row of y: rows may run on any thread
+    each_row(P.size(0), n, [&](int64_t r, float* buf) { ops->add_row(base, r, o + r * P.stride(0), buf); });
+  };
+  P.scalar_type() == at::kFloat ? go(float{}) : go(bf16{});
+}
+
+void rope_add(const at::Tensor& P, const at::Tensor& tokens, int64_t n, int64_t k_lo, int64_t chunks, int64_t period,
+              int64_t out_start, at::Tensor& y) {
+  add_products("rope_add", P, tokens, n, chunks, k_lo, period, out_start, y);
+}
+
+void share_add(const at::Tensor& P, const at::Tensor& tokens, int64_t n, int64_t out_start, at::Tensor& y) {
+  add_products("share_add", P, tokens, n, 1, 0, n, out_start, y);
+}
+
 }  // namespace
 }  // namespace mora_native
 
@@ -310,10 +419,18 @@ TORCH_LIBRARY(mora_native, lib) {
   lib.def(
       "share_apply(Tensor x, Tensor tokens, Tensor offsets, Tensor slots, Tensor Mt, int n, int chunks, "
       "int out_start, float alpha, Tensor(a!) y) -> ()");
+  lib.def("rope_rows(Tensor x, Tensor tokens, Tensor cos, Tensor ssin, int k_lo, Tensor(a!) V) -> ()");
+  lib.def("share_rows(Tensor x, Tensor tokens, int n, int chunks, Tensor(a!) V) -> ()");
+  lib.def("rope_add(Tensor P, Tensor tokens, int n, int k_lo, int chunks, int period, int out_start, Tensor(a!) y) -> ()");
+  lib.def("share_add(Tensor P, Tensor tokens, int n, int out_start, Tensor(a!) y) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mora_native, CPU, lib) {
   lib.impl("grouped_mm", &grouped_mm);
   lib.impl("rope_apply", &rope_apply);
   lib.impl("share_apply", &share_apply);
+  lib.impl("rope_rows", &rope_rows);
+  lib.impl("share_rows", &share_rows);
+  lib.impl("rope_add", &rope_add);
+  lib.impl("share_add", &share_add);
 }

@@ -96,6 +96,8 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
 
 const Unit<float>* units_float() { return kUnits<float>; }
 const Unit<bf16>* units_bf16() { return kUnits<bf16>; }
+const RowOps<float>* rows_float() { return &kRowOps<float>; }
+const RowOps<bf16>* rows_bf16() { return &kRowOps<bf16>; }
 const Unit<bf16>* units_bf16_dot() { return kDotUnits; }
 
 }  // namespace mora_native::isa_avx512

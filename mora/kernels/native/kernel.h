@@ -106,6 +106,29 @@ void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float*
   else rotate(rope, r, v, stride, buf);
 }
 
+// rope_rows' and share_rows' rows, rope_add's and share_add's additions (RowOps): the V row as direct_row makes it, stored as
+// T (exact: rotate() and chunk_sum() round every value to T), and a row of products added into y
+// by add_lanes, as add_rows adds a unit's.
+template <typename T>
+void v_row(const Rope<T>& rope, int64_t r, T* dst, float* buf) {
+  float* v = buf + 2 * rope.n;
+  if (rope.sum_chunks) chunk_sum(rope, r, v, 1, buf);
+  else rotate(rope, r, v, 1, buf);
+  for (int64_t k = 0; k < rope.n; ++k) dst[k] = Scalar<T>::from(v[k]);
+}
+
+template <typename T>
+void add_row(const Rope<T>& rope, int64_t r, const T* o, float* buf) {
+  for (int64_t k = 0; k < rope.n; ++k) buf[k] = Scalar<T>::get(o[k]);  // add_lanes reads whole panels: buf has 3n
+  each_span(rope, r, [buf](T* y, int64_t j, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; l += kPanel)
+      add_lanes<T>(y, j + l, 0, static_cast<int>(std::min<int64_t>(kPanel, hi - l)), buf + l);
+  });
+}
+
+template <typename T>
+constexpr RowOps<T> kRowOps = {v_row<T>, add_row<T>};
+
 // Where the block after this one starts streaming into L2: kAhead panels on (at least one
 // block), this M's, then past its last panel the next unit's M (null: none to prefetch).
 template <int NP, typename T>
