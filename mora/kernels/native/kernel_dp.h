@@ -6,6 +6,9 @@
 // oneDNN's bf16 GEMM runs on it there, and the widened kernel ran at 2.2-4x that GEMM's time
 // (bench.kernel --dtype bfloat16). On Intel's Sapphire/Emerald Rapids it issues every second
 // cycle (half the widened kernel's rate) and oneDNN has AMX: `auto` keeps the avx512 path there.
+// AMX's tdpbf16ps cannot stand in for either: it does not sum in order with one rounding per
+// term (bench.dot_sums on a Xeon with AMX: 51% of outputs match that sum, either half of a pair
+// first; vdpbf16ps high half first: 100%, there as on Zen 4).
 //
 // The same bits as the widened kernel. vdpbf16ps adds a pair's two products into a float32 lane
 // one after the other, the pair's high half first, each an FMA of an exact product (measured on
