@@ -80,6 +80,7 @@ demo: install $(DEMO_DIR)/demo.json
 
 bench: install
 	$(PY) -m bench.kernel
+	$(PY) -m bench.dot_sums
 	$(PY) -m bench.merge
 	$(PY) -m bench.isolation
 	$(PY) -m bench.serving
