@@ -4,7 +4,8 @@
 // mora_native::share_apply - the same for type-1 adapters (the chunks summed while packing, the
 // output tiled as they are added);
 // mora_native::rope_rows, share_rows, rope_add, share_add - those two ops' rows and additions
-// alone, around products that torch's GEMM computes (bfloat16 prefill on AMX CPUs). Their semantics are stated in mora/kernels/native/__init__.py.
+// alone, around products that torch's GEMM computes (bfloat16 prefill on AMX CPUs).
+// Their semantics are stated in mora/kernels/native/__init__.py.
 //
 // Why not BLAS: an adapter's rows are few (a decode token's 12-16 rotated chunks, 1-4 compressed
 // rows), so each sgemm call packs a whole M for a handful of rows and runs at a third to a half
