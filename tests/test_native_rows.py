@@ -152,11 +152,13 @@ def _prefill_on_blas(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("kind", ["ROPE", "SHARING"])
-def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind):
+@pytest.mark.parametrize("traffic", ["skewed", "even"])
+def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind, traffic):
     """Where torch's bf16 GEMM beats the native products, a prefill-sized type-6 (type-1) slice
     runs direct as rows, the general path's BLAS product and additions: no gathered input, no
     scatter; it matches the reference, keeps rows without an adapter, and its decode-sized
-    batches still take `rope_apply`."""
+    batches still take `rope_apply`. Skewed traffic multiplies one adapter at a time; even
+    traffic (equal rows, slots 0 and 2) one batched product over a strided view of the table."""
     from mora.kernels import mora_apply, prepare_batch
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
@@ -168,7 +170,8 @@ def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind):
         table.set_slot(s, (torch.randn(n, n, generator=gen) * 0.1).to(BF16), MoraSpec(40, 72, n, MoraType[kind]))
     short = "rope" if kind == "ROPE" else "share"
     for tokens, kernels in ((100, (f"{short}_rows", "blas", f"{short}_add")), (3, (f"{short}_apply",))):
-        slot = torch.tensor([2, 0, -1, 1, 0])[torch.arange(tokens) % 5]
+        pattern = [2, 0, -1, 1, 0] if traffic == "skewed" else [2, 0, 2, 0, -1]
+        slot = torch.tensor(pattern)[torch.arange(tokens) % 5]
         x = torch.randn(tokens, 40, generator=gen).to(BF16)
         y0 = torch.randn(tokens, 72, generator=gen).to(BF16)
         want = y0.clone()
@@ -180,6 +183,9 @@ def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind):
         assert program.gather is None
         ((_, direct),) = program.direct
         assert set(direct.kernels) == set(kernels), (tokens, direct.kernels)
+        if tokens > 5 and traffic == "even":  # slots 0 and 2, equal rows: the batched product
+            (p,) = [p for p in plan_module([table], meta, tokens).passes[0] if p.spec.n == 12]
+            assert p.m_view is not None and min(p.sizes) == max(p.sizes) > 32
         torch.testing.assert_close(y, want, rtol=3e-2, atol=3e-2)
         assert torch.equal(bits(y[slot == -1]), bits(y0[slot == -1]))
 

@@ -32,7 +32,6 @@ the page faults of fresh allocations cost about as much as the arithmetic here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -124,8 +123,10 @@ def _bind_transform(p: Pass, X: torch.Tensor, meta: BatchMeta) -> tuple[list[Op]
     return [lambda: V.copy_(compress(Xu, spec))], V
 
 
-def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta) -> tuple[list[Op], TableOp, list[Op]]:
-    """`out_c[item] = sign * V[item] @ M[slot].T` for every item: (ops before, the product, ops after)."""
+def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta,
+                   rows_major: bool | None = None) -> tuple[list[Op], TableOp, list[Op]]:
+    """`out_c[item] = sign * V[item] @ M[slot].T` for every item: (ops before, the product, ops after).
+    A batched product runs as `v @ M.T` (`rows_major`) or `M @ v.T`; None: by the rows per item."""
     n = p.spec.n
     native = bind_product(p, V, out_c)  # one call for every item, whatever their rows
     if native is not None:
@@ -152,7 +153,8 @@ def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMet
         VP = _scratch(meta, "vp", (k * r, n), V.dtype, V.device)
         before.append(functools.partial(torch.index_select, V, 0, p.pad_rows, out=VP))
         V = VP
-    rows_major = _ROWS_MAJOR[0] < r <= _ROWS_MAJOR[1]
+    if rows_major is None:
+        rows_major = _ROWS_MAJOR[0] < r <= _ROWS_MAJOR[1]
     Vv = V.view(k, r, n)
     if rows_major:  # `v @ M.T`, written straight into the outputs' layout
         prod = out_c.view(k, r, n) if p.pad_rows is None else _scratch(meta, "op", (k, r, n), V.dtype, V.device)
@@ -280,12 +282,10 @@ def _blas_product(p: Pass, meta: BatchMeta, dtype: torch.dtype, device: torch.de
     rows = (p.b - p.a) * (p.chunks if p.spec.mora_type is MoraType.ROPE else 1)
     V = _scratch(meta, "v", (rows, p.spec.n), dtype, device)
     out_c = _scratch(meta, "out", (rows, p.spec.n), dtype, device)
-    # Past _ROWS_MAJOR the batched product runs `M @ v.T` and transposes it back; this product runs
-    # where oneDNN has AMX, on which one `v @ M.T` per item ran 1.8x as fast (q_proj, 16 adapters x
-    # 512 rows: 3.6 vs 6.6 ms a call). Up to it, the batch saves ~20 us of call per adapter.
-    if max(p.sizes) > _ROWS_MAJOR[1]:
-        p = dataclasses.replace(p, m_view=None, m_gather=None, pad_rows=None, keep=None)
-    before, product, after = _bind_multiply(p, V, out_c, meta)
+    # Batched as `v @ M.T` at every size: this product runs where oneDNN has AMX, on which past
+    # _ROWS_MAJOR `M @ v.T` and its transpose back ran 1.9-4.3x as long (16 adapters x 64-512 rows
+    # of n=256), and one `mm` per adapter 1.5-2.4x (~27 us of call each).
+    before, product, after = _bind_multiply(p, V, out_c, meta, rows_major=True)
     return V, out_c, [*[(lambda _t, op=op: op()) for op in before], product, *[(lambda _t, op=op: op()) for op in after]]
 
 
