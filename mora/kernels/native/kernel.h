@@ -77,19 +77,22 @@ void request_y(const Rope<T>& rope, int64_t r) {
   });
 }
 
+// Row r's products (n floats at o, each a T value) added into y, span after span.
+template <typename T>
+void add_row_floats(const Rope<T>& rope, int64_t r, const float* o) {
+  each_span(rope, r, [o](T* y, int64_t j, int64_t lo, int64_t hi) {
+    for (int64_t l = lo; l < hi; l += kPanel)
+      add_lanes<T>(y, j + l, 0, static_cast<int>(std::min<int64_t>(kPanel, hi - l)), o + l);
+  });
+}
+
 // Adds a unit's rounded products (its rows of the tile, n columns each) into y, after its last
 // panel, span after span. (Adding each block's panels at its end, 16-column pieces of y
 // scattered over chunks and periods, took 15-20% of a bfloat16 call: y lines fetched twice,
 // and the pieces' targets computed and prefetched per block.)
 template <typename T>
 __attribute__((noinline)) void add_rows(const Problem<T>& p, int64_t row0, int rows) {
-  for (int i = 0; i < rows; ++i) {
-    const float* o = p.tile + (row0 + i - p.tile_row0) * p.ldt;
-    each_span(p.rope, row0 + i, [o](T* y, int64_t j, int64_t lo, int64_t hi) {
-      for (int64_t l = lo; l < hi; l += kPanel)
-        add_lanes<T>(y, j + l, 0, static_cast<int>(std::min<int64_t>(kPanel, hi - l)), o + l);
-    });
-  }
+  for (int i = 0; i < rows; ++i) add_row_floats(p.rope, row0 + i, p.tile + (row0 + i - p.tile_row0) * p.ldt);
 }
 
 // After a unit's panels [.., q1): once its last panel is done, a direct op adds its products into y.
@@ -100,30 +103,32 @@ void after_panels(const Problem<T>& p, int64_t row0, int rows, int64_t q1) {
 
 // A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: 2n floats.
 template <typename T>
-void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
-  request_y(rope, r);
+void make_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
   if (rope.sum_chunks) chunk_sum(rope, r, v, stride, buf);
   else rotate(rope, r, v, stride, buf);
 }
 
-// rope_rows' and share_rows' rows, rope_add's and share_add's additions (RowOps): the V row as direct_row makes it, stored as
-// T (exact: rotate() and chunk_sum() round every value to T), and a row of products added into y
-// by add_lanes, as add_rows adds a unit's.
+// make_row, with row r's lines of y requested while it is made (rope_apply, share_apply).
+template <typename T>
+void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+  request_y(rope, r);
+  make_row(rope, r, v, stride, buf);
+}
+
+// rope_rows' and share_rows' rows, rope_add's and share_add's additions (RowOps): make_row's V
+// row stored as T (exact: rotate() and chunk_sum() round every value to T), and a row of T
+// products added into y as add_rows adds a unit's.
 template <typename T>
 void v_row(const Rope<T>& rope, int64_t r, T* dst, float* buf) {
   float* v = buf + 2 * rope.n;
-  if (rope.sum_chunks) chunk_sum(rope, r, v, 1, buf);
-  else rotate(rope, r, v, 1, buf);
+  make_row(rope, r, v, 1, buf);
   for (int64_t k = 0; k < rope.n; ++k) dst[k] = Scalar<T>::from(v[k]);
 }
 
 template <typename T>
 void add_row(const Rope<T>& rope, int64_t r, const T* o, float* buf) {
   for (int64_t k = 0; k < rope.n; ++k) buf[k] = Scalar<T>::get(o[k]);  // add_lanes reads whole panels: buf has 3n
-  each_span(rope, r, [buf](T* y, int64_t j, int64_t lo, int64_t hi) {
-    for (int64_t l = lo; l < hi; l += kPanel)
-      add_lanes<T>(y, j + l, 0, static_cast<int>(std::min<int64_t>(kPanel, hi - l)), buf + l);
-  });
+  add_row_floats(rope, r, buf);
 }
 
 template <typename T>
