@@ -121,12 +121,12 @@ struct RowOps {
 // roofline so.
 constexpr int kRun = 4;
 
+// A direct op's tile row, and a packed row (kernel.h's put_row): whole panels.
+inline int64_t tile_stride(int64_t n) { return (n + kPanel - 1) / kPanel * kPanel; }
 // A unit's packed rows, after one 64-byte header (the dot-product units' choice, kernel_dp.h).
-inline int64_t unit_floats(int64_t n) { return kMaxRows * n + kPanel; }
+inline int64_t unit_floats(int64_t n) { return kMaxRows * tile_stride(n) + kPanel; }
 // A run's rows, then a rotation's scratch (2n) and its rotated row (n).
 inline int64_t pack_floats(int64_t n) { return kRun * unit_floats(n) + 3 * n; }
-// A direct op's tile row: whole panels.
-inline int64_t tile_stride(int64_t n) { return (n + kPanel - 1) / kPanel * kPanel; }
 // A run's tile (direct ops).
 inline int64_t tile_floats(int64_t n) { return kRun * kMaxRows * tile_stride(n); }
 

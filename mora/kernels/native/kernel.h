@@ -3,16 +3,29 @@
 // `Mask`, the blocking (`kBlockRows`, `panels_for`), its loads, stores and FMAs.
 //
 // Mt is read in place, 16-column panels of consecutive addresses, never packed; the handful of V
-// rows of a unit are packed k-major as float32 and broadcast. Each output is a sum over k in
+// rows of a unit are packed as float32 (put_row) and broadcast. Each output is a sum over k in
 // order, one FMA per term, from +0: the same bits on every path and whatever the other rows.
 
-// The rotated chunk of row r into v[k * stride] (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
+// A block's packed rows: k in pieces of kPanel, each piece row after row. Row i's value k is at
+// ((k / kPanel) * rows + i) * kPanel + k % kPanel: for each k a block reads its rows' values at
+// constant offsets (i * kPanel) from one pointer, and a row is stored a piece at a time. (Packed
+// k-major, one value per row apart, the scalar stores took half of a float32 rope_apply row.)
+// `v` is the row's first piece (the block's start + i * kPanel); `rows` 1: a plain row.
+template <typename T>
+void put_row(float* v, int rows, const T* o, int64_t n) {
+  for (int64_t k0 = 0; k0 < n; k0 += kPanel, v += rows * kPanel) {
+    const int64_t len = std::min<int64_t>(kPanel, n - k0);
+    for (int64_t l = 0; l < len; ++l) v[l] = Scalar<T>::get(o[k0 + l]);
+  }
+}
+
+// The rotated chunk of row r into v, a packed row of `rows` (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
 // ssin[k] + u[k] * cos[k] (u = the chunk), each product rounded, then their sum, as the
 // reference's `u * cos + rotate_half(u) * sin` rounds (torch's vectorized addcmul_, on the
 // general path, fuses the second product into the sum); `buf`: 2n floats. Elementwise, no FMA
 // contraction: the same bits at every vector width.
 template <typename T>
-void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+void rotate(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   using S = Scalar<T>;
   const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
   const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
@@ -33,14 +46,14 @@ void rotate(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf
     o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
   for (int64_t k = half; k < n; ++k)
     o[k] = S::round(S::round(u[k - half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
-  for (int64_t k = 0; k < n; ++k) v[k * stride] = o[k];
+  put_row(v, rows, o, n);
 }
 
-// Type 1's row r (share_apply: one per token) into v[k * stride]: the sum of the token's
+// Type 1's row r (share_apply: one per token) into v, a packed row of `rows`: the sum of the token's
 // sum_chunks chunks of the padded input, in chunk order from +0, each addition rounded (float32),
 // then rounded to T once, as torch.sum rounds its float32 accumulator. `buf`: n floats.
 template <typename T>
-void chunk_sum(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+void chunk_sum(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   using S = Scalar<T>;
   const int64_t n = rope.n;
   const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
@@ -50,7 +63,8 @@ void chunk_sum(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* 
     for (int64_t k = 0; k < inside; ++k) buf[k] += S::get(xr[base + k]);
     for (int64_t k = inside; k < n; ++k) buf[k] += S::get(xr[base + k - rope.in_f]);
   }
-  for (int64_t k = 0; k < n; ++k) v[k * stride] = S::round(buf[k]);
+  for (int64_t k = 0; k < n; ++k) buf[k] = S::round(buf[k]);
+  put_row(v, rows, buf, n);
 }
 
 // Row r's spans of y (rope_apply, share_apply): its chunk c = k_lo + r % chunks lands on y's
@@ -103,16 +117,16 @@ void after_panels(const Problem<T>& p, int64_t row0, int rows, int64_t q1) {
 
 // A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: 2n floats.
 template <typename T>
-void make_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
-  if (rope.sum_chunks) chunk_sum(rope, r, v, stride, buf);
-  else rotate(rope, r, v, stride, buf);
+void make_row(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
+  if (rope.sum_chunks) chunk_sum(rope, r, v, rows, buf);
+  else rotate(rope, r, v, rows, buf);
 }
 
 // make_row, with row r's lines of y requested while it is made (rope_apply, share_apply).
 template <typename T>
-void direct_row(const Rope<T>& rope, int64_t r, float* v, int64_t stride, float* buf) {
+void direct_row(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   request_y(rope, r);
-  make_row(rope, r, v, stride, buf);
+  make_row(rope, r, v, rows, buf);
 }
 
 // rope_rows' and share_rows' rows, rope_add's and share_add's additions (RowOps): make_row's V
@@ -193,7 +207,7 @@ struct Edges {
   }
 };
 
-// RB rows (packed k-major at Vp) x NP panels from panel p0: every accumulator a register.
+// RB rows (packed at Vp, put_row) x NP panels from panel p0: every accumulator a register.
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
   Vec acc[RB][NP];
@@ -203,21 +217,26 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
   const Mask tail = e.tail;
   const T* const(&ahead)[NP] = e.ahead;
   const T* base = p.Mt + p0 * kPanel;
-  for (int64_t k = 0; k < p.n; ++k) {
-    Vec b[NP];
-    const T* row = base + k * p.ldm;
+  for (int64_t k0 = 0; k0 < p.n; k0 += kPanel) {  // a piece of the packed rows (put_row) at a time
+    const float* piece = Vp + k0 * RB;
+    const int64_t len = std::min<int64_t>(kPanel, p.n - k0);
+    for (int64_t l = 0; l < len; ++l) {
+      const int64_t k = k0 + l;
+      Vec b[NP];
+      const T* row = base + k * p.ldm;
 #pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) {
-      __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0
-      if (ahead[j]) __builtin_prefetch(ahead[j] + k * p.ldm, 0, 2);         // prefetcht1
-      b[j] = TAIL && j == NP - 1 ? load<T>(tail, row + j * kPanel) : load<T>(row + j * kPanel);  // never past n
-    }
-    const float* a = Vp + k * RB;
+      for (int j = 0; j < NP; ++j) {
+        __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0
+        if (ahead[j]) __builtin_prefetch(ahead[j] + k * p.ldm, 0, 2);         // prefetcht1
+        b[j] = TAIL && j == NP - 1 ? load<T>(tail, row + j * kPanel) : load<T>(row + j * kPanel);  // never past n
+      }
+      const float* a = piece + l;
 #pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const Vec ai = bcast(a[i]);
+      for (int i = 0; i < RB; ++i) {
+        const Vec ai = bcast(a[i * kPanel]);
 #pragma GCC unroll 8
-      for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
+        for (int j = 0; j < NP; ++j) acc[i][j] = fma(ai, b[j], acc[i][j]);
+      }
     }
   }
   finish<RB, NP, TAIL>(p, acc, row0, p0, lanes);
@@ -228,23 +247,20 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
 template <int RB, int NP, bool TAIL, typename T>
 void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, const T* next) {
   constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
-  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * p.n, row0 + s * SUB, q, next);
-  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * p.n, row0 + (parts - 1) * SUB, q, next);
+  const int64_t ld = tile_stride(p.n);
+  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * ld, row0 + s * SUB, q, next);
+  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * ld, row0 + (parts - 1) * SUB, q, next);
 }
 
-// Rows [row0, row0 + RB) of one group, packed as float32, k-major, each block's rows apart.
+// Rows [row0, row0 + RB) of one group, packed as float32 (put_row), each block's rows apart.
 template <int RB, typename T>
 void pack(const Problem<T>& p, int64_t row0, float* dst, float* scratch) {
   constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
   for (int i = 0; i < RB; ++i) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
-    float* d = dst + s * SUB * p.n + (i - s * SUB);
-    if (p.rope.y) {
-      direct_row(p.rope, row0 + i, d, in, scratch);
-    } else {
-      const T* src = p.V + (row0 + i) * p.ldv;
-      for (int64_t k = 0; k < p.n; ++k) d[k * in] = Scalar<T>::get(src[k]);
-    }
+    float* d = dst + s * SUB * tile_stride(p.n) + (i - s * SUB) * kPanel;
+    if (p.rope.y) direct_row(p.rope, row0 + i, d, in, scratch);
+    else put_row(d, in, p.V + (row0 + i) * p.ldv, p.n);
   }
 }
 

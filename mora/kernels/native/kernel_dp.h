@@ -117,12 +117,13 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
   if (small) pack<RB, bf16>(p, row0, dst + kPanel, scratch);
 }
 
-// The pairs of a unit's rows as kernel.h's float32 packing (k-major, RB apart).
+// The pairs of a unit's rows as kernel.h's float32 packing (put_row's pieces).
 template <int RB>
 void unpair(const uint32_t* pk, int64_t ldq, int64_t n, float* dst) {
   for (int64_t k = 0; k < n; ++k)
     for (int i = 0; i < RB; ++i)  // k even: the high half
-      dst[k * RB + i] = Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * ldq + i] >> (k % 2 ? 0 : 16)));
+      dst[(k / kPanel * RB + i) * kPanel + k % kPanel] =
+          Scalar<bf16>::get(static_cast<bf16>(pk[k / 2 * ldq + i] >> (k % 2 ? 0 : 16)));
 }
 
 // RB rows (pairs at Vp, a pair's rows ldq apart) x NP panels from panel p0, as kernel.h's block.
@@ -175,7 +176,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   }
   if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
     thread_local std::vector<float> wide;
-    if (static_cast<int64_t>(wide.size()) < RB * p.n) wide.resize(RB * p.n);
+    if (static_cast<int64_t>(wide.size()) < RB * tile_stride(p.n)) wide.resize(RB * tile_stride(p.n));
     unpair<RB>(Vp, ldq, p.n, wide.data());
     block<RB, NP, TAIL>(p, wide.data(), row0, p0, next);
     return;
