@@ -109,3 +109,30 @@ def test_the_check_sees_what_it_must():
         assert name in found, name
     for name in ("_mora_offsets", "_write_slot", "_preparing", "_staged"):
         assert name not in found, name
+
+
+def test_list_adapters_override_equals_vllms():
+    """`MoraWorkerLoRAManager.list_adapters` (no ordered copy) returns what vLLM's own returns
+    for the same host cache (vLLM's `AdapterLRUCache`, filled, touched and evicted as a worker does)."""
+    from types import SimpleNamespace
+
+    from vllm.lora.model_manager import AdapterLRUCache, LoRAModelManager
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    from mora.vllm_plugin.worker_manager import MoraWorkerLoRAManager
+
+    cache = AdapterLRUCache(3, lambda _id: None)
+    model_manager = SimpleNamespace(_registered_adapters=cache)
+    model_manager.list_adapters = lambda: LoRAModelManager.list_adapters(model_manager)
+    worker = SimpleNamespace(_adapter_manager=model_manager)
+    seen = []
+    for step in ([], [7], [7, 9], [9, 7, 11], [12], [7, 13]):
+        for lora_id in step:
+            if lora_id in cache:
+                cache.touch(lora_id)
+            else:
+                cache.put(lora_id, object())
+        ours, stock = MoraWorkerLoRAManager.list_adapters(worker), LRUCacheWorkerLoRAManager.list_adapters(worker)
+        assert ours == stock and type(ours) is type(stock)
+        seen.append(ours)
+    assert seen[-1] == {12, 7, 13} and seen[0] == set()

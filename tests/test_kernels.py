@@ -208,6 +208,34 @@ def test_rows_without_adapter_bit_identical(backend, rng):
     assert not torch.equal(y[~untouched], y0[~untouched])
 
 
+def test_reused_slots_equal_a_fresh_table(backend, rng):
+    """Slots emptied and refilled as page-ins do (a larger `M` cleared, a smaller one set, an
+    empty slot cleared again: clear_slot zeroes only a slot that holds an adapter), or set over
+    a larger `M` without a clear (set_slot zeroes only then), serve what a table filled once
+    serves, bit for bit: nothing of an earlier adapter is left in the padding."""
+    in_f, out_f = MIXED_SHAPE
+    layout = ShardLayout(in_f, out_f)
+    fresh, Ms = make_table(layout, MIXED, torch.float32, rng)
+    reused, _ = make_table(layout, [(6, 16)] * len(MIXED), torch.float32, rng)  # every slot full, n = n_max
+    for s, entry in enumerate(MIXED):
+        reused.clear_slot(s)
+        reused.clear_slot(s)  # already empty
+        if entry is not None:
+            reused.set_slot(s, Ms[s].to(DEVICE), fresh.specs[s])
+    overwritten, _ = make_table(layout, [(6, 16)] * len(MIXED), torch.float32, rng)  # set over, not cleared
+    for s, entry in enumerate(MIXED):
+        if entry is not None:
+            overwritten.set_slot(s, Ms[s].to(DEVICE), fresh.specs[s])
+        else:
+            overwritten.clear_slot(s)
+    slot = slots_for("uniform", 29, len(MIXED), rng)
+    x = torch.randn(29, in_f, generator=rng).to(DEVICE)
+    y0 = torch.randn(29, out_f, generator=rng).to(DEVICE)
+    for table in (reused, overwritten):
+        assert torch.equal(table.M, fresh.M) and table.signature is fresh.signature
+        assert torch.equal(run(backend, table, x, slot, y0), run(backend, fresh, x, slot, y0))
+
+
 # --- packed projections and tensor-parallel shards -------------------------------------------
 
 

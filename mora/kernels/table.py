@@ -193,8 +193,9 @@ class SlotTable:
             raise ValueError(f"n={spec.n} exceeds this table's n_max={self.n_max} (raise max_rank)")
         if tuple(M.shape) != (spec.n, spec.n):
             raise ValueError(f"M has shape {tuple(M.shape)}, expected ({spec.n}, {spec.n})")
+        held = self.specs[slot]
         with torch.no_grad():
-            if spec.n < self.n_max:  # a smaller M leaves part of the row: zeros there
+            if held is not None and held.n > spec.n:  # the M before reaches past this one: zeros there
                 self._storage[slot].zero_()
             self.M[slot, : spec.n, : spec.n].copy_(M)
         self._set_meta(slot, int(spec.mora_type), spec.n)
@@ -203,8 +204,12 @@ class SlotTable:
         self.signature = _signature(self.layout, self._spec_ids)
 
     def clear_slot(self, slot: int) -> None:
-        with torch.no_grad():
-            self._storage[slot].zero_()
+        # Outside its adapter's `[n, n]` a slot's storage is all zeros, and an empty slot's is
+        # (allocated so; set_slot writes past the new `M` only zeros): vLLM clears every slice of
+        # a slot before an adapter takes it, and a page-in clears the slices it does not target.
+        if self.specs[slot] is not None:
+            with torch.no_grad():
+                self._storage[slot].zero_()
         self._set_meta(slot, EMPTY, 0)
         self.specs[slot] = None
         self._spec_ids[slot] = 0

@@ -66,6 +66,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.add_adapter",
              "overridden: counts host-cache hits and misses; reads an adapter missing from the host cache",
              calls="_load_adapter"),
+    Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.list_adapters",
+             "overridden: the host cache's ids without vLLM's ordered copy (add_adapter asks per adapter per step)"),
     Internal("vllm.lora.worker_manager", "LRUCacheWorkerLoRAManager.remove_adapter",
              "overridden: forgets the adapter's staged copy and request"),
     Internal("vllm.lora.model_manager", "LRUCacheLoRAModelManager.remove_oldest_adapter",

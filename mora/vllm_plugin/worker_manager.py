@@ -97,6 +97,12 @@ class MoraWorkerLoRAManager(LRUCacheWorkerLoRAManager):
         self._adapter_manager.mora_tiers.count("host_hits" if hit else "host_misses")
         return super().add_adapter(lora_request)
 
+    def list_adapters(self) -> set[int]:
+        # vLLM's builds an ordered copy of the host cache (a Python view over every entry), and
+        # add_adapter asks once per adapter of every step: with 78 slots, 3% of the worker's
+        # time under spread traffic (bench.scale). The same ids, straight from the cache's keys.
+        return set(self._adapter_manager._registered_adapters.keys())
+
     def remove_adapter(self, adapter_id: int) -> bool:
         self.mora_requests.pop(adapter_id, None)
         if self._mora_stager is not None:
