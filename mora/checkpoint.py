@@ -114,7 +114,10 @@ def loads_bounded(text: str | bytes, what: str, name: str, error: type[AdapterEr
         raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{what} is not valid JSON ({type(e).__name__} at position {getattr(e, 'pos', '?')})", adapter=name) from None
-    if json_depth(value) > MAX_JSON_DEPTH:
+    # nesting needs an opening bracket per level: a text with few cannot be deep (a page-in
+    # parses two small files; the walk cost more than the parse)
+    opening = text.count(b"{") + text.count(b"[") if isinstance(text, bytes) else text.count("{") + text.count("[")
+    if opening > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
         raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name)
     return value
 
@@ -540,7 +543,9 @@ def _split(tensors: Mapping[str, torch.Tensor], name: str) -> _RawWeights:
 
 
 def _check_finite(name: str, module: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # max |t| is NaN or inf exactly when a value is (max propagates NaN): one reduction, 3-5x
+    # faster than isfinite().all() on an adapter's small matrices, and page-ins read many
+    if t.numel() and not math.isfinite(float(t.abs().max())):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteWeightsError(f"{bad} non-finite values (NaN or inf)", adapter=name, module=module)
 

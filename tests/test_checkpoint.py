@@ -174,11 +174,15 @@ def test_lora_b_copy_must_equal_lora_a(tmp_path):
     assert "'x'" in str(e.value) and "model.layers.0.self_attn.q_proj" in str(e.value)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_rejected(tmp_path, bad):
-    t = reference_checkpoint(tmp_path / "x", tie=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("at", [(3, 4), (0, 0), (-1, -1)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rejected(tmp_path, bad, at, dtype):
+    """Any non-finite value, in any storage dtype, wherever it sits (the check reduces max |t|,
+    which a NaN must reach from the first or the last element as from the middle)."""
+    t = {k: v.to(dtype) for k, v in reference_checkpoint(tmp_path / "x", tie=False).items()}
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
-    t[key][3, 4] = bad
+    t[key][at] = bad
     _write_tensors(tmp_path / "x", t)
     with pytest.raises(NonFiniteWeightsError, match=r"v_proj.*1 non-finite"):
         load_adapter(tmp_path / "x")

@@ -182,6 +182,27 @@ def test_json_depth_and_linear_time_regex(tmp_path):
     assert config.alpha_for(MODULE) == 4.0 and config.alpha_for("model.layers.0.mlp.up_proj") == config.lora_alpha
 
 
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_json_depth_bound_at_its_edge(as_bytes):
+    """Depth 32 passes and 33 fails whether the text has few opening brackets (the count alone
+    clears it) or many (the walk decides); brackets inside strings only count toward the walk."""
+    from mora.checkpoint import MAX_JSON_DEPTH, loads_bounded
+
+    def load(text: str):
+        return loads_bounded(text.encode() if as_bytes else text, "x.json", "a", AdapterConfigError)
+
+    def nested(depth: int) -> str:
+        return "[" * depth + "]" * depth
+
+    assert load(nested(MAX_JSON_DEPTH)) == json.loads(nested(MAX_JSON_DEPTH))  # 32 opening brackets
+    wide = "[" + ", ".join([nested(MAX_JSON_DEPTH - 1)] * 3) + "]"  # 94 opening brackets, depth 32
+    assert len(load(wide)) == 3
+    assert load('{"s": "' + "[" * 100 + '"}') == {"s": "[" * 100}
+    for deep in (nested(MAX_JSON_DEPTH + 1), "[" + ", ".join([nested(MAX_JSON_DEPTH)] * 3) + "]"):
+        with pytest.raises(AdapterConfigError, match="nested deeper"):
+            load(deep)
+
+
 def test_ids_bounded_in_bytes():
     check_adapter_id("a" * 128)
     for bad in ("é" * 65, "a" * 129, "../x", "a/b", "ä"):

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -90,11 +91,19 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
 
     def mora_module_shapes(self) -> dict[str, tuple[int, int]]:
         """`{HF module name: (out_features, in_features)}` of every MoRA-capable module."""
+        return dict(self._mora_module_facts[0])
+
+    @functools.cached_property
+    def _mora_module_facts(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+        """Each MoRA-capable module's `(out_features, in_features)` and its tables' `n_max`: fixed
+        once the model's layers exist, asked at every page-in (a walk over every layer each time)."""
         shapes: dict[str, tuple[int, int]] = {}
+        limits: dict[str, int] = {}
         for _, module in self.mora_layers():
             for child, table in module.mora_slices():
                 shapes[child] = (table.layout.out_features, table.layout.in_features)
-        return shapes
+                limits[child] = table.n_max
+        return shapes, limits
 
     def load_mora(self, adapter: MoraAdapter, lora_int_id: int) -> MoraLoRAModel:
         """Validate `adapter` against this model and wrap it for the manager.
@@ -102,9 +111,9 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
         Under pipeline parallelism each stage validates and holds only the modules of its own
         layers; the others are checked by the stages that hold them.
         """
-        bound = bind_mora(stage_local(adapter, self._mora_other_stages), self.mora_module_shapes())
+        shapes, limits = self._mora_module_facts
+        bound = bind_mora(stage_local(adapter, self._mora_other_stages), shapes)
         max_rank = self.lora_config.max_lora_rank
-        limits = {child: t.n_max for _, m in self.mora_layers() for child, t in m.mora_slices()}
         for module, spec in bound.specs.items():
             r = adapter.config.rank_for(module)
             if r > max_rank or spec.n > limits[module]:
