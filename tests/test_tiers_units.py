@@ -98,3 +98,26 @@ def test_stager_remembers_at_most_its_capacity(tmp_path):
         stager.start(SimpleNamespace(lora_int_id=i, lora_path=str(tmp_path)))
     assert stager.state(0) is None  # the oldest is forgotten (read again if a step needs it)
     assert stager.state(1).residence is stager.state(2).residence is Residence.STAGED
+
+
+def test_worker_api_values_decode_from_plain_data():
+    """What crosses vLLM's process boundary (dicts, enums as values, tuples as lists) decodes
+    back to equal dataclasses, nested ones included, call after call (hints resolved once)."""
+    import dataclasses
+    import json
+
+    from mora.vllm_plugin.worker_api import EngineStatus, MergeState, PageIn, PageInState, Residence, SlotInfo, TierReport
+
+    values = [
+        PageIn(7, "acme/a", "/snap/a"),
+        PageInState(Residence.ERROR, "unreadable"),
+        EngineStatus(state=MergeState.PREPARING, merged_id=None, slots=(SlotInfo(0, 7, "mora"), SlotInfo(3, 9, "lora")),
+                     registered=(7, 9), pinned=(9,), seconds=1.5, graph_safe=True),
+        TierReport({"host_hits": 3}, (("disk", 0.25), ("host", 0.0))),
+    ]
+    for value in values:
+        plain = json.loads(json.dumps(dataclasses.asdict(value)))  # lists for tuples, enum values as strings
+        for _ in range(2):
+            decoded = type(value).decode(plain)
+            assert decoded == value and type(decoded) is type(value)
+        assert type(value).decode(value) is value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from typing import Any, Protocol
 
 __all__ = ["EngineStatus", "MergeState", "PageIn", "PageInState", "Residence", "SlotInfo", "TierReport", "WorkerApi",
            "decode_page_ins"]
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints(cls)`, resolved once per class (it evaluates every annotation
+    string; the engine decodes a page-in request per cold adapter)."""
+    return typing.get_type_hints(cls)
 
 
 class _Mapping:
@@ -31,7 +39,7 @@ class _Mapping:
     def decode(cls, obj: Any) -> Any:
         if isinstance(obj, cls):
             return obj
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         values = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name in obj:
