@@ -106,7 +106,15 @@ def test_worker_api_values_decode_from_plain_data():
     import dataclasses
     import json
 
-    from mora.vllm_plugin.worker_api import EngineStatus, MergeState, PageIn, PageInState, Residence, SlotInfo, TierReport
+    from mora.vllm_plugin.worker_api import (
+        EngineStatus,
+        MergeState,
+        PageIn,
+        PageInState,
+        Residence,
+        SlotInfo,
+        TierReport,
+    )
 
     values = [
         PageIn(7, "acme/a", "/snap/a"),
