@@ -16,9 +16,11 @@ with one addition, driven by files in `$MORA_TEST_HOLD_DIR`:
 * `hold-validate`: while it exists, validating an adapter blocks the thread that does it (each
   validation appends the adapter id to `validating` when it starts, and to `validated` when it
   ends), so adapter management calls stay in flight for as long as a test needs.
-* `hold-pagein`: while it exists, the engine answers every `mora_prefetch` with LOADING (a disk
+* `hold-pagein`: while it exists, no snapshot is in the page cache as the server sees it (every
+  page-in asks the engine), and the engine answers every `mora_prefetch` with LOADING (a disk
   read that never ends; `paging` is written then, and `prefetched` gets the adapter's name), so
   a cold adapter's request stays waiting for its page-in for as long as a test needs.
+* `asked`: the adapter names of every `mora_prefetch` (the engine's round trip for a page-in).
 
 Nothing here is reachable in production: the product's entry point is `serve.server:main`.
 """
@@ -31,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import serve.adapters.tiers
 import serve.adapters.validation
 import serve.engine
 from mora.vllm_plugin.worker_api import PageInState, Residence, WorkerApi
@@ -43,6 +46,7 @@ _abort = serve.engine.Engine.abort
 _tokenize = serve.engine.Engine.tokenize
 _call = serve.engine.Engine._call
 _validate = serve.adapters.validation.AdapterValidator.validate
+_in_page_cache = serve.adapters.tiers.snapshot_in_page_cache
 _poller: asyncio.Task | None = None
 
 
@@ -90,12 +94,19 @@ def tokenize(self: serve.engine.Engine, text: str) -> list[int]:
 
 
 async def call(self: serve.engine.Engine, method, *args):
+    if method is WorkerApi.mora_prefetch:
+        with open(HOLD_DIR / "asked", "a") as f:  # every read the engine was asked for
+            f.writelines(f"{item.name}\n" for item in args[0])
     if method is WorkerApi.mora_prefetch and (HOLD_DIR / "hold-pagein").exists():
         with open(HOLD_DIR / "prefetched", "a") as f:  # which adapters the engine was asked to read
             f.writelines(f"{item.name}\n" for item in args[0])
         (HOLD_DIR / "paging").touch()
         return {item.lora_id: PageInState(Residence.LOADING) for item in args[0]}
     return await _call(self, method, *args)
+
+
+def in_page_cache(path, *args, **kwargs) -> bool:
+    return not (HOLD_DIR / "hold-pagein").exists() and _in_page_cache(path, *args, **kwargs)
 
 
 def validate(self: serve.adapters.validation.AdapterValidator, adapter_id: str, *args, **kwargs):
@@ -111,6 +122,7 @@ def validate(self: serve.adapters.validation.AdapterValidator, adapter_id: str, 
 
 
 serve.adapters.validation.AdapterValidator.validate = validate
+serve.adapters.tiers.snapshot_in_page_cache = in_page_cache
 serve.engine.Engine._call = call
 serve.engine.Engine.start = start
 serve.engine.Engine.tokenize = tokenize

@@ -292,6 +292,30 @@ def test_cold_adapter_never_blocks_warm_ones(env, clients, demo_facts):
     assert_greedy_matches([got], want)
 
 
+def test_evicted_adapter_in_the_page_cache_is_queued_without_a_round_trip(env, clients):
+    """An adapter gone from the host cache (registered long ago, never requested since) whose
+    snapshot is in the page cache (written at registration) is queued at once: no
+    `mora_prefetch` (the engine's round trip, served between two steps), the step reads it from
+    memory, and it answers exactly."""
+    from mora.vllm_plugin.tiers import snapshot_in_page_cache
+
+    srv, ops, beta = env["srv"], clients["ops"], clients["beta"]
+    adapter, prompt = "m905", "read from memory"
+    assert _location(ops, adapter) == apb.ADAPTER_LOCATION_DISK_ONLY
+    assert snapshot_in_page_cache(env["root"] / "many" / adapter)  # this file system answers RWF_NOWAIT reads
+
+    def asked() -> list[str]:
+        f = srv.hold_dir / "asked"
+        return f.read_text().split() if f.exists() else []
+
+    before = len(asked())
+    got = list(beta.generate(prompt, adapter, max_tokens=10, temperature=0, ignore_eos=True).token_ids)
+    assert adapter not in asked()[before:], "a snapshot in memory needs no read-in"
+    assert _location(ops, adapter) != apb.ADAPTER_LOCATION_DISK_ONLY
+    want = hf_greedy_scored(env["base"], {adapter: env["root"] / "many" / adapter}, [(prompt, adapter)], 10)
+    assert_greedy_matches([got], want)
+
+
 def test_page_ins_are_fair_across_tenants(env, clients):
     """A tenant flooding the server with cold adapters has page_ins_per_tenant (2) read at a time;
     another tenant's cold adapter is read beside them, not after the flood. Reads are held by the
