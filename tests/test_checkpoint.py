@@ -178,8 +178,9 @@ def test_lora_b_copy_must_equal_lora_a(tmp_path):
 @pytest.mark.parametrize("at", [(3, 4), (0, 0), (-1, -1)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_rejected(tmp_path, bad, at, dtype):
-    """Any non-finite value, in any storage dtype, wherever it sits (the check reduces max |t|,
-    which a NaN must reach from the first or the last element as from the middle)."""
+    """Any non-finite value, in any storage dtype, wherever it sits (the check reduces to the
+    least and greatest values, which a NaN must reach from the first or the last element as
+    from the middle)."""
     t = {k: v.to(dtype) for k, v in reference_checkpoint(tmp_path / "x", tie=False).items()}
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
     t[key][at] = bad
