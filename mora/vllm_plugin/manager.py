@@ -89,10 +89,6 @@ class MoraLoRAModelManager(LRUCacheLoRAModelManager):
     def mora_layers(self) -> list[tuple[str, MoraLayerMixin]]:
         return [(n, m) for n, m in self.modules.items() if isinstance(m, MoraLayerMixin)]
 
-    def mora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """`{HF module name: (out_features, in_features)}` of every MoRA-capable module."""
-        return dict(self._mora_module_facts[0])
-
     @functools.cached_property
     def _mora_module_facts(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
         """Each MoRA-capable module's `(out_features, in_features)` and its tables' `n_max`: fixed
