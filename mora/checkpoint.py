@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +28,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from mora.errors import (
     AdapterConfigError,
-    AdapterError,
     AdapterNotFoundError,
-    AdapterPathError,
     AdapterWeightsError,
     NonFiniteWeightsError,
     NotMoraAdapterError,
     TiedWeightMismatchError,
     UnexpectedModuleError,
+)
+from mora.files import (
+    MAX_FILE_BYTES,
+    ReadScope,
+    loads_bounded,
+    read_inside,
+    read_safetensors,
 )
 from mora.spec import MoraType
 
@@ -67,13 +71,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # No real adapter tensor comes near this (a 70B MoRA M is ~2.4M elements, a rank-256 LoRA A of
 # a 28672-wide layer ~7M); the cap stops a hostile header from allocating gigabytes.
 MAX_TENSOR_ELEMENTS = 1 << 28
-MAX_FILE_BYTES = 8 << 30
-MAX_HEADER_BYTES = 16 << 20
-SMALL_READ_BYTES = 1 << 20  # a safetensors file up to this size is read in one go
-MAX_JSON_DEPTH = 32
 MAX_KEY_CHARS = 1024
 MAX_PATTERN_CHARS = 4096
-_ST_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 @functools.lru_cache(maxsize=512)
@@ -92,34 +91,6 @@ def _compile(pattern: str, what: str = "pattern") -> Any:
         return _compiled(pattern)
     except Exception as e:  # noqa: BLE001 - re2.error
         raise ValueError(f"{what} {pattern[:40]!r} is not a linear-time (RE2) regular expression: {e}") from None
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value (iterative: no recursion on hostile input)."""
-    if not isinstance(value, dict | list):
-        return 0
-    depth, stack = 0, [(value, 1)]
-    while stack:  # containers only: a header's scalars outnumber them
-        v, d = stack.pop()
-        depth = max(depth, d)
-        stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list))
-    return depth
-
-
-def loads_bounded(text: str | bytes, what: str, name: str, error: type[AdapterError]) -> Any:
-    """`json.loads` that refuses nesting deeper than `MAX_JSON_DEPTH` with `error`."""
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{what} is not valid JSON ({type(e).__name__} at position {getattr(e, 'pos', '?')})", adapter=name) from None
-    # nesting needs an opening bracket per level: a text with few cannot be deep (a page-in
-    # parses two small files; the walk cost more than the parse)
-    opening = text.count(b"{") + text.count(b"[") if isinstance(text, bytes) else text.count("{") + text.count("[")
-    if opening > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
-        raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name)
-    return value
 
 
 class AdapterConfig(BaseModel):
@@ -297,81 +268,13 @@ def _directory(path: str | Path, name: str) -> Path:
     return p
 
 
-@dataclass(frozen=True)
-class ReadScope:
-    """Where an adapter's files may be read from (`allowed=` of the readers below; a plain path is
-    `ReadScope(path)`), and whether they must be the folder's own.
-
-    `exclusive` (a non-admin tenant's folder): each file must also have exactly one link and lie
-    on the folder's filesystem, checked on the open file. A name inside the folder can be a hard
-    link to another tenant's file, which no check of names or real paths can tell apart.
-    """
-
-    folder: Path
-    exclusive: bool = False
-
-
-def _scope(allowed: Path | ReadScope | None) -> ReadScope | None:
-    return allowed if isinstance(allowed, ReadScope) or allowed is None else ReadScope(Path(allowed))
-
-
-def _read_inside(path: Path, allowed: Path | ReadScope | None, name: str, limit: int, *, prefix: int | None = None) -> bytes:
-    """The bytes of `path` (at most `limit`; only the first `prefix` if given), if it is a regular
-    file whose real path lies inside `allowed` (and, for an exclusive scope, the folder's own file).
-
-    Refused: symlinks leading out of `allowed` (to another tenant's files, `/proc/...`), FIFOs,
-    devices, directories. The file is opened without following a final symlink and re-checked
-    through its descriptor, so swapping it between the check and the open does not help. Never
-    memory-mapped (a file truncated under a mapping kills the process with SIGBUS); contents are
-    never echoed in errors.
-    """
-    real = Path(os.path.realpath(path))
-    scope = _scope(allowed)
-    if scope is not None:
-        root = Path(os.path.realpath(scope.folder))
-        if not real.is_relative_to(root):
-            raise AdapterPathError(f"{path.name} resolves outside the folder adapters may be read from", adapter=name)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(real, flags)
-    except FileNotFoundError:
-        raise AdapterNotFoundError(f"{path.name} is missing", adapter=name) from None
-    except OSError as e:
-        raise AdapterPathError(f"{path.name} cannot be opened: {e.strerror}", adapter=name) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AdapterPathError(f"{path.name} is not a regular file", adapter=name)
-        if scope is not None and os.path.realpath(f"/proc/self/fd/{fd}") != str(real) and os.path.exists("/proc/self/fd"):
-            raise AdapterPathError(f"{path.name} changed while it was opened", adapter=name)
-        if scope is not None and scope.exclusive:
-            if st.st_nlink != 1:
-                raise AdapterPathError(f"{path.name} has {st.st_nlink} hard links; an adapter file must be the folder's "
-                                       f"own (one link)", adapter=name)
-            if st.st_dev != os.stat(root).st_dev:
-                raise AdapterPathError(f"{path.name} is on another filesystem than the adapter folder", adapter=name)
-        if st.st_size > limit:
-            raise AdapterWeightsError(f"{path.name} is larger than {limit} bytes", adapter=name)
-        want = st.st_size if prefix is None else min(prefix, st.st_size)
-        chunks, got = [], 0
-        while got < want:
-            chunk = os.read(fd, min(want - got, 64 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def read_config(path: str | Path, name: str | None = None, *, allowed: Path | ReadScope | None = None) -> AdapterConfig:
     """Parse and type-check `adapter_config.json` in `path`."""
     name = name or Path(path).name
     file = _directory(path, name) / ADAPTER_CONFIG
     if not os.path.lexists(file):
         raise AdapterNotFoundError(f"{ADAPTER_CONFIG} is missing", adapter=name)
-    data = _read_inside(file, allowed, name, MAX_CONFIG_BYTES)
+    data = read_inside(file, allowed, name, MAX_CONFIG_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -429,60 +332,6 @@ def _tensor_limit(key: str, shape: list[int], base_shapes: Shapes | None, name: 
                                   expected=f"2 dimensions of at most {in_f + out_f}", found=list(shape)[:4])
 
 
-def _read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, base_shapes: Shapes | None) -> dict[str, torch.Tensor]:
-    """Header first: every tensor's dtype, shape and byte range are checked (against the base
-    model when `base_shapes` is given) before any tensor data is read, so memory is bounded by
-    what the base model allows, not by the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    # A first read of up to SMALL_READ_BYTES: a small adapter's whole file (one open instead of
-    # three: page-ins under spread traffic read many), a large one's header's start. Memory is
-    # bounded by that read, then by the header as before.
-    head = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=SMALL_READ_BYTES)
-    if len(head) < 8:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: shorter than its header", adapter=name)
-    n = int.from_bytes(head[:8], "little")
-    if n > MAX_HEADER_BYTES:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header of {n} bytes (limit {MAX_HEADER_BYTES})", adapter=name)
-    data = head if len(head) >= 8 + n else _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n)
-    if len(data) < 8 + n:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: header claims {n} bytes, file has {len(data) - 8}", adapter=name)
-    header = loads_bounded(data[8 : 8 + n], SAFETENSORS_WEIGHTS + " header", name, AdapterWeightsError)
-    if not isinstance(header, dict):
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad header", adapter=name)
-    end = 0
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        shape = meta.get("shape") if isinstance(meta, dict) else None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad shape for {key[:96]!r}", adapter=name)
-        itemsize = _ST_DTYPES.get(meta.get("dtype"))
-        if itemsize is None:
-            raise AdapterWeightsError("tensor is not floating point", adapter=name, expected="F16/BF16/F32/F64",
-                                      found=str(meta.get("dtype"))[:16])
-        _tensor_limit(key, shape, base_shapes, name)
-        offsets = meta.get("data_offsets")
-        numel = math.prod(shape)
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or offsets[1] - offsets[0] != numel * itemsize or offsets[0] < 0):
-            raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: bad data offsets for {key[:96]!r}", adapter=name)
-        end = max(end, offsets[1])
-    if len(head) >= 8 + n + end:
-        data = head[: 8 + n + end]
-    elif len(head) < SMALL_READ_BYTES:  # the whole file was read: it is shorter than its header says
-        data = head
-    else:
-        data = _read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n + end)
-    if len(data) != 8 + n + end:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: truncated tensor data", adapter=name)
-    try:
-        return dict(load_safetensors(data))
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
-        raise AdapterWeightsError(f"{SAFETENSORS_WEIGHTS} is unreadable: {str(e)[:160]}", adapter=name) from None
-
-
 def weights_limit(base_shapes: Shapes | None) -> int:
     """The most bytes an adapter's weights file may have for a base model with `base_shapes`
     (every module at its largest MoRA or LoRA size, in 8-byte floats, twice; plus 1 MiB of
@@ -497,10 +346,10 @@ def _read_tensors(directory: Path, name: str, allowed: Path | ReadScope | None =
                   base_shapes: Shapes | None = None) -> dict[str, torch.Tensor]:
     st, bn = directory / SAFETENSORS_WEIGHTS, directory / BIN_WEIGHTS
     if os.path.lexists(st):
-        return _read_safetensors(st, name, allowed, base_shapes)
+        return read_safetensors(st, name, allowed, lambda key, shape: _tensor_limit(key, shape, base_shapes, name))
     if os.path.lexists(bn):
         # A pickle's shapes cannot be read before its data: bound the file by what the base model allows.
-        data = _read_inside(bn, allowed, name, weights_limit(base_shapes))
+        data = read_inside(bn, allowed, name, weights_limit(base_shapes))
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file

@@ -287,7 +287,7 @@ def test_truncated_safetensors(tmp_path):
 def test_safetensors_read_in_one_or_more_reads(tmp_path, monkeypatch, first_read):
     """A file up to SMALL_READ_BYTES is read in one go; a larger one header first, then data.
     Every way the first read can end gives the same tensors, and truncation is caught in each."""
-    import mora.checkpoint as ck
+    import mora.files as files
 
     reference_checkpoint(tmp_path / "x")
     f = tmp_path / "x" / "adapter_model.safetensors"
@@ -295,7 +295,7 @@ def test_safetensors_read_in_one_or_more_reads(tmp_path, monkeypatch, first_read
     header_end = 8 + int.from_bytes(raw[:8], "little")
     want = load_adapter(tmp_path / "x").weights
     limit = {"whole file": 1 << 20, "header only": header_end + 4, "part of the header": 12}[first_read]
-    monkeypatch.setattr(ck, "SMALL_READ_BYTES", limit)
+    monkeypatch.setattr(files, "SMALL_READ_BYTES", limit)
     got = load_adapter(tmp_path / "x").weights
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     f.write_bytes(raw[:-100])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -182,11 +183,35 @@ def test_json_depth_and_linear_time_regex(tmp_path):
     assert config.alpha_for(MODULE) == 4.0 and config.alpha_for("model.layers.0.mlp.up_proj") == config.lora_alpha
 
 
+def test_text_depth_equals_the_walk():
+    """The bracket passes on the text give the parsed value's depth, whatever its strings
+    hold (brackets, quotes, backslashes, non-ASCII) and however it is spaced."""
+    from mora.files import json_depth, text_deeper_than
+
+    rng = random.Random(0)
+    tricky = ["[", "]", "{", "}", '"', "\\", '\\"[', "é[", "\u005b", "]]\"", ""]
+
+    def value(depth: int):
+        kind = rng.random()
+        if depth == 0 or kind < 0.3:
+            return rng.choice([rng.choice(tricky) * rng.randint(1, 3), 7, None, True, 1.5])
+        items = [value(depth - 1) for _ in range(rng.randint(0, 3))]
+        return items if kind < 0.65 else {rng.choice(tricky) + str(i): v for i, v in enumerate(items)}
+
+    for _ in range(400):
+        v = value(rng.randint(0, 9))
+        text = json.dumps(v, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+        assert json.loads(text) == v
+        depth = json_depth(v)
+        for limit in range(0, 11):
+            assert text_deeper_than(text.encode(), limit) == (depth > limit), (text, limit)
+
+
 @pytest.mark.parametrize("as_bytes", [False, True])
 def test_json_depth_bound_at_its_edge(as_bytes):
     """Depth 32 passes and 33 fails whether the text has few opening brackets (the count alone
     clears it) or many (the walk decides); brackets inside strings only count toward the walk."""
-    from mora.checkpoint import MAX_JSON_DEPTH, loads_bounded
+    from mora.files import MAX_JSON_DEPTH, loads_bounded
 
     def load(text: str):
         return loads_bounded(text.encode() if as_bytes else text, "x.json", "a", AdapterConfigError)

@@ -27,7 +27,7 @@ from pathlib import Path
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from mora.checkpoint import MAX_FILE_BYTES
+from mora.files import MAX_FILE_BYTES
 from serve.adapters.sources.base import SourceConfig
 from serve.adapters.sources.fetch import Fetcher
 from serve.adapters.sources.uri import SourceUri, parse_source

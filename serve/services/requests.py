@@ -14,7 +14,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from mora.checkpoint import json_depth
+from mora.files import json_depth
 from serve.errors import InvalidRequest, Unavailable
 
 __all__ = ["CHAT_ROLES", "MAX_CHOICES", "MAX_CONSTRAINT_BYTES", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_N", "MAX_SCHEMA_DEPTH",
