@@ -236,6 +236,26 @@ def test_reused_slots_equal_a_fresh_table(backend, rng):
         assert torch.equal(run(backend, table, x, slot, y0), run(backend, fresh, x, slot, y0))
 
 
+def test_signature_follows_every_write(rng):
+    """The signature, computed when read, is the interned one of the table's contents after
+    each write: a plan keyed by it never outlives the contents it was made for."""
+    in_f, out_f = MIXED_SHAPE
+    layout = ShardLayout(in_f, out_f)
+    fresh, Ms = make_table(layout, MIXED, torch.float32, rng)
+    table = SlotTable(layout, len(MIXED), n_max=fresh.n_max, device=DEVICE)
+    empty = table.signature
+    s = next(i for i, e in enumerate(MIXED) if e is not None)
+    table.set_slot(s, Ms[s].to(DEVICE), fresh.specs[s])
+    assert table.signature is not empty
+    table.clear_slot(s)
+    assert table.signature is empty
+    for i, entry in enumerate(MIXED):
+        if entry is not None:
+            table.set_slot(i, Ms[i].to(DEVICE), fresh.specs[i])
+            assert table.signature is not empty
+    assert table.signature is fresh.signature
+
+
 # --- packed projections and tensor-parallel shards -------------------------------------------
 
 

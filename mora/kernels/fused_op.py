@@ -53,7 +53,7 @@ class TableGroup:
         self.offsets = list(offsets)
         self.backend = backend
         if device is None:
-            device = next(t.M.device for t in self.tables if t is not None)
+            device = next(t.device for t in self.tables if t is not None)
         self.merged = torch.full((1,), -1, dtype=torch.int32, device=device)
         self.merged_row = -1  # host mirror of `merged`
         self.handle = next(_next_handle)

@@ -139,7 +139,20 @@ class SlotTable:
         # Host mirrors: the CPU backend groups work by them without a device round trip.
         self.specs: list[MoraSpec | None] = [None] * max_slots
         self._spec_ids = [0] * max_slots
-        self.signature = _signature(layout, self._spec_ids)
+        self._signature: TableSignature | None = None
+
+    @property
+    def signature(self) -> TableSignature:
+        """What the table holds, interned (`TableSignature`). Computed when read: a page-in
+        writes every table of a slot twice (vLLM clears a slot before an adapter takes it),
+        and only the torch backend's plans read it, once per step."""
+        if self._signature is None:
+            self._signature = _signature(self.layout, self._spec_ids)
+        return self._signature
+
+    @property
+    def device(self) -> torch.device:
+        return self._storage.device
 
     @property
     def M(self) -> torch.Tensor:
@@ -167,6 +180,15 @@ class SlotTable:
         if view is None:
             view = self.weights(n)[start:stop:step]
             view = self._views[key] = view.transpose(1, 2) if transposed else view
+        return view
+
+    def _slot_view(self, slot: int, n: int) -> torch.Tensor:
+        """`M[slot, :n, :n]` (kept: a page-in writes a slot of every table; indexing costs more
+        than the copy of a small `M`)."""
+        key = ("slot", slot, n)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.M[slot, :n, :n]
         return view
 
     def slot_t(self, slot: int, n: int) -> torch.Tensor:
@@ -197,11 +219,11 @@ class SlotTable:
         with torch.no_grad():
             if held is not None and held.n > spec.n:  # the M before reaches past this one: zeros there
                 self._storage[slot].zero_()
-            self.M[slot, : spec.n, : spec.n].copy_(M)
+            self._slot_view(slot, spec.n).copy_(M)
         self._set_meta(slot, int(spec.mora_type), spec.n)
         self.specs[slot] = spec
         self._spec_ids[slot] = _spec_id(spec)
-        self.signature = _signature(self.layout, self._spec_ids)
+        self._signature = None
 
     def clear_slot(self, slot: int) -> None:
         # Outside its adapter's `[n, n]` a slot's storage is all zeros, and an empty slot's is
@@ -213,7 +235,7 @@ class SlotTable:
         self._set_meta(slot, EMPTY, 0)
         self.specs[slot] = None
         self._spec_ids[slot] = 0
-        self.signature = _signature(self.layout, self._spec_ids)
+        self._signature = None
 
     def _set_meta(self, slot: int, mora_type: int, size: int) -> None:
         if self._host_meta is not None:  # CPU: through numpy views (a tensor item write costs ~5 us)

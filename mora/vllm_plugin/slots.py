@@ -77,7 +77,7 @@ class MoraSlots:
             if entry is None:
                 table.clear_slot(index)
             else:  # asynchronous from the pinned host copy the manager keeps (a GPU)
-                table.set_slot(index, entry[0].to(device=table.M.device, dtype=table.dtype, non_blocking=True), entry[1])
+                table.set_slot(index, entry[0].to(device=table.device, dtype=table.dtype, non_blocking=True), entry[1])
         if any(e is not None for e in entries):
             self._mora_slots.add(index)
         else:
