@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mora.checkpoint import LoraAdapter, MoraAdapter
+from mora.checkpoint import AdapterConfig, LoraAdapter, MoraAdapter
 from mora.errors import AdapterError, MissingModuleError, ShapeMismatchError, UnexpectedModuleError
 from mora.spec import MoraSpec
 
@@ -45,6 +45,25 @@ class BoundLora:
         return self.adapter.name
 
 
+_TARGETED: dict[tuple, frozenset[str]] = {}
+
+
+def _targeted(config: AdapterConfig, base_shapes: Shapes) -> frozenset[str]:
+    """The base modules `config` targets, once per distinct selection and base model (a
+    page-in binds every adapter it reads; a server's adapters share a few selections)."""
+    selection = tuple(tuple(v) if isinstance(v, list) else v
+                      for v in (config.target_modules, config.layers_to_transform, config.layers_pattern))
+    if len(repr(selection)) > 4096:  # bounded: a hostile config's selection is not kept
+        return frozenset(m for m in base_shapes if config.targets(m))
+    key = (selection, tuple(base_shapes))
+    found = _TARGETED.get(key)
+    if found is None:
+        if len(_TARGETED) >= 256:
+            _TARGETED.clear()
+        found = _TARGETED[key] = frozenset(m for m in base_shapes if config.targets(m))
+    return found
+
+
 def _check_modules(name: str, present: set[str], config_targets: set[str], base_shapes: Shapes) -> None:
     for module in sorted(present):
         if module not in base_shapes:
@@ -69,7 +88,7 @@ def bind_mora(adapter: MoraAdapter, base_shapes: Shapes) -> BoundMora:
     `UntrainableShapeError`.
     """
     name, config = adapter.name, adapter.config
-    targets = {m for m in base_shapes if config.targets(m)}
+    targets = _targeted(config, base_shapes)
     _check_modules(name, set(adapter.weights), targets, base_shapes)
     specs: dict[str, MoraSpec] = {}
     for module, M in adapter.weights.items():
@@ -95,7 +114,7 @@ def bind_mora(adapter: MoraAdapter, base_shapes: Shapes) -> BoundMora:
 def bind_lora(adapter: LoraAdapter, base_shapes: Shapes) -> BoundLora:
     """Validate a plain LoRA adapter: `lora_A [r, in_f]`, `lora_B [out_f, r]` per targeted module."""
     name, config = adapter.name, adapter.config
-    targets = {m for m in base_shapes if config.targets(m)}
+    targets = _targeted(config, base_shapes)
     _check_modules(name, set(adapter.lora_a), targets, base_shapes)
     for module, a in adapter.lora_a.items():
         out_f, in_f = base_shapes[module]

@@ -142,6 +142,24 @@ def test_layers_to_transform():
     assert regex.targets("model.layers.0.mlp.up_proj") and not regex.targets("model.layers.1.mlp.up_proj")
 
 
+def test_targeted_modules_kept_per_selection():
+    """The modules a config targets are kept per (selection, base model): configs bound one
+    after another, each differing in one selection field or in the base, get their own."""
+    from mora.validate import _targeted
+
+    smaller = {k: v for k, v in BASE.items() if ".1." not in k}
+    variants = [
+        {}, {"target_modules": ["q_proj"]}, {"target_modules": ["v_proj", "q_proj"]},
+        {"layers_to_transform": [1]}, {"layers_to_transform": 0}, {"layers_to_transform": [0], "layers_pattern": "layers"},
+        {"target_modules": r".*\.0\.mlp\.(up|down)_proj"}, {"target_modules": r".*\.1\.mlp\.(up|down)_proj"},
+    ]
+    for _ in range(2):  # the second round is served from what the first kept
+        for base in (BASE, smaller):
+            for v in variants:
+                cfg = AdapterConfig.model_validate(dict(REFERENCE_CONFIG, **v))
+                assert _targeted(cfg, base) == {m for m in base if cfg.targets(m)}, v
+
+
 def test_plain_lora_is_recognised(tmp_path):
     path = tmp_path / "lora"
     a = {"model.layers.0.self_attn.q_proj": torch.randn(4, 64)}
