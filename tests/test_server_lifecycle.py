@@ -24,10 +24,12 @@ pytestmark = pytest.mark.vllm
 def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     top = tmp_path_factory.mktemp("lifecycle")
     shutil.copytree(demo_assets / "adapters", top / "adapters")
+    (top / "tmp").mkdir()
     srv = ServerProcess(demo_assets / "base", top / "adapters", top / "server.log",
                         args=["--preload", "atlas=atlas", "borealis=borealis", "cygnus=cygnus", "--shutdown-grace-s", "30"],
                         env={"MORA_SERVE_MERGE_WINDOW_S": "3", "MORA_SERVE_MERGE_MIN_REQUESTS": "6",
-                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2"}, holdable=True,
+                             "MORA_SERVE_MERGE_MIN_DWELL_S": "1", "MORA_SERVE_POLICY_INTERVAL_S": "0.2",
+                             "TMPDIR": str(top / "tmp")}, holdable=True,
                         hold_start=True)
     # The engine's start is held (tests/held_server.py): the server is up and NOT_SERVING, whatever
     # the machine's speed. A base-model call then is refused with UNAVAILABLE; the client's gRPC retry
@@ -39,6 +41,7 @@ def server(demo_assets: Path, tmp_path_factory: pytest.TempPathFactory):
     srv.refused_while_starting = (e.value.code(), metric_value(srv.scrape(), "mora_requests_total", code="UNAVAILABLE"))
     srv.release_start()
     srv.wait_serving()
+    srv.tmp = top / "tmp"
     yield srv
     srv.stop()
 
@@ -108,6 +111,13 @@ def test_policy_never_merges_an_adapter_that_would_break_others(server, demo_fac
         c.unload_adapter("huge")
 
 
+def test_engine_ipc_sockets_in_a_private_folder(server):
+    folders = list(server.tmp.glob("mora-ipc-*"))
+    assert len(folders) == 1 and (folders[0].stat().st_mode & 0o777) == 0o700
+    assert any(p.is_socket() for p in folders[0].iterdir()), "vLLM's sockets are in the folder"
+    assert not [p for p in server.tmp.iterdir() if p.is_socket()], "none in the temp folder itself"
+
+
 def test_sigterm_drains_in_flight_requests(server):
     results, errors = [], []
 
@@ -142,3 +152,6 @@ def test_sigterm_drains_in_flight_requests(server):
     assert not errors
     assert len(results) == 3 and all(r.finish_reason == ipb.FINISH_REASON_LENGTH and r.usage.completion_tokens == 150 for r in results)
     assert server.proc.wait(timeout=60) == 0
+    # vLLM's IPC sockets lived in the server's private folder, removed at shutdown
+    assert not [p for p in server.tmp.rglob("*") if p.is_socket() or p.name.startswith("mora-ipc-")]
+

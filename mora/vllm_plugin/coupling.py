@@ -111,6 +111,9 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.config", "VllmConfig.use_v2_model_runner", "the graph cases are built on the V1 runner: "
              "register() selects it (VLLM_USE_V2_MODEL_RUNNER=0 unless set), the manager refuses V2",
              calls="VLLM_USE_V2_MODEL_RUNNER"),
+    Internal("vllm.utils.network_utils", "get_open_zmq_ipc_path", "the engine face points VLLM_RPC_BASE_PATH at a "
+             "private folder it removes at shutdown (vLLM leaves its IPC sockets in the temp folder)",
+             calls="VLLM_RPC_BASE_PATH"),
     Internal("vllm.config.lora", "LoRAConfig", "fully_sharded_loras=True is refused at start (its layer classes are "
              "not MoRA's)", calls="fully_sharded_loras"),
     Internal("vllm.platforms.cpu", "CpuPlatform.check_and_update_config", "wrapped (graphs.py): keeps compilation "

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -37,6 +40,7 @@ EXTENSION = "mora.vllm_plugin.extension.MoraWorkerExtension"
 SCHEDULER = "mora.vllm_plugin.scheduler.MoraScheduler"  # adapter-aware admission with a bound on passes
 ADMISSION_KEY = "mora_admission_max_passes"  # its bound, in vLLM's additional_config
 DEATH_POLL_S = 0.5  # how often a call waiting on the engine checks that it is still alive
+IPC_BASE_ENV = "VLLM_RPC_BASE_PATH"  # where vLLM puts its IPC sockets (coupling.py)
 T = TypeVar("T")
 AdapterHandle = Any  # vLLM's LoRARequest for one registered adapter version (opaque to callers)
 
@@ -84,6 +88,7 @@ class Engine:
         self.max_logprobs = 0
         self.quantization: str | None = None
         self._read_ins = ReadIns(self.prefetch)
+        self._ipc_dir: str | None = None
 
     async def start(self) -> None:
         """Build the engine (tens of seconds on a CPU) without blocking the event loop."""
@@ -92,6 +97,12 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
+        if IPC_BASE_ENV not in os.environ:
+            # vLLM names its ZeroMQ IPC sockets in the temp folder and never removes them (dozens
+            # per start, world-listable): a private folder (0700), removed at shutdown. The
+            # engine's processes inherit the environment.
+            self._ipc_dir = tempfile.mkdtemp(prefix="mora-ipc-")
+            os.environ[IPC_BASE_ENV] = self._ipc_dir
         args = AsyncEngineArgs(
             model=str(s.model),
             dtype=s.dtype,
@@ -319,3 +330,8 @@ class Engine:
             # Collect it now: AsyncLLM.__del__ at interpreter exit would shut down twice.
             del llm
             gc.collect()
+        if self._ipc_dir is not None:
+            if os.environ.get(IPC_BASE_ENV) == self._ipc_dir:
+                del os.environ[IPC_BASE_ENV]
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
