@@ -152,7 +152,7 @@ def loads_bounded(text: str | bytes, what: str, name: str, error: type[AdapterEr
     # nesting needs an opening bracket per level: a text with few cannot be deep (a page-in
     # parses two small files); a safetensors header has three containers per tensor, for
     # which walking the parsed value cost a sixth of a page-in's read
-    raw = text if isinstance(text, bytes) else text.encode()
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
     if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and text_deeper_than(raw, MAX_JSON_DEPTH):
         raise error(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", adapter=name)
     return value

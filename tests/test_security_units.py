@@ -223,6 +223,8 @@ def test_json_depth_bound_at_its_edge(as_bytes):
     wide = "[" + ", ".join([nested(MAX_JSON_DEPTH - 1)] * 3) + "]"  # 94 opening brackets, depth 32
     assert len(load(wide)) == 3
     assert load('{"s": "' + "[" * 100 + '"}') == {"s": "[" * 100}
+    if not as_bytes:  # a str may hold a lone surrogate (json.loads makes one of "\\ud800")
+        assert load('["\ud800"' + ", []" * 40 + "]")[0] == "\ud800"
     for deep in (nested(MAX_JSON_DEPTH + 1), "[" + ", ".join([nested(MAX_JSON_DEPTH)] * 3) + "]"):
         with pytest.raises(AdapterConfigError, match="nested deeper"):
             load(deep)
