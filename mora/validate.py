@@ -64,7 +64,7 @@ def _targeted(config: AdapterConfig, base_shapes: Shapes) -> frozenset[str]:
     return found
 
 
-def _check_modules(name: str, present: set[str], config_targets: set[str], base_shapes: Shapes) -> None:
+def _check_modules(name: str, present: set[str], config_targets: frozenset[str], base_shapes: Shapes) -> None:
     for module in sorted(present):
         if module not in base_shapes:
             raise UnexpectedModuleError("the base model has no linear module of this name", adapter=name, module=module)
