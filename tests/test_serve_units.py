@@ -182,7 +182,19 @@ def test_engine_refuses_to_serve_without_the_mora_wrappers(answer, error, monkey
         def get_tokenizer(self):
             raise LookupError("past the check")
 
-    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args: FakeLLM()))
+        def shutdown(self):
+            pass
+
+    ipc_base = []
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.setattr(AsyncLLM, "from_engine_args",
+                        classmethod(lambda cls, args: ipc_base.append(os.environ.get("VLLM_RPC_BASE_PATH")) or FakeLLM()))
     engine = Engine(load_settings(*parse_args(["--model", str(tmp_path), "--adapter-root", str(tmp_path)])))
     with pytest.raises(LookupError if error is None else RuntimeError, match=error or "past the check"):
         asyncio.run(engine.start())
+    # vLLM's IPC sockets go to a private folder while it starts; the variable does not outlive
+    # the start (a server this process spawns later gets its own), the folder the engine
+    assert "VLLM_RPC_BASE_PATH" not in os.environ
+    assert ipc_base[0] and Path(ipc_base[0]).is_dir() and Path(ipc_base[0]).name.startswith("mora-ipc-")
+    engine.shutdown()
+    assert not Path(ipc_base[0]).exists()

@@ -99,10 +99,10 @@ class Engine:
         s = self.settings
         if IPC_BASE_ENV not in os.environ:
             # vLLM names its ZeroMQ IPC sockets in the temp folder and never removes them (dozens
-            # per start, world-listable): a private folder (0700), removed at shutdown. The
-            # engine's processes inherit the environment.
+            # per start, world-listable): a private folder (0700), removed at shutdown. Set only
+            # while the engine starts: it names its sockets then, and the processes it spawns
+            # keep the environment they were started with (nothing else here inherits it).
             self._ipc_dir = tempfile.mkdtemp(prefix="mora-ipc-")
-            os.environ[IPC_BASE_ENV] = self._ipc_dir
         args = AsyncEngineArgs(
             model=str(s.model),
             dtype=s.dtype,
@@ -128,10 +128,15 @@ class Engine:
                "additional_config": {**s.engine.get("additional_config", {}), ADMISSION_KEY: s.admission_max_passes}},
         )
         try:
+            if self._ipc_dir is not None:
+                os.environ[IPC_BASE_ENV] = self._ipc_dir
             self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as e:  # noqa: BLE001 - vLLM reports a failed engine process only as "see above"
             raise RuntimeError(f"the vLLM engine did not start ({e}); the engine's own error is logged above "
                                "(for example a quantized base whose kernels this CPU lacks)") from None
+        finally:
+            if self._ipc_dir is not None:
+                os.environ.pop(IPC_BASE_ENV, None)
         await self.require_mora()
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
@@ -331,7 +336,5 @@ class Engine:
             del llm
             gc.collect()
         if self._ipc_dir is not None:
-            if os.environ.get(IPC_BASE_ENV) == self._ipc_dir:
-                del os.environ[IPC_BASE_ENV]
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
             self._ipc_dir = None
