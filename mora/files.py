@@ -161,11 +161,10 @@ def loads_bounded(text: str | bytes, what: str, name: str, error: type[AdapterEr
 TensorCheck = Callable[[str, list[int]], None]
 
 
-def _header(name: str, what: str, data: bytes, check: TensorCheck) -> tuple[int, list[tuple[str, torch.dtype, list[int], int, int]]]:
-    """The header's length and its tensors `(key, dtype, shape, start, stop)` in file order,
+def _header(name: str, what: str, text: bytes, check: TensorCheck) -> tuple[int, list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """The end of the data and the tensors `(key, dtype, shape, start, stop)` in file order,
     every one checked; their byte ranges must tile the data exactly (as safetensors requires)."""
-    n = int.from_bytes(data[:8], "little")
-    header = loads_bounded(data[8 : 8 + n], what + " header", name, AdapterWeightsError)
+    header = loads_bounded(text, what + " header", name, AdapterWeightsError)
     if not isinstance(header, dict):
         raise AdapterWeightsError(f"{what} is unreadable: bad header", adapter=name)
     tensors = []
@@ -196,7 +195,7 @@ def _header(name: str, what: str, data: bytes, check: TensorCheck) -> tuple[int,
             raise AdapterWeightsError(f"{what} is unreadable: data of {key[:96]!r} does not follow the tensor "
                                       f"before it", adapter=name)
         end = stop
-    return n, tensors
+    return end, tensors
 
 
 def read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, check: TensorCheck) -> dict[str, torch.Tensor]:
@@ -223,11 +222,9 @@ def read_safetensors(file: Path, name: str, allowed: Path | ReadScope | None, ch
     data = head if len(head) >= 8 + n else read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n)
     if len(data) < 8 + n:
         raise AdapterWeightsError(f"{what} is unreadable: header claims {n} bytes, file has {len(data) - 8}", adapter=name)
-    n, tensors = _header(name, what, data, check)
-    end = max((stop for *_, stop in tensors), default=0)
-    if len(head) >= 8 + n + end:
-        data = head
-    elif len(head) < SMALL_READ_BYTES:  # the whole file was read: it is shorter than its header says
+    end, tensors = _header(name, what, data[8 : 8 + n], check)
+    # the first read holds the data, or was the whole file (then shorter than its header says)
+    if len(head) >= 8 + n + end or len(head) < SMALL_READ_BYTES:
         data = head
     else:
         data = read_inside(file, allowed, name, MAX_FILE_BYTES, prefix=8 + n + end)
