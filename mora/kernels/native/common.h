@@ -14,11 +14,9 @@ namespace mora_native {
 constexpr int kPanel = 16;  // output columns per panel (a 64-byte line of float32 Mt)
 constexpr int kMaxRows = 16;
 constexpr int PF = 16;  // rows of Mt prefetched ahead: a row stride of 1-2 KB defeats the hardware prefetcher
-// Panels of Mt prefetched from memory into L2 ahead of the one being multiplied (about 90 KB
-// at n = 348: microseconds ahead, while a line from memory takes a tenth of one). Prefetching
-// the whole next M a whole M ahead instead needs two Ms (~1 MB) of L2 at once, and lines were
-// evicted before use: with every M coming from memory, that cost twice the time over the
-// L2-resident case that this distance costs (0.23 vs 0.12 ms for 16 Ms of 348 x 348, 12 rows each).
+// Panels of this M's Mt prefetched into L2 ahead of the one being multiplied (about 90 KB at
+// n = 348: microseconds ahead, while a line from memory takes a tenth of one). The next M comes
+// by its Stream (below), not by panels.
 constexpr int kAhead = 4;
 
 using bf16 = uint16_t;  // at::BFloat16's bits
@@ -26,6 +24,55 @@ using bf16 = uint16_t;  // at::BFloat16's bits
 // prefetcht1 (into L2) that the optimizer keeps: GCC deletes a loop of __builtin_prefetch that
 // does nothing else.
 inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+
+// The M a thread multiplies next (its next group's), requested into L2 in address order while
+// it multiplies the current one, at a pace set by the work: `pace(w)` after each w products of
+// a block (rows x panels x terms of k) requests the lines their share comes to. Its rate is
+// kStreamPace of the M's lines over the current group's products, so the stream ends near the
+// group's end, the last lines left to the next group's own panel prefetches.
+// Why: requested by panels (16 columns of each row, rows 1-2 KB apart, a new page every few
+// lines) the next M's lines do not stream under the FMAs; in address order they do. One core
+// running the kernel's 8 x 3 block FMAs at full rate while prefetching 16 MB (64 Ms of 256 x 256)
+// took +3-9% in address order, +30-65% in panel order. Paced per piece of 16 k, not per k: the
+// bookkeeping in the inner loop cost 3-7% of compute-bound calls. kStreamPace 0.8 beat 0.5,
+// 0.65 and 1.15 (bench.kernel's cases, float32, Xeon with AMX).
+constexpr double kStreamPace = 0.8;
+
+struct Stream {
+  const char* line = nullptr;  // the next line to request (null: done)
+  const char* row_end = nullptr;
+  int64_t ld = 0, rows = 0;  // bytes from a row to the next; rows after this one
+  int64_t len = 0;            // bytes of a row
+  uint64_t credit = 0, rate = 0;  // lines in units of 2^-32, per product
+
+  static constexpr uint64_t kLine = uint64_t{1} << 32;
+
+  // `rows` rows of `len` bytes, `ld` bytes apart from `first`, over `work` products.
+  Stream(const void* first, int64_t rows_, int64_t len_, int64_t ld_, int64_t work) {
+    if (len_ == ld_) len_ *= rows_, rows_ = 1;  // one run of memory
+    const auto* at = static_cast<const char*>(first);
+    line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63});
+    row_end = at + len_, ld = ld_, rows = rows_ - 1, len = len_;
+    const double lines = static_cast<double>(rows_) * static_cast<double>(len_ / 64 + 2);
+    rate = static_cast<uint64_t>(kStreamPace * lines * static_cast<double>(kLine) / static_cast<double>(std::max<int64_t>(work, 1)));
+  }
+  Stream() = default;
+
+  void pace(uint64_t work) {
+    if (!line) return;
+    credit += rate * work;
+    for (; credit >= kLine; credit -= kLine) {
+      prefetch_l2(line);
+      line += 64;
+      if (line >= row_end) {
+        if (rows == 0) { line = nullptr; return; }
+        const char* row = row_end - len + ld;
+        --rows, row_end = row + len;
+        line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63});
+      }
+    }
+  }
+};
 
 // A storage type's values as float32 and back: `get` widens, `from` rounds (bf16: to nearest
 // even, NaN to 0x7FC0, c10::BFloat16's conversion), `round` is the float32 value `from` stores.
@@ -89,18 +136,17 @@ struct Problem {
   // each unit's added into y after its last panel
   float* tile = nullptr;
   int64_t tile_row0 = 0, ldt = 0;
+  Stream* stream = nullptr;  // the thread's next M, paced by this group's blocks (null: none)
 };
 
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
 // them (as float32, k-major; the dot-product units as pairs of bf16) into `dst` (unit_floats(n)
 // floats), with `scratch` (3n floats) for a rotation; `panels` multiplies the packed rows by
-// panels [q0, q1) of the group's M, `next` the M the thread reads after this group's (its first
-// panels are prefetched past the last, null: none); `np` is the panels one of its blocks
-// multiplies at once.
+// panels [q0, q1) of the group's M; `np` is the panels one of its blocks multiplies at once.
 template <typename T>
 struct Unit {
   void (*pack)(const Problem<T>& p, int64_t row0, float* dst, float* scratch);
-  void (*panels)(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const T* next);
+  void (*panels)(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1);
   int np;
 };
 

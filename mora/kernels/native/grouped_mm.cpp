@@ -177,8 +177,8 @@ struct Groups {
 
 // Every unit, on torch's thread pool, on the path active when the call starts: `problem(g)` is
 // group g's problem. A thread's consecutive units of one group run as runs of up to kRun units,
-// panel-interleaved (common.h). A call of a few microseconds of work (a small model's decode
-// step) runs without a fork/join.
+// panel-interleaved (common.h), while its next group's M streams into L2 (Stream, common.h). A
+// call of a few microseconds of work (a small model's decode step) runs without a fork/join.
 template <typename T, typename MakeProblem>
 void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem problem) {
   const Path* path = active.load();
@@ -186,7 +186,7 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
   if constexpr (std::is_same_v<T, float>) kernel = path->units_float();
   else kernel = path->units_bf16();
   const T* m = data<T>(Mt);
-  const int64_t lds = Mt.stride(0), panels = (n + kPanel - 1) / kPanel;
+  const int64_t lds = Mt.stride(0), ldm = Mt.stride(1), panels = (n + kPanel - 1) / kPanel;
   const auto& units = groups.units;
   const int64_t count = static_cast<int64_t>(units.size());
   const int64_t grain = groups.rows * n * n < (int64_t{1} << 20) ? std::max<int64_t>(1, count) : 1;
@@ -194,15 +194,22 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
     thread_local std::vector<float> pack;
     if (static_cast<int64_t>(pack.size()) < pack_floats(n) + tile_floats(n)) pack.resize(pack_floats(n) + tile_floats(n));
     float* scratch = pack.data() + kRun * unit_floats(n);
+    Stream stream;
     for (int64_t u = lo; u < hi;) {
       const int64_t g = units[u].first;
       int64_t end = u + 1;
       while (end < hi && end - u < kRun && units[end].first == g) ++end;
+      auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[g], groups.size(g) - units[v].second); };
+      if (u == lo || units[u - 1].first != g) {  // a group starts: stream the M of this thread's next one
+        int64_t after = u, work = 0;
+        for (; after < hi && units[after].first == g; ++after) work += rows(after) * panels * n;
+        stream = after < hi ? Stream(m + groups.slot[units[after].first] * lds, n, n * static_cast<int64_t>(sizeof(T)),
+                                     ldm * static_cast<int64_t>(sizeof(T)), work)
+                            : Stream();
+      }
       Problem<T> p = problem(g, m + groups.slot[g] * lds);
       p.tile = pack.data() + pack_floats(n), p.tile_row0 = units[u].second, p.ldt = tile_stride(n);
-      // The M this thread reads next, where the next run starts another group.
-      const T* next = end < hi && units[end].first != g ? m + groups.slot[units[end].first] * lds : nullptr;
-      auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[g], groups.size(g) - units[v].second); };
+      p.stream = &stream;
       for (int64_t v = u; v < end; ++v)
         kernel[rows(v)].pack(p, units[v].second, pack.data() + (v - u) * unit_floats(n), scratch);
       // One unit: all panels at once. Several: a chunk of its blocks' panels at a time.
@@ -210,7 +217,7 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
       for (int64_t q = 0; q < panels; q += chunk)
         for (int64_t v = u; v < end; ++v)
           kernel[rows(v)].panels(p, pack.data() + (v - u) * unit_floats(n), units[v].second, q,
-                                 std::min(q + chunk, panels), next);
+                                 std::min(q + chunk, panels));
       u = end;
     }
   });

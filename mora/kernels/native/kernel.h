@@ -149,13 +149,13 @@ template <typename T>
 constexpr RowOps<T> kRowOps = {v_row<T>, add_row<T>};
 
 // Where the block after this one starts streaming into L2: kAhead panels on (at least one
-// block), this M's, then past its last panel the next unit's M (null: none to prefetch).
+// block), this M's (null past its last panel: the next M comes by the Stream, common.h).
 template <int NP, typename T>
-void lookahead(const Problem<T>& p, int64_t p0, const T* next, const T* (&ahead)[NP]) {
+void lookahead(const Problem<T>& p, int64_t p0, const T* (&ahead)[NP]) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
   for (int j = 0; j < NP; ++j) {
     const int64_t q = p0 + j + NP * ((kAhead + NP - 1) / NP);
-    ahead[j] = q < panels ? p.Mt + q * kPanel : next && q - panels < panels ? next + (q - panels) * kPanel : nullptr;
+    ahead[j] = q < panels ? p.Mt + q * kPanel : nullptr;
   }
 }
 
@@ -201,18 +201,18 @@ struct Edges {
   Mask tail;
   const T* ahead[NP];
 
-  Edges(const Problem<T>& p, int64_t p0, const T* next)
+  Edges(const Problem<T>& p, int64_t p0)
       : lanes(TAIL ? static_cast<int>(p.n - (p0 + NP - 1) * kPanel) : kPanel), tail(mask_of(lanes)) {
-    lookahead<NP>(p, p0, next, ahead);
+    lookahead<NP>(p, p0, ahead);
   }
 };
 
 // RB rows (packed at Vp, put_row) x NP panels from panel p0: every accumulator a register.
 template <int RB, int NP, bool TAIL, typename T>
-void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const T* next) {
+void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
   Vec acc[RB][NP];
   clear(acc);
-  const Edges<RB, NP, TAIL, T> e(p, p0, next);
+  const Edges<RB, NP, TAIL, T> e(p, p0);
   const int lanes = e.lanes;
   const Mask tail = e.tail;
   const T* const(&ahead)[NP] = e.ahead;
@@ -220,6 +220,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
   for (int64_t k0 = 0; k0 < p.n; k0 += kPanel) {  // a piece of the packed rows (put_row) at a time
     const float* piece = Vp + k0 * RB;
     const int64_t len = std::min<int64_t>(kPanel, p.n - k0);
+    if (p.stream) p.stream->pace(RB * NP * len);
     for (int64_t l = 0; l < len; ++l) {
       const int64_t k = k0 + l;
       Vec b[NP];
@@ -245,11 +246,11 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0, const
 // Panels q.. (NP of them) for all RB rows, as blocks of at most kBlockRows rows back to back:
 // the first reads the panels from memory, the others from L1.
 template <int RB, int NP, bool TAIL, typename T>
-void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q, const T* next) {
+void sweep(const Problem<T>& p, const float* pack, int64_t row0, int64_t q) {
   constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
   const int64_t ld = tile_stride(p.n);
-  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * ld, row0 + s * SUB, q, next);
-  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * ld, row0 + (parts - 1) * SUB, q, next);
+  for (int s = 0; s + 1 < parts; ++s) block<SUB, NP, TAIL>(p, pack + s * SUB * ld, row0 + s * SUB, q);
+  block<RB - SUB * (parts - 1), NP, TAIL>(p, pack + (parts - 1) * SUB * ld, row0 + (parts - 1) * SUB, q);
 }
 
 // Rows [row0, row0 + RB) of one group, packed as float32 (put_row), each block's rows apart.
@@ -267,14 +268,14 @@ void pack(const Problem<T>& p, int64_t row0, float* dst, float* scratch) {
 // The packed rows times panels [q0, q1) of M: NP at a time, then one at a time, the partial
 // last panel (where n is not a multiple of 16) as its own.
 template <int RB, typename T>
-void panels(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const T* next) {
+void panels(const Problem<T>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1) {
   constexpr int parts = (RB + kBlockRows<T> - 1) / kBlockRows<T>, SUB = (RB + parts - 1) / parts;
   constexpr int NP = panels_for<SUB, T>();
   const int64_t full = std::min(q1, p.n / kPanel);
   int64_t q = q0;
-  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, packed, row0, q, next);
-  for (; q < full; ++q) sweep<RB, 1, false>(p, packed, row0, q, next);
-  if (q1 > p.n / kPanel && p.n % kPanel) sweep<RB, 1, true>(p, packed, row0, p.n / kPanel, next);
+  for (; q + NP <= full; q += NP) sweep<RB, NP, false>(p, packed, row0, q);
+  for (; q < full; ++q) sweep<RB, 1, false>(p, packed, row0, q);
+  if (q1 > p.n / kPanel && p.n % kPanel) sweep<RB, 1, true>(p, packed, row0, p.n / kPanel);
   after_panels(p, row0, RB, q1);
 }
 

@@ -128,10 +128,10 @@ void unpair(const uint32_t* pk, int64_t ldq, int64_t n, float* dst) {
 
 // RB rows (pairs at Vp, a pair's rows ldq apart) x NP panels from panel p0, as kernel.h's block.
 template <int RB, int NP, bool TAIL>
-void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t row0, int64_t p0, const bf16* next) {
+void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t row0, int64_t p0) {
   Vec acc[RB][NP];
   clear(acc);
-  const Edges<RB, NP, TAIL, bf16> e(p, p0, next);
+  const Edges<RB, NP, TAIL, bf16> e(p, p0);
   const Mask tail = e.tail;
   const bf16* const(&ahead)[NP] = e.ahead;
   // Word 2l of a pair's panel: row k + 1's column l (the low half), 2l + 1: row k's (the high).
@@ -141,44 +141,49 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   __m512i least = _mm512_set1_epi16(-1);  // unsigned min of (|bits| - 1): 0 wraps to the top
   const bf16* base = p.Mt + p0 * kPanel;
   const int64_t pairs = (p.n + 1) / 2;
-  for (int64_t q = 0; q < pairs; ++q) {
-    const bf16* row = base + 2 * q * p.ldm;
-    const bool two = 2 * q + 1 < p.n;
-    __m512i b[NP];
+  for (int64_t q0 = 0; q0 < pairs; q0 += kPanel / 2) {  // pieces of 16 k: the Stream's pace
+    if (p.stream) p.stream->pace(RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0));
+    for (int64_t q = q0; q < std::min<int64_t>(pairs, q0 + kPanel / 2); ++q) {
+      const bf16* row = base + 2 * q * p.ldm;
+      const bool two = 2 * q + 1 < p.n;
+      __m512i b[NP];
 #pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) {
-      if (j % 2 == 0) {  // two panels of bf16 (from an even one) are one 64-byte line: one prefetch
-        __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0, both rows
-        __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
-        if (ahead[j]) {
-          __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                 // prefetcht1
-          __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
+      for (int j = 0; j < NP; ++j) {
+        if (j % 2 == 0) {  // two panels of bf16 (from an even one) are one 64-byte line: one prefetch
+          __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0, both rows
+          __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
+          if (ahead[j]) {
+            __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                 // prefetcht1
+            __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
+          }
         }
+        const bf16* at = row + j * kPanel;
+        const bool part = TAIL && j == NP - 1;  // never past n
+        const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+        const __m256i lo = !two ? _mm256_setzero_si256()
+                           : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
+                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
+        b[j] = _mm512_permutexvar_epi16(order, both);
       }
-      const bf16* at = row + j * kPanel;
-      const bool part = TAIL && j == NP - 1;  // never past n
-      const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at)
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-      const __m256i lo = !two ? _mm256_setzero_si256()
-                         : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
-                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
-      b[j] = _mm512_permutexvar_epi16(order, both);
-    }
-    const uint32_t* a = Vp + q * ldq;
+      const uint32_t* a = Vp + q * ldq;
 #pragma GCC unroll 16
-    for (int i = 0; i < RB; ++i) {
-      const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i])));
+      for (int i = 0; i < RB; ++i) {
+        const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i])));
 #pragma GCC unroll 8
-      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
+        for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
+      }
     }
   }
   if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
     thread_local std::vector<float> wide;
     if (static_cast<int64_t>(wide.size()) < RB * tile_stride(p.n)) wide.resize(RB * tile_stride(p.n));
     unpair<RB>(Vp, ldq, p.n, wide.data());
-    block<RB, NP, TAIL>(p, wide.data(), row0, p0, next);
+    Problem<bf16> again = p;
+    again.stream = nullptr;  // paced once already
+    block<RB, NP, TAIL>(again, wide.data(), row0, p0);
     return;
   }
   finish<RB, NP, TAIL>(p, acc, row0, p0, e.lanes);
@@ -198,11 +203,11 @@ constexpr int dot_panels_for() {
 }
 
 template <int RB, int NP, bool TAIL>
-void dot_sweep(const Problem<bf16>& p, const uint32_t* pk, int64_t row0, int64_t q, const bf16* next) {
+void dot_sweep(const Problem<bf16>& p, const uint32_t* pk, int64_t row0, int64_t q) {
   constexpr int parts = (RB + kDotRows - 1) / kDotRows, SUB = (RB + parts - 1) / parts;
   static_assert(parts <= 2, "a unit is at most two blocks");
-  dot_block<SUB, NP, TAIL>(p, pk, RB, row0, q, next);
-  if constexpr (parts == 2) dot_block<RB - SUB, NP, TAIL>(p, pk + SUB, RB, row0 + SUB, q, next);
+  dot_block<SUB, NP, TAIL>(p, pk, RB, row0, q);
+  if constexpr (parts == 2) dot_block<RB - SUB, NP, TAIL>(p, pk + SUB, RB, row0 + SUB, q);
 }
 
 template <int RB>
@@ -213,15 +218,15 @@ constexpr int dot_np() {
 
 // The packed rows times panels [q0, q1) of M, as kernel.h's panels.
 template <int RB>
-void dot_panels(const Problem<bf16>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1, const bf16* next) {
-  if (reinterpret_cast<const uint32_t*>(packed)[0]) return panels<RB, bf16>(p, packed + kPanel, row0, q0, q1, next);
+void dot_panels(const Problem<bf16>& p, const float* packed, int64_t row0, int64_t q0, int64_t q1) {
+  if (reinterpret_cast<const uint32_t*>(packed)[0]) return panels<RB, bf16>(p, packed + kPanel, row0, q0, q1);
   const uint32_t* pk = reinterpret_cast<const uint32_t*>(packed) + kPanel;
   constexpr int NP = dot_np<RB>();
   const int64_t full = std::min(q1, p.n / kPanel);
   int64_t q = q0;
-  for (; q + NP <= full; q += NP) dot_sweep<RB, NP, false>(p, pk, row0, q, next);
-  for (; q < full; ++q) dot_sweep<RB, 1, false>(p, pk, row0, q, next);
-  if (q1 > p.n / kPanel && p.n % kPanel) dot_sweep<RB, 1, true>(p, pk, row0, p.n / kPanel, next);
+  for (; q + NP <= full; q += NP) dot_sweep<RB, NP, false>(p, pk, row0, q);
+  for (; q < full; ++q) dot_sweep<RB, 1, false>(p, pk, row0, q);
+  if (q1 > p.n / kPanel && p.n % kPanel) dot_sweep<RB, 1, true>(p, pk, row0, p.n / kPanel);
   after_panels(p, row0, RB, q1);
 }
 
