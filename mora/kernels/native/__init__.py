@@ -9,6 +9,7 @@ C++ ops read every `M` straight from the slot table, registered as custom ops:
 * `torch.ops.mora_native.share_apply` - type-1 adapters from `x` straight into `y`;
 * `rope_rows`, `share_rows`, `rope_add`, `share_add` - those two ops' rows and additions alone,
   around products that torch's GEMM computes (bfloat16 prefill where oneDNN's GEMM has AMX).
+* `stream_lines` - the schedule by which the ops stream a thread's next `M` into L2 (for tests).
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
@@ -54,7 +55,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["ENV_ISA", "ENV_KERNEL", "ISAS", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_isa",
-           "native_status", "rope_add", "rope_apply", "rope_rows", "share_add", "share_apply", "share_rows"]
+           "native_status", "rope_add", "rope_apply", "rope_rows", "share_add", "share_apply", "share_rows",
+           "stream_lines"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
@@ -325,3 +327,23 @@ def share_add(P: torch.Tensor, tokens: torch.Tensor, n: int, out_start: int, y: 
     """
     _require()
     torch.ops.mora_native.share_add(P, tokens, n, out_start, y)
+
+
+def stream_lines(rows: int, length: int, ld: int, offset: int, work: int, done: int, step: int) -> torch.Tensor:
+    """The lines the kernels request of a thread's next `M` while multiplying the current one
+    (common.h's `Stream`), as byte offsets from the line holding its first byte: `rows` rows of
+    `length` bytes, `ld` bytes apart, the first `offset` bytes into a 64-byte line, paced for
+    `work` products of the current group, after `done` of them paced `step` at a time (a block's
+    piece). Nothing is read: this is the schedule alone, for tests.
+
+    Semantics::
+
+        lines = []                                  # every line of each row, row after row
+        for i in range(rows) if ld != length else [0]:
+            lo, hi = offset + i * ld, offset + i * ld + (length if ld != length else rows * length)
+            lines += range(lo // 64 * 64, hi, 64)   # a line two rows share comes twice
+        rate = floor(0.8 * est * 2**32 / work)      # est = rows * (length // 64 + 2), merged rows as one
+        return lines[:min(len(lines), sum over the steps of the credit's whole lines)]
+    """
+    _require()
+    return torch.ops.mora_native.stream_lines(rows, length, ld, offset, work, done, step)

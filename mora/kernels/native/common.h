@@ -59,10 +59,16 @@ struct Stream {
   Stream() = default;
 
   void pace(uint64_t work) {
+    take(work, [](const char* at) { prefetch_l2(at); });
+  }
+
+  // pace's schedule: request(line) for each line `work` more products come to, in address order.
+  template <typename Request>
+  void take(uint64_t work, Request request) {
     if (!line) return;
     credit += rate * work;
     for (; credit >= kLine; credit -= kLine) {
-      prefetch_l2(line);
+      request(line);
       line += 64;
       if (line >= row_end) {
         if (rows == 0) { line = nullptr; return; }

@@ -32,6 +32,7 @@
 // across paths, avx512_bf16's dot products included (kernel_dp.h says why).
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -411,6 +412,25 @@ void share_add(const at::Tensor& P, const at::Tensor& tokens, int64_t n, int64_t
   add_products("share_add", P, tokens, n, 1, 0, n, out_start, y);
 }
 
+// The lines a Stream requests (byte offsets from the line holding its first byte) over `rows`
+// rows of `len` bytes, `ld` bytes apart, the first `offset` bytes into a line, paced for `work`
+// products, while `done` products are paced in steps of `step`: the kernel's schedule, without
+// touching memory (tests/test_native_stream.py).
+at::Tensor stream_lines(int64_t rows, int64_t len, int64_t ld, int64_t offset, int64_t work, int64_t done,
+                        int64_t step) {
+  TORCH_CHECK(rows > 0 && len > 0 && ld >= len && 0 <= offset && offset < 64 && work > 0 && step > 0 && done >= 0,
+              "stream_lines: rows, len, work, step > 0, ld >= len, 0 <= offset < 64, done >= 0");
+  TORCH_CHECK(rows * ld <= (int64_t{1} << 40) && done / step <= (int64_t{1} << 24), "stream_lines: too large");
+  const char* origin = reinterpret_cast<const char*>(uintptr_t{1} << 44);  // never dereferenced
+  Stream stream(origin + offset, rows, len, ld, work);
+  std::vector<int64_t> lines;
+  for (int64_t d = 0; d < done; d += step)
+    stream.take(static_cast<uint64_t>(std::min(step, done - d)), [&](const char* at) { lines.push_back(at - origin); });
+  at::Tensor out = at::empty({static_cast<int64_t>(lines.size())}, at::kLong);
+  std::copy(lines.begin(), lines.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
 }  // namespace
 }  // namespace mora_native
 
@@ -431,6 +451,7 @@ TORCH_LIBRARY(mora_native, lib) {
   lib.def("share_rows(Tensor x, Tensor tokens, int n, int chunks, Tensor(a!) V) -> ()");
   lib.def("rope_add(Tensor P, Tensor tokens, int n, int k_lo, int chunks, int period, int out_start, Tensor(a!) y) -> ()");
   lib.def("share_add(Tensor P, Tensor tokens, int n, int out_start, Tensor(a!) y) -> ()");
+  lib.def("stream_lines(int rows, int len, int ld, int offset, int work, int done, int step) -> Tensor", &stream_lines);
 }
 
 TORCH_LIBRARY_IMPL(mora_native, CPU, lib) {
