@@ -1,15 +1,19 @@
-"""The schedule by which the native kernels stream a thread's next `M` into L2 (common.h's
-`Stream`), read through `stream_lines` (the same code, recording instead of prefetching).
+"""The schedules by which the native kernels stream what a thread reads next into L2 (common.h's
+`Stream`), read through `stream_lines` and `stream_span_lines` (the same code, recording
+instead of prefetching).
 
-What it must do: request every line of the next `M`'s rows, in address order, nothing between
-rows (a table's rows are padded to its largest `n`), and spread them over the current group's
-products so that about `kStreamPace` (0.8) of them are requested by the group's end. Speed itself
-is `bench.kernel`'s to measure (docs/benchmarks.md, "The next `M` streamed in address order").
+What they must do: request every line of the next `M`'s rows, in address order, nothing between
+rows (a table's rows are padded to its largest `n`), spread over the current group's products so
+that about `kStreamPace` (0.8) of them are requested by the group's end; and every line of the
+next run's listed ranges (its rows of `x` or `V`, its rows of `y`), in the order given, all of
+them by the current run's end. Speed itself is `bench.kernel`'s to measure (docs/benchmarks.md,
+"The next `M` streamed in address order").
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 from test_native_kernel import needs_x86
 
 import mora.kernels.native as native
@@ -71,3 +75,33 @@ def test_bad_arguments_refused() -> None:
                  (1, 64, 64, 0, 0, 1, 1), (1, 64, 64, 0, 1, 1, 0), (1, 64, 64, 0, 1, -1, 1)]:
         with pytest.raises(RuntimeError, match="stream_lines"):
             native.stream_lines(*args)
+
+
+def listed_lines(spans: list[tuple[int, int]]) -> list[int]:
+    return [line for first, last in spans for line in range(first // 64 * 64, last, 64)]
+
+
+# a decode token's x and y rows (float32 q_proj), V rows of a padded grouped_mm, ranges sharing
+# lines, one byte, out of address order
+SPAN_CASES = [[(0, 16384), (1 << 20, (1 << 20) + 16384)], [(i * 1536, i * 1536 + 1392) for i in range(16)],
+              [(10, 70), (70, 130), (200, 201)], [(5, 6)], [(4096, 8192), (0, 100), (100_000, 100_064)]]
+
+
+@pytest.mark.parametrize("spans", SPAN_CASES)
+def test_listed_ranges_every_line_in_the_order_given(spans: list[tuple[int, int]]) -> None:
+    tensor = torch.tensor(spans, dtype=torch.long)
+    want = listed_lines(spans)
+    work = 1000 * len(want)
+    assert native.stream_span_lines(tensor, work, work, 384).tolist() == want  # all by the run's end
+    assert native.stream_span_lines(tensor, work, 0, 384).numel() == 0
+    half = native.stream_span_lines(tensor, work, work // 2, 384).numel()
+    assert abs(half - len(want) / 2) <= 1
+
+
+def test_listed_ranges_refused_when_bad() -> None:
+    for spans, args in [([(5, 5)], (1, 1, 1)), ([(6, 5)], (1, 1, 1)), ([(-1, 5)], (1, 1, 1)), ([(0, 5)], (0, 1, 1)),
+                        ([(0, 5)], (1, 1, 0))]:
+        with pytest.raises(RuntimeError, match="stream_span_lines"):
+            native.stream_span_lines(torch.tensor(spans, dtype=torch.long), *args)
+    with pytest.raises(RuntimeError, match="stream_span_lines"):
+        native.stream_span_lines(torch.zeros(3, dtype=torch.long), 1, 1, 1)

@@ -9,7 +9,8 @@ C++ ops read every `M` straight from the slot table, registered as custom ops:
 * `torch.ops.mora_native.share_apply` - type-1 adapters from `x` straight into `y`;
 * `rope_rows`, `share_rows`, `rope_add`, `share_add` - those two ops' rows and additions alone,
   around products that torch's GEMM computes (bfloat16 prefill where oneDNN's GEMM has AMX).
-* `stream_lines` - the schedule by which the ops stream a thread's next `M` into L2 (for tests).
+* `stream_lines`, `stream_span_lines` - the schedules by which the ops stream a thread's next
+  `M`, and its next run's rows, into L2 (for tests).
 
 It is built on first use with torch's C++ extension builder (g++ and the headers torch ships)
 into `MORA_NATIVE_DIR` (default `$XDG_CACHE_HOME/mora/native`, or `~/.cache/mora/native`), in a
@@ -56,7 +57,7 @@ import torch
 
 __all__ = ["ENV_ISA", "ENV_KERNEL", "ISAS", "NativeKernelError", "build", "grouped_mm", "native_enabled", "native_isa",
            "native_status", "rope_add", "rope_apply", "rope_rows", "share_add", "share_apply", "share_rows",
-           "stream_lines"]
+           "stream_lines", "stream_span_lines"]
 
 log = logging.getLogger(__name__)
 ENV_KERNEL = "MORA_CPU_KERNEL"
@@ -342,8 +343,25 @@ def stream_lines(rows: int, length: int, ld: int, offset: int, work: int, done: 
         for i in range(rows) if ld != length else [0]:
             lo, hi = offset + i * ld, offset + i * ld + (length if ld != length else rows * length)
             lines += range(lo // 64 * 64, hi, 64)   # a line two rows share comes twice
-        rate = floor(0.8 * est * 2**32 / work)      # est = rows * (length // 64 + 2), merged rows as one
+        rate = ceil(0.8 * est * 2**32 / work)       # est = rows * (length // 64 + 2), merged rows as one
         return lines[:min(len(lines), sum over the steps of the credit's whole lines)]
     """
     _require()
     return torch.ops.mora_native.stream_lines(rows, length, ld, offset, work, done, step)
+
+
+def stream_span_lines(spans: torch.Tensor, work: int, done: int, step: int) -> torch.Tensor:
+    """The lines the kernels request of a thread's next run (its rows of `x` or `V`, and the rows
+    of `y` they add into) while multiplying the current one (common.h's `Stream` over listed
+    ranges), as byte offsets from a 64-byte aligned origin: `spans` (int64 [S, 2], nonempty
+    ranges [first, last)), paced for `work` products of the current run, after `done` of them
+    paced `step` at a time. Nothing is read: the schedule alone, for tests.
+
+    Semantics::
+
+        lines = [line for first, last in spans for line in range(first // 64 * 64, last, 64)]
+        rate = ceil(1.0 * len(lines) * 2**32 / work)    # all of them by the run's end
+        return lines[:min(len(lines), sum over the steps of the credit's whole lines)]
+    """
+    _require()
+    return torch.ops.mora_native.stream_span_lines(spans, work, done, step)

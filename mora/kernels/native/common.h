@@ -5,9 +5,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace mora_native {
 
@@ -25,36 +27,49 @@ using bf16 = uint16_t;  // at::BFloat16's bits
 // does nothing else.
 inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
 
-// The M a thread multiplies next (its next group's), requested into L2 in address order while
-// it multiplies the current one, at a pace set by the work: `pace(w)` after each w products of
-// a block (rows x panels x terms of k) requests the lines their share comes to. Its rate is
-// kStreamPace of the M's lines over the current group's products, so the stream ends near the
-// group's end, the last lines left to the next group's own panel prefetches.
+// What a thread reads next, requested into L2 in address order while it computes, at a pace
+// set by the work: `pace(w)` after each w products of a block (rows x panels x terms of k)
+// requests the lines their share comes to. Two streams run (Problem):
+// * the next group's M, at kStreamPace of its lines over the current group's products, so it
+//   ends near the group's end, the last lines left to the next group's own panel prefetches;
+// * the next run's sources (x's or V's rows) and the y lines its products are added into, at
+//   kRowsPace of their lines over the current run's products. (y's lines were requested while
+//   a run's rows were packed, a burst of misses before its first product; x's were read cold.)
 // Why: requested by panels (16 columns of each row, rows 1-2 KB apart, a new page every few
 // lines) the next M's lines do not stream under the FMAs; in address order they do. One core
 // running the kernel's 8 x 3 block FMAs at full rate while prefetching 16 MB (64 Ms of 256 x 256)
 // took +3-9% in address order, +30-65% in panel order. Paced per piece of 16 k, not per k: the
 // bookkeeping in the inner loop cost 3-7% of compute-bound calls. kStreamPace 0.8 beat 0.5,
-// 0.65 and 1.15 (bench.kernel's cases, float32, Xeon with AMX).
+// 0.65 and 1.15, kRowsPace 1.0 beat 0.6, 0.9, 1.3 and 1.5 (bench.kernel's cases, float32, Xeon
+// with AMX; docs/benchmarks.md).
 constexpr double kStreamPace = 0.8;
+constexpr double kRowsPace = 1.0;
+
+using Span = std::pair<const char*, const char*>;  // bytes [first, second), never empty
 
 struct Stream {
   const char* line = nullptr;  // the next line to request (null: done)
-  const char* row_end = nullptr;
-  int64_t ld = 0, rows = 0;  // bytes from a row to the next; rows after this one
-  int64_t len = 0;            // bytes of a row
+  const char* end = nullptr;   // the end of the range it lies in
+  int64_t ld = 0, len = 0, rows = 0;  // strided: bytes from a range to the next, a range's bytes, ranges left
+  const Span* span = nullptr;         // listed: the ranges left (null: strided)
+  int64_t spans = 0;
   uint64_t credit = 0, rate = 0;  // lines in units of 2^-32, per product
 
   static constexpr uint64_t kLine = uint64_t{1} << 32;
 
-  // `rows` rows of `len` bytes, `ld` bytes apart from `first`, over `work` products.
+  // `rows` rows of `len` bytes, `ld` bytes apart from `first` (an M's), over `work` products.
   Stream(const void* first, int64_t rows_, int64_t len_, int64_t ld_, int64_t work) {
     if (len_ == ld_) len_ *= rows_, rows_ = 1;  // one run of memory
     const auto* at = static_cast<const char*>(first);
-    line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63});
-    row_end = at + len_, ld = ld_, rows = rows_ - 1, len = len_;
-    const double lines = static_cast<double>(rows_) * static_cast<double>(len_ / 64 + 2);
-    rate = static_cast<uint64_t>(kStreamPace * lines * static_cast<double>(kLine) / static_cast<double>(std::max<int64_t>(work, 1)));
+    line = down(at), end = at + len_, ld = ld_, len = len_, rows = rows_ - 1;
+    set_rate(kStreamPace, static_cast<double>(rows_) * static_cast<double>(len_ / 64 + 2), work);
+  }
+  // The ranges [first, first + count) in order, over `work` products.
+  Stream(const Span* first, int64_t count, int64_t work) {
+    double lines = 0;
+    for (int64_t i = 0; i < count; ++i) lines += static_cast<double>(up(first[i].second) - down(first[i].first)) / 64;
+    if (count) line = down(first->first), end = first->second, span = first + 1, spans = count - 1;
+    set_rate(kRowsPace, lines, work);
   }
   Stream() = default;
 
@@ -70,13 +85,30 @@ struct Stream {
     for (; credit >= kLine; credit -= kLine) {
       request(line);
       line += 64;
-      if (line >= row_end) {
-        if (rows == 0) { line = nullptr; return; }
-        const char* row = row_end - len + ld;
-        --rows, row_end = row + len;
-        line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63});
-      }
+      if (line >= end && !next_range()) return;
     }
+  }
+
+ private:
+  static const char* down(const char* at) { return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(at) & ~uintptr_t{63}); }
+  static const char* up(const char* at) { return down(at + 63); }
+
+  void set_rate(double pace, double lines, int64_t work) {  // rounded up: at pace 1, every line by the work's end
+    rate = static_cast<uint64_t>(std::ceil(pace * lines * static_cast<double>(kLine) / static_cast<double>(std::max<int64_t>(work, 1))));
+  }
+
+  // To the next range's first line; false (and done) when none is left.
+  bool next_range() {
+    const char* from;
+    if (span) {
+      if (spans == 0) return line = nullptr, false;
+      from = span->first, end = span->second, ++span, --spans;
+    } else {
+      if (rows == 0) return line = nullptr, false;
+      from = end - len + ld, end = from + len, --rows;
+    }
+    line = down(from);
+    return true;
   }
 };
 
@@ -142,7 +174,11 @@ struct Problem {
   // each unit's added into y after its last panel
   float* tile = nullptr;
   int64_t tile_row0 = 0, ldt = 0;
-  Stream* stream = nullptr;  // the thread's next M, paced by this group's blocks (null: none)
+  // What the thread reads next (common.h's Stream), paced by this run's blocks (null: nothing):
+  // the next group's M, and the next run's sources and y lines
+  Stream* next_m = nullptr;
+  Stream* next_rows = nullptr;
+  bool y_requested = false;  // this run's y lines were (next_rows of the run before)
 };
 
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs

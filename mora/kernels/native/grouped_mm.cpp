@@ -176,10 +176,33 @@ struct Groups {
   int64_t size(int64_t g) const { return (off[g + 1] - off[g]) * per; }
 };
 
+// The byte ranges rows [r0, r1) of `p` read, and for a direct op the rows of y they add into:
+// each token's chunks of x (or the padded input's, wrapping) and its row of y; V's rows.
+template <typename T>
+void source_spans(const Problem<T>& p, int64_t r0, int64_t r1, std::vector<Span>& out) {
+  auto add = [&out](const T* at, int64_t lo, int64_t hi) {
+    if (lo < hi) out.emplace_back(reinterpret_cast<const char*>(at + lo), reinterpret_cast<const char*>(at + hi));
+  };
+  const Rope<T>& rope = p.rope;
+  if (!rope.y) {
+    for (int64_t r = r0; r < r1; ++r) add(p.V + r * p.ldv, 0, p.n);
+    return;
+  }
+  const int64_t lo = rope.sum_chunks ? 0 : rope.k_lo * p.n;
+  const int64_t hi = rope.sum_chunks ? rope.sum_chunks * p.n : (rope.k_lo + rope.chunks) * p.n;
+  for (int64_t t = r0 / rope.chunks; t * rope.chunks < r1; ++t) {
+    const T* x = rope.x + rope.tokens[t] * rope.ldx;
+    add(x, std::min(lo, rope.in_f), std::min(hi, rope.in_f));
+    add(x, 0, std::min(hi - rope.in_f, lo));  // the padding: the first features again
+    add(rope.y + rope.tokens[t] * rope.ldy, 0, rope.width);
+  }
+}
+
 // Every unit, on torch's thread pool, on the path active when the call starts: `problem(g)` is
 // group g's problem. A thread's consecutive units of one group run as runs of up to kRun units,
-// panel-interleaved (common.h), while its next group's M streams into L2 (Stream, common.h). A
-// call of a few microseconds of work (a small model's decode step) runs without a fork/join.
+// panel-interleaved (common.h), while its next group's M, and its next run's sources and y
+// lines, stream into L2 (Stream, common.h). A call of a few microseconds of work (a small
+// model's decode step) runs without a fork/join.
 template <typename T, typename MakeProblem>
 void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem problem) {
   const Path* path = active.load();
@@ -195,22 +218,37 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
     thread_local std::vector<float> pack;
     if (static_cast<int64_t>(pack.size()) < pack_floats(n) + tile_floats(n)) pack.resize(pack_floats(n) + tile_floats(n));
     float* scratch = pack.data() + kRun * unit_floats(n);
-    Stream stream;
+    thread_local std::vector<Span> spans;
+    Stream next_m, next_rows;
+    // the end of a run starting at v (its group's units, at most kRun)
+    auto run_end = [&](int64_t v) {
+      int64_t e = v + 1;
+      while (e < hi && e - v < kRun && units[e].first == units[v].first) ++e;
+      return e;
+    };
     for (int64_t u = lo; u < hi;) {
-      const int64_t g = units[u].first;
-      int64_t end = u + 1;
-      while (end < hi && end - u < kRun && units[end].first == g) ++end;
-      auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[g], groups.size(g) - units[v].second); };
+      const int64_t g = units[u].first, end = run_end(u);
+      auto rows = [&](int64_t v) { return std::min<int64_t>(groups.step[units[v].first], groups.size(units[v].first) - units[v].second); };
       if (u == lo || units[u - 1].first != g) {  // a group starts: stream the M of this thread's next one
         int64_t after = u, work = 0;
         for (; after < hi && units[after].first == g; ++after) work += rows(after) * panels * n;
-        stream = after < hi ? Stream(m + groups.slot[units[after].first] * lds, n, n * static_cast<int64_t>(sizeof(T)),
+        next_m = after < hi ? Stream(m + groups.slot[units[after].first] * lds, n, n * static_cast<int64_t>(sizeof(T)),
                                      ldm * static_cast<int64_t>(sizeof(T)), work)
                             : Stream();
       }
       Problem<T> p = problem(g, m + groups.slot[g] * lds);
       p.tile = pack.data() + pack_floats(n), p.tile_row0 = units[u].second, p.ldt = tile_stride(n);
-      p.stream = &stream;
+      p.next_m = &next_m;
+      p.y_requested = u != lo;  // by the run before's next_rows
+      spans.clear();
+      if (end < hi) {  // the next run's sources and y lines, over this run's products
+        const int64_t gn = units[end].first, last = run_end(end) - 1;
+        source_spans(problem(gn, m + groups.slot[gn] * lds), units[end].second, units[last].second + rows(last), spans);
+        int64_t work = 0;
+        for (int64_t v = u; v < end; ++v) work += rows(v) * panels * n;
+        next_rows = Stream(spans.data(), static_cast<int64_t>(spans.size()), work);
+        p.next_rows = &next_rows;
+      }
       for (int64_t v = u; v < end; ++v)
         kernel[rows(v)].pack(p, units[v].second, pack.data() + (v - u) * unit_floats(n), scratch);
       // One unit: all panels at once. Several: a chunk of its blocks' panels at a time.
@@ -412,23 +450,45 @@ void share_add(const at::Tensor& P, const at::Tensor& tokens, int64_t n, int64_t
   add_products("share_add", P, tokens, n, 1, 0, n, out_start, y);
 }
 
-// The lines a Stream requests (byte offsets from the line holding its first byte) over `rows`
-// rows of `len` bytes, `ld` bytes apart, the first `offset` bytes into a line, paced for `work`
-// products, while `done` products are paced in steps of `step`: the kernel's schedule, without
-// touching memory (tests/test_native_stream.py).
+// The schedule tests read (tests/test_native_stream.py): the lines `stream` requests, as byte
+// offsets from `kOrigin` (an address never dereferenced), while `done` products are paced in
+// steps of `step`.
+const char* const kOrigin = reinterpret_cast<const char*>(uintptr_t{1} << 44);
+
+at::Tensor requested(Stream stream, int64_t done, int64_t step) {
+  std::vector<int64_t> lines;
+  for (int64_t d = 0; d < done; d += step)
+    stream.take(static_cast<uint64_t>(std::min(step, done - d)), [&](const char* at) { lines.push_back(at - kOrigin); });
+  at::Tensor out = at::empty({static_cast<int64_t>(lines.size())}, at::kLong);
+  std::copy(lines.begin(), lines.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// A next M's stream: `rows` rows of `len` bytes, `ld` bytes apart, the first `offset` bytes
+// into a line, paced for `work` products.
 at::Tensor stream_lines(int64_t rows, int64_t len, int64_t ld, int64_t offset, int64_t work, int64_t done,
                         int64_t step) {
   TORCH_CHECK(rows > 0 && len > 0 && ld >= len && 0 <= offset && offset < 64 && work > 0 && step > 0 && done >= 0,
               "stream_lines: rows, len, work, step > 0, ld >= len, 0 <= offset < 64, done >= 0");
   TORCH_CHECK(rows * ld <= (int64_t{1} << 40) && done / step <= (int64_t{1} << 24), "stream_lines: too large");
-  const char* origin = reinterpret_cast<const char*>(uintptr_t{1} << 44);  // never dereferenced
-  Stream stream(origin + offset, rows, len, ld, work);
-  std::vector<int64_t> lines;
-  for (int64_t d = 0; d < done; d += step)
-    stream.take(static_cast<uint64_t>(std::min(step, done - d)), [&](const char* at) { lines.push_back(at - origin); });
-  at::Tensor out = at::empty({static_cast<int64_t>(lines.size())}, at::kLong);
-  std::copy(lines.begin(), lines.end(), out.data_ptr<int64_t>());
-  return out;
+  return requested(Stream(kOrigin + offset, rows, len, ld, work), done, step);
+}
+
+// A next run's stream: `spans` [S, 2] int64, byte offsets [first, last), none empty, paced for
+// `work` products.
+at::Tensor stream_span_lines(const at::Tensor& spans, int64_t work, int64_t done, int64_t step) {
+  TORCH_CHECK(spans.scalar_type() == at::kLong && spans.dim() == 2 && spans.size(1) == 2 && spans.is_contiguous(),
+              "stream_span_lines: spans [S, 2], int64");
+  TORCH_CHECK(work > 0 && step > 0 && done >= 0 && done / step <= (int64_t{1} << 24),
+              "stream_span_lines: work, step > 0, done >= 0");
+  const int64_t* at = spans.data_ptr<int64_t>();
+  std::vector<Span> list;
+  for (int64_t i = 0; i < spans.size(0); ++i) {
+    TORCH_CHECK(0 <= at[2 * i] && at[2 * i] < at[2 * i + 1] && at[2 * i + 1] <= (int64_t{1} << 40),
+                "stream_span_lines: spans must be nonempty ranges of offsets");
+    list.emplace_back(kOrigin + at[2 * i], kOrigin + at[2 * i + 1]);
+  }
+  return requested(Stream(list.data(), static_cast<int64_t>(list.size()), work), done, step);
 }
 
 }  // namespace
@@ -452,6 +512,7 @@ TORCH_LIBRARY(mora_native, lib) {
   lib.def("rope_add(Tensor P, Tensor tokens, int n, int k_lo, int chunks, int period, int out_start, Tensor(a!) y) -> ()");
   lib.def("share_add(Tensor P, Tensor tokens, int n, int out_start, Tensor(a!) y) -> ()");
   lib.def("stream_lines(int rows, int len, int ld, int offset, int work, int done, int step) -> Tensor", &stream_lines);
+  lib.def("stream_span_lines(Tensor spans, int work, int done, int step) -> Tensor", &stream_span_lines);
 }
 
 TORCH_LIBRARY_IMPL(mora_native, CPU, lib) {

@@ -122,11 +122,12 @@ void make_row(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   else rotate(rope, r, v, rows, buf);
 }
 
-// make_row, with row r's lines of y requested while it is made (rope_apply, share_apply).
+// make_row, with row r's lines of y requested while it is made unless the run before streamed
+// them (rope_apply, share_apply: the first run of a thread's units).
 template <typename T>
-void direct_row(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
-  request_y(rope, r);
-  make_row(rope, r, v, rows, buf);
+void direct_row(const Problem<T>& p, int64_t r, float* v, int rows, float* buf) {
+  if (!p.y_requested) request_y(p.rope, r);
+  make_row(p.rope, r, v, rows, buf);
 }
 
 // rope_rows' and share_rows' rows, rope_add's and share_add's additions (RowOps): make_row's V
@@ -149,7 +150,7 @@ template <typename T>
 constexpr RowOps<T> kRowOps = {v_row<T>, add_row<T>};
 
 // Where the block after this one starts streaming into L2: kAhead panels on (at least one
-// block), this M's (null past its last panel: the next M comes by the Stream, common.h).
+// block), this M's (null past its last panel: the next M comes by its Stream, common.h).
 template <int NP, typename T>
 void lookahead(const Problem<T>& p, int64_t p0, const T* (&ahead)[NP]) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
@@ -220,7 +221,8 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
   for (int64_t k0 = 0; k0 < p.n; k0 += kPanel) {  // a piece of the packed rows (put_row) at a time
     const float* piece = Vp + k0 * RB;
     const int64_t len = std::min<int64_t>(kPanel, p.n - k0);
-    if (p.stream) p.stream->pace(RB * NP * len);
+    if (p.next_m) p.next_m->pace(RB * NP * len);
+    if (p.next_rows) p.next_rows->pace(RB * NP * len);
     for (int64_t l = 0; l < len; ++l) {
       const int64_t k = k0 + l;
       Vec b[NP];
@@ -260,7 +262,7 @@ void pack(const Problem<T>& p, int64_t row0, float* dst, float* scratch) {
   for (int i = 0; i < RB; ++i) {
     const int s = i / SUB, in = s + 1 < parts ? SUB : RB - SUB * (parts - 1);
     float* d = dst + s * SUB * tile_stride(p.n) + (i - s * SUB) * kPanel;
-    if (p.rope.y) direct_row(p.rope, row0 + i, d, in, scratch);
+    if (p.rope.y) direct_row(p, row0 + i, d, in, scratch);
     else put_row(d, in, p.V + (row0 + i) * p.ldv, p.n);
   }
 }

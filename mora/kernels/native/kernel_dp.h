@@ -46,7 +46,6 @@ inline bool rotated_pairs(const Rope<bf16>& rope, int64_t r, uint32_t* row) {
   const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
   const int64_t base = (rope.k_lo + c) * n;
   if (half % 2 || base + n > rope.in_f) return false;
-  request_y(rope, r);  // as direct_row()
   const bf16* u = rope.x + rope.tokens[r / rope.chunks] * rope.ldx + base;
   const bf16* cr = rope.cos + c * n;
   const bf16* sr = rope.ssin + c * n;
@@ -87,7 +86,7 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
   uint32_t* pk = head + kPanel;
   const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
   const float* rotated = scratch + 2 * n;
-  uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // direct_row()'s buffer, free once it returns
+  uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // make_row()'s buffer, free once it returns
   uint32_t small = 0;
   for (int i = 0; i < RB; ++i) {
     if (!p.rope.y) {
@@ -98,13 +97,16 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
         row[q] = w << 16 | w >> 16;
       }
       if (n % 2) row[half] = static_cast<uint32_t>(src[n - 1]) << 16;
-    } else if (p.rope.sum_chunks || !rotated_pairs(p.rope, row0 + i, row)) {
-      // summed rows, and the rotated ones rotated_pairs leaves, hold bf16 values as floats: their
-      // bits are the float's upper half
-      direct_row(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
-      const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
-      for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
-      if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
+    } else {
+      if (!p.y_requested) request_y(p.rope, row0 + i);  // as direct_row()
+      if (p.rope.sum_chunks || !rotated_pairs(p.rope, row0 + i, row)) {
+        // summed rows, and the rotated ones rotated_pairs leaves, hold bf16 values as floats:
+        // their bits are the float's upper half
+        make_row(p.rope, row0 + i, scratch + 2 * n, 1, scratch);
+        const uint32_t* u = reinterpret_cast<const uint32_t*>(rotated);
+        for (int64_t q = 0; q < half; ++q) row[q] = (u[2 * q] & 0xFFFF0000u) | (u[2 * q + 1] >> 16);
+        if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
+      }
     }
     for (int64_t q = 0; q < pairs; ++q) {  // |bits| - 1 below kTinyBelow - 1: nonzero and under 2^-56
       const uint32_t w = row[q];
@@ -142,7 +144,9 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   const bf16* base = p.Mt + p0 * kPanel;
   const int64_t pairs = (p.n + 1) / 2;
   for (int64_t q0 = 0; q0 < pairs; q0 += kPanel / 2) {  // pieces of 16 k: the Stream's pace
-    if (p.stream) p.stream->pace(RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0));
+    const uint64_t work = RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0);
+    if (p.next_m) p.next_m->pace(work);
+    if (p.next_rows) p.next_rows->pace(work);
     for (int64_t q = q0; q < std::min<int64_t>(pairs, q0 + kPanel / 2); ++q) {
       const bf16* row = base + 2 * q * p.ldm;
       const bool two = 2 * q + 1 < p.n;
@@ -182,7 +186,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
     if (static_cast<int64_t>(wide.size()) < RB * tile_stride(p.n)) wide.resize(RB * tile_stride(p.n));
     unpair<RB>(Vp, ldq, p.n, wide.data());
     Problem<bf16> again = p;
-    again.stream = nullptr;  // paced once already
+    again.next_m = again.next_rows = nullptr;  // paced once already
     block<RB, NP, TAIL>(again, wide.data(), row0, p0);
     return;
   }
