@@ -40,8 +40,8 @@ inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*s
 // running the kernel's 8 x 3 block FMAs at full rate while prefetching 16 MB (64 Ms of 256 x 256)
 // took +3-9% in address order, +30-65% in panel order. Paced per piece of 16 k, not per k: the
 // bookkeeping in the inner loop cost 3-7% of compute-bound calls. kStreamPace 0.8 beat 0.5,
-// 0.65 and 1.15, kRowsPace 1.0 beat 0.6, 0.9, 1.3 and 1.5 (bench.kernel's cases, float32, Xeon
-// with AMX; docs/benchmarks.md).
+// 0.65 and 1.15; kRowsPace 1.0 beat 1.5 (bench.kernel's cases, float32, Xeon with AMX;
+// docs/benchmarks.md).
 constexpr double kStreamPace = 0.8;
 constexpr double kRowsPace = 1.0;
 
