@@ -181,6 +181,13 @@ struct Problem {
   bool y_requested = false;  // this run's y lines were (next_rows of the run before)
 };
 
+// A block's `work` more products: what the thread reads next, requested at their pace.
+template <typename T>
+inline void pace_next(const Problem<T>& p, uint64_t work) {
+  if (p.next_m) p.next_m->pace(work);
+  if (p.next_rows) p.next_rows->pace(work);
+}
+
 // A unit: rows [row0, row0 + RB) of one group (RB = the index in a path's table). `pack` packs
 // them (as float32, k-major; the dot-product units as pairs of bf16) into `dst` (unit_floats(n)
 // floats), with `scratch` (3n floats) for a rotation; `panels` multiplies the packed rows by

@@ -221,8 +221,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
   for (int64_t k0 = 0; k0 < p.n; k0 += kPanel) {  // a piece of the packed rows (put_row) at a time
     const float* piece = Vp + k0 * RB;
     const int64_t len = std::min<int64_t>(kPanel, p.n - k0);
-    if (p.next_m) p.next_m->pace(RB * NP * len);
-    if (p.next_rows) p.next_rows->pace(RB * NP * len);
+    pace_next(p, RB * NP * len);
     for (int64_t l = 0; l < len; ++l) {
       const int64_t k = k0 + l;
       Vec b[NP];

@@ -144,9 +144,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   const bf16* base = p.Mt + p0 * kPanel;
   const int64_t pairs = (p.n + 1) / 2;
   for (int64_t q0 = 0; q0 < pairs; q0 += kPanel / 2) {  // pieces of 16 k: the Stream's pace
-    const uint64_t work = RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0);
-    if (p.next_m) p.next_m->pace(work);
-    if (p.next_rows) p.next_rows->pace(work);
+    pace_next(p, RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0));
     for (int64_t q = q0; q < std::min<int64_t>(pairs, q0 + kPanel / 2); ++q) {
       const bf16* row = base + 2 * q * p.ldm;
       const bool two = 2 * q + 1 < p.n;
