@@ -10,7 +10,9 @@ adapters, and for every (module, T, A) four things are timed side by side:
 * bound  - the same-FLOP lower bound: one dense matmul of all tokens' rotated chunks with a
            single `M` (inputs prepared outside the timing);
 * base   - the base layer's matmul `x @ W.T` for the same T (the fused overhead is fused/base);
-* copy   - a `copy_` of a buffer larger than the caches: the memory bandwidth of this run.
+* copy   - a `copy_` of a buffer larger than the caches: the memory bandwidth of this run;
+* bound32 - (bf16/fp16 on the CPU only) the `bound` GEMM in float32: the same FLOPs at the
+           CPU's vector-FMA rate.
 
 The roofline of a case is the larger of two lower bounds: compute (the `bound` GEMM's time,
 the same FLOPs at the speed this machine runs them) and memory (the op's compulsory traffic,
@@ -18,6 +20,11 @@ the same FLOPs at the speed this machine runs them) and memory (the op's compuls
 bandwidth measured in the same round). `vs_roofline` = fused / roofline. The same-FLOP
 bound alone reuses one cache-resident `M` and ignores that a batch of A adapters must read A
 different `M`s, which at small T is what the operator's time is made of.
+
+In bf16 on the CPU a second roofline takes `bound32` for compute (`vs_roofline_fma`): where
+oneDNN's bf16 GEMM runs on AMX tiles, `bound` is out of reach for products that must sum over k
+in order, one rounding per term (AMX's `tdpbf16ps` does not: `python -m bench.dot_sums`), and
+the bound such a kernel can meet is the vector FMA rate, with bf16's bytes.
 
 Rounds interleave the candidates (fused next to both loop and bound, the order reversed every
 round), so a noisy neighbour hits them alike; times are medians over rounds, ratios medians of
@@ -30,6 +37,7 @@ timed with events, and achieved TFLOP/s and GB/s are printed against the GPU's p
     python -m bench.kernel --device cuda    # X: smallest loop/fused at A >= 16; Y: largest fused/bound;
                                             # Z: largest fused/roofline (per T: vs_roofline_tT)
     python -m bench.kernel --isa avx2       # the native kernel's AVX2 path, against AVX2 GEMMs
+    python -m bench.kernel --dtype bfloat16 # adds vs_roofline_fma=W (against the float32 GEMM's rate)
     MORA_CPU_KERNEL=blas python -m bench.kernel   # CPU products by torch's BLAS, not the native kernel
 
 On the CPU the summary line ends with the native kernel's ISA path (`isa=avx512`), or with
@@ -108,6 +116,10 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
         "bound": lambda: torch.mm(U, Ms[0].t(), out=bound_out),
         "base": lambda: x @ W.t(),
     }
+    if device == "cpu" and dtype != torch.float32:  # the vector-FMA rate (see the module docstring)
+        U32, M32 = U.float(), Ms[0].float()
+        bound32_out = torch.empty_like(U32)
+        run["bound32"] = lambda: torch.mm(U32, M32.t(), out=bound32_out)
     if device == "cuda":  # time kernels, not Python launch overhead (and show fused is capturable)
         run.update({name: cuda_graphed(run[name]) for name in ("fused", "bound", "base")})
     run["copy"] = copy
@@ -168,7 +180,7 @@ def measure(case: Case, rounds: int, device: str, budget_s: float) -> dict[str, 
     samples: dict[str, list[float | None]] = {name: [None] * rounds for name in case.run}
     # fused sits between loop and bound, so each ratio compares neighbouring samples; the order
     # reverses every round so that neither side of a pair is systematically first.
-    order = ["loop", "fused", "bound", "copy", "base"]
+    order = [name for name in ("loop", "fused", "bound", "bound32", "copy", "base") if name in case.run]
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
             if r < want[name]:
@@ -185,10 +197,11 @@ def median_ratio(num: list[float | None], den: list[float | None]) -> float:
     return statistics.median(a / b for a, b in zip(num, den, strict=True) if a is not None and b is not None)
 
 
-def roofline_ratios(samples: dict[str, list[float | None]], case: Case, copy_bytes: int) -> list[float]:
+def roofline_ratios(samples: dict[str, list[float | None]], case: Case, copy_bytes: int,
+                    compute: str = "bound") -> list[float]:
     """Per round: fused / max(compute bound, compulsory bytes at the round's copy bandwidth)."""
     out = []
-    for f, b, c in zip(samples["fused"], samples["bound"], samples["copy"], strict=True):
+    for f, b, c in zip(samples["fused"], samples[compute], samples["copy"], strict=True):
         if f is not None and b is not None and c is not None:
             out.append(f / max(b, case.bytes * c / copy_bytes))
     return out
@@ -250,11 +263,15 @@ def main(argv: list[str] | None = None) -> None:
         print("fused, bound and base are CUDA-graph replays (no launch overhead); loop runs eagerly")
     head = f"{'module':<10}{'T':>5}{'A':>4}{'used':>5}{'fused ms':>10}{'loop ms':>10}{'bound ms':>10}{'base ms':>10}"
     head += f"{'vs loop':>9}{'vs bound':>9}{'vs roof':>9}{'GB/s cp':>8}{'ovh/base':>9}"
+    fma = device == "cpu" and dtype != torch.float32
+    if fma:
+        head += f"{'b32 ms':>9}{'vs fma':>8}"
     if device == "cuda":
         head += f"{'TFLOP/s':>9}{'GB/s':>8}" + (f"{'%FLOP':>7}{'%BW':>6}" if peak else "")
     print(head)
     speedups, ratios = [], []
     roof: dict[int, list[float]] = {}
+    roof_fma: list[float] = []
     copy, copy_bytes = make_copy(device, dtype, args.copy_mib)
     for module in args.modules:
         out_f, in_f = SHAPES[module]
@@ -275,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
                 line = f"{module:<10}{T:>5}{A:>4}{case.present:>5}"
                 line += "".join(f"{med[c] * 1e3:>10.3f}" for c in CANDIDATES)
                 line += f"{speedup:>8.1f}x{ratio:>8.2f}x{vs_roof:>8.2f}x{copy_bytes / med['copy'] / 1e9:>8.1f}{overhead:>8.1%} "
+                if fma:
+                    vs_fma = statistics.median(roofline_ratios(samples, case, copy_bytes, "bound32"))
+                    roof_fma.append(vs_fma)
+                    line += f"{med['bound32'] * 1e3:>9.3f}{vs_fma:>7.2f}x"
                 if device == "cuda":
                     tflops, gbs = case.flops / med["fused"] / 1e12, case.bytes / med["fused"] / 1e9
                     line += f"{tflops:>9.2f}{gbs:>8.0f}"
@@ -287,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     per_t = " ".join(f"vs_roofline_t{T}={max(v):.2f}" for T, v in sorted(roof.items()))
     worst = max(max(v) for v in roof.values())
     where = "" if device == "cuda" else (f" isa={native_isa()}" if native_isa() else " products=blas") + emulated()
-    print(f"speedup_vs_loop_a16={x:.2f} vs_bound={max(ratios):.2f} vs_roofline={worst:.2f} {per_t}{where}")
+    fma_key = f" vs_roofline_fma={max(roof_fma):.2f}" if roof_fma else ""
+    print(f"speedup_vs_loop_a16={x:.2f} vs_bound={max(ratios):.2f} vs_roofline={worst:.2f} {per_t}{fma_key}{where}")
 
 
 

@@ -215,3 +215,48 @@ def test_a_token_gets_the_same_bits_in_prefill_and_decode(isa, monkeypatch):
     (program,) = plan_module([table], meta, tokens).programs.values()
     ((_, direct),) = program.direct
     assert "blas" in direct.kernels
+
+
+@pytest.mark.parametrize("n_other", [12, 16, None])
+def test_bf16_prefill_reads_padded_m_rows_in_place(isa, monkeypatch, n_other):
+    """Where a table's stored rows are longer than `n` (n=12, rows padded to 16 columns), the
+    batched BLAS product of consecutive slots reads the `M`s as stored: no copy of them (over the
+    `[:n, :n]` view bmm copied every `M` first), and the reference's values. A plan bound on
+    such a table also runs on another table of the same signature stored otherwise (`n_other`:
+    n_max 12 with its own padding, n_max 16 whose rows `n` does not fill)."""
+    from mora.kernels import mora_apply, prepare_batch
+    from mora.spec import MoraSpec, MoraType
+
+    _prefill_on_blas(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    Ms = [(torch.randn(12, 12, generator=gen) * 0.1).to(BF16) for _ in range(2)]
+    spec = MoraSpec(40, 72, 12, MoraType.ROPE)
+
+    def table_of(n_max: int) -> SlotTable:
+        table = SlotTable(ShardLayout(40, 72), 3, n_max=n_max, dtype=BF16)
+        for s, M in enumerate(Ms):
+            table.set_slot(s, M, spec)
+        return table
+
+    table = table_of(12)
+    assert table.Mt.stride(1) == 16 and not table.weights(12).is_contiguous()
+    tokens = 60  # slots 0, 1 alternating: 30 tokens x 4 chunks each, one batched product
+    slot = torch.arange(tokens) % 2
+    x = torch.randn(tokens, 40, generator=gen).to(BF16)
+    y0 = torch.randn(tokens, 72, generator=gen).to(BF16)
+    want = y0.clone()
+    mora_apply(want, x, table, prepare_batch(slot, 3), backend="reference")
+    meta = prepare_batch(slot, 3)
+    y = y0.clone()
+    mora_apply(y, x, table, meta, backend="torch")  # binds the plan
+    y = y0.clone()
+    with torch.profiler.profile() as prof:
+        mora_apply(y, x, table, meta, backend="torch")
+    ran = {e.name for e in prof.events()}
+    assert "aten::bmm" in ran and not ran & {"aten::copy_", "aten::clone", "aten::contiguous"}, sorted(ran)
+    torch.testing.assert_close(y, want, rtol=3e-2, atol=3e-2)
+    if n_other is not None:  # the same signature (layout, specs), a table stored otherwise
+        other = table_of(n_other) if n_other != 12 else table_of(12)
+        y2 = y0.clone()
+        mora_apply(y2, x, other, meta, backend="torch")
+        assert torch.equal(bits(y2), bits(y))

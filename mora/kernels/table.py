@@ -131,7 +131,8 @@ class SlotTable:
         # addresses; BLAS (the CPU fallback) reads either orientation without a copy. On the
         # CPU each row is padded to whole 64-byte lines, so that a 16-column panel is one line.
         row = -(-n_max // 16) * 16 if torch.device(device).type == "cpu" else n_max
-        self._storage = torch.zeros(max_slots, n_max, row, dtype=dtype, device=device)[:, :, :n_max]
+        self._lines = torch.zeros(max_slots, n_max, row, dtype=dtype, device=device)  # the pad columns stay 0
+        self._storage = self._lines[:, :, :n_max]
         self._views: dict[object, torch.Tensor] = {}  # views of the storage, which is only updated in place
         self.types = torch.zeros(max_slots, dtype=torch.int32, device=device)
         self.sizes = torch.zeros(max_slots, dtype=torch.int32, device=device)
@@ -190,6 +191,14 @@ class SlotTable:
         if view is None:
             view = self._views[key] = self.M[slot, :n, :n]
         return view
+
+    def stored_rows(self, n: int, start: int, stop: int) -> torch.Tensor | None:
+        """`Mt[start:stop]` with its rows as stored, padded to whole lines: `[k, n_max, row]`,
+        contiguous, the columns past `n_max` zero; None unless every slot's `M` fills the table
+        (`n == n_max`). Where `row > n`, a GEMM over `Mt[:, :n, :n]` must copy the `M`s into a
+        dense buffer first (oneDNN takes no other strides); over these it copies nothing and
+        writes `row - n` columns more."""
+        return self._lines[start:stop] if n == self.n_max else None
 
     def slot_t(self, slot: int, n: int) -> torch.Tensor:
         """`M[slot, :n, :n].T` (kept)."""

@@ -275,18 +275,48 @@ def _bind_scatter(part: torch.Tensor, lo: int, hi: int, width: int, plan: Plan, 
     return add_permuted
 
 
-def _blas_product(p: Pass, meta: BatchMeta, dtype: torch.dtype, device: torch.device
+def _blas_product(p: Pass, table: SlotTable, meta: BatchMeta, dtype: torch.dtype, device: torch.device
                   ) -> tuple[torch.Tensor, torch.Tensor, list[TableOp]]:
     """A direct pass's product by torch's BLAS (`bind_direct`'s `blas`): its rows' buffer V, the
-    products' buffer, and the ops filling one from the other, batched as the general path's."""
+    products' buffer (`out_c[:, :n]`; wider where it takes `M`'s rows as stored), and the ops
+    filling one from the other, batched as the general path's."""
+    n = p.spec.n
     rows = (p.b - p.a) * (p.chunks if p.spec.mora_type is MoraType.ROPE else 1)
-    V = _scratch(meta, "v", (rows, p.spec.n), dtype, device)
+    V = _scratch(meta, "v", (rows, n), dtype, device)
+    wide = _stored_width(p, table)
+    if wide is not None:
+        # The slots' `M`s as stored (rows padded to whole lines), which bmm reads in place: over
+        # the `[:n, :n]` view it first copied them all (gate_proj n=348, 64 adapters of 2 tokens:
+        # 2.3 of 5.3 ms). The extra columns are products with the pad, not read.
+        start, stop, _ = p.m_view
+        k, r = len(p.items), p.sizes[0]
+        out_c = _scratch(meta, "out-wide", (rows, wide), dtype, device)
+        Vv, prod, narrow = V.view(k, r, n), out_c.view(k, r, wide), out_c.view(k, r, wide)[..., :n]
+
+        def product(t: SlotTable) -> None:
+            stored = t.stored_rows(n, start, stop)
+            if stored is not None and stored.shape[2] == wide:
+                torch.bmm(Vv, stored, out=prod)
+            else:  # a table laid out otherwise than the one bound (same signature): via the view
+                narrow.copy_(torch.bmm(Vv, t.batch_view(n, start, stop, 1, transposed=True)))
+
+        return V, out_c, [product]
     out_c = _scratch(meta, "out", (rows, p.spec.n), dtype, device)
     # Batched as `v @ M.T` at every size: this product runs where oneDNN has AMX, on which past
     # _ROWS_MAJOR `M @ v.T` and its transpose back ran 1.9-4.3x as long (16 adapters x 64-512 rows
     # of n=256), and one `mm` per adapter 1.5-2.4x (~27 us of call each).
     before, product, after = _bind_multiply(p, V, out_c, meta, rows_major=True)
     return V, out_c, [*[(lambda _t, op=op: op()) for op in before], product, *[(lambda _t, op=op: op()) for op in after]]
+
+
+def _stored_width(p: Pass, table: SlotTable) -> int | None:
+    """The row width of `table`'s stored `M`s where pass `p`'s product can read them as stored
+    (`SlotTable.stored_rows`: consecutive slots, equal rows per item, every `M` filling the
+    table, rows padded past `n`); None where the `[:n, :n]` view is dense or the pass gathers."""
+    if p.m_view is None or p.m_view[2] != 1 or p.pad_rows is not None:
+        return None
+    stored = table.stored_rows(p.spec.n, p.m_view[0], p.m_view[1])
+    return stored.shape[2] if stored is not None and stored.shape[2] > p.spec.n else None
 
 
 def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: torch.Tensor, offsets: Sequence[int], meta: BatchMeta) -> _Program:

@@ -36,9 +36,10 @@ from mora.spec import MoraType
 __all__ = ["DirectOp", "DirectSlice", "bind_direct", "bind_product", "slot_order_is_free"]
 
 DirectOp = Callable[[SlotTable, torch.Tensor, torch.Tensor], None]  # (table, x, y): a direct slice, or one of its steps
-# The general path's product of a pass by torch's BLAS: (V, out_c, ops reading the table), with
-# `out_c = V @ M[slot].T` per item once the ops ran (torch_cpu's scratch buffers).
-BlasProduct = Callable[[Pass], tuple[torch.Tensor, torch.Tensor, list[Callable[[SlotTable], object]]]]
+# The general path's product of a pass (on a table like the one given) by torch's BLAS: (V,
+# out_c, ops reading the table), with `out_c[:, :n] = V @ M[slot].T` per item once the ops ran
+# (torch_cpu's scratch buffers; out_c may be wider than n).
+BlasProduct = Callable[[Pass, SlotTable], tuple[torch.Tensor, torch.Tensor, list[Callable[[SlotTable], object]]]]
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # float16 tables keep torch's BLAS
 # bfloat16 rows are multiplied in float32 lanes, while oneDNN's bf16 GEMM uses the CPU's bf16
 # dot products (AMX, AVX512_BF16): with more rows per adapter than one token's chunks (prefill,
@@ -126,7 +127,7 @@ def bind_direct(passes: list[Pass], plan: Plan, table: SlotTable, x: torch.Tenso
     kernels: list[str] = []
     for p in mine:  # products by the native kernel, or (where torch's GEMM beats it) by that GEMM
         steps, names = _direct_call(p, plan, lay.out_start, x.dtype) if _native_for(p, x.dtype) else \
-            _rows_blas_add(p, plan, lay.out_start, x.dtype, blas)
+            _rows_blas_add(p, plan, table, x.dtype, blas)
         calls += steps
         kernels += names
     direct = DirectSlice(tuple(calls), tuple(kernels), lo, hi, lo == 0 and hi == y.shape[1])
@@ -178,12 +179,13 @@ def _direct_call(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype) -> tup
         ["rope_apply"]
 
 
-def _rows_blas_add(p: Pass, plan: Plan, out_start: int, dtype: torch.dtype, blas: BlasProduct) -> tuple[list[DirectOp], list[str]]:
+def _rows_blas_add(p: Pass, plan: Plan, table: SlotTable, dtype: torch.dtype, blas: BlasProduct
+                   ) -> tuple[list[DirectOp], list[str]]:
     """Pass `p` as its rows (`rope_rows`), `blas`'s product of them, and the products' additions
     (`rope_add`); share_* for type 1."""
-    spec, ops = p.spec, torch.ops.mora_native
+    spec, ops, out_start = p.spec, torch.ops.mora_native, table.layout.out_start
     tokens = _tokens(p, plan)
-    V, out_c, product = blas(p)
+    V, out_c, product = blas(p, table)
     if spec.mora_type is MoraType.SHARING:
         rows: DirectOp = lambda t, x, y: ops.share_rows(x, tokens, spec.n, spec.num_chunks, V)  # noqa: E731
         add: DirectOp = lambda t, x, y: ops.share_add(out_c, tokens, spec.n, out_start, y)  # noqa: E731
