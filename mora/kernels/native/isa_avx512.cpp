@@ -15,17 +15,20 @@ using Vec = __m512;
 using Mask = __mmask16;  // the panel's columns inside [0, n)
 
 // Blocks of up to kBlockRows rows x panels_for panels: the accumulators, the panel loads and
-// one broadcast fit the 32 registers. float32 takes two panels from 9 rows up (a unit of 16 rows
-// as 8 + 8): one load and one broadcast fewer per FMA than 16 rows x 1 panel, and two lines of
-// Mt in flight per row. 16 decode rows x 16 Ms of 256 x 256 ran 0.37 -> 0.31 ms, 12 x 16 Ms of
-// 348 x 348 0.66 -> 0.47 ms; bfloat16, whose loads widen in the FMAs' ports, ran 3-6% slower so.
+// one broadcast fit the 32 registers. Two panels from 5 rows up (a unit of 16 rows as 8 + 8):
+// one load and one broadcast fewer per FMA than 16 rows x 1 panel, and two lines of Mt in flight
+// per row. float32: 16 decode rows x 16 Ms of 256 x 256 ran 0.37 -> 0.31 ms, 12 x 16 Ms of
+// 348 x 348 0.66 -> 0.47 ms. bfloat16 panels come in pairs, one 64-byte line of Mt at a time
+// (load_line): widened one at a time, as 16 rows x 1 panel did, they cost two of the FMAs' port
+// slots per 16 FMAs; as a line, one. A C model of the block on this CPU's core (16 rows, n=256,
+// M in L2): 5.6-5.8 -> 6.1-6.4 G FMA/s.
 template <typename T>
-constexpr int kBlockRows = std::is_same_v<T, float> ? 14 : 16;
+constexpr int kBlockRows = 14;
 
 template <int RB, typename T>
 constexpr int panels_for() {
   if constexpr (std::is_same_v<T, float>) return RB >= 9 ? 2 : RB >= 5 ? 3 : RB >= 3 ? 4 : 8;
-  else return RB >= 9 ? 1 : RB >= 5 ? 2 : RB >= 3 ? 4 : 8;
+  else return RB >= 5 ? 2 : RB >= 3 ? 4 : 8;
 }
 
 inline Mask mask_of(int lanes) { return static_cast<Mask>((1u << lanes) - 1); }
@@ -81,6 +84,29 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   const Mask m = static_cast<Mask>(mask_of(hi) & ~mask_of(lo));
   T* dst = y + j;
   store<T>(m, dst, _mm512_add_ps(load<T>(m, dst), _mm512_loadu_ps(v)));
+}
+
+// Pairs of bf16 panels from one line of Mt (block): a bf16 value's bits are the high half of
+// its float32, so the line's 32 columns widen with one operation per 16: the even columns
+// shifted up, the odd ones masked. column_order puts a pair of such accumulators back in column
+// order (0-15, 16-31) once a block is done; the sums themselves are the same.
+template <typename T>
+constexpr bool kLinePairs = !std::is_same_v<T, float>;
+
+template <typename T>
+void load_line(const T* p, Vec& even, Vec& odd) {
+  const __m512i line = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+template <typename T>
+void column_order(Vec& a, Vec& b) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const Vec first = _mm512_permutex2var_ps(a, lo, b);
+  b = _mm512_permutex2var_ps(a, hi, b);
+  a = first;
 }
 
 #include "kernel.h"

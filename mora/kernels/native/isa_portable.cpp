@@ -74,6 +74,14 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   for (int l = lo; l < hi; ++l) y[j + l] = Scalar<T>::from(Scalar<T>::get(y[j + l]) + v[l]);
 }
 
+// No line pairs (kernel.h's block): each panel is loaded and widened on its own.
+template <typename T>
+constexpr bool kLinePairs = false;
+template <typename T>
+void load_line(const T* p, Vec& even, Vec& odd) = delete;
+template <typename T>
+void column_order(Vec& a, Vec& b) = delete;
+
 #include "kernel.h"
 
 }  // namespace

@@ -81,7 +81,6 @@ inline bool rotated_pairs(const Rope<bf16>& rope, int64_t r, uint32_t* row) {
 // compiler vectorizes), then stored RB apart.
 template <int RB>
 void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) {
-  static_assert(RB <= kBlockRows<bf16>, "the widened fallback packs a unit as one block");
   uint32_t* head = reinterpret_cast<uint32_t*>(dst);
   uint32_t* pk = head + kPanel;
   const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
