@@ -86,27 +86,27 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   store<T>(m, dst, _mm512_add_ps(load<T>(m, dst), _mm512_loadu_ps(v)));
 }
 
-// Pairs of bf16 panels from one line of Mt (block): a bf16 value's bits are the high half of
-// its float32, so the line's 32 columns widen with one operation per 16: the even columns
-// shifted up, the odd ones masked. column_order puts a pair of such accumulators back in column
-// order (0-15, 16-31) once a block is done; the sums themselves are the same.
+// bf16 panels a line of Mt at a time (block): two panels, 32 columns. A bf16 value's bits are
+// the high half of its float32, so the line widens with one operation per 16 columns: b[0] the
+// even columns shifted up, b[1] the odd ones masked. column_order puts such a pair of
+// accumulators back in column order (0-15, 16-31) once a block is done; the sums are the same.
 template <typename T>
-constexpr bool kLinePairs = !std::is_same_v<T, float>;
+constexpr int kLinePanels = std::is_same_v<T, float> ? 0 : 2;
 
 template <typename T>
-void load_line(const T* p, Vec& even, Vec& odd) {
+void load_line(const T* p, Vec* b) {
   const __m512i line = _mm512_loadu_si512(p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  b[0] = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
+  b[1] = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 template <typename T>
-void column_order(Vec& a, Vec& b) {
+void column_order(Vec* a) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const Vec first = _mm512_permutex2var_ps(a, lo, b);
-  b = _mm512_permutex2var_ps(a, hi, b);
-  a = first;
+  const Vec first = _mm512_permutex2var_ps(a[0], lo, a[1]);
+  a[1] = _mm512_permutex2var_ps(a[0], hi, a[1]);
+  a[0] = first;
 }
 
 #include "kernel.h"

@@ -74,13 +74,13 @@ void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   for (int l = lo; l < hi; ++l) y[j + l] = Scalar<T>::from(Scalar<T>::get(y[j + l]) + v[l]);
 }
 
-// No line pairs (kernel.h's block): each panel is loaded and widened on its own.
+// No lines of panels (kernel.h's block): each panel is loaded and widened on its own.
 template <typename T>
-constexpr bool kLinePairs = false;
+constexpr int kLinePanels = 0;
 template <typename T>
-void load_line(const T* p, Vec& even, Vec& odd) = delete;
+void load_line(const T* p, Vec* b) = delete;
 template <typename T>
-void column_order(Vec& a, Vec& b) = delete;
+void column_order(Vec* a) = delete;
 
 #include "kernel.h"
 

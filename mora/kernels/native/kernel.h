@@ -209,13 +209,14 @@ struct Edges {
 };
 
 // RB rows (packed at Vp, put_row) x NP panels from panel p0: every accumulator a register.
-// Where the path loads bf16 panels in pairs (kLinePairs: one line of Mt, its even columns in
-// one register and its odd ones in the next), the accumulators go back to column order at the
+// Where the path widens bf16 panels a line at a time (kLinePanels of them: even columns in one
+// register or half, odd ones in the next), the accumulators go back to column order at the
 // end; each still sums over k in order, one FMA per term.
 template <int RB, int NP, bool TAIL, typename T>
 void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
-  constexpr bool pairs = kLinePairs<T> && NP % 2 == 0 && !TAIL;
-  constexpr int step = pairs ? 2 : 1;  // panels a prefetch covers: one line
+  constexpr int line = kLinePanels<T>;
+  constexpr bool lines = line > 0 && NP % line == 0 && !TAIL;
+  constexpr int step = lines ? line : 1;
   Vec acc[RB][NP];
   clear(acc);
   const Edges<RB, NP, TAIL, T> e(p, p0);
@@ -235,7 +236,7 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
       for (int j = 0; j < NP; j += step) {
         __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0
         if (ahead[j]) __builtin_prefetch(ahead[j] + k * p.ldm, 0, 2);         // prefetcht1
-        if constexpr (pairs) load_line<T>(row + j * kPanel, b[j], b[j + 1]);
+        if constexpr (lines) load_line<T>(row + j * kPanel, b + j);
         else b[j] = TAIL && j == NP - 1 ? load<T>(tail, row + j * kPanel) : load<T>(row + j * kPanel);  // never past n
       }
       const float* a = piece + l;
@@ -247,11 +248,11 @@ void block(const Problem<T>& p, const float* Vp, int64_t row0, int64_t p0) {
       }
     }
   }
-  if constexpr (pairs) {
+  if constexpr (lines) {
 #pragma GCC unroll 16
     for (int i = 0; i < RB; ++i)
-#pragma GCC unroll 4
-      for (int j = 0; j < NP; j += 2) column_order<T>(acc[i][j], acc[i][j + 1]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; j += step) column_order<T>(acc[i] + j);
   }
   finish<RB, NP, TAIL>(p, acc, row0, p0, lanes);
 }
