@@ -151,6 +151,18 @@ def _prefill_on_blas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_native, "bf16_blas_beats_native", lambda: True)
 
 
+def _batch_and_reference(table: SlotTable, slot: torch.Tensor, gen: torch.Generator):
+    """Random bf16 x and y for the tokens of `slot` (a 40 -> 72 table), the reference's y, and
+    the batch's metadata."""
+    from mora.kernels import mora_apply, prepare_batch
+
+    x = torch.randn(slot.numel(), 40, generator=gen).to(BF16)
+    y0 = torch.randn(slot.numel(), 72, generator=gen).to(BF16)
+    want = y0.clone()
+    mora_apply(want, x, table, prepare_batch(slot, table.max_slots), backend="reference")
+    return x, y0, want, prepare_batch(slot, table.max_slots)
+
+
 @pytest.mark.parametrize("kind", ["ROPE", "SHARING"])
 @pytest.mark.parametrize("traffic", ["skewed", "even"])
 def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind, traffic):
@@ -159,7 +171,7 @@ def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind, traffic):
     scatter; it matches the reference, keeps rows without an adapter, and its decode-sized
     batches still take `rope_apply`. Skewed traffic multiplies one adapter at a time; even
     traffic (equal rows, slots 0 and 2) one batched product over a strided view of the table."""
-    from mora.kernels import mora_apply, prepare_batch
+    from mora.kernels import mora_apply
     from mora.kernels.torch_plan import plan_module
     from mora.spec import MoraSpec, MoraType
 
@@ -172,11 +184,7 @@ def test_bf16_prefill_runs_rows_blas_and_adds(isa, monkeypatch, kind, traffic):
     for tokens, kernels in ((100, (f"{short}_rows", "blas", f"{short}_add")), (3, (f"{short}_apply",))):
         pattern = [2, 0, -1, 1, 0] if traffic == "skewed" else [2, 0, 2, 0, -1]
         slot = torch.tensor(pattern)[torch.arange(tokens) % 5]
-        x = torch.randn(tokens, 40, generator=gen).to(BF16)
-        y0 = torch.randn(tokens, 72, generator=gen).to(BF16)
-        want = y0.clone()
-        mora_apply(want, x, table, prepare_batch(slot, 4), backend="reference")
-        meta = prepare_batch(slot, 4)
+        x, y0, want, meta = _batch_and_reference(table, slot, gen)
         y = y0.clone()
         mora_apply(y, x, table, meta, backend="torch")
         (program,) = plan_module([table], meta, tokens).programs.values()
@@ -224,7 +232,7 @@ def test_bf16_prefill_reads_padded_m_rows_in_place(isa, monkeypatch, n_other):
     `[:n, :n]` view bmm copied every `M` first), and the reference's values. A plan bound on
     such a table also runs on another table of the same signature stored otherwise (`n_other`:
     n_max 12 with its own padding, n_max 16 whose rows `n` does not fill)."""
-    from mora.kernels import mora_apply, prepare_batch
+    from mora.kernels import mora_apply
     from mora.spec import MoraSpec, MoraType
 
     _prefill_on_blas(monkeypatch)
@@ -242,11 +250,7 @@ def test_bf16_prefill_reads_padded_m_rows_in_place(isa, monkeypatch, n_other):
     assert table.Mt.stride(1) == 16 and not table.weights(12).is_contiguous()
     tokens = 60  # slots 0, 1 alternating: 30 tokens x 4 chunks each, one batched product
     slot = torch.arange(tokens) % 2
-    x = torch.randn(tokens, 40, generator=gen).to(BF16)
-    y0 = torch.randn(tokens, 72, generator=gen).to(BF16)
-    want = y0.clone()
-    mora_apply(want, x, table, prepare_batch(slot, 3), backend="reference")
-    meta = prepare_batch(slot, 3)
+    x, y0, want, meta = _batch_and_reference(table, slot, gen)
     y = y0.clone()
     mora_apply(y, x, table, meta, backend="torch")  # binds the plan
     y = y0.clone()
