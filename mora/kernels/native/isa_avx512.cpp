@@ -18,10 +18,12 @@ using Mask = __mmask16;  // the panel's columns inside [0, n)
 // one broadcast fit the 32 registers. Two panels from 5 rows up (a unit of 16 rows as 8 + 8):
 // one load and one broadcast fewer per FMA than 16 rows x 1 panel, and two lines of Mt in flight
 // per row. float32: 16 decode rows x 16 Ms of 256 x 256 ran 0.37 -> 0.31 ms, 12 x 16 Ms of
-// 348 x 348 0.66 -> 0.47 ms. bfloat16 panels come in pairs, one 64-byte line of Mt at a time
-// (load_line): widened one at a time, as 16 rows x 1 panel did, they cost two of the FMAs' port
-// slots per 16 FMAs; as a line, one. A C model of the block on this CPU's core (16 rows, n=256,
-// M in L2): 5.6-5.8 -> 6.1-6.4 G FMA/s.
+// 348 x 348 0.66 -> 0.47 ms. bfloat16 too, its panels a 64-byte line of Mt at a time
+// (load_line): 8 rows x 2 panels take 11 loads per 16 FMAs where 16 x 1 took 19 (the
+// broadcasts), and as a line their widening costs the FMAs' ports 2 slots per 16 FMAs, as
+// 16 x 1 did, where one panel at a time it cost 4 (8 x 2 then ran 3-6% slower). A C model of the
+// block on this CPU's core (16 rows, n=256, M in L2): 16 x 1 5.6-5.8 G FMA/s, 8 x 2 a line at a
+// time 6.1-6.4.
 template <typename T>
 constexpr int kBlockRows = 14;
 
