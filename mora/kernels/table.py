@@ -197,8 +197,14 @@ class SlotTable:
         contiguous, the columns past `n_max` zero; None unless every slot's `M` fills the table
         (`n == n_max`). Where `row > n`, a GEMM over `Mt[:, :n, :n]` must copy the `M`s into a
         dense buffer first (oneDNN takes no other strides); over these it copies nothing and
-        writes `row - n` columns more."""
-        return self._lines[start:stop] if n == self.n_max else None
+        writes `row - n` columns more. (Kept, as batch_view's views: read on every call.)"""
+        if n != self.n_max:
+            return None
+        key = ("lines", start, stop)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self._lines[start:stop]
+        return view
 
     def slot_t(self, slot: int, n: int) -> torch.Tensor:
         """`M[slot, :n, :n].T` (kept)."""
