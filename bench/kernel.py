@@ -116,7 +116,7 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
         "bound": lambda: torch.mm(U, Ms[0].t(), out=bound_out),
         "base": lambda: x @ W.t(),
     }
-    if device == "cpu" and dtype != torch.float32:  # the vector-FMA rate (see the module docstring)
+    if has_fma_bound(device, dtype):
         U32, M32 = U.float(), Ms[0].float()
         bound32_out = torch.empty_like(U32)
         run["bound32"] = lambda: torch.mm(U32, M32.t(), out=bound32_out)
@@ -127,6 +127,11 @@ def build_case(module: str, T: int, A: int, W: torch.Tensor, dtype: torch.dtype,
     flops = 2 * T * chunks * spec.n * spec.n
     traffic = el * (T * in_f + len(present) * spec.n * spec.n + 2 * T * out_f)
     return Case(module, T, A, len(present), run, flops, traffic)
+
+
+def has_fma_bound(device: str, dtype: torch.dtype) -> bool:
+    """Whether a case also times `bound32`, the vector-FMA rate (see the module docstring)."""
+    return device == "cpu" and dtype != torch.float32
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         print("fused, bound and base are CUDA-graph replays (no launch overhead); loop runs eagerly")
     head = f"{'module':<10}{'T':>5}{'A':>4}{'used':>5}{'fused ms':>10}{'loop ms':>10}{'bound ms':>10}{'base ms':>10}"
     head += f"{'vs loop':>9}{'vs bound':>9}{'vs roof':>9}{'GB/s cp':>8}{'ovh/base':>9}"
-    fma = device == "cpu" and dtype != torch.float32
+    fma = has_fma_bound(device, dtype)
     if fma:
         head += f"{'b32 ms':>9}{'vs fma':>8}"
     if device == "cuda":

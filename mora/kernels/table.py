@@ -193,7 +193,7 @@ class SlotTable:
         return view
 
     def stored_rows(self, n: int, start: int, stop: int) -> torch.Tensor | None:
-        """`Mt[start:stop]` with its rows as stored, padded to whole lines: `[k, n_max, row]`,
+        """`Mt[start:stop]` with its rows as stored, padded to whole panels: `[k, n_max, row]`,
         contiguous, the columns past `n_max` zero; None unless every slot's `M` fills the table
         (`n == n_max`). Where `row > n`, a GEMM over `Mt[:, :n, :n]` must copy the `M`s into a
         dense buffer first (oneDNN takes no other strides); over these it copies nothing and

@@ -285,13 +285,14 @@ def _blas_product(p: Pass, table: SlotTable, meta: BatchMeta, dtype: torch.dtype
     V = _scratch(meta, "v", (rows, n), dtype, device)
     wide = _stored_width(p, table)
     if wide is not None:
-        # The slots' `M`s as stored (rows padded to whole lines), which bmm reads in place: over
+        # The slots' `M`s as stored (rows padded to whole panels), which bmm reads in place: over
         # the `[:n, :n]` view it first copied them all (gate_proj n=348, 64 adapters of 2 tokens:
         # 2.3 of 5.3 ms). The extra columns are products with the pad, not read.
         start, stop, _ = p.m_view
         k, r = len(p.items), p.sizes[0]
         out_c = _scratch(meta, "out-wide", (rows, wide), dtype, device)
-        Vv, prod, narrow = V.view(k, r, n), out_c.view(k, r, wide), out_c.view(k, r, wide)[..., :n]
+        Vv, prod = V.view(k, r, n), out_c.view(k, r, wide)
+        narrow = prod[..., :n]
 
         def product(t: SlotTable) -> None:
             stored = t.stored_rows(n, start, stop)
