@@ -38,6 +38,7 @@ inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec bcast(float a) { return _mm512_set1_ps(a); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline void to_floats(float* dst, Vec v) { _mm512_storeu_ps(dst, v); }
 
 // bf16 bits of float32 lanes: round to nearest even, NaN to 0x7FC0 (c10::BFloat16's conversion).

@@ -39,6 +39,11 @@ inline Vec mul(const Vec& a, const Vec& b) {
   for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] * b.v[l];
   return r;
 }
+inline Vec add(const Vec& a, const Vec& b) {
+  Vec r;
+  for (int l = 0; l < 16; ++l) r.v[l] = a.v[l] + b.v[l];
+  return r;
+}
 inline void to_floats(float* dst, const Vec& v) { std::memcpy(dst, v.v, sizeof v.v); }
 
 template <typename T>

@@ -32,15 +32,35 @@ void rotate(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   const T* cr = rope.cos + c * n;
   const T* sr = rope.ssin + c * n;
   const int64_t base = (rope.k_lo + c) * n;
-  const float* u = buf;
-  if (std::is_same_v<T, float> && base + n <= rope.in_f) {
-    u = reinterpret_cast<const float*>(xr + base);
-  } else {  // widened, and the last chunk may read the padding: the first features again (two
-            // plain loops, vectorized: one with a select per element ran as scalar loads)
-    const int64_t inside = std::clamp<int64_t>(rope.in_f - base, 0, n);
-    for (int64_t k = 0; k < inside; ++k) buf[k] = S::get(xr[base + k]);
-    for (int64_t k = inside; k < n; ++k) buf[k] = S::get(xr[base + k - rope.in_f]);
+  if (base + n <= rope.in_f) {  // inside x's row: a panel at a time from x into v, widened, rotated
+                                // and stored in one pass (three passes over row buffers took 1.05x
+                                // as long for bf16 gate_proj decode calls, 1.03x float32 q_proj)
+    const T* u = xr + base;
+    for (int64_t k0 = 0; k0 < n; k0 += kPanel, v += rows * kPanel) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kPanel, n - k0));
+      const Mask m = mask_of(lanes);
+      const bool whole = lanes == kPanel;
+      const auto at = [&](const auto* q) { return whole ? load(q) : load(m, q); };
+      Vec turned;  // u[(k + half) % n] for the panel's k
+      if (k0 + lanes <= half || k0 >= half) {
+        turned = at(u + (k0 < half ? k0 + half : k0 - half));
+      } else {  // the panel holding column half: each side from its own half of u
+        float t[kPanel];
+        for (int l = 0; l < lanes; ++l) t[l] = S::get(u[k0 + l < half ? k0 + l + half : k0 + l - half]);
+        turned = at(static_cast<const float*>(t));
+      }
+      const Vec o = round_to<T>(add(round_to<T>(mul(turned, at(sr + k0))), mul(at(u + k0), at(cr + k0))));
+      if (whole) to_floats(v, o);
+      else store<float>(m, v, o);  // not past n: a plain row (rows 1) may end there
+    }
+    return;
   }
+  // The last chunk reads the padding, the first features again: widened with that wrap (two
+  // plain loops, vectorized: one with a select per element ran as scalar loads), then rotated.
+  const int64_t inside = std::clamp<int64_t>(rope.in_f - base, 0, n);
+  for (int64_t k = 0; k < inside; ++k) buf[k] = S::get(xr[base + k]);
+  for (int64_t k = inside; k < n; ++k) buf[k] = S::get(xr[base + k - rope.in_f]);
+  const float* u = buf;
   float* o = buf + n;
   for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
     o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
