@@ -194,6 +194,47 @@ def test_torch_batched_gemm_paths(monkeypatch, rng, t, dtype, counts, batched):
         assert_close(y - y0, truth(x, table, Ms, slot), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("t", "rows_major"), [(6, True), (1, False)], ids=["v@Mt", "M@vT"])
+def test_torch_batched_gemm_reads_stored_rows(monkeypatch, rng, t, rows_major, dtype):
+    """With torch's BLAS products, a batched product over consecutive slots whose `M`s fill a
+    table stored with padded rows (n = n_max = 12, rows of 16) multiplies the `M`s as stored,
+    `[k, 12, 16]`, in either orientation (2 tokens an adapter; type 6: 8 rows, `v @ M.T`; type 1:
+    2 rows, `M @ v.T`), never the `[:12, :12]` view that bmm copies first in half precision; and a table
+    of the same signature stored otherwise (n_max 16) runs the same plan through the view."""
+    import mora.kernels.torch_cpu as torch_cpu
+
+    monkeypatch.setenv("MORA_CPU_KERNEL", "blas")
+    in_f, out_f = 72, 40
+    table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 4, dtype, rng, n_max=12)
+    assert table.Mt.stride(1) == 16
+    other = SlotTable(table.layout, 4, n_max=16, dtype=dtype)
+    for s, M in enumerate(Ms):
+        other.set_slot(s, M, table.specs[s])
+    slot = torch.tensor([s for s in range(4) for _ in range(2)] + [-1])  # 2 tokens an adapter
+    slot = slot[torch.randperm(slot.shape[0], generator=rng)]
+    x = torch.randn(slot.shape[0], in_f, generator=rng).to(dtype)
+    y0 = torch.randn(slot.shape[0], out_f, generator=rng).to(dtype)
+    meta = prepare_batch(slot, 4)
+    y = y0.clone()
+    mora_apply(y, x, table, meta, backend="torch")  # binds the plan
+    (p,) = torch_cpu.plan_module([table], meta, slot.shape[0]).passes[0]
+    assert p.batched == "view" and (torch_cpu._ROWS_MAJOR[0] < max(p.sizes) <= torch_cpu._ROWS_MAJOR[1]) == rows_major
+    y = y0.clone()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        mora_apply(y, x, table, meta, backend="torch")
+    bmm = [e.input_shapes for e in prof.events() if e.name == "aten::bmm"]
+    m_shape = [4, 12, 16] if rows_major else [4, 16, 12]
+    assert len(bmm) == 1 and m_shape in bmm[0], bmm
+    assert not {e.name for e in prof.events()} & {"aten::clone", "aten::contiguous"}
+    want = run("reference", table, x, slot, y0)
+    assert_close(y, want, dtype)
+    assert torch.equal(y[slot == -1], y0[slot == -1])
+    y2 = y0.clone()
+    mora_apply(y2, x, other, meta, backend="torch")
+    assert_close(y2, want, dtype)
+
+
 def test_rows_without_adapter_bit_identical(backend, rng):
     in_f, out_f = MIXED_SHAPE
     table, _ = make_table(ShardLayout(in_f, out_f), MIXED, torch.bfloat16, rng)

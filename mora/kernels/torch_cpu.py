@@ -123,10 +123,12 @@ def _bind_transform(p: Pass, X: torch.Tensor, meta: BatchMeta) -> tuple[list[Op]
     return [lambda: V.copy_(compress(Xu, spec))], V
 
 
-def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta,
+def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMeta, table: SlotTable,
                    rows_major: bool | None = None) -> tuple[list[Op], TableOp, list[Op]]:
     """`out_c[item] = sign * V[item] @ M[slot].T` for every item: (ops before, the product, ops after).
-    A batched product runs as `v @ M.T` (`rows_major`) or `M @ v.T`; None: by the rows per item."""
+    A batched product runs as `v @ M.T` (`rows_major`) or `M @ v.T`; None: by the rows per item.
+    `table`: one of the signature the ops will read (where its `M`s are stored padded, the
+    batched product reads them so, `_stored_product`)."""
     n = p.spec.n
     native = bind_product(p, V, out_c)  # one call for every item, whatever their rows
     if native is not None:
@@ -155,42 +157,49 @@ def _bind_multiply(p: Pass, V: torch.Tensor, out_c: torch.Tensor, meta: BatchMet
         V = VP
     if rows_major is None:
         rows_major = _ROWS_MAJOR[0] < r <= _ROWS_MAJOR[1]
-    Vv = V.view(k, r, n)
-    if rows_major:  # `v @ M.T`, written straight into the outputs' layout
-        prod = out_c.view(k, r, n) if p.pad_rows is None else _scratch(meta, "op", (k, r, n), V.dtype, V.device)
-    else:  # `M @ v.T`, transposed back afterwards
-        Vv = Vv.transpose(1, 2)
-        prod = _scratch(meta, "ot", (k, n, r), V.dtype, V.device)
-    if p.m_view is not None:
-        lo, hi, step = p.m_view
-
-        if rows_major:
-
-            def product(table: SlotTable) -> None:
-                torch.bmm(Vv, table.batch_view(n, lo, hi, step, transposed=True), out=prod)
-
-        else:
-
-            def product(table: SlotTable) -> None:
-                torch.bmm(table.batch_view(n, lo, hi, step), Vv, out=prod)
-
+    Vv = V.view(k, r, n) if rows_major else V.view(k, r, n).transpose(1, 2)
+    wide = _stored_width(p, table)
+    if wide is not None:  # with the pad's products too, those with M copied out after
+        prod = _scratch(meta, "ow", (k, r, wide) if rows_major else (k, wide, r), V.dtype, V.device)
+        product = _stored_product(p, Vv, prod, rows_major)
+        prod = prod[..., :n] if rows_major else prod[:, :n, :]
     else:
-        MG = _scratch(meta, "m", (k, n, n), V.dtype, V.device)
-        idx = p.m_gather
-        operands = (Vv, MG.transpose(1, 2)) if rows_major else (MG, Vv)
-
-        def product(table: SlotTable) -> None:
-            torch.index_select(table.weights(n), 0, idx, out=MG)
-            torch.bmm(*operands, out=prod)
-
+        if rows_major:  # `v @ M.T`, written straight into the outputs' layout
+            prod = out_c.view(k, r, n) if p.pad_rows is None else _scratch(meta, "op", (k, r, n), V.dtype, V.device)
+        else:  # `M @ v.T`, transposed back afterwards
+            prod = _scratch(meta, "ot", (k, n, r), V.dtype, V.device)
+        product = _view_product(p, Vv, prod, meta, rows_major)
     after: list[Op] = []
     rows = prod  # [k, r, n]: the products in the (padded) rows' layout
+    if rows_major and wide is not None:  # (no padded rows: _stored_width)
+        after.append(functools.partial(out_c.view(k, r, n).copy_, prod))
     if not rows_major:
         rows = out_c.view(k, r, n) if p.pad_rows is None else _scratch(meta, "op", (k, r, n), V.dtype, V.device)
         after.append(functools.partial(rows.copy_, prod.transpose(1, 2)))
     if p.pad_rows is not None:
         after.append(functools.partial(torch.index_select, rows.view(k * r, n), 0, p.keep, out=out_c))
     return before, product, after
+
+
+def _view_product(p: Pass, Vv: torch.Tensor, prod: torch.Tensor, meta: BatchMeta, rows_major: bool) -> TableOp:
+    """The batched product of pass `p` into `prod` over `[:n, :n]` views of the slots' `M`s:
+    slots in arithmetic progression (`p.m_view`) read through the table's view, others gathered
+    into a dense buffer first (`p.m_gather`)."""
+    n = p.spec.n
+    if p.m_view is not None:
+        lo, hi, step = p.m_view
+        if rows_major:
+            return lambda table: torch.bmm(Vv, table.batch_view(n, lo, hi, step, transposed=True), out=prod)
+        return lambda table: torch.bmm(table.batch_view(n, lo, hi, step), Vv, out=prod)
+    MG = _scratch(meta, "m", (len(p.items), n, n), Vv.dtype, Vv.device)
+    idx = p.m_gather
+    operands = (Vv, MG.transpose(1, 2)) if rows_major else (MG, Vv)
+
+    def product(table: SlotTable) -> None:
+        torch.index_select(table.weights(n), 0, idx, out=MG)
+        torch.bmm(*operands, out=prod)
+
+    return product
 
 
 # Rows per adapter (chunk domain) for which the batched BLAS product is computed as `v @ M.T`:
@@ -284,30 +293,38 @@ def _blas_product(p: Pass, table: SlotTable, meta: BatchMeta, dtype: torch.dtype
     rows = (p.b - p.a) * (p.chunks if p.spec.mora_type is MoraType.ROPE else 1)
     V = _scratch(meta, "v", (rows, n), dtype, device)
     wide = _stored_width(p, table)
-    if wide is not None:
-        # The slots' `M`s as stored (rows padded to whole panels), which bmm reads in place: over
-        # the `[:n, :n]` view it first copied them all (gate_proj n=348, 64 adapters of 2 tokens:
-        # 2.3 of 5.3 ms). The extra columns are products with the pad, not read.
-        start, stop, _ = p.m_view
+    if wide is not None:  # rope_add reads the products' first n columns where they are
         k, r = len(p.items), p.sizes[0]
         out_c = _scratch(meta, "out-wide", (rows, wide), dtype, device)
-        Vv, prod = V.view(k, r, n), out_c.view(k, r, wide)
-        narrow = prod[..., :n]
-
-        def product(t: SlotTable) -> None:
-            stored = t.stored_rows(n, start, stop)
-            if stored is not None and stored.shape[2] == wide:
-                torch.bmm(Vv, stored, out=prod)
-            else:  # a table laid out otherwise than the one bound (same signature): via the view
-                narrow.copy_(torch.bmm(Vv, t.batch_view(n, start, stop, 1, transposed=True)))
-
-        return V, out_c, [product]
+        return V, out_c, [_stored_product(p, V.view(k, r, n), out_c.view(k, r, wide), rows_major=True)]
     out_c = _scratch(meta, "out", (rows, p.spec.n), dtype, device)
     # Batched as `v @ M.T` at every size: this product runs where oneDNN has AMX, on which past
     # _ROWS_MAJOR `M @ v.T` and its transpose back ran 1.9-4.3x as long (16 adapters x 64-512 rows
     # of n=256), and one `mm` per adapter 1.5-2.4x (~27 us of call each).
-    before, product, after = _bind_multiply(p, V, out_c, meta, rows_major=True)
+    before, product, after = _bind_multiply(p, V, out_c, meta, table, rows_major=True)
     return V, out_c, [*[(lambda _t, op=op: op()) for op in before], product, *[(lambda _t, op=op: op()) for op in after]]
+
+
+def _stored_product(p: Pass, Vv: torch.Tensor, prod: torch.Tensor, rows_major: bool) -> TableOp:
+    """The batched product of pass `p` (consecutive slots, `_stored_width`) reading the slots'
+    `M`s as stored, rows padded to `wide` columns, which bmm takes in place: into `prod`
+    `[k, r, wide]` as `v @ M.T` (`rows_major`; Vv `[k, r, n]`) or `[k, wide, r]` as `M @ v.T`
+    (Vv `[k, n, r]`). The columns (rows) past n are products with the pad, 0, read by no one.
+    Over the `[:n, :n]` view oneDNN copies every `M` first (it takes a batch of matrices only
+    dense or exactly transposed): gate_proj n=348, 64 adapters of 2 tokens, 2.3 of 5.3 ms in bf16."""
+    n, (start, stop, _) = p.spec.n, p.m_view
+    wide = prod.shape[2] if rows_major else prod.shape[1]
+    narrow = prod[..., :n] if rows_major else prod[:, :n, :]
+
+    def product(t: SlotTable) -> None:
+        stored = t.stored_rows(n, start, stop)
+        if stored is not None and stored.shape[2] == wide:
+            torch.bmm(*((Vv, stored) if rows_major else (stored.transpose(1, 2), Vv)), out=prod)
+        else:  # a table laid out otherwise than the one bound (same signature): via the view
+            narrow.copy_(torch.bmm(Vv, t.batch_view(n, start, stop, 1, transposed=True)) if rows_major
+                         else torch.bmm(t.batch_view(n, start, stop, 1), Vv))
+
+    return product
 
 
 def _stored_width(p: Pass, table: SlotTable) -> int | None:
@@ -376,7 +393,7 @@ def _bind(plan: Plan, tables: Sequence[SlotTable | None], x: torch.Tensor, y: to
         for p in passes:
             ops_t, V = _bind_transform(p, Xt, meta)
             out_c = _scratch(meta, "out", tuple(V.shape), V.dtype, device)
-            before, product, after = _bind_multiply(p, V, out_c, meta)
+            before, product, after = _bind_multiply(p, V, out_c, meta, table)
             copy = p.sign < 0 or not subtract_first
             ops += ops_t + before + [(product,)] + after + _bind_expand(p, table.layout, out_c, dst[p.a : p.b], copy, meta)
         if not subtract_first:  # rows no pass writes here: none, or a direct pass's (added into y by it)
