@@ -117,8 +117,7 @@ void store(const Mask& m, T* p, Vec v) {
 template <typename T>
 void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   if (lo == 0 && hi == 16) {
-    const Vec old = load<T>(y + j);
-    store<T>(y + j, Vec{_mm256_add_ps(old.lo, _mm256_loadu_ps(v)), _mm256_add_ps(old.hi, _mm256_loadu_ps(v + 8))});
+    store<T>(y + j, add(load<T>(y + j), load<float>(v)));
     return;
   }
   for (int l = lo; l < hi; ++l) y[j + l] = Scalar<T>::from(Scalar<T>::get(y[j + l]) + v[l]);

@@ -86,7 +86,7 @@ template <typename T>
 void add_lanes(T* y, int64_t j, int lo, int hi, const float* v) {
   const Mask m = static_cast<Mask>(mask_of(hi) & ~mask_of(lo));
   T* dst = y + j;
-  store<T>(m, dst, _mm512_add_ps(load<T>(m, dst), _mm512_loadu_ps(v)));
+  store<T>(m, dst, add(load<T>(m, dst), load<float>(v)));
 }
 
 // bf16 panels a line of Mt at a time (block): two panels, 32 columns. A bf16 value's bits are
