@@ -19,54 +19,52 @@ void put_row(float* v, int rows, const T* o, int64_t n) {
   }
 }
 
+// rotate()'s panels: u is the chunk (n values, in x's row as T or widened into floats), cr and
+// sr its rows of the tables, v the packed row.
+template <typename T, typename U>
+void rotate_panels(const U* u, const T* cr, const T* sr, int64_t n, float* v, int rows) {
+  const int64_t half = n / 2;
+  for (int64_t k0 = 0; k0 < n; k0 += kPanel, v += rows * kPanel) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kPanel, n - k0));
+    const Mask m = mask_of(lanes);
+    const bool whole = lanes == kPanel;
+    const auto at = [&](const auto* q) { return whole ? load(q) : load(m, q); };
+    Vec turned;  // u[(k + half) % n] for the panel's k
+    if (k0 + lanes <= half || k0 >= half) {
+      turned = at(u + (k0 < half ? k0 + half : k0 - half));
+    } else {  // the panel holding column half: each side from its own half of u
+      float t[kPanel];
+      for (int l = 0; l < lanes; ++l) t[l] = Scalar<U>::get(u[k0 + l < half ? k0 + l + half : k0 + l - half]);
+      turned = at(static_cast<const float*>(t));
+    }
+    const Vec o = round_to<T>(add(round_to<T>(mul(turned, at(sr + k0))), mul(at(u + k0), at(cr + k0))));
+    if (whole) to_floats(v, o);
+    else store<float>(m, v, o);  // not past n: a plain row (rows 1) may end there
+  }
+}
+
 // The rotated chunk of row r into v, a packed row of `rows` (rope_apply's V rows): v[k] = u[(k + n/2) % n] *
 // ssin[k] + u[k] * cos[k] (u = the chunk), each product rounded, then their sum, as the
 // reference's `u * cos + rotate_half(u) * sin` rounds (torch's vectorized addcmul_, on the
-// general path, fuses the second product into the sum); `buf`: 2n floats. Elementwise, no FMA
-// contraction: the same bits at every vector width.
+// general path, fuses the second product into the sum); `buf`: n floats. Elementwise, no FMA
+// contraction: the same bits at every vector width. A panel at a time, from x's row into v
+// (widened, rotated and stored in one pass: three passes over row buffers took 1.05x as long
+// for bf16 gate_proj decode calls, 1.03x float32 q_proj); only the last chunk, which may read
+// the padding (the first features again), is widened into `buf` first.
 template <typename T>
 void rotate(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
-  using S = Scalar<T>;
-  const int64_t n = rope.n, c = r % rope.chunks, half = n / 2;
+  const int64_t n = rope.n, c = r % rope.chunks;
   const T* xr = rope.x + rope.tokens[r / rope.chunks] * rope.ldx;
   const T* cr = rope.cos + c * n;
   const T* sr = rope.ssin + c * n;
   const int64_t base = (rope.k_lo + c) * n;
-  if (base + n <= rope.in_f) {  // inside x's row: a panel at a time from x into v, widened, rotated
-                                // and stored in one pass (three passes over row buffers took 1.05x
-                                // as long for bf16 gate_proj decode calls, 1.03x float32 q_proj)
-    const T* u = xr + base;
-    for (int64_t k0 = 0; k0 < n; k0 += kPanel, v += rows * kPanel) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kPanel, n - k0));
-      const Mask m = mask_of(lanes);
-      const bool whole = lanes == kPanel;
-      const auto at = [&](const auto* q) { return whole ? load(q) : load(m, q); };
-      Vec turned;  // u[(k + half) % n] for the panel's k
-      if (k0 + lanes <= half || k0 >= half) {
-        turned = at(u + (k0 < half ? k0 + half : k0 - half));
-      } else {  // the panel holding column half: each side from its own half of u
-        float t[kPanel];
-        for (int l = 0; l < lanes; ++l) t[l] = S::get(u[k0 + l < half ? k0 + l + half : k0 + l - half]);
-        turned = at(static_cast<const float*>(t));
-      }
-      const Vec o = round_to<T>(add(round_to<T>(mul(turned, at(sr + k0))), mul(at(u + k0), at(cr + k0))));
-      if (whole) to_floats(v, o);
-      else store<float>(m, v, o);  // not past n: a plain row (rows 1) may end there
-    }
-    return;
-  }
-  // The last chunk reads the padding, the first features again: widened with that wrap (two
-  // plain loops, vectorized: one with a select per element ran as scalar loads), then rotated.
+  if (base + n <= rope.in_f) return rotate_panels(xr + base, cr, sr, n, v, rows);
+  // widened with the wrap (two plain loops, vectorized: one with a select per element ran as
+  // scalar loads)
   const int64_t inside = std::clamp<int64_t>(rope.in_f - base, 0, n);
-  for (int64_t k = 0; k < inside; ++k) buf[k] = S::get(xr[base + k]);
-  for (int64_t k = inside; k < n; ++k) buf[k] = S::get(xr[base + k - rope.in_f]);
-  const float* u = buf;
-  float* o = buf + n;
-  for (int64_t k = 0; k < half; ++k)  // two contiguous halves: vectorized
-    o[k] = S::round(S::round(u[k + half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
-  for (int64_t k = half; k < n; ++k)
-    o[k] = S::round(S::round(u[k - half] * S::get(sr[k])) + u[k] * S::get(cr[k]));
-  put_row(v, rows, o, n);
+  for (int64_t k = 0; k < inside; ++k) buf[k] = Scalar<T>::get(xr[base + k]);
+  for (int64_t k = inside; k < n; ++k) buf[k] = Scalar<T>::get(xr[base + k - rope.in_f]);
+  rotate_panels(static_cast<const float*>(buf), cr, sr, n, v, rows);
 }
 
 // Type 1's row r (share_apply: one per token) into v, a packed row of `rows`: the sum of the token's
@@ -135,7 +133,7 @@ void after_panels(const Problem<T>& p, int64_t row0, int rows, int64_t q1) {
   if (p.rope.y && q1 == (p.n + kPanel - 1) / kPanel) add_rows(p, row0, rows);
 }
 
-// A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: 2n floats.
+// A direct op's V row r (rope_apply: rotated; share_apply: chunk-summed); `buf`: n floats.
 template <typename T>
 void make_row(const Rope<T>& rope, int64_t r, float* v, int rows, float* buf) {
   if (rope.sum_chunks) chunk_sum(rope, r, v, rows, buf);
