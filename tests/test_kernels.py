@@ -60,9 +60,10 @@ def make_table(
     dtype: torch.dtype,
     rng: torch.Generator,
     n_max: int = 16,
+    device: str = DEVICE,
 ) -> tuple[SlotTable, list[torch.Tensor | None]]:
     """A table with `entries[s] = (type, n)` in slot `s` (None: empty); returns it and the Ms."""
-    table = SlotTable(layout, len(entries), n_max=n_max, dtype=dtype, device=DEVICE)
+    table = SlotTable(layout, len(entries), n_max=n_max, dtype=dtype, device=device)
     Ms: list[torch.Tensor | None] = []
     for s, entry in enumerate(entries):
         if entry is None:
@@ -72,7 +73,7 @@ def make_table(
         spec = MoraSpec(layout.in_features, layout.out_features, n, MoraType(t))
         spec.check()
         M = (torch.randn(n, n, generator=rng) / n**0.5).to(dtype)
-        table.set_slot(s, M.to(DEVICE), spec)
+        table.set_slot(s, M.to(device), spec)
         Ms.append(M)
     return table, Ms
 
@@ -206,7 +207,8 @@ def test_torch_batched_gemm_reads_stored_rows(monkeypatch, rng, t, rows_major, d
 
     monkeypatch.setenv("MORA_CPU_KERNEL", "blas")
     in_f, out_f = 72, 40
-    table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 4, dtype, rng, n_max=12)
+    # the CPU's storage (rows padded to whole panels), wherever the suite runs
+    table, Ms = make_table(ShardLayout(in_f, out_f), [(t, 12)] * 4, dtype, rng, n_max=12, device="cpu")
     assert table.Mt.stride(1) == 16
     other = SlotTable(table.layout, 4, n_max=16, dtype=dtype)
     for s, M in enumerate(Ms):
