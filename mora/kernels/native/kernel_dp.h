@@ -30,10 +30,16 @@ constexpr uint32_t kTinyBelow = 71 << 7;
 // Pairs of k per piece of the packed rows (dot_pack): 16 values of k, a bf16 panel's worth.
 constexpr int kPairs = kPanel / 2;
 
-// Pair q of row i in packed rows of a unit of `ldq` rows (dot_pack's pieces; pk: its row 0's, or a
-// block's first row's).
+// The packed rows' piece (dot_pack) holding pairs [q0, q0 + kPairs) of a unit of `ldq` rows, q0 a
+// multiple of kPairs: row i's at + i * kPairs (pk: the unit's row 0's, or a block's first row's).
+template <typename W>
+W* pair_piece(W* pk, int64_t ldq, int64_t q0) {
+  return pk + q0 * ldq;
+}
+
+// Pair q of row i in those packed rows.
 inline uint32_t pair_at(const uint32_t* pk, int64_t ldq, int i, int64_t q) {
-  return pk[(q / kPairs * ldq) * kPairs + i * kPairs + q % kPairs];
+  return pair_piece(pk, ldq, q - q % kPairs)[i * kPairs + q % kPairs];
 }
 
 // bf16 bits of float32 lanes by vcvtneps2bf16: bf16_bits' rounding (to nearest even) except on
@@ -125,8 +131,8 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
                static_cast<uint32_t>((w & 0x7FFF) - 1 < kTinyBelow - 1);
     }
     int64_t q0 = 0;
-    for (; q0 + kPairs <= pairs; q0 += kPairs) std::memcpy(pk + (q0 * RB + i * kPairs), row + q0, kPairs * 4);
-    for (int64_t q = q0; q < pairs; ++q) pk[q0 * RB + i * kPairs + q - q0] = row[q];
+    for (; q0 + kPairs <= pairs; q0 += kPairs) std::memcpy(pair_piece(pk, RB, q0) + i * kPairs, row + q0, kPairs * 4);
+    for (int64_t q = q0; q < pairs; ++q) pair_piece(pk, RB, q0)[i * kPairs + q - q0] = row[q];
   }
   head[0] = small;
   if (small) pack<RB, bf16>(p, row0, dst + kPanel, scratch);
@@ -160,7 +166,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   const int64_t pairs = (p.n + 1) / 2;
   for (int64_t q0 = 0; q0 < pairs; q0 += kPairs) {  // pieces of 16 k: the Stream's pace
     pace_next(p, RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0));
-    const uint32_t* piece = Vp + q0 * ldq;
+    const uint32_t* piece = pair_piece(Vp, ldq, q0);
     for (int64_t q = q0; q < std::min<int64_t>(pairs, q0 + kPairs); ++q) {
       const bf16* row = base + 2 * q * p.ldm;
       const bool two = 2 * q + 1 < p.n;
