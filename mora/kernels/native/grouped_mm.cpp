@@ -88,6 +88,16 @@ bool dot_products_pay() {
   return __builtin_cpu_is("amd");
 }
 
+// Whether a thread streams its next group's M into L2 (common.h's Stream): on Intel (the Xeon with
+// AMX) it took float32 vs_roofline 1.59-1.61 -> 1.49-1.51; on AMD Zen 4 (1 MB of L2, where the
+// current M's panels come by their own prefetches) it made decode with several adapters slower in
+// both dtypes (gate_proj T=16 A=16: bf16 360 -> 430 us, float32 477 -> 532 us; rope_apply of
+// both builds alternately in one process; docs/benchmarks.md).
+const bool kStreamNextM = [] {
+  __builtin_cpu_init();
+  return !__builtin_cpu_is("amd");
+}();
+
 // Best first.
 const std::vector<Path> kPaths = {
     {"avx512_bf16", isa_avx512::units_float, isa_avx512::units_bf16_dot, isa_avx512::rows_float,
@@ -232,9 +242,10 @@ void run(const Groups& groups, const at::Tensor& Mt, int64_t n, MakeProblem prob
       if (u == lo || units[u - 1].first != g) {  // a group starts: stream the M of this thread's next one
         int64_t after = u, work = 0;
         for (; after < hi && units[after].first == g; ++after) work += rows(after) * panels * n;
-        next_m = after < hi ? Stream(m + groups.slot[units[after].first] * lds, n, n * static_cast<int64_t>(sizeof(T)),
-                                     ldm * static_cast<int64_t>(sizeof(T)), work)
-                            : Stream();
+        next_m = kStreamNextM && after < hi
+                     ? Stream(m + groups.slot[units[after].first] * lds, n, n * static_cast<int64_t>(sizeof(T)),
+                              ldm * static_cast<int64_t>(sizeof(T)), work)
+                     : Stream();
       }
       Problem<T> p = problem(g, m + groups.slot[g] * lds);
       p.tile = pack.data() + pack_floats(n), p.tile_row0 = units[u].second, p.ldt = tile_stride(n);
