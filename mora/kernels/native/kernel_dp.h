@@ -164,41 +164,45 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   __m512i least = _mm512_set1_epi16(-1);  // unsigned min of (|bits| - 1): 0 wraps to the top
   const bf16* base = p.Mt + p0 * kPanel;
   const int64_t pairs = (p.n + 1) / 2;
-  for (int64_t q0 = 0; q0 < pairs; q0 += kPairs) {  // pieces of 16 k: the Stream's pace
-    pace_next(p, RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q0));
-    const uint32_t* piece = pair_piece(Vp, ldq, q0);
-    for (int64_t q = q0; q < std::min<int64_t>(pairs, q0 + kPairs); ++q) {
-      const bf16* row = base + 2 * q * p.ldm;
-      const bool two = 2 * q + 1 < p.n;
-      __m512i b[NP];
+  // One loop over the pairs, each piece's pace and address taken where it starts: as a loop over
+  // pieces around a loop over their pairs it ran 5-10% slower on Zen 4 (q_proj T=16 A=16, rope_apply
+  // of both builds alternately in one process: 223 -> 209 us).
+  const uint32_t* piece = Vp;
+  for (int64_t q = 0; q < pairs; ++q) {
+    if (q % kPairs == 0) {  // a piece of 16 k: the Stream's pace
+      pace_next(p, RB * NP * std::min<int64_t>(kPanel, p.n - 2 * q));
+      piece = pair_piece(Vp, ldq, q);
+    }
+    const bf16* row = base + 2 * q * p.ldm;
+    const bool two = 2 * q + 1 < p.n;
+    __m512i b[NP];
 #pragma GCC unroll 8
-      for (int j = 0; j < NP; ++j) {
-        if (j % 2 == 0) {  // two panels of bf16 (from an even one) are one 64-byte line: one prefetch
-          __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0, both rows
-          __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
-          if (ahead[j]) {
-            __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                 // prefetcht1
-            __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
-          }
+    for (int j = 0; j < NP; ++j) {
+      if (j % 2 == 0) {  // two panels of bf16 (from an even one) are one 64-byte line: one prefetch
+        __builtin_prefetch(row + PF * p.ldm + j * kPanel, 0, 3);              // prefetcht0, both rows
+        __builtin_prefetch(row + (PF + 1) * p.ldm + j * kPanel, 0, 3);
+        if (ahead[j]) {
+          __builtin_prefetch(ahead[j] + 2 * q * p.ldm, 0, 2);                 // prefetcht1
+          __builtin_prefetch(ahead[j] + (2 * q + 1) * p.ldm, 0, 2);
         }
-        const bf16* at = row + j * kPanel;
-        const bool part = TAIL && j == NP - 1;  // never past n
-        const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at)
-                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-        const __m256i lo = !two ? _mm256_setzero_si256()
-                           : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
-                                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
-        b[j] = _mm512_permutexvar_epi16(order, both);
       }
-      const uint32_t* a = piece + (q - q0);
+      const bf16* at = row + j * kPanel;
+      const bool part = TAIL && j == NP - 1;  // never past n
+      const __m256i hi = part ? _mm256_maskz_loadu_epi16(tail, at)
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+      const __m256i lo = !two ? _mm256_setzero_si256()
+                         : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
+      b[j] = _mm512_permutexvar_epi16(order, both);
+    }
+    const uint32_t* a = piece + q % kPairs;
 #pragma GCC unroll 16
-      for (int i = 0; i < RB; ++i) {
-        const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i * kPairs])));
+    for (int i = 0; i < RB; ++i) {
+      const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[i * kPairs])));
 #pragma GCC unroll 8
-        for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
-      }
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
     }
   }
   if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
