@@ -80,23 +80,23 @@ struct Path {
 
 bool always() { return true; }
 
-// vdpbf16ps sums two terms per instruction: on AMD (Zen 4) it issues once per cycle as an FMA
-// does, twice the widened kernel's terms; on Intel's Sapphire/Emerald Rapids every second cycle,
-// the widened kernel's rate at best (kernel_dp.h).
-bool dot_products_pay() {
+// The CPU's vendor, where the kernels' tuning differs by it (measured on Zen 4 and on Intel's Xeons).
+bool cpu_is_amd() {
   __builtin_cpu_init();
   return __builtin_cpu_is("amd");
 }
+
+// vdpbf16ps sums two terms per instruction: on AMD (Zen 4) it issues once per cycle as an FMA
+// does, twice the widened kernel's terms; on Intel's Sapphire/Emerald Rapids every second cycle,
+// the widened kernel's rate at best (kernel_dp.h).
+bool dot_products_pay() { return cpu_is_amd(); }
 
 // Whether a thread streams its next group's M into L2 (common.h's Stream): on Intel (the Xeon with
 // AMX) it took float32 vs_roofline 1.59-1.61 -> 1.49-1.51; on AMD Zen 4 (1 MB of L2, where the
 // current M's panels come by their own prefetches) it made decode with several adapters slower in
 // both dtypes (gate_proj T=16 A=16: bf16 360 -> 430 us, float32 477 -> 532 us; rope_apply of
 // both builds alternately in one process; docs/benchmarks.md).
-const bool kStreamNextM = [] {
-  __builtin_cpu_init();
-  return !__builtin_cpu_is("amd");
-}();
+const bool kStreamNextM = !cpu_is_amd();
 
 // Best first.
 const std::vector<Path> kPaths = {

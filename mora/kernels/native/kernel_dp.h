@@ -27,6 +27,19 @@
 // bf16 bits without the sign below this are a nonzero value under 2^-56 (biased exponent 71), or 0.
 constexpr uint32_t kTinyBelow = 71 << 7;
 
+// The check for such values over vectors of bf16 bits (dot_pack's pairs of V, dot_block's panels
+// of M): the unsigned min of |bits| - 1 over every 16-bit half seen, 0 wrapping to the top.
+struct TinyCheck {
+  __m512i least;
+  TinyCheck() : least(_mm512_set1_epi16(-1)) {}  // user-provided: an implicit one misses the target pragma
+  void add(__m512i bits) {
+    least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(bits, _mm512_set1_epi16(0x7FFF)),
+                                                     _mm512_set1_epi16(1)));
+  }
+  // A nonzero value under 2^-56 was seen.
+  bool found() const { return _mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1)) != 0; }
+};
+
 // Pairs of k per piece of the packed rows (dot_pack): 16 values of k, a bf16 panel's worth.
 constexpr int kPairs = kPanel / 2;
 
@@ -106,8 +119,7 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
   const int64_t n = p.n, half = n / 2, pairs = (n + 1) / 2;
   const float* rotated = scratch + 2 * n;
   uint32_t* row = reinterpret_cast<uint32_t*>(scratch);  // make_row()'s buffer, free once it returns
-  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), one = _mm512_set1_epi16(1);
-  __m512i least = _mm512_set1_epi16(-1);  // unsigned min of (|bits| - 1): 0 wraps to the top
+  TinyCheck tiny;
   for (int i = 0; i < RB; ++i) {
     if (!p.rope.y) {
       const bf16* src = p.V + (row0 + i) * p.ldv;
@@ -128,20 +140,19 @@ void dot_pack(const Problem<bf16>& p, int64_t row0, float* dst, float* scratch) 
         if (n % 2) row[half] = u[n - 1] & 0xFFFF0000u;
       }
     }
-    // Two pieces' worth of the row at a time: checked (the unsigned min of |bits| - 1 per bf16
-    // half, as dot_block checks M) and stored, each piece's pairs with one masked 32-byte store
+    // Two pieces' worth of the row at a time: checked (as dot_block checks M) and stored, each
+    // piece's pairs with one masked 32-byte store
     for (int64_t q0 = 0; q0 < pairs; q0 += 2 * kPairs) {
       const Mask in = mask_of(static_cast<int>(std::min<int64_t>(2 * kPairs, pairs - q0)));
       const __m512i w = _mm512_maskz_loadu_epi32(in, row + q0);  // lanes past the row: 0, never tiny
-      least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(w, magnitude), one));
+      tiny.add(w);
       _mm256_mask_storeu_epi32(pair_piece(pk, RB, q0) + i * kPairs, static_cast<__mmask8>(in), _mm512_castsi512_si256(w));
       if (q0 + kPairs < pairs)
         _mm256_mask_storeu_epi32(pair_piece(pk, RB, q0 + kPairs) + i * kPairs, static_cast<__mmask8>(in >> kPairs),
                                  _mm512_extracti64x4_epi64(w, 1));
     }
   }
-  // |bits| - 1 below kTinyBelow - 1: a nonzero value under 2^-56
-  const uint32_t small = _mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1)) != 0;
+  const uint32_t small = tiny.found();
   head[0] = small;
   if (small) pack<RB, bf16>(p, row0, dst + kPanel, scratch);
 }
@@ -168,8 +179,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
   // Word 2l of a pair's panel: row k + 1's column l (the low half), 2l + 1: row k's (the high).
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), one = _mm512_set1_epi16(1);
-  __m512i least = _mm512_set1_epi16(-1);  // unsigned min of (|bits| - 1): 0 wraps to the top
+  TinyCheck tiny;
   const bf16* base = p.Mt + p0 * kPanel;
   const int64_t pairs = (p.n + 1) / 2;
   // One loop over the pairs, each piece's pace and address taken where it starts: as a loop over
@@ -202,7 +212,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
                          : part ? _mm256_maskz_loadu_epi16(tail, at + p.ldm)
                                 : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + p.ldm));
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      least = _mm512_min_epu16(least, _mm512_sub_epi16(_mm512_and_si512(both, magnitude), one));
+      tiny.add(both);
       b[j] = _mm512_permutexvar_epi16(order, both);
     }
     const uint32_t* a = piece + q % kPairs;
@@ -213,7 +223,7 @@ void dot_block(const Problem<bf16>& p, const uint32_t* Vp, int64_t ldq, int64_t 
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, reinterpret_cast<__m512bh>(b[j]));
     }
   }
-  if (_mm512_cmplt_epu16_mask(least, _mm512_set1_epi16(kTinyBelow - 1))) {  // a value of M too small
+  if (tiny.found()) {  // a value of M too small
     thread_local std::vector<float> wide;
     if (static_cast<int64_t>(wide.size()) < RB * tile_stride(p.n)) wide.resize(RB * tile_stride(p.n));
     unpair<RB>(Vp, ldq, p.n, wide.data());
