@@ -6,9 +6,13 @@ zipf(1.0) traffic from 64 clients, on two servers one after the other:
 1. `max_loras=16`: what adapter-aware admission (vLLM admits requests whose adapter has a slot
    ahead of one whose adapter has none; mora's scheduler bounds how often a request is passed
    over) makes of spread traffic: the share of the requests in the engine that its steps run
-   (`share_16`: running / running + waiting, sampled) against the share one 16-slot step can
-   hold of this traffic admitted in arrival order (`share_fcfs`) and at best (`share_best`);
-   and the traffic folded onto 16 adapters, for phase 2's slot cost.
+   (`share_16`: running / running + waiting, averaged over time) on this server and on one with
+   strict arrival order (`--admission-max-passes 0`, `share_16_strict`; `admission_gain` the
+   ratio), against the share one 16-slot step can hold of a fresh draw of this traffic admitted
+   in arrival order (`share_fcfs`) and at best (`share_best`); and the traffic folded onto 16
+   adapters, for phase 2's slot cost. A closed loop runs below the fresh-draw bounds: the
+   requests left waiting are those whose adapters found no slot, and their clients stay stuck
+   while the served ones come back with new (mostly hot) requests.
 2. `max_loras auto`: as many slots as `--slots-bytes` holds for this model (`slots=`), the same
    traffic, measured side by side:
 
@@ -31,7 +35,8 @@ zipf(1.0) traffic from 64 clients, on two servers one after the other:
     python -m bench.scale --quick --isa avx2   # as on a CPU without AVX-512 (bench.isa)
 
 Ends with one line: adapters= requests= failed= wrong= slots= p50_ttft_warm_ms= p99_ttft_cold_ms=
-tput_vs_16= tput_vs_16_in_16_slots= share_16= share_fcfs= share_best= rss_mb= rss_bound_mb=
+tput_vs_16= tput_vs_16_in_16_slots= share_16= share_16_strict= admission_gain= share_fcfs= share_best=
+rss_mb= rss_bound_mb=
 merge_stall_p99_vs_normal= isa= (the native kernel's path; then `emulated=avx2` when `--isa avx2`
 runs everything as a CPU without AVX-512 does)
 """
@@ -137,6 +142,8 @@ class Traffic:
         self.elapsed = 0.0
         self.batch: list[float] = []  # vLLM's running batch, sampled during the measured runs
         self.waiting: list[float] = []  # and its waiting queue, at the same moments
+        self.queued_s = 0.0  # seconds the measured runs' requests waited in the engine, and ran
+        self.running_s = 0.0
 
     def _client(self, seed: int, stop: threading.Event) -> None:
         rng = random.Random(seed)
@@ -172,6 +179,7 @@ class Traffic:
         threads = [threading.Thread(target=self._client, args=(i, stop), daemon=True) for i in range(CLIENTS)]
         done_before = sum(r[1] == "OK" for r in self.records)
         sampler = Sampler(self.srv) if measured else None
+        engine_before = _engine_seconds(self.srv) if measured else (0.0, 0.0)
         started = time.monotonic()
         for t in threads:
             t.start()
@@ -183,6 +191,12 @@ class Traffic:
             sampler.stop()
             self.batch.extend(sampler.values)
             self.waiting.extend(sampler.waiting)
+            # Every request of the run has finished (its client joined); the front end records a
+            # finished request's times just after its last output, hence the pause.
+            time.sleep(0.5)
+            queued, running = _engine_seconds(self.srv)
+            self.queued_s += queued - engine_before[0]
+            self.running_s += running - engine_before[1]
             self.ok += sum(r[1] == "OK" for r in self.records) - done_before
             self.elapsed += time.monotonic() - started
 
@@ -194,9 +208,20 @@ class Traffic:
 
     def share(self) -> float:
         """The share of the requests the engine holds that its steps run (running / running +
-        waiting): what the slot bounds (`slot_bound`) bound."""
-        held = sum(self.batch) + sum(self.waiting)
-        return sum(self.batch) / held if held else float("nan")
+        waiting), averaged over the measured runs: by Little's law, the seconds the requests ran
+        over their seconds in the engine, summed over every request (not sampled)."""
+        held = self.queued_s + self.running_s
+        return self.running_s / held if held else float("nan")
+
+
+def _engine_seconds(srv) -> tuple[float, float]:
+    """vLLM's running sums over its finished requests: seconds waiting to be scheduled (queued to
+    first scheduled) and seconds running (first scheduled to last token), from /metrics."""
+    from server_helpers import metric_value
+
+    names = ("vllm:request_queue_time_seconds_sum", "vllm:request_inference_time_seconds_sum")
+    scrape = srv.scrape(names=names)
+    return metric_value(scrape, names[0]), metric_value(scrape, names[1])
 
 
 def alternate(folded: Traffic, spread: Traffic, seconds: float, rounds: int) -> None:
@@ -259,6 +284,39 @@ def slot_bound(n: int, best: bool = False, trials: int = 2000) -> float:
                 slots.add(r)
                 held += 1
     return held / (trials * CLIENTS)
+
+
+def closed_loop_share(n: int, strict: bool, steps: int = 4000) -> float:
+    """A model of the 16-slot phase, for comparison with the measured shares: CLIENTS clients
+    that each keep one zipf(1.0) request over `n` adapters in the engine; a request runs TOKENS
+    steps once admitted; each step admits waiting requests in arrival order while their adapter
+    has a slot or one is free, skipping the others (vLLM's admission) or, `strict`, stopping at
+    the first. Returns the running share averaged over the steps (the slot bounds of a fresh
+    draw, `slot_bound`, ignore that the requests left waiting are the unlucky ones)."""
+    rng = random.Random(1)
+    weights = [1.0 / (k + 1) for k in range(n)]
+    waiting = rng.choices(range(n), weights, k=CLIENTS)  # adapters, in arrival order
+    running: list[list[int]] = []  # [adapter, steps left]
+    ran = 0
+    for _ in range(steps):
+        slots = {a for a, _ in running}
+        left = []
+        for i, a in enumerate(waiting):
+            if a in slots or len(slots) < MAX_LORAS:
+                slots.add(a)
+                running.append([a, TOKENS])
+            elif strict:
+                left = waiting[i:]
+                break
+            else:
+                left.append(a)
+        ran += len(running)
+        for r in running:
+            r[1] -= 1
+        done = sum(r[1] == 0 for r in running)
+        running = [r for r in running if r[1] > 0]
+        waiting = left + rng.choices(range(n), weights, k=done)
+    return ran / (steps * CLIENTS)
 
 
 def _token_gaps(srv, adapter: str, seconds: float, merging: str | None) -> list[float]:
@@ -339,6 +397,19 @@ def _serve(base: Path, root: Path, names: list[str], log: Path, slots: list[str]
     return srv
 
 
+def _sixteen_slots(base: Path, root: Path, names: list[str], refs: dict, log: Path, extra: list[str],
+                   seconds: float, rounds: int) -> tuple[Traffic, Traffic]:
+    """The folded and the spread traffic, alternated on a server with MAX_LORAS slots."""
+    srv = _serve(base, root, names, log, ["--max-loras", str(MAX_LORAS)], extra)
+    try:
+        _register(srv, names)
+        folded, spread = Traffic(srv, names, refs, fold_to=16), Traffic(srv, names, refs)
+        alternate(folded, spread, seconds, rounds)
+        return folded, spread
+    finally:
+        srv.stop()
+
+
 def _register(srv, names: list[str]) -> float:
     with srv.client(timeout=300) as c, ThreadPoolExecutor(4) as pool:
         t = time.monotonic()
@@ -382,13 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. MAX_LORAS slots: what adapter-aware admission (vLLM's skip + mora's bound) makes of
     #    spread traffic in 16 slots, against the FCFS and best-16 bounds; and the folded traffic's
     #    throughput there (the cost of idle slots is phase 2's over this).
-    srv = _serve(base, root, names, args.cache / "scale-server-16.log", ["--max-loras", str(MAX_LORAS)], args.server_args)
-    try:
-        _register(srv, names)
-        hot16, spread16 = Traffic(srv, names, refs, fold_to=16), Traffic(srv, names, refs)
-        alternate(hot16, spread16, seconds / 2, args.rounds)
-    finally:
-        srv.stop()
+    hot16, spread16 = _sixteen_slots(base, root, names, refs, args.cache / "scale-server-16.log", args.server_args,
+                                     seconds / 2, args.rounds)
+    # 1b. the same in strict arrival order (no request passed over): what admission gains.
+    hot_strict, spread_strict = _sixteen_slots(base, root, names, refs, args.cache / "scale-server-strict.log",
+                                               [*args.server_args, "--admission-max-passes", "0"], seconds / 2,
+                                               args.rounds)
     # 2. max_loras auto: the slot count the memory budget gives, the same traffic.
     srv = _serve(base, root, names, args.cache / "scale-server.log",
                  ["--max-loras", "auto", "--adapter-slots-bytes", str(args.slots_bytes)], args.server_args)
@@ -413,10 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     tput_16_on_16, tput_all_on_16 = hot16.throughput(), spread16.throughput()
     tput_16, tput_all = hot.throughput(), spread.throughput()
 
-    records = spread.records + hot.records + spread16.records + hot16.records
+    traffics = (spread, hot, spread16, hot16, spread_strict, hot_strict)
+    records = [r for t in traffics for r in t.records]
     failed = sum(r[1] != "OK" for r in records)
-    wrong = spread.wrong + hot.wrong + spread16.wrong + hot16.wrong
-    checked = spread.checked + hot.checked + spread16.checked + hot16.checked
+    wrong = sum(t.wrong for t in traffics)
+    checked = sum(t.checked for t in traffics)
+    gain = spread16.share() / spread_strict.share()
+    tput_strict = spread_strict.throughput() / hot_strict.throughput()
     warm = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and not r[3]]
     cold = [r[2] for r in spread.records if r[1] == "OK" and r[2] is not None and r[3]]
     bound = rss_warm + max(MAX_CPU_LORAS, slots) * adapter_bytes + (RSS_CONSTANT_MB << 20)
@@ -429,8 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     fcfs, best = slot_bound(len(names)), slot_bound(len(names), best=True)
     print(f"{MAX_LORAS} slots: running batch {spread16.mean_batch():.1f} of {CLIENTS} clients, "
           f"{sum(spread16.waiting) / max(len(spread16.waiting), 1):.1f} waiting "
-          f"(share run {spread16.share():.2f}; bounds of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, "
-          f"{best:.2f} best {MAX_LORAS} adapters per step); spread vs folded throughput {tput_all_on_16 / tput_16_on_16:.2f}",
+          f"(share run {spread16.share():.2f}, {closed_loop_share(len(names), False):.2f} in a closed-loop model; bounds "
+          f"of a fresh draw of this traffic in {MAX_LORAS} slots: {fcfs:.2f} FCFS, {best:.2f} best {MAX_LORAS} adapters per "
+          f"step); spread vs folded throughput {tput_all_on_16 / tput_16_on_16:.2f}", flush=True)
+    print(f"{MAX_LORAS} slots, strict arrival order: running batch {spread_strict.mean_batch():.1f}, share run "
+          f"{spread_strict.share():.2f} ({closed_loop_share(len(names), True):.2f} in the model; adapter-aware admission "
+          f"runs {gain:.2f}x that share); spread vs folded "
+          f"throughput {tput_strict:.2f} ({tput_all_on_16 / tput_16_on_16 / tput_strict:.2f}x with adapter-aware admission)",
           flush=True)
     print(f"max_loras auto: {slots} slots in {args.slots_bytes >> 20} MiB; running batch: {spread.mean_batch():.1f} spread, "
           f"{hot.mean_batch():.1f} hot (ratio {spread.mean_batch() / max(hot.mean_batch(), 1e-9):.2f}); folded traffic "
@@ -439,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapters={len(names)} requests={len(records)} failed={failed} wrong={wrong} slots={slots} "
           f"p50_ttft_warm_ms={_pct(warm, 0.5) * 1e3:.1f} p99_ttft_cold_ms={_pct(cold, 0.99) * 1e3:.1f} "
           f"tput_vs_16={tput_all / tput_16:.2f} tput_vs_16_in_16_slots={tput_all_on_16 / tput_16_on_16:.2f} "
-          f"share_16={spread16.share():.2f} share_fcfs={fcfs:.2f} share_best={best:.2f} "
+          f"share_16={spread16.share():.2f} share_16_strict={spread_strict.share():.2f} admission_gain={gain:.2f} "
+          f"share_fcfs={fcfs:.2f} share_best={best:.2f} "
           f"rss_mb={rss >> 20} rss_bound_mb={bound >> 20} merge_stall_p99_vs_normal={_pct(merging, 0.99) / _pct(normal, 0.99):.2f} "
           f"isa={native_isa() or 'blas'}{emulated()}")
     if args.plot is not None:

@@ -154,6 +154,10 @@ INTERNALS: tuple[Internal, ...] = (
              "bound on passes); vLLM skips a request whose adapter cannot get a slot", calls="max_loras"),
     Internal("vllm.v1.core.sched.scheduler", "Scheduler.__init__", "MoraScheduler reads the waiting queue, the "
              "requests and additional_config", calls="self.waiting"),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "MoraScheduler's strict order (passes 0) repeats "
+             "vLLM's slot check: a request's lora_int_id against the running requests' adapters", calls="lora_int_id"),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler.__init__", "strict order reads the running requests and the "
+             "LoRA config", calls="self.running"),
     Internal("vllm.v1.core.sched.request_queue", "RequestQueue.remove_requests", "MoraScheduler holds requests back"),
     Internal("vllm.v1.core.sched.request_queue", "RequestQueue.add_request", "MoraScheduler puts them back, in order"),
     Internal("vllm.v1.core.sched.output", "NewRequestData", "MoraScheduler counts passes from the admitted requests"),

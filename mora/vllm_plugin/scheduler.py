@@ -13,6 +13,10 @@ it gets it. So a request waits at most `admission_max_passes` admissions of late
 the running requests' completion. Per-tenant fairness is the server's (quotas count each tenant's
 sequences before requests reach the engine) and is unchanged.
 
+`admission_max_passes=0` is strict arrival order: no request is ever passed over. Each step
+admits waiting requests in order up to the first one whose adapter cannot get a slot, and none
+behind it (steps then run fewer requests: bench.scale measures both).
+
 Enabled with `scheduler_cls="mora.vllm_plugin.scheduler.MoraScheduler"` (mora-serve does); the
 bound comes from `additional_config={"mora_admission_max_passes": N}` (default `MAX_PASSES`).
 """
@@ -36,8 +40,8 @@ class MoraScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         extra = self.vllm_config.additional_config
         self.mora_max_passes = int(extra.get(CONFIG_KEY, MAX_PASSES)) if isinstance(extra, dict) else MAX_PASSES
-        if self.mora_max_passes < 1:
-            raise ValueError(f"{CONFIG_KEY} must be at least 1, got {self.mora_max_passes}")
+        if self.mora_max_passes < 0:
+            raise ValueError(f"{CONFIG_KEY} must be at least 0, got {self.mora_max_passes}")
         self.mora_passes: dict[str, int] = {}  # waiting request id -> steps that admitted a later request
 
     def _mora_starved(self) -> int | None:
@@ -47,8 +51,25 @@ class MoraScheduler(Scheduler):
                 return position
         return None
 
+    def _mora_first_without_slot(self) -> int | None:
+        """The position in the waiting queue of the first request whose adapter cannot get a slot
+        in this step (the running requests' adapters and those admitted ahead of it fill
+        `max_loras`): vLLM's own check, walked over the queue in order."""
+        max_loras = self.lora_config.max_loras if self.lora_config else 0
+        if not max_loras:
+            return None
+        loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request and r.lora_request.lora_int_id > 0}
+        for position, request in enumerate(self.waiting):
+            lora = request.lora_request.lora_int_id if request.lora_request else 0
+            if lora <= 0 or lora in loras:
+                continue
+            if len(loras) >= max_loras:
+                return position
+            loras.add(lora)
+        return None
+
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        position = self._mora_starved()
+        position = self._mora_first_without_slot() if self.mora_max_passes == 0 else self._mora_starved()
         held = []
         if position is not None:
             # First come, first served from the starved request on: nothing behind it is admitted.

@@ -70,8 +70,9 @@ class ServerSettings(BaseSettings):
                                           "read from disk or, registered lazily, validated")
     management_calls_per_tenant: int = Field(2, ge=1, description="adapter loads, unloads, merges and unmerges a "
                                              "(non-admin) tenant may have in flight; more are refused RESOURCE_EXHAUSTED")
-    admission_max_passes: int = Field(16, ge=1, description="engine steps that may admit later requests past a "
-                                      "waiting one whose adapter has no slot, before the requests behind it wait for it")
+    admission_max_passes: int = Field(16, ge=0, description="engine steps that may admit later requests past a "
+                                      "waiting one whose adapter has no slot, before the requests behind it wait for "
+                                      "it; 0: strict arrival order (no request is passed over; steps run fewer requests)")
     # 8: one tenant's spread traffic over 1,000 adapters ran at 0.65 of its 16-adapter throughput
     # with 2 turns, 0.79 with 8 (bench.scale --quick); another tenant's read waits for at most
     # this many reads of each flooding tenant, most of them from the page cache (one round trip).
