@@ -1,7 +1,7 @@
 """Thousands of adapters on one real `mora-serve`: disk -> host cache -> device slots under load.
 
 Registers >= 1,000 MoRA adapters (types 1 and 6) on a small Llama-shaped model and serves
-zipf(1.0) traffic from 64 clients, on two servers one after the other:
+zipf(1.0) traffic from 64 clients, on three servers one after the other:
 
 1. `max_loras=16`: what adapter-aware admission (vLLM admits requests whose adapter has a slot
    ahead of one whose adapter has none; mora's scheduler bounds how often a request is passed

@@ -72,7 +72,8 @@ class MoraScheduler(Scheduler):
         position = self._mora_first_without_slot() if self.mora_max_passes == 0 else self._mora_starved()
         held = []
         if position is not None:
-            # First come, first served from the starved request on: nothing behind it is admitted.
+            # First come, first served from that request on (the starved one, or in strict order the
+            # first without a slot): nothing behind it is admitted.
             held = list(self.waiting)[position + 1:]
             if held:
                 self.waiting.remove_requests(held)
