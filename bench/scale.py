@@ -69,6 +69,11 @@ TIE_MARGIN = 1e-3
 RSS_CONSTANT_MB = 256  # allocator slack, gRPC buffers, Python objects of the registry
 
 
+def _zipf(n: int) -> list[float]:
+    """zipf(1.0) weights of `n` adapters, rank 1 the hottest: the traffic and both of its models."""
+    return [1.0 / (k + 1) for k in range(n)]
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -147,7 +152,7 @@ class Traffic:
 
     def _client(self, seed: int, stop: threading.Event) -> None:
         rng = random.Random(seed)
-        weights = [1.0 / (k + 1) for k in range(len(self.names))]
+        weights = _zipf(len(self.names))
         with self.srv.client(timeout=300) as c:
             while not stop.is_set():
                 rank = rng.choices(range(len(self.names)), weights)[0]
@@ -271,7 +276,7 @@ def slot_bound(n: int, best: bool = False, trials: int = 2000) -> float:
     from collections import Counter
 
     rng = random.Random(1)
-    weights = [1.0 / (k + 1) for k in range(n)]
+    weights = _zipf(n)
     held = 0
     for _ in range(trials):
         ranks = rng.choices(range(n), weights, k=CLIENTS)
@@ -294,7 +299,7 @@ def closed_loop_share(n: int, strict: bool, steps: int = 4000) -> float:
     the first. Returns the running share averaged over the steps (the slot bounds of a fresh
     draw, `slot_bound`, ignore that the requests left waiting are the unlucky ones)."""
     rng = random.Random(1)
-    weights = [1.0 / (k + 1) for k in range(n)]
+    weights = _zipf(n)
     waiting = rng.choices(range(n), weights, k=CLIENTS)  # adapters, in arrival order
     running: list[list[int]] = []  # [adapter, steps left]
     ran = 0
